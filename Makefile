@@ -1,0 +1,35 @@
+# The README's set-up commands. Everything runs from the project's own virtualenv.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+EPOCHS ?= 20
+DATASET ?= mnist
+
+.PHONY: setup run test test-fast lint mlproject
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+## Train once with MLflow Projects, in this environment (DATASET=path for an offline machine).
+run: setup
+	PATH="$(abspath $(BIN)):$$PATH" mlflow run . --env-manager local -P epochs=$(EPOCHS) -P dataset=$(DATASET)
+
+## The whole test suite (what CI runs).
+test: setup
+	$(BIN)/python -m pytest
+
+## Everything but the end-to-end process tests.
+test-fast: setup
+	$(BIN)/python -m pytest -m "not slow"
+
+lint: setup
+	$(BIN)/ruff check .
+
+## Regenerate MLproject from pipeline/config.py.
+mlproject: setup
+	$(BIN)/python -m mlflow_project mlproject > MLproject

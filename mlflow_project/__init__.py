@@ -1,0 +1,1 @@
+"""Entry points of the MLflow project: a click CLI, one thin module per entry point."""

@@ -1,0 +1,15 @@
+"""The click group behind `python -m mlflow_project` and the `mnist-pipeline` console script."""
+
+import click
+
+from mlflow_project.mlproject import mlproject
+from mlflow_project.train import train
+
+
+@click.group()
+def cli() -> None:
+    """MNIST MLP training pipeline with MLflow tracking."""
+
+
+cli.add_command(train)
+cli.add_command(mlproject)

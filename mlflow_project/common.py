@@ -1,0 +1,106 @@
+"""What every entry point shares: quiet startup, console logging, options, one-line failures."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import click
+
+from pipeline.config import ParameterSpec
+
+# TensorFlow's C++ start-up chatter is not for users; set before anything imports TensorFlow.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def import_tensorflow_quietly() -> None:
+    """Imports TensorFlow and Keras with their C++ start-up messages (oneDNN, CUDA probing on a
+    machine without a GPU) kept off the console; they are shown only if the import fails.
+    Keras' progress bars are turned off too: the pipeline logs its own lines."""
+    saved_stderr = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            import keras
+            import tensorflow as tf
+
+            tf.config.list_physical_devices()  # device probing prints too; do it now
+        except BaseException:
+            os.dup2(saved_stderr, 2)
+            captured.seek(0)
+            sys.stderr.write(captured.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved_stderr, 2)
+            os.close(saved_stderr)
+    keras.utils.disable_interactive_logging()
+
+
+def configure_console_logging() -> None:
+    """The pipeline's log lines go to stdout as plain text; library warnings stay on stderr."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    pipeline_logger = logging.getLogger("pipeline")
+    pipeline_logger.handlers[:] = [handler]
+    pipeline_logger.setLevel(logging.INFO)
+    pipeline_logger.propagate = False
+
+
+def parameter_options(specs: Sequence[ParameterSpec]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """click options for `specs`, all taken as text: parsing and checking happen in one place,
+    `pipeline.config`, so the CLI and `mlflow run -P` report a bad value the same way."""
+
+    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
+        for spec in reversed(specs):
+            command = click.option(
+                spec.cli_flag,
+                spec.name,
+                type=str,
+                default=None,
+                show_default=str(spec.default),
+                help=f"{spec.help} Allowed: {spec.allowed}.",
+            )(command)
+        return command
+
+    return decorate
+
+
+def given(values: dict[str, Any]) -> dict[str, Any]:
+    """The options the user actually gave (click passes None for the others)."""
+    return {name: value for name, value in values.items() if value is not None}
+
+
+@contextmanager
+def one_line_errors() -> Iterator[None]:
+    """Turns the pipeline's errors into one line on stderr and an exit status, no traceback.
+
+    Bad input exits 2; a diverged training or an incomplete record exits 1. When `mlflow run`
+    created a run for us and we fail before using it, the run is marked FAILED, never left RUNNING.
+    """
+    from pipeline.errors import RecordingError, TrainingDiverged, UserInputError
+
+    try:
+        yield
+    except (UserInputError, TrainingDiverged, RecordingError) as error:
+        _fail_project_run()
+        click.echo(f"error: {error}", err=True)
+        sys.exit(error.exit_code)
+
+
+def _fail_project_run() -> None:
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    if not run_id:
+        return
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    try:
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_terminated(run_id, "FAILED")
+    except Exception:  # noqa: BLE001 - the store may be the thing that failed
+        pass

@@ -1,0 +1,45 @@
+"""Renders the MLproject file from the parameter specs, so that it cannot drift from the CLI.
+
+    python -m mlflow_project mlproject > MLproject
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import click
+
+from pipeline.config import TRAINING_PARAMETERS, ParameterSpec
+
+PROJECT_NAME = "mnist-mlp-pipeline"
+# MLproject entry point -> (CLI command, its parameters).
+ENTRY_POINTS: dict[str, tuple[str, Sequence[ParameterSpec]]] = {
+    "main": ("train", TRAINING_PARAMETERS),
+}
+
+
+def render_mlproject() -> str:
+    lines = [
+        "# Generated from pipeline/config.py by `python -m mlflow_project mlproject > MLproject`.",
+        "# Do not edit by hand: tests/test_project_files.py fails when the two differ.",
+        f"name: {PROJECT_NAME}",
+        "conda_env: conda.yaml",
+        "entry_points:",
+    ]
+    for entry_point, (command, specs) in ENTRY_POINTS.items():
+        lines += [f"  {entry_point}:", "    parameters:"]
+        for spec in specs:
+            lines.append(f"      {spec.name}: {{type: {spec.mlproject_type}, default: {_yaml_scalar(spec)}}}")
+        lines += ["    command: >-", f"      python -m mlflow_project {command}"]
+        lines += [f"      {spec.cli_flag} {{{spec.name}}}" for spec in specs]
+    return "\n".join(lines) + "\n"
+
+
+def _yaml_scalar(spec: ParameterSpec) -> str:
+    return f'"{spec.default}"' if spec.kind is str else str(spec.default)
+
+
+@click.command("mlproject")
+def mlproject() -> None:
+    """Print the MLproject file generated from the parameter specs."""
+    click.echo(render_mlproject(), nl=False)

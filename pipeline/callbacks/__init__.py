@@ -1,0 +1,93 @@
+"""The training callbacks, composed in one place and in one fixed order.
+
+Keras calls callbacks in list order at every hook, and they share the epoch's `logs` dict, so the
+order is part of the behaviour:
+
+1. TargetAccuracyStop - the seed's custom callback: the epoch's console line and the target stop.
+2. BatchTiming        - batch/epoch timing added to `logs`; the NaN guard. It runs before
+                        ModelCheckpoint so that a diverged epoch is never saved as the best.
+3. ModelCheckpoint    - saves the best model by val_accuracy (mode max, .keras).
+4. EarlyStopping      - val_loss, best weights restored.
+5. ReduceLROnPlateau  - val_loss; cuts the rate at the end of the epoch.
+6. CSVLogger          - writes the epoch's row, timing columns included (added by 2).
+7. MlflowLogger       - last, so it records each epoch's final state: a best checkpoint saved by 3,
+                        a rate cut by 5, a stop decided by 1, 2 or 4, and the closed CSV file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import keras
+
+from pipeline import constants as names
+from pipeline.callbacks.batch_timing import BatchTiming
+from pipeline.callbacks.mlflow_logger import MlflowLogger
+from pipeline.callbacks.target_accuracy import TargetAccuracyStop
+from pipeline.config import TrainingConfig
+from pipeline.recorder import RunRecorder
+
+__all__ = ["BatchTiming", "MlflowLogger", "TargetAccuracyStop", "TrainingCallbacks", "build_callbacks"]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingCallbacks:
+    """The callbacks of one training, by role; `ordered` is what goes to `model.fit`."""
+
+    target_stop: TargetAccuracyStop
+    batch_timing: BatchTiming
+    checkpoint: keras.callbacks.ModelCheckpoint
+    early_stopping: keras.callbacks.EarlyStopping
+    reduce_lr: keras.callbacks.ReduceLROnPlateau
+    csv_logger: keras.callbacks.CSVLogger
+    mlflow_logger: MlflowLogger
+
+    @property
+    def ordered(self) -> list[keras.callbacks.Callback]:
+        return [getattr(self, field.name) for field in dataclasses.fields(self)]
+
+    @property
+    def names(self) -> list[str]:
+        return [type(callback).__name__ for callback in self.ordered]
+
+
+def build_callbacks(
+    config: TrainingConfig, workdir: Path, recorder: RunRecorder, num_train_samples: int
+) -> TrainingCallbacks:
+    """Builds the callbacks of one training.
+
+    Args:
+        config: the training parameters (patiences, factors, target).
+        workdir: the run's private temporary directory (checkpoint and CSV log live there).
+        recorder: where MlflowLogger sends its records.
+        num_train_samples: training examples per epoch, for BatchTiming's throughput.
+    """
+    target_stop = TargetAccuracyStop(config.target_accuracy)
+    batch_timing = BatchTiming(config.batch_size, num_train_samples)
+    checkpoint = keras.callbacks.ModelCheckpoint(
+        filepath=str(workdir / names.BEST_MODEL_FILE),
+        monitor=names.VAL_ACCURACY,
+        mode="max",
+        save_best_only=True,
+        initial_value_threshold=float("-inf"),  # a NaN val_accuracy is never an improvement
+    )
+    early_stopping = keras.callbacks.EarlyStopping(
+        monitor=names.VAL_LOSS, patience=config.es_patience, restore_best_weights=True
+    )
+    reduce_lr = keras.callbacks.ReduceLROnPlateau(
+        monitor=names.VAL_LOSS, factor=config.lr_factor, patience=config.lr_patience, min_lr=config.min_lr
+    )
+    csv_path = workdir / names.TRAINING_LOG_FILE
+    csv_logger = keras.callbacks.CSVLogger(str(csv_path))
+    mlflow_logger = MlflowLogger(
+        recorder,
+        checkpoint=checkpoint,
+        early_stopping=early_stopping,
+        target_stop=target_stop,
+        batch_timing=batch_timing,
+        csv_log_path=csv_path,
+    )
+    return TrainingCallbacks(
+        target_stop, batch_timing, checkpoint, early_stopping, reduce_lr, csv_logger, mlflow_logger
+    )

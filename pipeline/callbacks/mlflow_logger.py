@@ -1,0 +1,134 @@
+"""MlflowLogger: records each epoch's final state in the MLflow run."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import keras
+
+from pipeline import constants as names
+from pipeline.callbacks.batch_timing import BatchTiming
+from pipeline.callbacks.target_accuracy import TargetAccuracyStop
+from pipeline.recorder import RunRecorder
+
+logger = logging.getLogger(__name__)
+
+LR_CHANGE_CAUSE = "ReduceLROnPlateau(val_loss)"
+
+
+def read_learning_rate(model: keras.Model) -> float:
+    """The optimizer's current learning rate, rounded to float32 precision (0.001, not 0.00100000005)."""
+    value = float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))
+    return float(f"{value:.7g}")
+
+
+class MlflowLogger(keras.callbacks.Callback):
+    """Sends each epoch's metrics, learning-rate changes, new best checkpoints and the stop
+    decision to MLflow, without making training wait for the tracking store.
+
+    It must run after every other callback of the epoch: only then is the epoch's state final
+    (ModelCheckpoint has saved a new best, ReduceLROnPlateau has cut the rate, EarlyStopping or the
+    target stop has decided, CSVLogger has written its row). `pipeline.callbacks.build_callbacks`
+    puts it last.
+
+    Args:
+        recorder: delivers records to the run in order, off the training thread.
+        checkpoint: the best-model ModelCheckpoint; a change of its `best` means a new best file.
+        early_stopping: the EarlyStopping callback, to name the stop reason.
+        target_stop: the TargetAccuracyStop callback, to name the stop reason.
+        batch_timing: the BatchTiming callback, for the NaN guard's verdict.
+        csv_log_path: the CSVLogger file, uploaded when training ends.
+
+    Attributes:
+        history: per completed epoch, the metrics sent (for plots and the summary).
+        lr_changes: `{epoch, old_lr, new_lr, cause}` per change, as in `lr_changes.json`.
+        best: `{epoch, val_accuracy, val_loss}` of the best checkpoint, or None.
+        stop_reason: why training ended (a `names.STOP_*` value), set when it ends.
+    """
+
+    def __init__(
+        self,
+        recorder: RunRecorder,
+        checkpoint: keras.callbacks.ModelCheckpoint,
+        early_stopping: keras.callbacks.EarlyStopping,
+        target_stop: TargetAccuracyStop,
+        batch_timing: BatchTiming,
+        csv_log_path: Path,
+    ) -> None:
+        super().__init__()
+        self.recorder = recorder
+        self.checkpoint = checkpoint
+        self.early_stopping = early_stopping
+        self.target_stop = target_stop
+        self.batch_timing = batch_timing
+        self.csv_log_path = Path(csv_log_path)
+        self.history: list[dict[str, float]] = []
+        self.lr_changes: list[dict[str, object]] = []
+        self.best: dict[str, float | int] | None = None
+        self.stop_reason: str | None = None
+        self._checkpoint_best = checkpoint.best
+        self._epoch_lr = 0.0
+
+    def on_train_begin(self, logs=None) -> None:
+        self.recorder.log_json(self.lr_changes, names.LR_CHANGES_FILE)
+        self.recorder.set_tags({names.TAG_LR_REDUCTIONS: len(self.lr_changes)})
+
+    def on_epoch_begin(self, epoch: int, logs=None) -> None:
+        self._epoch_lr = read_learning_rate(self.model)
+
+    def on_epoch_end(self, epoch: int, logs=None) -> None:
+        logs = logs or {}
+        if self.batch_timing.nan_at is not None:
+            self.stop_reason = names.STOP_NAN_LOSS
+            return  # the epoch did not complete: nothing of it is recorded as an epoch
+        metrics = {key: float(logs[key]) for key in names.EPOCH_METRICS if key in logs}
+        metrics[names.LEARNING_RATE] = self._epoch_lr
+        self.history.append(metrics)
+        tags: dict[str, object] = {}
+
+        if self.checkpoint.best != self._checkpoint_best:
+            self._checkpoint_best = self.checkpoint.best
+            self.best = {
+                "epoch": epoch,
+                names.VAL_ACCURACY: metrics[names.VAL_ACCURACY],
+                names.VAL_LOSS: metrics[names.VAL_LOSS],
+            }
+            metrics[names.BEST_VAL_ACCURACY] = metrics[names.VAL_ACCURACY]
+            tags[names.TAG_BEST_EPOCH] = epoch
+            self.recorder.log_file(Path(self.checkpoint.filepath), names.CHECKPOINT_DIR)
+            self.recorder.log_json(self.best, f"{names.CHECKPOINT_DIR}/{names.BEST_MODEL_INFO_FILE}")
+
+        new_lr = read_learning_rate(self.model)
+        if not math.isclose(new_lr, self._epoch_lr, rel_tol=1e-6):
+            self.lr_changes.append(
+                {"epoch": epoch, "old_lr": self._epoch_lr, "new_lr": new_lr, "cause": LR_CHANGE_CAUSE}
+            )
+            logger.info("Epoch %d: learning rate %.3g -> %.3g (val_loss plateau)", epoch + 1, self._epoch_lr, new_lr)
+            tags[names.TAG_LR_REDUCTIONS] = len(self.lr_changes)
+            self.recorder.log_json(self.lr_changes, names.LR_CHANGES_FILE)
+
+        self.recorder.log_metrics(metrics, step=epoch)
+        if tags:
+            self.recorder.set_tags(tags)
+        if self.model.stop_training:
+            self.stop_reason = self._stop_reason(epoch)
+            logger.info("Epoch %d: stopping (%s)", epoch + 1, self.stop_reason)
+
+    def on_train_end(self, logs=None) -> None:
+        if self.stop_reason is None:
+            self.stop_reason = names.STOP_COMPLETED
+        self.recorder.log_metrics({names.EPOCHS_COMPLETED: len(self.history)}, step=0)
+        self.recorder.set_tags(
+            {names.TAG_STOP_REASON: self.stop_reason, names.TAG_LR_REDUCTIONS: len(self.lr_changes)}
+        )
+        if self.csv_log_path.exists():
+            self.recorder.log_file(self.csv_log_path)
+
+    def _stop_reason(self, epoch: int) -> str:
+        if self.target_stop.stopped_epoch == epoch:
+            return names.STOP_TARGET_ACCURACY
+        if self.early_stopping.stopped_epoch == epoch:
+            return names.STOP_EARLY_STOPPING
+        return names.STOP_COMPLETED

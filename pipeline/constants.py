@@ -1,0 +1,72 @@
+"""Names of everything a training run records in MLflow: metrics, artifacts and tags.
+
+This module is the one place these names are spelled. The README's "What a run records" table,
+the callbacks, the reporting code and the tests all read them from here.
+"""
+
+# Per-epoch metrics (step = epoch index, starting at 0; one value per completed epoch).
+LOSS = "loss"
+ACCURACY = "accuracy"
+VAL_LOSS = "val_loss"
+VAL_ACCURACY = "val_accuracy"
+LEARNING_RATE = "learning_rate"
+EPOCH_SECONDS = "epoch_seconds"
+SAMPLES_PER_SECOND = "samples_per_second"
+BATCH_MS_MEAN = "batch_ms_mean"
+BATCH_MS_P95 = "batch_ms_p95"
+EPOCH_METRICS = (
+    LOSS,
+    ACCURACY,
+    VAL_LOSS,
+    VAL_ACCURACY,
+    LEARNING_RATE,
+    EPOCH_SECONDS,
+    SAMPLES_PER_SECOND,
+    BATCH_MS_MEAN,
+    BATCH_MS_P95,
+)
+
+# Metrics logged when something happens (new best checkpoint) or once at the end.
+BEST_VAL_ACCURACY = "best_val_accuracy"
+EPOCHS_COMPLETED = "epochs_completed"
+TEST_LOSS = "test_loss"
+TEST_ACCURACY = "test_accuracy"
+
+# Artifacts (paths inside the run's artifact root).
+CHECKPOINT_DIR = "checkpoints"
+BEST_MODEL_FILE = "best_model.keras"
+BEST_MODEL_INFO_FILE = "best_model.json"
+LR_CHANGES_FILE = "lr_changes.json"
+TRAINING_LOG_FILE = "training_log.csv"
+MODEL_SUMMARY_FILE = "model_summary.txt"
+PLOTS_DIR = "plots"
+TRAINING_CURVES_FILE = "training_curves.png"
+CONFUSION_MATRIX_FILE = "confusion_matrix.png"
+CLASSIFICATION_REPORT_FILE = "classification_report.json"
+MODEL_NAME = "model"  # the logged MLflow model: runs:/<run_id>/model
+
+# Tags.
+TAG_CALLBACKS = "callbacks"
+TAG_LR_REDUCTIONS = "lr_reductions"
+TAG_BEST_EPOCH = "best_epoch"
+TAG_STOP_REASON = "stop_reason"
+TAG_RUN_TYPE = "run_type"
+TAG_NAN_AT = "nan_at"
+
+RUN_TYPE_TRAINING = "training"
+
+# Values of the stop_reason tag.
+STOP_COMPLETED = "completed"
+STOP_EARLY_STOPPING = "early_stopping"
+STOP_TARGET_ACCURACY = "target_accuracy"
+STOP_NAN_LOSS = "nan_loss"
+
+# Derived params logged beside the user's parameters.
+PARAM_TOTAL_PARAMETERS = "total_parameters"
+PARAM_TRAIN_SIZE = "train_size"
+PARAM_VAL_SIZE = "val_size"
+PARAM_TEST_SIZE = "test_size"
+PARAM_STEPS_PER_EPOCH = "steps_per_epoch"
+
+DATASET_CONTEXT_TRAINING = "training"
+TAG_DATASET_DIGEST = "dataset_digest"

@@ -1,0 +1,53 @@
+"""Errors a user can act on.
+
+Each carries a one-line message that names what was wrong (a parameter or a file), why, and what
+is allowed. Entry points print the message and exit with status 2; nothing else is shown.
+"""
+
+
+class UserInputError(Exception):
+    """Bad input from the user: a parameter or a data file. Exit status 2."""
+
+    exit_code = 2
+
+
+class ParameterError(UserInputError):
+    """A parameter value is malformed or out of range.
+
+    Args:
+        name: the parameter's name as the user spells it (e.g. `learning_rate`).
+        value: the value as given.
+        allowed: what the parameter accepts, in words.
+    """
+
+    def __init__(self, name: str, value: object, allowed: str) -> None:
+        self.name = name
+        self.value = value
+        self.allowed = allowed
+        super().__init__(f"parameter {name}={value!r} is invalid: allowed is {allowed}")
+
+
+class DataError(UserInputError):
+    """A dataset cannot be loaded or fails validation.
+
+    Args:
+        source: the file, directory or dataset name at fault.
+        problem: what is wrong with it, and what is expected.
+    """
+
+    def __init__(self, source: str, problem: str) -> None:
+        self.source = source
+        self.problem = problem
+        super().__init__(f"dataset {source}: {problem}")
+
+
+class TrainingDiverged(Exception):
+    """The loss became NaN or infinite; training stopped and the run is FAILED. Exit status 1."""
+
+    exit_code = 1
+
+
+class RecordingError(Exception):
+    """Something the run should hold could not be sent to the tracking store. Exit status 1."""
+
+    exit_code = 1

@@ -1,0 +1,262 @@
+"""Ordered, asynchronous delivery of a run's records to the MLflow tracking store.
+
+The training thread never waits on the tracking store: `RunRecorder` queues metrics, tags and files
+and one background thread delivers them in the order they were queued. Consecutive metrics and tags
+travel in one `log_batch` call. A record that fails for a transient reason (server unreachable,
+5xx, a locked SQLite file) is retried, in order, until it goes through; one rejected for good (a
+4xx answer) is kept as a failure. `flush()` waits for delivery and raises `RecordingError` naming
+what could not be recorded, so nothing is ever dropped silently.
+
+Retries are safe: metric records carry the timestamp of the moment they were queued, MLflow
+de-duplicates identical metrics, and tags and artifacts overwrite themselves.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import json
+import logging
+import shutil
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from pipeline.errors import RecordingError
+
+logger = logging.getLogger(__name__)
+
+# MLflow's log_batch limits.
+_MAX_METRICS_PER_BATCH = 1000
+_MAX_TAGS_PER_BATCH = 100
+
+
+@dataclasses.dataclass
+class _Batch:
+    metrics: list[Metric] = dataclasses.field(default_factory=list)
+    tags: list[RunTag] = dataclasses.field(default_factory=list)
+
+    def describe(self) -> str:
+        names = sorted({m.key for m in self.metrics} | {t.key for t in self.tags})
+        return "metrics/tags " + ", ".join(names)
+
+
+@dataclasses.dataclass
+class _File:
+    staged_path: Path
+    artifact_dir: str | None
+
+    def describe(self) -> str:
+        name = self.staged_path.name
+        return f"artifact {self.artifact_dir}/{name}" if self.artifact_dir else f"artifact {name}"
+
+
+def is_transient(error: BaseException) -> bool:
+    """True when retrying may succeed: the store is unreachable, overloaded or busy."""
+    if isinstance(error, MlflowException):
+        status = error.get_http_status_code()
+        return status >= 500 or status in (408, 429)
+    return isinstance(error, (OSError, ConnectionError, TimeoutError)) or (
+        type(error).__module__.startswith(("requests", "urllib3", "sqlalchemy"))
+    )
+
+
+class RunRecorder:
+    """Sends one run's metrics, tags and files to MLflow from a background thread, in order.
+
+    Args:
+        client: the MLflow client of the tracking store.
+        run_id: the run to record into.
+        staging_dir: a private directory; files are copied here when queued, so the caller may
+            overwrite or delete its own copy at once.
+        retry_interval: seconds between attempts while the store is unreachable (doubles up to
+            `max_retry_interval`).
+        max_retry_interval: the longest pause between two attempts.
+    """
+
+    def __init__(
+        self,
+        client: MlflowClient,
+        run_id: str,
+        staging_dir: Path,
+        retry_interval: float = 0.5,
+        max_retry_interval: float = 5.0,
+    ) -> None:
+        self.client = client
+        self.run_id = run_id
+        self._staging_dir = Path(staging_dir)
+        self._staging_dir.mkdir(parents=True, exist_ok=True)
+        self._retry_interval = retry_interval
+        self._max_retry_interval = max_retry_interval
+        self._pending: collections.deque[_Batch | _File] = collections.deque()
+        self._in_flight = 0
+        self._failures: list[str] = []
+        self._outage_since: float | None = None
+        self._closed = False
+        self._stop_retrying = threading.Event()
+        self._sequence = itertools.count()
+        self._condition = threading.Condition()
+        self._thread = threading.Thread(target=self._deliver_forever, name="mlflow-recorder", daemon=True)
+        self._thread.start()
+
+    # -- queueing (called from the training thread; never blocks on the store) ----------------
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        timestamp = int(time.time() * 1000)
+        records = [Metric(key, float(value), timestamp, step) for key, value in metrics.items()]
+        self._enqueue_batch(metrics=records)
+
+    def set_tags(self, tags: Mapping[str, object]) -> None:
+        self._enqueue_batch(tags=[RunTag(key, str(value)) for key, value in tags.items()])
+
+    def log_file(self, local_path: Path, artifact_dir: str | None = None) -> None:
+        """Queues a snapshot of `local_path` for upload as `artifact_dir/<file name>`."""
+        staged = self._stage_dir() / Path(local_path).name
+        shutil.copyfile(local_path, staged)
+        self._enqueue(_File(staged, artifact_dir))
+
+    def log_json(self, obj: Any, artifact_file: str) -> None:
+        self._log_text(json.dumps(obj, indent=2) + "\n", artifact_file)
+
+    def _log_text(self, text: str, artifact_file: str) -> None:
+        directory, _, name = artifact_file.rpartition("/")
+        staged = self._stage_dir() / name
+        staged.write_text(text)
+        self._enqueue(_File(staged, directory or None))
+
+    # -- waiting ---------------------------------------------------------------------------
+
+    @property
+    def pending(self) -> list[str]:
+        """What is queued and not yet delivered, in order."""
+        with self._condition:
+            return [record.describe() for record in self._pending]
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Waits until everything queued so far is delivered.
+
+        Raises:
+            RecordingError: when the timeout passes with records still pending, or when a record
+                was rejected by the store.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._condition:
+            while self._pending or self._in_flight:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    break
+                self._condition.wait(remaining)
+            undelivered = [record.describe() for record in self._pending]
+            failures = list(self._failures)
+        if undelivered:
+            raise RecordingError(
+                f"tracking store unreachable; not recorded: {_summarize(undelivered)}"
+            )
+        if failures:
+            raise RecordingError(f"tracking store rejected: {_summarize(failures)}")
+
+    def close(self, timeout: float | None = None) -> None:
+        """Flushes (see `flush`) and stops the background thread."""
+        try:
+            self.flush(timeout)
+        finally:
+            with self._condition:
+                self._closed = True
+                self._stop_retrying.set()
+                self._condition.notify_all()
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _stage_dir(self) -> Path:
+        directory = self._staging_dir / f"{next(self._sequence):06d}"
+        directory.mkdir()
+        return directory
+
+    def _enqueue_batch(self, metrics: list[Metric] | None = None, tags: list[RunTag] | None = None) -> None:
+        with self._condition:
+            tail = self._pending[-1] if self._pending else None
+            if (
+                isinstance(tail, _Batch)
+                and len(tail.metrics) + len(metrics or []) <= _MAX_METRICS_PER_BATCH
+                and len(tail.tags) + len(tags or []) <= _MAX_TAGS_PER_BATCH
+            ):
+                tail.metrics.extend(metrics or [])
+                tail.tags.extend(tags or [])
+                return
+        self._enqueue(_Batch(list(metrics or []), list(tags or [])))
+
+    def _enqueue(self, record: _Batch | _File) -> None:
+        with self._condition:
+            if self._closed:
+                raise RuntimeError("RunRecorder is closed")
+            self._pending.append(record)
+            self._condition.notify_all()
+
+    def _deliver_forever(self) -> None:
+        pause = self._retry_interval
+        while True:
+            with self._condition:
+                while not self._pending and not self._closed:
+                    self._condition.wait()
+                if not self._pending:
+                    return
+                record = self._pending.popleft()
+                self._in_flight += 1
+            delivered = False
+            try:
+                self._deliver(record)
+                delivered = True
+                pause = self._retry_interval
+                if self._outage_since is not None:
+                    logger.info(
+                        "Tracking store reachable again after %.0f s; sending the backlog",
+                        time.monotonic() - self._outage_since,
+                    )
+                    self._outage_since = None
+            except Exception as error:  # noqa: BLE001 - every failure is kept or retried
+                if is_transient(error):
+                    if self._outage_since is None:
+                        self._outage_since = time.monotonic()
+                        logger.warning(
+                            "Tracking store unreachable (%s); training goes on, records are kept",
+                            _first_line(error),
+                        )
+                    with self._condition:
+                        self._pending.appendleft(record)
+                        self._in_flight -= 1
+                        self._condition.notify_all()
+                    if self._stop_retrying.wait(pause):
+                        return
+                    pause = min(pause * 2, self._max_retry_interval)
+                    continue
+                logger.error("Tracking store rejected %s: %s", record.describe(), _first_line(error))
+                with self._condition:
+                    self._failures.append(f"{record.describe()} ({_first_line(error)})")
+            with self._condition:
+                self._in_flight -= 1
+                self._condition.notify_all()
+            if delivered and isinstance(record, _File):
+                shutil.rmtree(record.staged_path.parent, ignore_errors=True)
+
+    def _deliver(self, record: _Batch | _File) -> None:
+        if isinstance(record, _Batch):
+            self.client.log_batch(self.run_id, metrics=record.metrics, tags=record.tags, synchronous=True)
+        else:
+            self.client.log_artifact(self.run_id, str(record.staged_path), record.artifact_dir)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return (text[0] if text else type(error).__name__)[:200]
+
+
+def _summarize(items: list[str], limit: int = 5) -> str:
+    shown = "; ".join(items[:limit])
+    return shown + (f"; and {len(items) - limit} more" if len(items) > limit else "")

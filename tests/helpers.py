@@ -1,0 +1,36 @@
+"""Paths and process helpers for the tests."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+PROJECT_DIR = Path(__file__).resolve().parents[1]
+DATA_DIR = Path(__file__).resolve().parent / "data"
+MNIST_SMALL = DATA_DIR / "mnist-small.npz"  # 1,500 train + 300 test real MNIST digits
+FASHION_SMALL = DATA_DIR / "fashion-small"  # 500 train + 100 test real Fashion-MNIST, IDX .gz
+
+
+def project_env(**extra: str) -> dict[str, str]:
+    """Environment for a child process of this project: our venv first on PATH (so that
+    `mlflow run --env-manager local` finds this Python), no inherited MLflow run."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONPATH"] = str(PROJECT_DIR)
+    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    env.update(extra)
+    return env
+
+
+def run_cli(args: list[str], cwd: Path, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
+    """Runs `python -m mlflow_project ARGS` as a real process."""
+    return subprocess.run(
+        [sys.executable, "-m", "mlflow_project", *args],
+        cwd=cwd,
+        env=project_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

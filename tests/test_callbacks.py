@@ -1,0 +1,233 @@
+"""Each callback's behaviour, and why MlflowLogger must come last, on real training and a real store."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipeline import constants as names
+from pipeline.callbacks import BatchTiming, TargetAccuracyStop, build_callbacks
+from pipeline.config import TrainingConfig
+from pipeline.data import load_dataset, split_validation
+from pipeline.model import build_model
+from pipeline.recorder import RunRecorder
+from tests.helpers import MNIST_SMALL
+
+EXPECTED_ORDER = [
+    "TargetAccuracyStop",
+    "BatchTiming",
+    "ModelCheckpoint",
+    "EarlyStopping",
+    "ReduceLROnPlateau",
+    "CSVLogger",
+    "MlflowLogger",
+]
+
+
+@pytest.fixture(scope="module")
+def data():
+    dataset = load_dataset(str(MNIST_SMALL))
+    return split_validation(dataset.x_train, dataset.y_train, 0.2)
+
+
+def _model(learning_rate: float = 0.001) -> keras.Model:
+    keras.utils.set_random_seed(7)
+    return build_model((64,), 0.2, learning_rate)
+
+
+def test_target_accuracy_stop_stops_at_the_first_epoch_reaching_the_target(data):
+    x, y, x_val, y_val = data
+    stop = TargetAccuracyStop(target_accuracy=0.75)
+    history = _model().fit(x, y, validation_data=(x_val, y_val), epochs=15, callbacks=[stop], verbose=0)
+    reached = [i for i, acc in enumerate(history.history["val_accuracy"]) if acc >= 0.75]
+    assert reached, "the fixture should reach 75% within 15 epochs"
+    assert stop.stopped_epoch == reached[0] == len(history.history["val_accuracy"]) - 1
+
+
+def test_target_accuracy_zero_disables_the_stop(data):
+    x, y, x_val, y_val = data
+    stop = TargetAccuracyStop(target_accuracy=0.0)
+    history = _model().fit(x, y, validation_data=(x_val, y_val), epochs=3, callbacks=[stop], verbose=0)
+    assert len(history.history["loss"]) == 3 and stop.stopped_epoch is None
+
+
+def test_batch_timing_adds_timing_metrics_to_the_epoch_logs(data):
+    x, y, x_val, y_val = data
+    timing = BatchTiming(batch_size=100, num_samples=len(x))
+    history = _model().fit(
+        x, y, batch_size=100, validation_data=(x_val, y_val), epochs=2, callbacks=[timing], verbose=0
+    )
+    for key in (names.EPOCH_SECONDS, names.BATCH_MS_MEAN, names.BATCH_MS_P95, names.SAMPLES_PER_SECOND):
+        assert len(history.history[key]) == 2 and all(value > 0 for value in history.history[key])
+    assert history.history[names.BATCH_MS_P95][1] >= history.history[names.BATCH_MS_MEAN][1] * 0.5
+    # the samples per second follow from the batch times: 12 batches of 100 examples
+    train_seconds = history.history[names.BATCH_MS_MEAN][1] * 12 / 1000
+    assert history.history[names.SAMPLES_PER_SECOND][1] == pytest.approx(len(x) / train_seconds, rel=1e-6)
+    assert timing.nan_at is None
+
+
+def test_nan_guard_stops_within_the_batch(data):
+    x, y, x_val, y_val = data
+    timing = BatchTiming(batch_size=32, num_samples=len(x))
+    history = _model(learning_rate=1e30).fit(
+        x, y, batch_size=32, validation_data=(x_val, y_val), epochs=5, callbacks=[timing], verbose=0
+    )
+    assert timing.nan_at is not None
+    epoch, batch = timing.nan_at
+    assert epoch == 0 and batch < len(x) // 32 - 1
+    # no batch ran after the one with the NaN loss, and no further epoch
+    assert len(timing._batch_seconds) == batch + 1
+    assert len(history.history["loss"]) == 1
+    assert np.isnan(history.history["val_accuracy"][0])
+
+
+@pytest.fixture
+def new_recorder(sqlite_store, tmp_path):
+    """Makes RunRecorders, each on a new run of a real SQLite store."""
+    client = MlflowClient()
+    experiment_id = client.create_experiment("callbacks")
+    recorders: list[RunRecorder] = []
+
+    def make() -> RunRecorder:
+        run = client.create_run(experiment_id)
+        recorders.append(RunRecorder(client, run.info.run_id, tmp_path / f"staging{len(recorders)}"))
+        return recorders[-1]
+
+    yield make
+    for recorder in recorders:
+        recorder.close(timeout=30)
+
+
+@pytest.fixture
+def recorder(new_recorder):
+    return new_recorder()
+
+
+def _fit(data, recorder, tmp_path: Path, logger_first: bool, shuffle_val_labels: bool, epochs: int):
+    """Real training with the pipeline's callbacks, MlflowLogger last (ours) or first.
+
+    With shuffled validation labels val_loss worsens every epoch after the first, so
+    ReduceLROnPlateau (patience 0) cuts the rate at the end of epochs 1, 2 and 3."""
+    x, y, x_val, y_val = data
+    if shuffle_val_labels:
+        y_val = np.random.default_rng(0).permutation(y_val)
+    config = TrainingConfig.from_values({"lr_patience": "0", "es_patience": "10", "target_accuracy": "0"})
+    workdir = tmp_path / f"{'first' if logger_first else 'last'}-{shuffle_val_labels}"
+    workdir.mkdir()
+    callbacks = build_callbacks(config, workdir, recorder, len(x))
+    ordered = callbacks.ordered
+    if logger_first:
+        ordered = [ordered[-1], *ordered[:-1]]
+    model = _model()
+    model.fit(x, y, validation_data=(x_val, y_val), epochs=epochs, callbacks=ordered, verbose=0)
+    recorder.flush(timeout=30)
+    return callbacks, model
+
+
+def test_callbacks_are_composed_in_the_documented_order(tmp_path, recorder):
+    callbacks = build_callbacks(TrainingConfig.from_values(), tmp_path, recorder, 1000)
+    assert callbacks.names == EXPECTED_ORDER
+    assert callbacks.ordered[-1] is callbacks.mlflow_logger
+    assert len({id(callback) for callback in callbacks.ordered}) == len(EXPECTED_ORDER)
+    checkpoint = callbacks.checkpoint
+    assert (checkpoint.monitor, checkpoint.mode, checkpoint.save_best_only) == ("val_accuracy", "max", True)
+    assert checkpoint.filepath.endswith(".keras") and checkpoint.filepath.startswith(str(tmp_path))
+    assert (callbacks.early_stopping.monitor, callbacks.early_stopping.patience) == ("val_loss", 3)
+    assert callbacks.early_stopping.restore_best_weights
+    reduce_lr = callbacks.reduce_lr
+    assert (reduce_lr.monitor, reduce_lr.factor, reduce_lr.patience, reduce_lr.min_lr) == ("val_loss", 0.5, 2, 1e-6)
+
+
+@pytest.mark.parametrize("logger_first", [False, True], ids=["logger-last", "logger-first"])
+def test_order_matters_for_lr_changes(data, new_recorder, tmp_path, logger_first):
+    callbacks, model = _fit(data, new_recorder(), tmp_path, logger_first, shuffle_val_labels=True, epochs=4)
+    logger = callbacks.mlflow_logger
+    assert float(keras.ops.convert_to_numpy(model.optimizer.learning_rate)) == pytest.approx(0.001 * 0.5**3)
+    if logger_first:
+        # Before ReduceLROnPlateau, the logger compares the rate before the cut with itself:
+        # three cuts happened and none is recorded.
+        assert logger.lr_changes == []
+        return
+    assert [change["epoch"] for change in logger.lr_changes] == [1, 2, 3]
+    assert logger.lr_changes[0] == {
+        "epoch": 1, "old_lr": 0.001, "new_lr": 0.0005, "cause": "ReduceLROnPlateau(val_loss)"
+    }
+    # the rate recorded for each epoch is the one used during it
+    assert [row[names.LEARNING_RATE] for row in logger.history] == [0.001, 0.001, 0.0005, 0.00025]
+
+
+@pytest.mark.parametrize("logger_first", [False, True], ids=["logger-last", "logger-first"])
+def test_order_matters_for_best_checkpoints(data, new_recorder, tmp_path, logger_first):
+    recorder = new_recorder()
+    callbacks, _ = _fit(data, recorder, tmp_path, logger_first, shuffle_val_labels=False, epochs=4)
+    val_accuracy = [row[names.VAL_ACCURACY] for row in callbacks.mlflow_logger.history]
+    improved = [epoch for epoch, value in enumerate(val_accuracy) if value > max(val_accuracy[:epoch], default=-1)]
+    assert improved[-1] == 3, "the fixture improves at the last epoch"
+    uploads = [m.step for m in recorder.client.get_metric_history(recorder.run_id, names.BEST_VAL_ACCURACY)]
+    if logger_first:
+        # Before ModelCheckpoint, each new best is seen one epoch late and the last one never.
+        assert uploads == [epoch + 1 for epoch in improved if epoch + 1 < len(val_accuracy)]
+        assert 3 not in [epoch - 1 for epoch in uploads]
+    else:
+        assert uploads == improved
+        assert callbacks.mlflow_logger.best["epoch"] == 3
+
+
+def test_logger_records_checkpoints_lr_changes_and_stop_in_the_run(data, recorder, tmp_path):
+    callbacks, _ = _fit(data, recorder, tmp_path, logger_first=False, shuffle_val_labels=True, epochs=4)
+    client, run_id = recorder.client, recorder.run_id
+    run = client.get_run(run_id)
+    assert run.data.tags[names.TAG_LR_REDUCTIONS] == "3"
+    assert run.data.tags[names.TAG_STOP_REASON] == names.STOP_COMPLETED
+    best = callbacks.mlflow_logger.best
+    assert run.data.tags[names.TAG_BEST_EPOCH] == str(best["epoch"])
+    downloaded = Path(client.download_artifacts(run_id, "", str(tmp_path / "artifacts")))
+    assert json.loads((downloaded / names.LR_CHANGES_FILE).read_text()) == callbacks.mlflow_logger.lr_changes
+    info = json.loads((downloaded / names.CHECKPOINT_DIR / names.BEST_MODEL_INFO_FILE).read_text())
+    assert info["epoch"] == best["epoch"]
+    assert (downloaded / names.TRAINING_LOG_FILE).read_text().count("\n") == 5  # header + 4 epochs
+    restored = keras.models.load_model(downloaded / names.CHECKPOINT_DIR / names.BEST_MODEL_FILE)
+    x_val = data[2]
+    assert restored.predict(x_val[:4], verbose=0).shape == (4, 10)
+    history = client.get_metric_history(run_id, names.VAL_ACCURACY)
+    assert [metric.step for metric in history] == [0, 1, 2, 3]
+
+
+class _RaiseLearningRate(keras.callbacks.Callback):
+    """Sets an absurd learning rate at one epoch's start, so that real training diverges there."""
+
+    def __init__(self, epoch: int) -> None:
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch == self.epoch:
+            self.model.optimizer.learning_rate = 1e30
+
+
+def test_nan_mid_training_keeps_the_last_good_checkpoint(data, recorder, tmp_path):
+    x, y, x_val, y_val = data
+    config = TrainingConfig.from_values({"target_accuracy": "0", "batch_size": "32"})
+    callbacks = build_callbacks(config, tmp_path, recorder, len(x))
+    model = _model()
+    ordered = [_RaiseLearningRate(epoch=2), *callbacks.ordered]
+    model.fit(x, y, batch_size=32, validation_data=(x_val, y_val), epochs=6, callbacks=ordered, verbose=0)
+    assert callbacks.batch_timing.nan_at[0] == 2
+    logger = callbacks.mlflow_logger
+    assert logger.stop_reason == names.STOP_NAN_LOSS
+    assert len(logger.history) == 2  # only completed epochs are recorded
+    assert logger.best["epoch"] in (0, 1)
+    recorder.flush(timeout=30)
+    downloaded = Path(recorder.client.download_artifacts(recorder.run_id, names.CHECKPOINT_DIR, str(tmp_path / "a")))
+    restored = keras.models.load_model(downloaded / names.BEST_MODEL_FILE)
+    predictions = restored.predict(x_val, verbose=0)
+    assert np.isfinite(predictions).all()
+    accuracy = float((predictions.argmax(1) == y_val.argmax(1)).mean())
+    assert accuracy == pytest.approx(logger.best[names.VAL_ACCURACY], abs=1e-6)
+    tags = recorder.client.get_run(recorder.run_id).data.tags
+    assert tags[names.TAG_STOP_REASON] == names.STOP_NAN_LOSS

@@ -1,0 +1,206 @@
+"""Loading real data (the committed fixtures) and refusing every kind of broken file in one line."""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.data import IDX_FILES, load_dataset, split_validation
+from pipeline.errors import DataError, ParameterError
+from tests.helpers import FASHION_SMALL, MNIST_SMALL
+
+
+def _real_arrays() -> dict[str, np.ndarray]:
+    with np.load(MNIST_SMALL, allow_pickle=False) as npz:
+        return {key: npz[key] for key in npz.files}
+
+
+def test_npz_in_keras_layout_loads_as_float_images_and_one_hot_labels():
+    dataset = load_dataset(str(MNIST_SMALL))
+    raw = _real_arrays()
+    assert dataset.x_train.shape == (1500, 784) and dataset.x_train.dtype == np.float32
+    assert dataset.x_test.shape == (300, 784)
+    assert dataset.x_train.min() >= 0.0 and dataset.x_train.max() <= 1.0
+    np.testing.assert_allclose(dataset.x_train[0], raw["x_train"][0].reshape(784) / 255.0, rtol=1e-6)
+    assert dataset.y_train.shape == (1500, 10)
+    np.testing.assert_array_equal(dataset.y_train.argmax(axis=1), raw["y_train"])
+    assert dataset.y_train.sum(axis=1).tolist() == [1.0] * 1500
+    assert dataset.name == "mnist-small.npz" and dataset.source == str(MNIST_SMALL)
+
+
+def test_directory_of_idx_files_loads():
+    dataset = load_dataset(str(FASHION_SMALL))
+    assert dataset.x_train.shape == (500, 784) and dataset.x_test.shape == (100, 784)
+    assert dataset.y_test.shape == (100, 10)
+    assert dataset.x_train.max() <= 1.0 and dataset.x_train.max() > 0.9
+
+
+def test_digest_identifies_the_data(tmp_path):
+    first, again = load_dataset(str(MNIST_SMALL)), load_dataset(str(MNIST_SMALL))
+    other = load_dataset(str(FASHION_SMALL))
+    assert first.digest == again.digest != other.digest
+    arrays = _real_arrays()
+    arrays["y_train"] = arrays["y_train"].copy()
+    arrays["y_train"][-1] = (arrays["y_train"][-1] + 1) % 10  # one label changed
+    np.savez(tmp_path / "changed.npz", **arrays)
+    assert load_dataset(str(tmp_path / "changed.npz")).digest != first.digest
+
+
+def test_flat_and_float_images_are_accepted(tmp_path):
+    arrays = _real_arrays()
+    arrays["x_train"] = arrays["x_train"].reshape(-1, 784).astype(np.float64) / 255.0
+    np.savez(tmp_path / "flat.npz", **arrays)
+    reference = load_dataset(str(MNIST_SMALL))
+    np.testing.assert_allclose(load_dataset(str(tmp_path / "flat.npz")).x_train, reference.x_train, atol=1e-6)
+
+
+def test_validation_split_holds_out_the_end_like_keras():
+    x, y = np.arange(10).reshape(10, 1), np.arange(10)
+    x_train, y_train, x_val, y_val = split_validation(x, y, 0.2)
+    assert x_train[:, 0].tolist() == list(range(8)) and x_val[:, 0].tolist() == [8, 9]
+    assert y_val.tolist() == [8, 9]
+    with pytest.raises(ParameterError, match="validation_split"):
+        split_validation(x[:1], y[:1], 0.5)
+
+
+def _npz(tmp_path: Path, **changes) -> Path:
+    arrays = _real_arrays()
+    arrays.update(changes)
+    arrays = {key: value for key, value in arrays.items() if value is not None}
+    path = tmp_path / "broken.npz"
+    np.savez(path, **arrays)
+    return path
+
+
+def _assert_one_line(error: DataError, *fragments: str) -> None:
+    message = str(error)
+    assert "\n" not in message
+    for fragment in fragments:
+        assert fragment in message, message
+
+
+def test_missing_path(tmp_path):
+    with pytest.raises(DataError) as raised:
+        load_dataset(str(tmp_path / "nowhere.npz"))
+    _assert_one_line(raised.value, "nowhere.npz", "no such file", "mnist")
+
+
+def test_not_a_zip(tmp_path):
+    path = tmp_path / "digits.npz"
+    path.write_text("x_train,y_train\n1,2\n")
+    with pytest.raises(DataError) as raised:
+        load_dataset(str(path))
+    _assert_one_line(raised.value, str(path), "not an .npz")
+
+
+def test_truncated_npz(tmp_path):
+    path = tmp_path / "cut.npz"
+    path.write_bytes(MNIST_SMALL.read_bytes()[: MNIST_SMALL.stat().st_size // 2])
+    with pytest.raises(DataError) as raised:
+        load_dataset(str(path))
+    _assert_one_line(raised.value, str(path))
+
+
+def test_missing_keys(tmp_path):
+    with pytest.raises(DataError) as raised:
+        load_dataset(str(_npz(tmp_path, y_test=None)))
+    _assert_one_line(raised.value, "missing arrays y_test", "x_train, y_train, x_test, y_test")
+
+
+def test_object_arrays_are_never_unpickled(tmp_path):
+    arrays = _real_arrays()
+    arrays["y_train"] = np.array([{"label": 1}] * 1500, dtype=object)
+    path = tmp_path / "pickled.npz"
+    np.savez(path, **arrays)  # numpy pickles object arrays
+    with pytest.raises(DataError) as raised:
+        load_dataset(str(path))
+    _assert_one_line(raised.value, str(path), "unreadable")
+
+
+@pytest.mark.parametrize(
+    ("changes", "fragments"),
+    [
+        ({"x_train": np.zeros((10, 32, 32), np.uint8), "y_train": np.zeros(10, np.uint8)},
+         ("x_train has shape (10, 32, 32)", "(n, 28, 28) or (n, 784)")),
+        ({"x_test": np.zeros((300, 783), np.uint8)}, ("x_test has shape (300, 783)",)),
+        ({"x_train": np.full((1500, 28, 28), "a")}, ("x_train has dtype <U1",)),
+        ({"y_train": np.full(1500, 10, np.int64)}, ("y_train has labels in [10, 10]", "0..9")),
+        ({"y_test": -np.ones(300, np.int16)}, ("y_test has labels in [-1, -1]",)),
+        ({"y_train": np.full(1500, 0.5)}, ("y_train", "non-integer labels")),
+        ({"y_train": np.zeros((1500, 10), np.uint8)}, ("y_train has shape (1500, 10)",)),
+        ({"y_train": np.zeros(1499, np.uint8)}, ("x_train has 1500 images but y_train has 1499 labels",)),
+        ({"x_test": np.zeros((0, 28, 28), np.uint8), "y_test": np.zeros(0, np.uint8)}, ("x_test is empty",)),
+        ({"x_train": np.full((1500, 28, 28), np.nan, np.float32)}, ("x_train contains NaN or infinite",)),
+        ({"x_train": np.full((1500, 784), np.inf)}, ("x_train contains NaN or infinite",)),
+        ({"x_train": np.full((1500, 784), 300.0)}, ("x_train has pixels in [300.0, 300.0]",)),
+    ],
+)
+def test_invalid_arrays(tmp_path, changes, fragments):
+    path = _npz(tmp_path, **changes)
+    with pytest.raises(DataError) as raised:
+        load_dataset(str(path))
+    _assert_one_line(raised.value, str(path), *fragments)
+
+
+def _idx_copy(tmp_path: Path) -> Path:
+    directory = tmp_path / "idx"
+    shutil.copytree(FASHION_SMALL, directory)
+    return directory
+
+
+def test_idx_directory_missing_a_file(tmp_path):
+    directory = _idx_copy(tmp_path)
+    (directory / IDX_FILES["y_test"]).unlink()
+    with pytest.raises(DataError) as raised:
+        load_dataset(str(directory))
+    _assert_one_line(raised.value, str(directory), "t10k-labels-idx1-ubyte.gz")
+
+
+def test_truncated_gz(tmp_path):
+    directory = _idx_copy(tmp_path)
+    path = directory / IDX_FILES["x_train"]
+    path.write_bytes(path.read_bytes()[:5000])
+    with pytest.raises(DataError) as raised:
+        load_dataset(str(directory))
+    _assert_one_line(raised.value, str(path), "gzip", "truncated")
+
+
+def test_not_gzip(tmp_path):
+    directory = _idx_copy(tmp_path)
+    (directory / IDX_FILES["y_train"]).write_bytes(b"plain bytes, not gzip")
+    with pytest.raises(DataError) as raised:
+        load_dataset(str(directory))
+    _assert_one_line(raised.value, "train-labels-idx1-ubyte.gz", "gzip")
+
+
+def test_wrong_magic_and_short_payload(tmp_path):
+    directory = _idx_copy(tmp_path)
+    labels = directory / IDX_FILES["y_train"]
+    images = directory / IDX_FILES["x_train"]
+    labels.write_bytes(images.read_bytes())  # images where labels belong
+    with pytest.raises(DataError) as raised:
+        load_dataset(str(directory))
+    _assert_one_line(raised.value, str(labels), "magic 2049")
+    shutil.copy(FASHION_SMALL / IDX_FILES["y_train"], labels)
+    with gzip.open(images, "wb") as stream:
+        stream.write(struct.pack(">IIII", 2051, 500, 28, 28) + bytes(1000))
+    with pytest.raises(DataError) as raised:
+        load_dataset(str(directory))
+    _assert_one_line(raised.value, str(images), "holds 1000 data bytes", "392000")
+
+
+def test_failed_keras_download_suggests_a_local_path(tmp_path, monkeypatch):
+    # An empty Keras cache and a proxy nobody listens on: the download fails here, as offline.
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    for variable in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"):
+        monkeypatch.setenv(variable, "http://127.0.0.1:9")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    with pytest.raises(DataError) as raised:
+        load_dataset("mnist")
+    _assert_one_line(raised.value, "dataset mnist", "download failed", "dataset=PATH")

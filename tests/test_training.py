@@ -1,0 +1,213 @@
+"""The run contract: everything a training run records, on real stores with real data."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import keras
+import mlflow
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipeline import constants as names
+from pipeline.config import TRAINING_PARAMETERS, TrainingConfig
+from pipeline.data import load_dataset
+from pipeline.errors import DataError, TrainingDiverged
+from pipeline.training import run_training
+from tests.helpers import MNIST_SMALL
+
+DERIVED_PARAMS = {
+    names.PARAM_TOTAL_PARAMETERS: str(784 * 128 + 128 + 128 * 64 + 64 + 64 * 10 + 10),
+    names.PARAM_TRAIN_SIZE: "1200",
+    names.PARAM_VAL_SIZE: "300",
+    names.PARAM_TEST_SIZE: "300",
+    names.PARAM_STEPS_PER_EPOCH: "10",
+}
+EXPECTED_ARTIFACTS = {
+    f"{names.CHECKPOINT_DIR}/{names.BEST_MODEL_FILE}",
+    f"{names.CHECKPOINT_DIR}/{names.BEST_MODEL_INFO_FILE}",
+    names.LR_CHANGES_FILE,
+    names.TRAINING_LOG_FILE,
+    names.MODEL_SUMMARY_FILE,
+    f"{names.PLOTS_DIR}/{names.TRAINING_CURVES_FILE}",
+    f"{names.PLOTS_DIR}/{names.CONFUSION_MATRIX_FILE}",
+    names.CLASSIFICATION_REPORT_FILE,
+}
+
+
+def small_config(**values: str) -> TrainingConfig:
+    return TrainingConfig.from_values({"dataset": str(MNIST_SMALL), "epochs": "6", "lr_patience": "1"} | values)
+
+
+def artifact_paths(client: MlflowClient, run_id: str, path: str | None = None) -> set[str]:
+    found: set[str] = set()
+    for item in client.list_artifacts(run_id, path):
+        found |= artifact_paths(client, run_id, item.path) if item.is_dir else {item.path}
+    return found
+
+
+def assert_run_contract(client: MlflowClient, run_id: str, config: TrainingConfig, workdir: Path) -> None:
+    """Every item of the run contract (README, "What a run records"), checked in the store."""
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params == config.as_params() | DERIVED_PARAMS
+
+    completed = int(run.data.metrics[names.EPOCHS_COMPLETED])
+    assert 1 <= completed <= config.epochs
+    for metric in names.EPOCH_METRICS:
+        history = client.get_metric_history(run_id, metric)
+        assert [m.step for m in history] == list(range(completed)), metric
+        assert all(np.isfinite(m.value) for m in history), metric
+    rates = [m.value for m in client.get_metric_history(run_id, names.LEARNING_RATE)]
+    assert rates[0] == config.learning_rate
+
+    artifacts = artifact_paths(client, run_id)
+    assert artifacts >= EXPECTED_ARTIFACTS
+    local = Path(client.download_artifacts(run_id, "", str(workdir / "artifacts")))
+
+    # learning-rate changes: one entry per change of the per-epoch rate, and the tag counts them
+    changes = json.loads((local / names.LR_CHANGES_FILE).read_text())
+    expected_changes = [
+        (epoch, rates[epoch], rates[epoch + 1]) for epoch in range(completed - 1) if rates[epoch + 1] != rates[epoch]
+    ]
+    assert [(c["epoch"], c["old_lr"], c["new_lr"]) for c in changes][: len(expected_changes)] == expected_changes
+    assert all(c["cause"] == "ReduceLROnPlateau(val_loss)" for c in changes)
+    assert run.data.tags[names.TAG_LR_REDUCTIONS] == str(len(changes))
+
+    # best checkpoint: info file, metric, tag agree with the per-epoch val_accuracy
+    val_accuracy = [m.value for m in client.get_metric_history(run_id, names.VAL_ACCURACY)]
+    best_epoch = int(np.argmax(val_accuracy))
+    info = json.loads((local / names.CHECKPOINT_DIR / names.BEST_MODEL_INFO_FILE).read_text())
+    assert info["epoch"] == best_epoch and info["val_accuracy"] == pytest.approx(val_accuracy[best_epoch])
+    assert run.data.tags[names.TAG_BEST_EPOCH] == str(best_epoch)
+    assert run.data.metrics[names.BEST_VAL_ACCURACY] == pytest.approx(max(val_accuracy))
+
+    assert run.data.tags[names.TAG_STOP_REASON] in (
+        names.STOP_COMPLETED, names.STOP_EARLY_STOPPING, names.STOP_TARGET_ACCURACY
+    )
+    assert run.data.tags[names.TAG_CALLBACKS] == (
+        "TargetAccuracyStop,BatchTiming,ModelCheckpoint,EarlyStopping,ReduceLROnPlateau,CSVLogger,MlflowLogger"
+    )
+    assert run.data.tags[names.TAG_RUN_TYPE] == names.RUN_TYPE_TRAINING
+
+    with open(local / names.TRAINING_LOG_FILE, newline="") as stream:
+        rows = list(csv.DictReader(stream))
+    assert [int(row["epoch"]) for row in rows] == list(range(completed))
+    assert {names.EPOCH_SECONDS, names.BATCH_MS_P95, "val_accuracy"} <= set(rows[0])
+    assert "Total params" in (local / names.MODEL_SUMMARY_FILE).read_text()
+    for plot in (names.TRAINING_CURVES_FILE, names.CONFUSION_MATRIX_FILE):
+        assert (local / names.PLOTS_DIR / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = json.loads((local / names.CLASSIFICATION_REPORT_FILE).read_text())
+    assert set(report["3"]) == {"precision", "recall", "f1-score", "support"}
+    assert report["accuracy"] == pytest.approx(run.data.metrics[names.TEST_ACCURACY], abs=1e-6)
+
+    # dataset input: name, source, digest
+    dataset = load_dataset(config.dataset)
+    [dataset_input] = run.inputs.dataset_inputs
+    assert dataset_input.dataset.name == dataset.name
+    assert dataset_input.dataset.digest == dataset.digest == run.data.tags[names.TAG_DATASET_DIGEST]
+    assert dataset.source in dataset_input.dataset.source
+
+    # test metrics are the best checkpoint's, and the logged model predicts like the checkpoint
+    checkpoint = keras.models.load_model(local / names.CHECKPOINT_DIR / names.BEST_MODEL_FILE)
+    test_loss, test_accuracy = checkpoint.evaluate(dataset.x_test, dataset.y_test, verbose=0)
+    assert run.data.metrics[names.TEST_ACCURACY] == pytest.approx(test_accuracy, abs=1e-6)
+    assert run.data.metrics[names.TEST_LOSS] == pytest.approx(test_loss, rel=1e-5)
+    model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
+    probabilities = model.predict(dataset.x_test)
+    assert probabilities.shape == (300, 10)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(probabilities, checkpoint.predict(dataset.x_test, verbose=0), atol=1e-6)
+    assert model.metadata.signature.inputs.to_dict()[0]["tensor-spec"]["shape"] == (-1, 784)
+
+
+def test_run_records_the_whole_contract_in_sqlite(sqlite_store, tmp_path):
+    config = small_config()
+    result = run_training(config, experiment_name="contract")
+    # nothing left in the working directory but the store the user chose (db + ./mlruns)
+    assert set(os.listdir(tmp_path)) == {"mlflow.db", "mlruns"}
+    assert_run_contract(MlflowClient(), result.run_id, config, tmp_path / "check")
+    assert result.test_accuracy > 0.8
+
+
+def test_run_records_the_whole_contract_in_the_database_store(postgres_store, tmp_path):
+    config = small_config(epochs="3", hidden_units="64", batch_size="64")
+    result = run_training(config, experiment_name="contract-db")
+    derived = DERIVED_PARAMS | {
+        names.PARAM_TOTAL_PARAMETERS: str(784 * 64 + 64 + 64 * 10 + 10),
+        names.PARAM_STEPS_PER_EPOCH: "19",
+    }
+    run = MlflowClient().get_run(result.run_id)
+    assert run.data.params == config.as_params() | derived
+    assert run.info.status == "FINISHED"
+    assert artifact_paths(MlflowClient(), result.run_id) >= EXPECTED_ARTIFACTS
+    for metric in names.EPOCH_METRICS:
+        assert len(MlflowClient().get_metric_history(result.run_id, metric)) == 3
+
+
+def test_same_seed_same_metrics_other_seed_other_metrics(sqlite_store):
+    client = MlflowClient()
+
+    def losses(seed: str) -> list[float]:
+        result = run_training(small_config(epochs="3", seed=seed), experiment_name="seeds")
+        return [m.value for m in client.get_metric_history(result.run_id, names.VAL_LOSS)]
+
+    first, second, other = losses("1"), losses("1"), losses("2")
+    assert first == second
+    assert first != other
+
+
+def test_target_accuracy_stop_is_the_recorded_stop_reason(sqlite_store):
+    result = run_training(small_config(target_accuracy="0.7", epochs="20"), experiment_name="stops")
+    run = MlflowClient().get_run(result.run_id)
+    assert run.data.tags[names.TAG_STOP_REASON] == names.STOP_TARGET_ACCURACY == result.stop_reason
+    accuracies = [m.value for m in MlflowClient().get_metric_history(result.run_id, names.VAL_ACCURACY)]
+    assert accuracies[-1] >= 0.7 and all(value < 0.7 for value in accuracies[:-1])
+
+
+def test_early_stopping_is_the_recorded_stop_reason(sqlite_store):
+    # A large rate makes val_loss bounce; patience 0 stops at the first epoch that does not improve.
+    result = run_training(
+        small_config(learning_rate="0.02", es_patience="0", lr_patience="5", epochs="15", target_accuracy="0"),
+        experiment_name="stops",
+    )
+    assert result.stop_reason == names.STOP_EARLY_STOPPING
+    assert result.epochs_completed < 15
+    val_loss = [m.value for m in MlflowClient().get_metric_history(result.run_id, names.VAL_LOSS)]
+    assert val_loss[-1] >= min(val_loss[:-1])
+
+
+def test_nan_loss_fails_the_run_with_its_reason(sqlite_store):
+    with pytest.raises(TrainingDiverged, match="NaN/inf at epoch 0"):
+        run_training(small_config(learning_rate="1e30"), experiment_name="nan")
+    [run] = MlflowClient().search_runs([mlflow.get_experiment_by_name("nan").experiment_id])
+    assert run.info.status == "FAILED"
+    assert run.data.tags[names.TAG_STOP_REASON] == names.STOP_NAN_LOSS
+    assert run.data.tags[names.TAG_NAN_AT].startswith("epoch 0 batch ")
+    assert names.TEST_ACCURACY not in run.data.metrics
+
+
+def test_bad_data_fails_before_any_run_exists(sqlite_store, tmp_path):
+    broken = tmp_path / "broken.npz"
+    broken.write_bytes(b"not a zip")
+    with pytest.raises(DataError):
+        run_training(small_config(dataset=str(broken)), experiment_name="bad")
+    assert mlflow.get_experiment_by_name("bad") is None
+
+
+def test_all_parameters_reach_the_run(sqlite_store):
+    values = {
+        "epochs": "2", "batch_size": "50", "learning_rate": "0.002", "hidden_units": "32,16,8", "dropout": "0.1",
+        "validation_split": "0.25", "es_patience": "4", "lr_factor": "0.3", "lr_patience": "3", "min_lr": "1e-05",
+        "target_accuracy": "0.99", "seed": "7", "dataset": str(MNIST_SMALL),
+    }
+    assert set(values) == {spec.name for spec in TRAINING_PARAMETERS}
+    result = run_training(TrainingConfig.from_values(values), experiment_name="params")
+    run = MlflowClient().get_run(result.run_id)
+    assert {key: run.data.params[key] for key in values} == values
+    assert run.data.params[names.PARAM_TRAIN_SIZE] == "1125"
+    assert run.data.params[names.PARAM_STEPS_PER_EPOCH] == "23"
