@@ -14,8 +14,10 @@ import click
 
 from pipeline.config import ParameterSpec
 
-# TensorFlow's C++ start-up chatter is not for users; set before anything imports TensorFlow.
+# TensorFlow's C++ start-up chatter and MLflow's INFO lines (creating tables, experiments) are not
+# for users of the CLI; set before anything imports TensorFlow or MLflow. Users can override both.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 
 
 def import_tensorflow_quietly() -> None:

@@ -50,11 +50,17 @@ def artifact_paths(client: MlflowClient, run_id: str, path: str | None = None) -
     return found
 
 
-def assert_run_contract(client: MlflowClient, run_id: str, config: TrainingConfig, workdir: Path) -> None:
+def assert_run_contract(
+    client: MlflowClient,
+    run_id: str,
+    config: TrainingConfig,
+    workdir: Path,
+    expected_params: dict[str, str] | None = None,
+) -> None:
     """Every item of the run contract (README, "What a run records"), checked in the store."""
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
-    assert run.data.params == config.as_params() | DERIVED_PARAMS
+    assert run.data.params == (expected_params or config.as_params()) | DERIVED_PARAMS
 
     completed = int(run.data.metrics[names.EPOCHS_COMPLETED])
     assert 1 <= completed <= config.epochs

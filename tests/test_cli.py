@@ -1,0 +1,81 @@
+"""The CLI as users run it: real processes, real stores, one-line errors."""
+
+from __future__ import annotations
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipeline import constants as names
+from tests.helpers import MNIST_SMALL, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def _store(tmp_path) -> dict[str, str]:
+    return {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+
+
+def _assert_one_line_error(result, *fragments: str) -> None:
+    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ")
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_cli_trains_and_reports_the_run(tmp_path):
+    result = run_cli(
+        ["train", "--epochs", "2", "--dataset", str(MNIST_SMALL), "--experiment-name", "cli"],
+        cwd=tmp_path, **_store(tmp_path),
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert [line.split(":")[0] for line in lines if line.startswith("Epoch")] == ["Epoch 1", "Epoch 2"]
+    summary = lines[-1]
+    assert summary.startswith("Run ") and "test_accuracy=" in summary
+    run_id = summary.split()[1].rstrip(":")
+    client = MlflowClient(_store(tmp_path)["MLFLOW_TRACKING_URI"])
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert client.get_experiment(run.info.experiment_id).name == "cli"
+    assert f"test_accuracy={run.data.metrics[names.TEST_ACCURACY]:.4f}" in summary
+
+
+@pytest.mark.parametrize(
+    ("args", "fragments"),
+    [
+        (["--epochs", "0"], ("epochs='0'", "an integer >= 1")),
+        (["--batch-size", "many"], ("batch_size='many'",)),
+        (["--hidden-units", "128,,64"], ("hidden_units", "comma-separated positive integers")),
+        (["--learning-rate", "-1"], ("learning_rate='-1'", "> 0")),
+        (["--dropout", "1.0"], ("dropout='1.0'", "0 <= d < 1")),
+        (["--target-accuracy", "2"], ("target_accuracy='2'",)),
+    ],
+)
+def test_bad_parameters_give_one_line_and_exit_2_without_a_run(tmp_path, args, fragments):
+    result = run_cli(["train", *args, "--dataset", str(MNIST_SMALL)], cwd=tmp_path, timeout=60, **_store(tmp_path))
+    assert result.returncode == 2
+    _assert_one_line_error(result, *fragments)
+    assert not (tmp_path / "mlflow.db").exists()  # no run, not even a store, was created
+
+
+def test_bad_data_file_gives_one_line_and_exit_2(tmp_path):
+    broken = tmp_path / "digits.npz"
+    broken.write_bytes(b"\x00" * 100)
+    result = run_cli(["train", "--dataset", str(broken)], cwd=tmp_path, timeout=120, **_store(tmp_path))
+    assert result.returncode == 2
+    _assert_one_line_error(result, str(broken), "not an .npz")
+
+
+def test_nan_loss_exits_1_with_one_line_and_a_failed_run(tmp_path):
+    result = run_cli(
+        ["train", "--learning-rate", "1e30", "--dataset", str(MNIST_SMALL), "--experiment-name", "nan"],
+        cwd=tmp_path, **_store(tmp_path),
+    )
+    assert result.returncode == 1
+    _assert_one_line_error(result, "training diverged", "learning_rate")
+    client = MlflowClient(_store(tmp_path)["MLFLOW_TRACKING_URI"])
+    [run] = client.search_runs([client.get_experiment_by_name("nan").experiment_id])
+    assert run.info.status == "FAILED"
+    assert run.data.tags[names.TAG_STOP_REASON] == names.STOP_NAN_LOSS
