@@ -37,15 +37,8 @@ def train(experiment_name: str | None, **values: str | None) -> None:
         f"Run {result.run_id}: test_accuracy={result.test_accuracy:.4f} test_loss={result.test_loss:.4f} "
         f"after {result.epochs_completed} epochs ({result.stop_reason}), best epoch {result.best_epoch}"
     )
-    ui_url = _run_url(result.experiment_id, result.run_id)
+    from pipeline.tracking import run_ui_url
+
+    ui_url = run_ui_url(result.experiment_id, result.run_id)
     if ui_url:
         click.echo(f"View it at {ui_url}")
-
-
-def _run_url(experiment_id: str, run_id: str) -> str | None:
-    import mlflow
-
-    uri = mlflow.get_tracking_uri()
-    if not uri.startswith(("http://", "https://")):
-        return None
-    return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"

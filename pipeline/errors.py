@@ -51,3 +51,9 @@ class RecordingError(Exception):
     """Something the run should hold could not be sent to the tracking store. Exit status 1."""
 
     exit_code = 1
+
+
+class TrackingUnavailable(Exception):
+    """The tracking server cannot be used: unreachable, or it refuses our credentials. Exit status 1."""
+
+    exit_code = 1

@@ -37,6 +37,7 @@ from pipeline.data import NUM_CLASSES, NUM_PIXELS, ImageDataset, load_dataset, s
 from pipeline.errors import TrainingDiverged
 from pipeline.model import build_model, model_summary
 from pipeline.recorder import RunRecorder
+from pipeline.tracking import check_tracking_store
 
 logger = logging.getLogger(__name__)
 
@@ -75,10 +76,12 @@ def run_training(
             `mlflow run`) or a new one.
 
     Raises:
+        TrackingUnavailable: the tracking server does not answer or refuses the credentials.
         UserInputError: bad data or parameters (before any training).
         TrainingDiverged: the loss became NaN/inf; the run is FAILED with stop_reason=nan_loss.
         RecordingError: training finished but part of the record could not be stored.
     """
+    check_tracking_store()
     dataset = load_dataset(config.dataset)
     x_train, y_train, x_val, y_val = split_validation(dataset.x_train, dataset.y_train, config.validation_split)
     if experiment_name and not run_id and not os.environ.get(MLFLOW_RUN_ID.name):

@@ -1,0 +1,80 @@
+"""Facts about the tracking store: is it usable, and where does the UI show a run.
+
+MLflow's REST client retries an unreachable server for minutes and reports a wrong password deep
+inside a traceback; `check_tracking_store` asks the server once, with a short timeout, before any
+work starts, and says in one line what is wrong and what to check.
+"""
+
+from __future__ import annotations
+
+import mlflow
+from mlflow.exceptions import MlflowException
+from mlflow.utils.credentials import get_default_host_creds
+from mlflow.utils.rest_utils import http_request
+
+from pipeline.errors import TrackingUnavailable
+
+CREDENTIAL_VARIABLES = "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD"
+
+
+def is_server_uri(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+def check_tracking_store(uri: str | None = None, timeout: float = 10.0) -> None:
+    """Raises TrackingUnavailable when the tracking server does not answer or refuses us.
+
+    Local stores (SQLite, PostgreSQL URIs, files) are not checked here: they fail at once anyway.
+
+    Args:
+        uri: the tracking URI; by default MLflow's current one (MLFLOW_TRACKING_URI).
+        timeout: seconds to wait for the one request (no retries).
+    """
+    uri = uri or mlflow.get_tracking_uri()
+    if not is_server_uri(uri):
+        return
+    try:
+        response = http_request(
+            get_default_host_creds(uri),
+            "/api/2.0/mlflow/experiments/search",
+            "GET",
+            params={"max_results": 1},
+            max_retries=0,
+            timeout=timeout,
+            raise_on_status=False,
+        )
+    except MlflowException as error:
+        reason = _connection_failure(str(error), timeout)
+        raise TrackingUnavailable(
+            f"tracking server {uri} is unreachable ({reason}); check that it runs and that "
+            "MLFLOW_TRACKING_URI points at it"
+        ) from None
+    if response.status_code in (401, 403):
+        raise TrackingUnavailable(
+            f"tracking server {uri} refused the credentials (HTTP {response.status_code}); "
+            f"check {CREDENTIAL_VARIABLES}"
+        )
+    if response.status_code >= 400:
+        raise TrackingUnavailable(
+            f"tracking server {uri} answered HTTP {response.status_code} to a simple query; "
+            "check that MLFLOW_TRACKING_URI points at an MLflow tracking server"
+        )
+
+
+def _connection_failure(text: str, timeout: float) -> str:
+    lowered = text.lower()
+    if "refused" in lowered:
+        return "connection refused"
+    if "timed out" in lowered or "timeout" in lowered:
+        return f"no answer within {timeout:.0f} s"
+    if "name or service not known" in lowered or "nodename nor servname" in lowered:
+        return "unknown host"
+    return "cannot connect"
+
+
+def run_ui_url(experiment_id: str, run_id: str, uri: str | None = None) -> str | None:
+    """The MLflow UI page of a run, when the store is a server (None for local stores)."""
+    uri = uri or mlflow.get_tracking_uri()
+    if not is_server_uri(uri):
+        return None
+    return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
