@@ -22,7 +22,13 @@ from pipeline.config import TRAINING_PARAMETERS
     help="Experiment of a new run (default: MLFLOW_EXPERIMENT_NAME, else MLflow's 'Default'). "
     "Under `mlflow run`, the run MLflow created is used.",
 )
-def train(experiment_name: str | None, **values: str | None) -> None:
+@click.option(
+    "--run-id",
+    default=None,
+    help="Continue this run (killed or failed) at its first unfinished epoch, with the same parameters. "
+    "Under `mlflow run --run-id ID` this is implied.",
+)
+def train(experiment_name: str | None, run_id: str | None, **values: str | None) -> None:
     """Train the MNIST MLP and record the run in MLflow."""
     configure_console_logging()
     with one_line_errors():
@@ -32,7 +38,7 @@ def train(experiment_name: str | None, **values: str | None) -> None:
         import_tensorflow_quietly()
         from pipeline.training import run_training
 
-        result = run_training(config, experiment_name=experiment_name)
+        result = run_training(config, experiment_name=experiment_name, run_id=run_id)
     click.echo(
         f"Run {result.run_id}: test_accuracy={result.test_accuracy:.4f} test_loss={result.test_loss:.4f} "
         f"after {result.epochs_completed} epochs ({result.stop_reason}), best epoch {result.best_epoch}"

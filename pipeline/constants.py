@@ -70,3 +70,8 @@ PARAM_STEPS_PER_EPOCH = "steps_per_epoch"
 
 DATASET_CONTEXT_TRAINING = "training"
 TAG_DATASET_DIGEST = "dataset_digest"
+
+# Resumable training state, replaced at each epoch end.
+STATE_DIR = "state"
+STATE_FILE = "training_state.npz"
+TAG_RESUMED_FROM_EPOCH = "resumed_from_epoch"

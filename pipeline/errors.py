@@ -57,3 +57,9 @@ class TrackingUnavailable(Exception):
     """The tracking server cannot be used: unreachable, or it refuses our credentials. Exit status 1."""
 
     exit_code = 1
+
+
+class LocalStorageError(Exception):
+    """The run's local files (checkpoints, logs) could not be written. Exit status 1."""
+
+    exit_code = 1

@@ -21,7 +21,7 @@ import logging
 import shutil
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -50,12 +50,16 @@ class _Batch:
 
 @dataclasses.dataclass
 class _File:
+    artifact_path: str
     staged_path: Path
-    artifact_dir: str | None
+    writer: Callable[[Path], None] | None = None  # writes the file in the background, before upload
+
+    @property
+    def artifact_dir(self) -> str | None:
+        return self.artifact_path.rpartition("/")[0] or None
 
     def describe(self) -> str:
-        name = self.staged_path.name
-        return f"artifact {self.artifact_dir}/{name}" if self.artifact_dir else f"artifact {name}"
+        return f"artifact {self.artifact_path}"
 
 
 def is_transient(error: BaseException) -> bool:
@@ -118,18 +122,21 @@ class RunRecorder:
 
     def log_file(self, local_path: Path, artifact_dir: str | None = None) -> None:
         """Queues a snapshot of `local_path` for upload as `artifact_dir/<file name>`."""
-        staged = self._stage_dir() / Path(local_path).name
+        name = Path(local_path).name
+        staged = self._stage_dir() / name
         shutil.copyfile(local_path, staged)
-        self._enqueue(_File(staged, artifact_dir))
+        self._enqueue_file(_File(f"{artifact_dir}/{name}" if artifact_dir else name, staged))
 
     def log_json(self, obj: Any, artifact_file: str) -> None:
-        self._log_text(json.dumps(obj, indent=2) + "\n", artifact_file)
+        staged = self._stage_dir() / artifact_file.rpartition("/")[2]
+        staged.write_text(json.dumps(obj, indent=2) + "\n")
+        self._enqueue_file(_File(artifact_file, staged))
 
-    def _log_text(self, text: str, artifact_file: str) -> None:
-        directory, _, name = artifact_file.rpartition("/")
-        staged = self._stage_dir() / name
-        staged.write_text(text)
-        self._enqueue(_File(staged, directory or None))
+    def log_written(self, writer: Callable[[Path], None], artifact_file: str) -> None:
+        """Queues `artifact_file`, to be written by `writer(path)` on the background thread (for
+        large files whose content the caller has already snapshotted in memory)."""
+        staged = self._stage_dir() / artifact_file.rpartition("/")[2]
+        self._enqueue_file(_File(artifact_file, staged, writer))
 
     # -- waiting ---------------------------------------------------------------------------
 
@@ -192,6 +199,18 @@ class RunRecorder:
                 return
         self._enqueue(_Batch(list(metrics or []), list(tags or [])))
 
+    def _enqueue_file(self, record: _File) -> None:
+        """Queues a file. A newer version of a file still waiting in the queue replaces the old
+        one in its place: the queue stays bounded during an outage (one entry per artifact
+        path, however many epochs pass), and what arrives is always the latest version."""
+        with self._condition:
+            for index, pending in enumerate(self._pending):
+                if isinstance(pending, _File) and pending.artifact_path == record.artifact_path:
+                    self._pending[index] = record
+                    shutil.rmtree(pending.staged_path.parent, ignore_errors=True)
+                    return
+        self._enqueue(record)
+
     def _enqueue(self, record: _Batch | _File) -> None:
         with self._condition:
             if self._closed:
@@ -249,6 +268,9 @@ class RunRecorder:
         if isinstance(record, _Batch):
             self.client.log_batch(self.run_id, metrics=record.metrics, tags=record.tags, synchronous=True)
         else:
+            if record.writer is not None:
+                record.writer(record.staged_path)
+                record.writer = None
             self.client.log_artifact(self.run_id, str(record.staged_path), record.artifact_dir)
 
 

@@ -14,10 +14,13 @@ Any exception on the way ends the run FAILED.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
 import tempfile
+import time
+from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
 
@@ -34,9 +37,10 @@ from pipeline import reporting
 from pipeline.callbacks import TrainingCallbacks, build_callbacks
 from pipeline.config import TrainingConfig
 from pipeline.data import NUM_CLASSES, NUM_PIXELS, ImageDataset, load_dataset, split_validation
-from pipeline.errors import TrainingDiverged
+from pipeline.errors import LocalStorageError, TrainingDiverged
 from pipeline.model import build_model, model_summary
 from pipeline.recorder import RunRecorder
+from pipeline.resume import ResumePoint, RunNotResumable, find_resume_point, resend_missing_metrics
 from pipeline.tracking import check_tracking_store
 
 logger = logging.getLogger(__name__)
@@ -67,61 +71,114 @@ class TrainingResult:
 def run_training(
     config: TrainingConfig, experiment_name: str | None = None, run_id: str | None = None
 ) -> TrainingResult:
-    """Trains and records one run.
+    """Trains and records one run, or continues a killed one.
 
     Args:
         config: the validated parameters.
         experiment_name: where a new run goes (ignored when a run is given or MLFLOW_RUN_ID is set).
         run_id: an existing run to record into; by default the one in MLFLOW_RUN_ID (set by
-            `mlflow run`) or a new one.
+            `mlflow run`), else a new one. A run that already holds a training of ours is resumed
+            at its first unfinished epoch (see `pipeline.resume`).
 
     Raises:
         TrackingUnavailable: the tracking server does not answer or refuses the credentials.
-        UserInputError: bad data or parameters (before any training).
+        UserInputError: bad data or parameters, or a run that cannot be resumed (before training).
         TrainingDiverged: the loss became NaN/inf; the run is FAILED with stop_reason=nan_loss.
+        LocalStorageError: the run's local files could not be written (disk full, unwritable TMPDIR).
         RecordingError: training finished but part of the record could not be stored.
     """
     check_tracking_store()
+    client = MlflowClient()
+    run_id = run_id or os.environ.get(MLFLOW_RUN_ID.name) or None
+    resume = find_resume_point(client, run_id, config) if run_id else None
     dataset = load_dataset(config.dataset)
+    if resume and resume.dataset_digest and resume.dataset_digest != dataset.digest:
+        raise RunNotResumable(
+            f"run {run_id} was trained on other data (digest {resume.dataset_digest}, "
+            f"now {dataset.digest} from {dataset.source})"
+        )
     x_train, y_train, x_val, y_val = split_validation(dataset.x_train, dataset.y_train, config.validation_split)
-    if experiment_name and not run_id and not os.environ.get(MLFLOW_RUN_ID.name):
+    if experiment_name and not run_id:
         mlflow.set_experiment(experiment_name)
-    with mlflow.start_run(run_id=run_id) as run, tempfile.TemporaryDirectory(prefix="mnist-run-") as tmp:
-        workdir = Path(tmp)
-        run_id = run.info.run_id
-        client = MlflowClient()
-        keras.utils.set_random_seed(config.seed)
-        model = build_model(config.layer_sizes, config.dropout, config.learning_rate)
-        steps_per_epoch = -(-len(x_train) // config.batch_size)
-        _log_run_header(client, run_id, config, dataset, model, len(x_train), len(x_val), steps_per_epoch)
+    with _local_workdir() as workdir, mlflow.start_run(run_id=run_id) as run:
+        try:
+            return _train_in_run(client, run, config, dataset, (x_train, y_train, x_val, y_val), workdir, resume)
+        except OSError as error:
+            raise LocalStorageError(
+                f"cannot write the run's local files in {workdir} ({error.strerror or error}); "
+                "free disk space or point TMPDIR at a writable disk"
+            ) from None
 
-        recorder = RunRecorder(client, run_id, workdir / "staging")
-        callbacks = build_callbacks(config, workdir, recorder, len(x_train))
-        recorder.set_tags({names.TAG_CALLBACKS: ",".join(callbacks.names)})
-        recorder.log_file(_write(workdir / names.MODEL_SUMMARY_FILE, model_summary(model)))
-        model.fit(
-            x_train,
-            y_train,
-            batch_size=config.batch_size,
-            epochs=config.epochs,
-            validation_data=(x_val, y_val),
-            callbacks=callbacks.ordered,
-            verbose=0,
-        )
-        mlflow_logger = callbacks.mlflow_logger
-        if callbacks.batch_timing.nan_at is not None:
-            _record_divergence(recorder, callbacks)
-        test_loss, test_accuracy = _evaluate_and_report(recorder, callbacks, dataset, workdir)
-        recorder.close(timeout=FLUSH_TIMEOUT_SECONDS)
-        return TrainingResult(
-            run_id=run_id,
-            experiment_id=run.info.experiment_id,
-            stop_reason=mlflow_logger.stop_reason or names.STOP_COMPLETED,
-            epochs_completed=len(mlflow_logger.history),
-            best_epoch=mlflow_logger.best["epoch"] if mlflow_logger.best else None,
-            test_loss=test_loss,
-            test_accuracy=test_accuracy,
-        )
+
+def _train_in_run(
+    client: MlflowClient,
+    run: mlflow.ActiveRun,
+    config: TrainingConfig,
+    dataset: ImageDataset,
+    splits: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+    workdir: Path,
+    resume: ResumePoint | None,
+) -> TrainingResult:
+    x_train, y_train, x_val, y_val = splits
+    run_id = run.info.run_id
+    keras.utils.set_random_seed(config.seed)
+    model = build_model(config.layer_sizes, config.dropout, config.learning_rate)
+    steps_per_epoch = -(-len(x_train) // config.batch_size)
+    _log_run_header(client, run_id, config, dataset, model, len(x_train), len(x_val), steps_per_epoch)
+
+    recorder = RunRecorder(client, run_id, workdir / "staging")
+    state = resume.state if resume else None
+    callbacks = build_callbacks(config, workdir, recorder, len(x_train), resume_from=state)
+    recorder.set_tags({names.TAG_CALLBACKS: ",".join(callbacks.names)})
+    recorder.log_file(_write(workdir / names.MODEL_SUMMARY_FILE, model_summary(model)))
+    initial_epoch = 0
+    if resume is not None:
+        initial_epoch = resume.initial_epoch(config.epochs)
+        recorder.set_tags({names.TAG_RESUMED_FROM_EPOCH: initial_epoch})
+        resent = resend_missing_metrics(client, recorder, state.record["history"]) if state else 0
+        logger.info("Resuming run %s at epoch %d (%d metric values re-sent)", run_id, initial_epoch + 1, resent)
+    fit_started = time.perf_counter()
+    model.fit(
+        x_train,
+        y_train,
+        batch_size=config.batch_size,
+        epochs=config.epochs,
+        initial_epoch=initial_epoch,
+        validation_data=(x_val, y_val),
+        callbacks=callbacks.ordered,
+        verbose=0,
+    )
+    fit_seconds = time.perf_counter() - fit_started
+    mlflow_logger = callbacks.mlflow_logger
+    if callbacks.batch_timing.nan_at is not None:
+        _record_divergence(recorder, callbacks)
+    test_loss, test_accuracy = _evaluate_and_report(recorder, callbacks, dataset, workdir)
+    recorder.close(timeout=FLUSH_TIMEOUT_SECONDS)
+    after_fit_seconds = time.perf_counter() - fit_started - fit_seconds
+    logger.info("Timing: fit %.2f s, after fit %.2f s", fit_seconds, after_fit_seconds)
+    return TrainingResult(
+        run_id=run_id,
+        experiment_id=run.info.experiment_id,
+        stop_reason=mlflow_logger.stop_reason or names.STOP_COMPLETED,
+        epochs_completed=len(mlflow_logger.history),
+        best_epoch=mlflow_logger.best["epoch"] if mlflow_logger.best else None,
+        test_loss=test_loss,
+        test_accuracy=test_accuracy,
+    )
+
+
+@contextlib.contextmanager
+def _local_workdir() -> Iterator[Path]:
+    """The run's private temporary directory (checkpoints, CSV log, plots, upload staging)."""
+    try:
+        directory = tempfile.TemporaryDirectory(prefix="mnist-run-")
+    except OSError as error:
+        raise LocalStorageError(
+            f"cannot create a temporary directory in {tempfile.gettempdir()} ({error.strerror or error}); "
+            "point TMPDIR at a writable disk"
+        ) from None
+    with directory as path:
+        yield Path(path)
 
 
 def _log_run_header(

@@ -34,7 +34,7 @@ def test_mlflow_reads_the_same_parameters_from_mlproject():
 
 
 def test_cli_options_are_the_parameters():
-    options = [param.name for param in train.params if param.name != "experiment_name"]
+    options = [param.name for param in train.params if param.name not in ("experiment_name", "run_id")]
     assert options == [spec.name for spec in TRAINING_PARAMETERS]
     flags = {param.name: param.opts[0] for param in train.params}
     assert all(flags[spec.name] == spec.cli_flag for spec in TRAINING_PARAMETERS)

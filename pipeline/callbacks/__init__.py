@@ -11,7 +11,9 @@ order is part of the behaviour:
 5. ReduceLROnPlateau  - val_loss; cuts the rate at the end of the epoch.
 6. CSVLogger          - writes the epoch's row, timing columns included (added by 2).
 7. MlflowLogger       - last, so it records each epoch's final state: a best checkpoint saved by 3,
-                        a rate cut by 5, a stop decided by 1, 2 or 4, and the closed CSV file.
+                        a rate cut by 5, a stop decided by 1, 2 or 4, the CSV row, and the
+                        resumable training state; and, on resume, it restores the counters of
+                        3, 4 and 5 after their own `on_train_begin` has reset them.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from pipeline.callbacks.mlflow_logger import MlflowLogger
 from pipeline.callbacks.target_accuracy import TargetAccuracyStop
 from pipeline.config import TrainingConfig
 from pipeline.recorder import RunRecorder
+from pipeline.training_state import TrainingState
 
 __all__ = ["BatchTiming", "MlflowLogger", "TargetAccuracyStop", "TrainingCallbacks", "build_callbacks"]
 
@@ -53,7 +56,11 @@ class TrainingCallbacks:
 
 
 def build_callbacks(
-    config: TrainingConfig, workdir: Path, recorder: RunRecorder, num_train_samples: int
+    config: TrainingConfig,
+    workdir: Path,
+    recorder: RunRecorder,
+    num_train_samples: int,
+    resume_from: TrainingState | None = None,
 ) -> TrainingCallbacks:
     """Builds the callbacks of one training.
 
@@ -62,11 +69,19 @@ def build_callbacks(
         workdir: the run's private temporary directory (checkpoint and CSV log live there).
         recorder: where MlflowLogger sends its records.
         num_train_samples: training examples per epoch, for BatchTiming's throughput.
+        resume_from: a saved state to continue from: its CSV log and best checkpoint are put back
+            in `workdir` now; MlflowLogger restores the rest when training begins.
     """
+    csv_path = workdir / names.TRAINING_LOG_FILE
+    checkpoint_path = workdir / names.BEST_MODEL_FILE
+    if resume_from is not None:
+        csv_path.write_text(resume_from.csv_log)
+        if resume_from.best_checkpoint is not None:
+            checkpoint_path.write_bytes(resume_from.best_checkpoint)
     target_stop = TargetAccuracyStop(config.target_accuracy)
     batch_timing = BatchTiming(config.batch_size, num_train_samples)
     checkpoint = keras.callbacks.ModelCheckpoint(
-        filepath=str(workdir / names.BEST_MODEL_FILE),
+        filepath=str(checkpoint_path),
         monitor=names.VAL_ACCURACY,
         mode="max",
         save_best_only=True,
@@ -78,15 +93,16 @@ def build_callbacks(
     reduce_lr = keras.callbacks.ReduceLROnPlateau(
         monitor=names.VAL_LOSS, factor=config.lr_factor, patience=config.lr_patience, min_lr=config.min_lr
     )
-    csv_path = workdir / names.TRAINING_LOG_FILE
-    csv_logger = keras.callbacks.CSVLogger(str(csv_path))
+    csv_logger = keras.callbacks.CSVLogger(str(csv_path), append=resume_from is not None)
     mlflow_logger = MlflowLogger(
         recorder,
         checkpoint=checkpoint,
         early_stopping=early_stopping,
+        reduce_lr=reduce_lr,
         target_stop=target_stop,
         batch_timing=batch_timing,
         csv_log_path=csv_path,
+        resume_from=resume_from,
     )
     return TrainingCallbacks(
         target_stop, batch_timing, checkpoint, early_stopping, reduce_lr, csv_logger, mlflow_logger
