@@ -18,6 +18,11 @@ from pipeline.config import ParameterSpec
 # for users of the CLI; set before anything imports TensorFlow or MLflow. Users can override both.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+# MLflow's REST client retries an unreachable server for minutes per call (7 retries, doubling
+# from 2 s). The pipeline's recorder retries on its own, in order, so each call gives up sooner.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 
 
 def import_tensorflow_quietly() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import click
 
 from mlflow_project.common import (
@@ -36,9 +38,10 @@ def train(experiment_name: str | None, run_id: str | None, **values: str | None)
 
         config = TrainingConfig.from_values(given(values))
         import_tensorflow_quietly()
-        from pipeline.training import run_training
+        from pipeline.training import FLUSH_TIMEOUT_SECONDS, run_training
 
-        result = run_training(config, experiment_name=experiment_name, run_id=run_id)
+        flush_timeout = float(os.environ.get("MNIST_PIPELINE_FLUSH_TIMEOUT", FLUSH_TIMEOUT_SECONDS))
+        result = run_training(config, experiment_name=experiment_name, run_id=run_id, flush_timeout=flush_timeout)
     click.echo(
         f"Run {result.run_id}: test_accuracy={result.test_accuracy:.4f} test_loss={result.test_loss:.4f} "
         f"after {result.epochs_completed} epochs ({result.stop_reason}), best epoch {result.best_epoch}"

@@ -100,7 +100,7 @@ class RunRecorder:
         self._retry_interval = retry_interval
         self._max_retry_interval = max_retry_interval
         self._pending: collections.deque[_Batch | _File] = collections.deque()
-        self._in_flight = 0
+        self._delivering = False  # the head of the queue is being sent
         self._failures: list[str] = []
         self._outage_since: float | None = None
         self._closed = False
@@ -146,6 +146,33 @@ class RunRecorder:
         with self._condition:
             return [record.describe() for record in self._pending]
 
+    @property
+    def in_outage(self) -> bool:
+        """True while the store is unreachable (the last attempt failed for a transient reason)."""
+        return self._outage_since is not None
+
+    def export_pending(self, directory: Path) -> list[str]:
+        """Writes what is still undelivered to `directory`: files under `artifacts/` at their
+        artifact paths, metrics and tags in `pending_records.json`. Returns their descriptions."""
+        with self._condition:
+            pending = list(self._pending)
+        records: list[dict[str, object]] = []
+        for record in pending:
+            if isinstance(record, _File):
+                target = directory / "artifacts" / record.artifact_path
+                target.parent.mkdir(parents=True, exist_ok=True)
+                if record.writer is not None:
+                    record.writer(target)
+                else:
+                    shutil.copyfile(record.staged_path, target)
+            else:
+                records += [{"metric": m.key, "value": m.value, "step": m.step, "timestamp": m.timestamp}
+                            for m in record.metrics]
+                records += [{"tag": t.key, "value": t.value} for t in record.tags]
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "pending_records.json").write_text(json.dumps(records, indent=1) + "\n")
+        return [record.describe() for record in pending]
+
     def flush(self, timeout: float | None = None) -> None:
         """Waits until everything queued so far is delivered.
 
@@ -155,7 +182,7 @@ class RunRecorder:
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._condition:
-            while self._pending or self._in_flight:
+            while self._pending:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     break
@@ -189,6 +216,8 @@ class RunRecorder:
     def _enqueue_batch(self, metrics: list[Metric] | None = None, tags: list[RunTag] | None = None) -> None:
         with self._condition:
             tail = self._pending[-1] if self._pending else None
+            if self._delivering and len(self._pending) == 1:
+                tail = None  # being sent: a batch in flight never grows
             if (
                 isinstance(tail, _Batch)
                 and len(tail.metrics) + len(metrics or []) <= _MAX_METRICS_PER_BATCH
@@ -205,6 +234,8 @@ class RunRecorder:
         path, however many epochs pass), and what arrives is always the latest version."""
         with self._condition:
             for index, pending in enumerate(self._pending):
+                if index == 0 and self._delivering:
+                    continue  # being sent: the newer version goes after it
                 if isinstance(pending, _File) and pending.artifact_path == record.artifact_path:
                     self._pending[index] = record
                     shutil.rmtree(pending.staged_path.parent, ignore_errors=True)
@@ -219,6 +250,8 @@ class RunRecorder:
             self._condition.notify_all()
 
     def _deliver_forever(self) -> None:
+        """Delivers the head of the queue until it goes through; it leaves the queue only then, so
+        `pending` and `export_pending` always include the record being sent."""
         pause = self._retry_interval
         while True:
             with self._condition:
@@ -226,30 +259,15 @@ class RunRecorder:
                     self._condition.wait()
                 if not self._pending:
                     return
-                record = self._pending.popleft()
-                self._in_flight += 1
-            delivered = False
+                record = self._pending[0]
+                self._delivering = True
             try:
                 self._deliver(record)
-                delivered = True
-                pause = self._retry_interval
-                if self._outage_since is not None:
-                    logger.info(
-                        "Tracking store reachable again after %.0f s; sending the backlog",
-                        time.monotonic() - self._outage_since,
-                    )
-                    self._outage_since = None
-            except Exception as error:  # noqa: BLE001 - every failure is kept or retried
+            except Exception as error:  # noqa: BLE001 - every failure is retried or kept
                 if is_transient(error):
-                    if self._outage_since is None:
-                        self._outage_since = time.monotonic()
-                        logger.warning(
-                            "Tracking store unreachable (%s); training goes on, records are kept",
-                            _first_line(error),
-                        )
+                    self._note_outage(error)
                     with self._condition:
-                        self._pending.appendleft(record)
-                        self._in_flight -= 1
+                        self._delivering = False
                         self._condition.notify_all()
                     if self._stop_retrying.wait(pause):
                         return
@@ -258,11 +276,30 @@ class RunRecorder:
                 logger.error("Tracking store rejected %s: %s", record.describe(), _first_line(error))
                 with self._condition:
                     self._failures.append(f"{record.describe()} ({_first_line(error)})")
+            else:
+                pause = self._retry_interval
+                self._note_recovery()
             with self._condition:
-                self._in_flight -= 1
+                self._pending.popleft()
+                self._delivering = False
                 self._condition.notify_all()
-            if delivered and isinstance(record, _File):
+            if isinstance(record, _File):
                 shutil.rmtree(record.staged_path.parent, ignore_errors=True)
+
+    def _note_outage(self, error: BaseException) -> None:
+        if self._outage_since is None:
+            self._outage_since = time.monotonic()
+            logger.warning(
+                "Tracking store unreachable (%s); training goes on, records are kept", _first_line(error)
+            )
+
+    def _note_recovery(self) -> None:
+        if self._outage_since is not None:
+            logger.info(
+                "Tracking store reachable again after %.0f s; sending the backlog",
+                time.monotonic() - self._outage_since,
+            )
+            self._outage_since = None
 
     def _deliver(self, record: _Batch | _File) -> None:
         if isinstance(record, _Batch):

@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Iterator
@@ -37,9 +38,9 @@ from pipeline import reporting
 from pipeline.callbacks import TrainingCallbacks, build_callbacks
 from pipeline.config import TrainingConfig
 from pipeline.data import NUM_CLASSES, NUM_PIXELS, ImageDataset, load_dataset, split_validation
-from pipeline.errors import LocalStorageError, TrainingDiverged
+from pipeline.errors import LocalStorageError, RecordingError, TrainingDiverged
 from pipeline.model import build_model, model_summary
-from pipeline.recorder import RunRecorder
+from pipeline.recorder import RunRecorder, is_transient
 from pipeline.resume import ResumePoint, RunNotResumable, find_resume_point, resend_missing_metrics
 from pipeline.tracking import check_tracking_store
 
@@ -47,6 +48,7 @@ logger = logging.getLogger(__name__)
 
 # Seconds to wait, at the end, for queued records to reach the tracking store.
 FLUSH_TIMEOUT_SECONDS = 120.0
+
 MODEL_SIGNATURE = ModelSignature(
     inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, NUM_PIXELS))]),
     outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, NUM_CLASSES))]),
@@ -69,7 +71,11 @@ class TrainingResult:
 
 
 def run_training(
-    config: TrainingConfig, experiment_name: str | None = None, run_id: str | None = None
+    config: TrainingConfig,
+    experiment_name: str | None = None,
+    run_id: str | None = None,
+    flush_timeout: float = FLUSH_TIMEOUT_SECONDS,
+    rescue_dir: Path | None = None,
 ) -> TrainingResult:
     """Trains and records one run, or continues a killed one.
 
@@ -79,6 +85,9 @@ def run_training(
         run_id: an existing run to record into; by default the one in MLFLOW_RUN_ID (set by
             `mlflow run`), else a new one. A run that already holds a training of ours is resumed
             at its first unfinished epoch (see `pipeline.resume`).
+        flush_timeout: seconds to wait at the end for an unreachable tracking server to come back.
+        rescue_dir: where the local copies go when it does not (default: `default_rescue_dir()`),
+            one directory per run.
 
     Raises:
         TrackingUnavailable: the tracking server does not answer or refuses the credentials.
@@ -100,9 +109,12 @@ def run_training(
     x_train, y_train, x_val, y_val = split_validation(dataset.x_train, dataset.y_train, config.validation_split)
     if experiment_name and not run_id:
         mlflow.set_experiment(experiment_name)
-    with _local_workdir() as workdir, mlflow.start_run(run_id=run_id) as run:
+    with _local_workdir() as workdir, _mlflow_run(run_id) as run:
         try:
-            return _train_in_run(client, run, config, dataset, (x_train, y_train, x_val, y_val), workdir, resume)
+            return _train_in_run(
+                client, run, config, dataset, (x_train, y_train, x_val, y_val), workdir, resume, flush_timeout,
+                rescue_dir or default_rescue_dir(),
+            )
         except OSError as error:
             raise LocalStorageError(
                 f"cannot write the run's local files in {workdir} ({error.strerror or error}); "
@@ -118,6 +130,8 @@ def _train_in_run(
     splits: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
     workdir: Path,
     resume: ResumePoint | None,
+    flush_timeout: float,
+    rescue_dir: Path,
 ) -> TrainingResult:
     x_train, y_train, x_val, y_val = splits
     run_id = run.info.run_id
@@ -151,9 +165,9 @@ def _train_in_run(
     fit_seconds = time.perf_counter() - fit_started
     mlflow_logger = callbacks.mlflow_logger
     if callbacks.batch_timing.nan_at is not None:
-        _record_divergence(recorder, callbacks)
-    test_loss, test_accuracy = _evaluate_and_report(recorder, callbacks, dataset, workdir)
-    recorder.close(timeout=FLUSH_TIMEOUT_SECONDS)
+        _record_divergence(recorder, callbacks, flush_timeout)
+    test_loss, test_accuracy, local_model = _evaluate_and_report(recorder, callbacks, dataset, workdir)
+    _finish_recording(recorder, workdir, local_model, flush_timeout, rescue_dir / run_id)
     after_fit_seconds = time.perf_counter() - fit_started - fit_seconds
     logger.info("Timing: fit %.2f s, after fit %.2f s", fit_seconds, after_fit_seconds)
     return TrainingResult(
@@ -165,6 +179,11 @@ def _train_in_run(
         test_loss=test_loss,
         test_accuracy=test_accuracy,
     )
+
+
+def default_rescue_dir() -> Path:
+    """~/.cache/mnist-pipeline/unrecorded: local copies of runs the tracking store could not take."""
+    return Path.home() / ".cache" / "mnist-pipeline" / "unrecorded"
 
 
 @contextlib.contextmanager
@@ -222,11 +241,11 @@ def _mlflow_dataset(dataset: ImageDataset) -> mlflow.data.Dataset:
         )
 
 
-def _record_divergence(recorder: RunRecorder, callbacks: TrainingCallbacks) -> None:
+def _record_divergence(recorder: RunRecorder, callbacks: TrainingCallbacks, flush_timeout: float) -> None:
     """Delivers what the run holds (the last good checkpoint included) and raises TrainingDiverged."""
     epoch, batch = callbacks.batch_timing.nan_at
     recorder.set_tags({names.TAG_NAN_AT: f"epoch {epoch} batch {batch}"})
-    recorder.close(timeout=FLUSH_TIMEOUT_SECONDS)
+    recorder.close(timeout=flush_timeout)
     best = callbacks.mlflow_logger.best
     kept = (
         f"the best checkpoint (epoch {best['epoch']}) is kept in the run as "
@@ -242,8 +261,11 @@ def _record_divergence(recorder: RunRecorder, callbacks: TrainingCallbacks) -> N
 
 def _evaluate_and_report(
     recorder: RunRecorder, callbacks: TrainingCallbacks, dataset: ImageDataset, workdir: Path
-) -> tuple[float, float]:
-    """Evaluates the best checkpoint on the test split (as the seed does) and records the results."""
+) -> tuple[float, float, Path | None]:
+    """Evaluates the best checkpoint on the test split (as the seed does) and records the results.
+
+    Returns test loss, test accuracy, and a local MLflow model directory when the tracking store
+    could not take the model (None when it is logged in the run)."""
     best_model = keras.models.load_model(callbacks.checkpoint.filepath)
     test_loss, test_accuracy = best_model.evaluate(dataset.x_test, dataset.y_test, batch_size=1024, verbose=0)
     probabilities = best_model.predict(dataset.x_test, batch_size=1024, verbose=0)
@@ -258,15 +280,71 @@ def _evaluate_and_report(
     matrix = workdir / names.CONFUSION_MATRIX_FILE
     reporting.plot_confusion_matrix(counts, matrix)
     recorder.log_file(matrix, names.PLOTS_DIR)
-    mlflow.tensorflow.log_model(
-        best_model,
-        name=names.MODEL_NAME,
-        signature=MODEL_SIGNATURE,
-        input_example=dataset.x_test[:5],
-        pip_requirements=[f"{package}=={metadata.version(package)}" for package in MODEL_REQUIREMENTS],
-    )
     logger.info("Test accuracy of the best checkpoint: %.4f (loss %.4f)", test_accuracy, test_loss)
-    return float(test_loss), float(test_accuracy)
+    local_model = _log_model(recorder, best_model, dataset.x_test[:5], workdir)
+    return float(test_loss), float(test_accuracy), local_model
+
+
+def _log_model(recorder: RunRecorder, model: keras.Model, input_example: np.ndarray, workdir: Path) -> Path | None:
+    """Logs the MLflow model `model`; while the store is unreachable, saves it locally instead."""
+    options = {
+        "signature": MODEL_SIGNATURE,
+        "input_example": input_example,
+        "pip_requirements": [f"{package}=={metadata.version(package)}" for package in MODEL_REQUIREMENTS],
+    }
+    if not recorder.in_outage:
+        try:
+            mlflow.tensorflow.log_model(model, name=names.MODEL_NAME, **options)
+            return None
+        except Exception as error:  # noqa: BLE001 - only an unreachable store is handled here
+            if not is_transient(error):
+                raise
+            logger.warning("Could not log the model (%s); keeping it locally", str(error).splitlines()[0][:160])
+    local = workdir / names.MODEL_NAME
+    mlflow.tensorflow.save_model(model, str(local), **options)
+    return local
+
+
+def _finish_recording(
+    recorder: RunRecorder, workdir: Path, local_model: Path | None, flush_timeout: float, rescue: Path
+) -> None:
+    """Waits for every record to reach the store. When the store does not come back in time, keeps
+    local copies of the best checkpoint, the model and the unsent records, and raises RecordingError."""
+    try:
+        recorder.close(timeout=flush_timeout)
+        if local_model is not None:
+            raise RecordingError(f"the model could not be logged as {names.MODEL_NAME}")
+    except RecordingError as error:
+        rescue.mkdir(parents=True, exist_ok=True)
+        recorder.export_pending(rescue / "unsent")
+        for name in (names.BEST_MODEL_FILE, names.TRAINING_LOG_FILE):
+            if (workdir / name).exists():
+                shutil.copyfile(workdir / name, rescue / name)
+        if local_model is not None:
+            shutil.copytree(local_model, rescue / names.MODEL_NAME, dirs_exist_ok=True)
+        raise RecordingError(
+            f"{error}; local copies of the best checkpoint, the model and the unsent records are in {rescue}"
+        ) from None
+
+
+@contextlib.contextmanager
+def _mlflow_run(run_id: str | None) -> Iterator[mlflow.ActiveRun]:
+    """Like `mlflow.start_run()`, but an unreachable store at the end cannot hide the real outcome:
+    the run is ended FINISHED only after a clean exit, FAILED (KILLED on Ctrl-C) otherwise, and a
+    failure to say so is logged, not raised over the error that caused it."""
+    run = mlflow.start_run(run_id=run_id)
+    status = "FAILED"
+    try:
+        yield run
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        try:
+            mlflow.end_run(status)
+        except Exception as error:  # noqa: BLE001 - the store may be the thing that failed
+            logger.warning("Could not mark run %s %s: %s", run.info.run_id, status, str(error).splitlines()[0][:160])
 
 
 def _write(path: Path, text: str) -> Path:
