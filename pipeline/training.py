@@ -14,6 +14,7 @@ Any exception on the way ends the run FAILED.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import logging
@@ -35,7 +36,7 @@ from mlflow.types import Schema, TensorSpec
 
 from pipeline import constants as names
 from pipeline import reporting
-from pipeline.callbacks import TrainingCallbacks, build_callbacks
+from pipeline.callbacks import MlflowLogger, TrainingCallbacks, build_callbacks
 from pipeline.config import TrainingConfig
 from pipeline.data import NUM_CLASSES, NUM_PIXELS, ImageDataset, load_dataset, split_validation
 from pipeline.errors import LocalStorageError, RecordingError, TrainingDiverged
@@ -264,15 +265,35 @@ def _evaluate_and_report(
 ) -> tuple[float, float, Path | None]:
     """Evaluates the best checkpoint on the test split (as the seed does) and records the results.
 
+    One prediction pass gives the loss, the accuracy and the confusion matrix. The plots are drawn on
+    a second thread while this one logs the model: the two are the bulk of the time after `fit`.
     Returns test loss, test accuracy, and a local MLflow model directory when the tracking store
     could not take the model (None when it is logged in the run)."""
     best_model = keras.models.load_model(callbacks.checkpoint.filepath)
-    test_loss, test_accuracy = best_model.evaluate(dataset.x_test, dataset.y_test, batch_size=1024, verbose=0)
     probabilities = best_model.predict(dataset.x_test, batch_size=1024, verbose=0)
+    test_loss, test_accuracy = categorical_loss_and_accuracy(dataset.y_test, probabilities)
     counts = reporting.confusion_matrix(dataset.y_test.argmax(axis=1), probabilities.argmax(axis=1))
     recorder.log_metrics({names.TEST_LOSS: test_loss, names.TEST_ACCURACY: test_accuracy}, step=0)
     recorder.log_json(reporting.classification_report(counts), names.CLASSIFICATION_REPORT_FILE)
-    mlflow_logger = callbacks.mlflow_logger
+    logger.info("Test accuracy of the best checkpoint: %.4f (loss %.4f)", test_accuracy, test_loss)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="plots") as plotter:
+        plots = plotter.submit(_plot, recorder, callbacks.mlflow_logger, counts, workdir)
+        local_model = _log_model(recorder, best_model, dataset.x_test[:5], workdir)
+        plots.result()
+    return test_loss, test_accuracy, local_model
+
+
+def categorical_loss_and_accuracy(one_hot: np.ndarray, probabilities: np.ndarray) -> tuple[float, float]:
+    """Keras' categorical cross-entropy (probabilities renormalized and clipped to [1e-7, 1 - 1e-7])
+    and categorical accuracy, averaged over the examples, as `model.evaluate` reports them."""
+    epsilon = np.float32(keras.config.epsilon())
+    clipped = np.clip(probabilities / probabilities.sum(axis=1, keepdims=True), epsilon, 1 - epsilon)
+    loss = float(np.mean(-np.sum(one_hot * np.log(clipped), axis=1)))
+    accuracy = float(np.mean(one_hot.argmax(axis=1) == probabilities.argmax(axis=1)))
+    return loss, accuracy
+
+
+def _plot(recorder: RunRecorder, mlflow_logger: MlflowLogger, counts: np.ndarray, workdir: Path) -> None:
     curves = workdir / names.TRAINING_CURVES_FILE
     best_epoch = mlflow_logger.best["epoch"] if mlflow_logger.best else None
     reporting.plot_training_curves(mlflow_logger.history, mlflow_logger.lr_changes, best_epoch, curves)
@@ -280,9 +301,6 @@ def _evaluate_and_report(
     matrix = workdir / names.CONFUSION_MATRIX_FILE
     reporting.plot_confusion_matrix(counts, matrix)
     recorder.log_file(matrix, names.PLOTS_DIR)
-    logger.info("Test accuracy of the best checkpoint: %.4f (loss %.4f)", test_accuracy, test_loss)
-    local_model = _log_model(recorder, best_model, dataset.x_test[:5], workdir)
-    return float(test_loss), float(test_accuracy), local_model
 
 
 def _log_model(recorder: RunRecorder, model: keras.Model, input_example: np.ndarray, workdir: Path) -> Path | None:
