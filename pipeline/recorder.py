@@ -43,6 +43,13 @@ class _Batch:
     metrics: list[Metric] = dataclasses.field(default_factory=list)
     tags: list[RunTag] = dataclasses.field(default_factory=list)
 
+    @property
+    def size(self) -> int:
+        return len(self.metrics) + len(self.tags)
+
+    def split(self) -> list[_Batch]:
+        return [_Batch(metrics=[metric]) for metric in self.metrics] + [_Batch(tags=[tag]) for tag in self.tags]
+
     def describe(self) -> str:
         names = sorted({m.key for m in self.metrics} | {t.key for t in self.tags})
         return "metrics/tags " + ", ".join(names)
@@ -83,6 +90,7 @@ class RunRecorder:
         retry_interval: seconds between attempts while the store is unreachable (doubles up to
             `max_retry_interval`).
         max_retry_interval: the longest pause between two attempts.
+        abandon_timeout: when the `with` block ends with an error, how long to keep delivering.
     """
 
     def __init__(
@@ -92,6 +100,7 @@ class RunRecorder:
         staging_dir: Path,
         retry_interval: float = 0.5,
         max_retry_interval: float = 5.0,
+        abandon_timeout: float = 30.0,
     ) -> None:
         self.client = client
         self.run_id = run_id
@@ -99,6 +108,7 @@ class RunRecorder:
         self._staging_dir.mkdir(parents=True, exist_ok=True)
         self._retry_interval = retry_interval
         self._max_retry_interval = max_retry_interval
+        self.abandon_timeout = abandon_timeout
         self._pending: collections.deque[_Batch | _File] = collections.deque()
         self._delivering = False  # the head of the queue is being sent
         self._failures: list[str] = []
@@ -206,6 +216,19 @@ class RunRecorder:
                 self._stop_retrying.set()
                 self._condition.notify_all()
 
+    def __enter__(self) -> RunRecorder:
+        return self
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        """On an error, still delivers what was queued (completed epochs stay recorded), waiting at
+        most `abandon_timeout` seconds and never raising over the error; `close()` was not reached."""
+        if exc_type is None or self._closed:
+            return
+        try:
+            self.close(timeout=self.abandon_timeout)
+        except RecordingError as error:
+            logger.warning("Not all records reached the tracking store: %s", error)
+
     # -- internals -------------------------------------------------------------------------
 
     def _stage_dir(self) -> Path:
@@ -272,6 +295,13 @@ class RunRecorder:
                     if self._stop_retrying.wait(pause):
                         return
                     pause = min(pause * 2, self._max_retry_interval)
+                    continue
+                if isinstance(record, _Batch) and record.size > 1:
+                    # one bad value must not take its batch-mates down: retry them one by one
+                    with self._condition:
+                        self._pending.popleft()
+                        self._pending.extendleft(reversed(record.split()))
+                        self._delivering = False
                     continue
                 logger.error("Tracking store rejected %s: %s", record.describe(), _first_line(error))
                 with self._condition:

@@ -141,34 +141,34 @@ def _train_in_run(
     steps_per_epoch = -(-len(x_train) // config.batch_size)
     _log_run_header(client, run_id, config, dataset, model, len(x_train), len(x_val), steps_per_epoch)
 
-    recorder = RunRecorder(client, run_id, workdir / "staging")
-    state = resume.state if resume else None
-    callbacks = build_callbacks(config, workdir, recorder, len(x_train), resume_from=state)
-    recorder.set_tags({names.TAG_CALLBACKS: ",".join(callbacks.names)})
-    recorder.log_file(_write(workdir / names.MODEL_SUMMARY_FILE, model_summary(model)))
-    initial_epoch = 0
-    if resume is not None:
-        initial_epoch = resume.initial_epoch(config.epochs)
-        recorder.set_tags({names.TAG_RESUMED_FROM_EPOCH: initial_epoch})
-        resent = resend_missing_metrics(client, recorder, state.record["history"]) if state else 0
-        logger.info("Resuming run %s at epoch %d (%d metric values re-sent)", run_id, initial_epoch + 1, resent)
-    fit_started = time.perf_counter()
-    model.fit(
-        x_train,
-        y_train,
-        batch_size=config.batch_size,
-        epochs=config.epochs,
-        initial_epoch=initial_epoch,
-        validation_data=(x_val, y_val),
-        callbacks=callbacks.ordered,
-        verbose=0,
-    )
-    fit_seconds = time.perf_counter() - fit_started
-    mlflow_logger = callbacks.mlflow_logger
-    if callbacks.batch_timing.nan_at is not None:
-        _record_divergence(recorder, callbacks, flush_timeout)
-    test_loss, test_accuracy, local_model = _evaluate_and_report(recorder, callbacks, dataset, workdir)
-    _finish_recording(recorder, workdir, local_model, flush_timeout, rescue_dir / run_id)
+    with RunRecorder(client, run_id, workdir / "staging") as recorder:
+        state = resume.state if resume else None
+        callbacks = build_callbacks(config, workdir, recorder, len(x_train), resume_from=state)
+        recorder.set_tags({names.TAG_CALLBACKS: ",".join(callbacks.names)})
+        recorder.log_file(_write(workdir / names.MODEL_SUMMARY_FILE, model_summary(model)))
+        initial_epoch = 0
+        if resume is not None:
+            initial_epoch = resume.initial_epoch(config.epochs)
+            recorder.set_tags({names.TAG_RESUMED_FROM_EPOCH: initial_epoch})
+            resent = resend_missing_metrics(client, recorder, state.record["history"]) if state else 0
+            logger.info("Resuming run %s at epoch %d (%d metric values re-sent)", run_id, initial_epoch + 1, resent)
+        fit_started = time.perf_counter()
+        model.fit(
+            x_train,
+            y_train,
+            batch_size=config.batch_size,
+            epochs=config.epochs,
+            initial_epoch=initial_epoch,
+            validation_data=(x_val, y_val),
+            callbacks=callbacks.ordered,
+            verbose=0,
+        )
+        fit_seconds = time.perf_counter() - fit_started
+        mlflow_logger = callbacks.mlflow_logger
+        if callbacks.batch_timing.nan_at is not None:
+            _record_divergence(recorder, callbacks, flush_timeout)
+        test_loss, test_accuracy, local_model = _evaluate_and_report(recorder, callbacks, dataset, workdir)
+        _finish_recording(recorder, workdir, local_model, flush_timeout, rescue_dir / run_id)
     after_fit_seconds = time.perf_counter() - fit_started - fit_seconds
     logger.info("Timing: fit %.2f s, after fit %.2f s", fit_seconds, after_fit_seconds)
     return TrainingResult(
