@@ -63,8 +63,11 @@ def find_resume_point(client: MlflowClient, run_id: str, config: TrainingConfig)
         run = client.get_run(run_id)
     except MlflowException:
         raise ParameterError("run_id", run_id, "the id of an existing run in the tracking store") from None
-    if run.data.tags.get(names.TAG_RUN_TYPE) != names.RUN_TYPE_TRAINING:
-        return None  # nothing of ours has happened in this run yet
+    run_type = run.data.tags.get(names.TAG_RUN_TYPE)
+    if run_type is None:
+        return None  # nothing of ours has happened in this run yet (e.g. `mlflow run` just made it)
+    if run_type != names.RUN_TYPE_TRAINING:
+        raise RunNotResumable(f"run {run_id} is a {run_type} run, not a training run")
     if run.info.status == RunStatus.to_string(RunStatus.FINISHED):
         raise RunNotResumable(
             f"run {run_id} is FINISHED; a finished run is not trained again (start a new run instead)"
