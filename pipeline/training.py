@@ -3,13 +3,15 @@
 `run_training` is what every entry point calls. The order of work is fixed so that bad input fails
 before an MLflow run is touched, and so that a run is only ever FINISHED with its whole record:
 
-1. validate the data (a bad file raises DataError; no run exists yet);
-2. open the run (the one `mlflow run` created, the given one, or a new one), log params and inputs;
-3. fit with the callbacks of `pipeline.callbacks` (MlflowLogger records every epoch as it ends);
-4. evaluate the best checkpoint on the test split, log the report, plots and the model;
-5. wait for every queued record to reach the store, then mark the run FINISHED.
+1. ask the tracking server once (unreachable, or a wrong password, fails here in one line);
+2. decide whether a given run is new, to be resumed, or refused (`pipeline.resume`);
+3. validate the data (a bad file raises DataError; no run exists yet);
+4. open the run (the one `mlflow run` created, the given one, or a new one), log params and inputs;
+5. fit with the callbacks of `pipeline.callbacks` (MlflowLogger records every epoch as it ends);
+6. evaluate the best checkpoint on the test split, log the report, plots and the model;
+7. wait for every queued record to reach the store, then mark the run FINISHED.
 
-Any exception on the way ends the run FAILED.
+Any exception on the way ends the run FAILED (KILLED on Ctrl-C).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
+import errno
 import logging
 import os
 import shutil
@@ -49,6 +52,8 @@ logger = logging.getLogger(__name__)
 
 # Seconds to wait, at the end, for queued records to reach the tracking store.
 FLUSH_TIMEOUT_SECONDS = 120.0
+# OS errors that mean "the run's local files cannot be written", reported as LocalStorageError.
+LOCAL_STORAGE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
 
 MODEL_SIGNATURE = ModelSignature(
     inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, NUM_PIXELS))]),
@@ -117,6 +122,8 @@ def run_training(
                 rescue_dir or default_rescue_dir(),
             )
         except OSError as error:
+            if error.errno not in LOCAL_STORAGE_ERRORS:
+                raise
             raise LocalStorageError(
                 f"cannot write the run's local files in {workdir} ({error.strerror or error}); "
                 "free disk space or point TMPDIR at a writable disk"
