@@ -65,7 +65,10 @@ class TrainingResult:
 
 
 def run_training(
-    config: TrainingConfig, experiment_name: str | None = None, run_id: str | None = None
+    config: TrainingConfig,
+    experiment_name: str | None = None,
+    run_id: str | None = None,
+    parent_run_id: str | None = None,
 ) -> TrainingResult:
     """Trains and records one run.
 
@@ -74,6 +77,7 @@ def run_training(
         experiment_name: where a new run goes (ignored when a run is given or MLFLOW_RUN_ID is set).
         run_id: an existing run to record into; by default the one in MLFLOW_RUN_ID (set by
             `mlflow run`) or a new one.
+        parent_run_id: makes a new run the nested child of this run (a sweep's trials).
 
     Raises:
         TrackingUnavailable: the tracking server does not answer or refuses the credentials.
@@ -86,7 +90,10 @@ def run_training(
     x_train, y_train, x_val, y_val = split_validation(dataset.x_train, dataset.y_train, config.validation_split)
     if experiment_name and not run_id and not os.environ.get(MLFLOW_RUN_ID.name):
         mlflow.set_experiment(experiment_name)
-    with mlflow.start_run(run_id=run_id) as run, tempfile.TemporaryDirectory(prefix="mnist-run-") as tmp:
+    with (
+        mlflow.start_run(run_id=run_id, parent_run_id=parent_run_id) as run,
+        tempfile.TemporaryDirectory(prefix="mnist-run-") as tmp,
+    ):
         workdir = Path(tmp)
         run_id = run.info.run_id
         client = MlflowClient()
