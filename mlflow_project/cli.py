@@ -2,7 +2,10 @@
 
 import click
 
+from mlflow_project.compare import compare
 from mlflow_project.mlproject import mlproject
+from mlflow_project.register import register
+from mlflow_project.sweep import sweep
 from mlflow_project.train import train
 
 
@@ -12,4 +15,7 @@ def cli() -> None:
 
 
 cli.add_command(train)
+cli.add_command(register)
+cli.add_command(compare)
+cli.add_command(sweep)
 cli.add_command(mlproject)

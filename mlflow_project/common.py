@@ -69,12 +69,24 @@ def parameter_options(specs: Sequence[ParameterSpec]) -> Callable[[Callable[...,
                 spec.name,
                 type=str,
                 default=None,
-                show_default=str(spec.default),
+                show_default=spec.default_text,
                 help=f"{spec.help} Allowed: {spec.allowed}.",
             )(command)
         return command
 
     return decorate
+
+
+def experiment_option(help_text: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """`--experiment-name`, a CLI-only option: under `mlflow run` the experiment is the run's own
+    (`mlflow run --experiment-name`), so it is not an MLproject parameter."""
+    return click.option("--experiment-name", default=None, help=help_text)
+
+
+CURRENT_EXPERIMENT_HELP = (
+    "Experiment to act on (default: the current one: MLFLOW_EXPERIMENT_ID, set by `mlflow run`, "
+    "else MLFLOW_EXPERIMENT_NAME, else MLflow's 'Default')."
+)
 
 
 def given(values: dict[str, Any]) -> dict[str, Any]:

@@ -9,12 +9,22 @@ from collections.abc import Sequence
 
 import click
 
-from pipeline.config import TRAINING_PARAMETERS, ParameterSpec
+from pipeline.config import (
+    COMPARE_PARAMETERS,
+    REGISTER_PARAMETERS,
+    SWEEP_PARAMETERS,
+    TRAINING_PARAMETERS,
+    TRAINING_RUN_OPTIONS,
+    ParameterSpec,
+)
 
 PROJECT_NAME = "mnist-mlp-pipeline"
 # MLproject entry point -> (CLI command, its parameters).
 ENTRY_POINTS: dict[str, tuple[str, Sequence[ParameterSpec]]] = {
-    "main": ("train", TRAINING_PARAMETERS),
+    "main": ("train", TRAINING_PARAMETERS + TRAINING_RUN_OPTIONS),
+    "register": ("register", REGISTER_PARAMETERS),
+    "compare": ("compare", COMPARE_PARAMETERS),
+    "sweep": ("sweep", SWEEP_PARAMETERS),
 }
 
 
@@ -36,7 +46,7 @@ def render_mlproject() -> str:
 
 
 def _yaml_scalar(spec: ParameterSpec) -> str:
-    return f'"{spec.default}"' if spec.kind is str else str(spec.default)
+    return f'"{spec.default_text}"' if spec.kind in (str, bool) else spec.default_text
 
 
 @click.command("mlproject")

@@ -13,11 +13,11 @@ from mlflow_project.common import (
     one_line_errors,
     parameter_options,
 )
-from pipeline.config import TRAINING_PARAMETERS
+from pipeline.config import TRAINING_PARAMETERS, TRAINING_RUN_OPTIONS
 
 
 @click.command("train")
-@parameter_options(TRAINING_PARAMETERS)
+@parameter_options(TRAINING_PARAMETERS + TRAINING_RUN_OPTIONS)
 @click.option(
     "--experiment-name",
     default=None,
@@ -34,8 +34,10 @@ def train(experiment_name: str | None, run_id: str | None, **values: str | None)
     """Train the MNIST MLP and record the run in MLflow."""
     configure_console_logging()
     with one_line_errors():
-        from pipeline.config import TrainingConfig
+        from pipeline.config import TrainingConfig, parse_parameters
 
+        option_values = {spec.name: values.pop(spec.name) for spec in TRAINING_RUN_OPTIONS}
+        run_options = parse_parameters(TRAINING_RUN_OPTIONS, given(option_values))
         config = TrainingConfig.from_values(given(values))
         import_tensorflow_quietly()
         from pipeline.training import FLUSH_TIMEOUT_SECONDS, run_training
@@ -51,3 +53,11 @@ def train(experiment_name: str | None, run_id: str | None, **values: str | None)
     ui_url = run_ui_url(result.experiment_id, result.run_id)
     if ui_url:
         click.echo(f"View it at {ui_url}")
+    if run_options["register_as"]:
+        with one_line_errors():
+            from mlflow.tracking import MlflowClient
+
+            from mlflow_project.register import echo_registration
+            from pipeline.registry import register_run
+
+            echo_registration(register_run(MlflowClient(), result.run_id, run_options["register_as"]))

@@ -1,13 +1,16 @@
-"""The training parameters: their one definition, and the validated config built from them.
+"""The parameters of every entry point: their one definition, and the validated config built from them.
 
-`TRAINING_PARAMETERS` is the single source of truth for the `main` entry point: the MLproject file
-is generated from it, the click CLI builds its options from it, and `TrainingConfig` has exactly
-these fields. A test proves the three agree.
+`TRAINING_PARAMETERS` is the single source of truth for training: the MLproject file is generated
+from it, the click CLI builds its options from it, and `TrainingConfig` has exactly these fields.
+The other entry points' parameters are built here the same way (`REGISTER_PARAMETERS`,
+`COMPARE_PARAMETERS`, `SWEEP_PARAMETERS`, and the run options of `main`); the sweep's grids are
+derived from the training parameters they vary. A test proves MLproject, CLI and specs agree.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -15,8 +18,12 @@ from typing import Any
 
 from pipeline.errors import ParameterError
 
-_KIND_NAMES = {int: "int", float: "float", str: "string"}
+_KIND_NAMES = {int: "int", float: "float", str: "string", bool: "string"}
+_BOOLEAN_WORDS = {"true": True, "false": False}
 _HIDDEN_UNITS = re.compile(r"^\s*[1-9]\d*\s*(,\s*[1-9]\d*\s*)*$")
+# Registered model names end up in `models:/NAME@champion` URIs: keep them to URI-safe characters.
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_METRIC_NAME = re.compile(r"^[A-Za-z0-9_./-]+( [A-Za-z0-9_./-]+)*$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,7 +32,8 @@ class ParameterSpec:
 
     Args:
         name: the parameter name (MLproject `-P name=...`, CLI `--name-with-dashes`).
-        kind: `int`, `float` or `str`; values given as strings are parsed to this type.
+        kind: `int`, `float`, `str` or `bool` (`true` / `false`); values given as strings are parsed
+            to this type.
         default: the value when the user gives none.
         allowed: what values are accepted, in words; quoted in error messages.
         help: one sentence for `--help` and the README.
@@ -47,6 +55,11 @@ class ParameterSpec:
     def cli_flag(self) -> str:
         return "--" + self.name.replace("_", "-")
 
+    @property
+    def default_text(self) -> str:
+        """The default as a user types it (`false`, not `False`)."""
+        return str(self.default).lower() if self.kind is bool else str(self.default)
+
     def parse(self, raw: object) -> Any:
         """Returns `raw` as a checked value of `kind`, or raises ParameterError."""
         value = self._convert(raw)
@@ -55,6 +68,12 @@ class ParameterSpec:
         return value
 
     def _convert(self, raw: object) -> Any:
+        if self.kind is bool:
+            if isinstance(raw, bool):
+                return raw
+            if isinstance(raw, str) and raw.strip().lower() in _BOOLEAN_WORDS:
+                return _BOOLEAN_WORDS[raw.strip().lower()]
+            raise ParameterError(self.name, raw, self.allowed)
         if isinstance(raw, bool):
             raise ParameterError(self.name, raw, self.allowed)
         if self.kind is str:
@@ -117,6 +136,91 @@ TRAINING_PARAMETERS: tuple[ParameterSpec, ...] = (
 )
 
 
+# Options of a training run that are not hyper-parameters: `main` takes them beside
+# TRAINING_PARAMETERS, and they are not fields of TrainingConfig.
+TRAINING_RUN_OPTIONS: tuple[ParameterSpec, ...] = (
+    ParameterSpec("register_as", str, "",
+                  "empty (do not register) or a model name of letters, digits, '.', '_' and '-'",
+                  "After training, register the run's model under this name (champion rule as `register`).",
+                  lambda v: v == "" or bool(_MODEL_NAME.match(v))),
+)
+
+# How runs are ranked, best first: by `metric` in `mode`; ties go to the lower test_loss, then
+# the earlier run. Shared by `register`, `compare` and `sweep`.
+RANKING_PARAMETERS: tuple[ParameterSpec, ...] = (
+    ParameterSpec("metric", str, "test_accuracy",
+                  "the name of a metric the training runs record (e.g. test_accuracy, test_loss)",
+                  "Metric that ranks the runs.", lambda v: bool(_METRIC_NAME.match(v))),
+    ParameterSpec("mode", str, "max", "'max' (higher is better) or 'min' (lower is better)",
+                  "Whether a higher or a lower metric is better.", lambda v: v in ("max", "min")),
+)
+
+REGISTER_PARAMETERS: tuple[ParameterSpec, ...] = (
+    ParameterSpec("model_name", str, "mnist-mlp",
+                  "a model name of letters, digits, '.', '_' and '-'",
+                  "Registered model to add the best run's model to.", lambda v: bool(_MODEL_NAME.match(v))),
+    *RANKING_PARAMETERS,
+    ParameterSpec("dry_run", bool, False, "true or false",
+                  "Only show what would be registered and whether the champion would move."),
+)
+
+COMPARE_PARAMETERS: tuple[ParameterSpec, ...] = (
+    ParameterSpec("filter", str, "",
+                  "empty, or an MLflow search filter (e.g. \"params.dropout = '0.2' and metrics.test_accuracy > 0.9\")",
+                  "Only training runs matching this filter are compared."),
+    ParameterSpec("top", int, 10, "an integer >= 1", "Compare the best N runs by the metric.",
+                  lambda v: v >= 1),
+    *RANKING_PARAMETERS,
+    ParameterSpec("output_dir", str, "comparison", "a directory path (created if missing)",
+                  "Where the table (CSV) and the plot (PNG) are written.", lambda v: bool(v.strip())),
+    ParameterSpec("log_run", bool, False, "true or false",
+                  "Also log the outputs to a comparison run (always done under `mlflow run`)."),
+)
+
+# The training parameters a sweep varies, and the separator of their values: a hidden_units value
+# is itself comma-separated, so its values are separated by ';' ("128,64;256").
+SWEEP_GRID_SEPARATORS: dict[str, str] = {
+    "learning_rate": ",",
+    "hidden_units": ";",
+    "dropout": ",",
+    "batch_size": ",",
+    "epochs": ",",
+}
+
+
+def grid_values(spec: ParameterSpec, text: str) -> tuple[Any, ...]:
+    """The distinct values of a sweep grid for the training parameter `spec`, in the given order:
+    '0.001,0.003' -> (0.001, 0.003).
+
+    Raises:
+        ParameterError: a value is not one `spec` allows, or there is none.
+    """
+    values = tuple(spec.parse(part.strip()) for part in text.split(SWEEP_GRID_SEPARATORS[spec.name]))
+    return tuple(dict.fromkeys(values))
+
+
+def _grid_parameter(spec: ParameterSpec) -> ParameterSpec:
+    separator = SWEEP_GRID_SEPARATORS[spec.name]
+
+    def is_grid(text: str) -> bool:
+        try:
+            grid_values(spec, text)
+        except ParameterError:
+            return False
+        return True
+
+    return ParameterSpec(spec.name, str, str(spec.default),
+                         f"one or more values separated by '{separator}', each {spec.allowed}",
+                         f"Values to try. {spec.help}", is_grid)
+
+
+# A sweep takes every training parameter: those of SWEEP_GRID_SEPARATORS as lists of values to try
+# (the grid), the others as one value for all trials; plus how the best trial is chosen.
+SWEEP_PARAMETERS: tuple[ParameterSpec, ...] = tuple(
+    _grid_parameter(spec) if spec.name in SWEEP_GRID_SEPARATORS else spec for spec in TRAINING_PARAMETERS
+) + RANKING_PARAMETERS
+
+
 def parse_parameters(
     specs: Sequence[ParameterSpec], values: Mapping[str, object]
 ) -> dict[str, Any]:
@@ -172,3 +276,20 @@ class TrainingConfig:
     def as_params(self) -> dict[str, str]:
         """The parameters as MLflow params (strings), in the order of TRAINING_PARAMETERS."""
         return {spec.name: str(getattr(self, spec.name)) for spec in TRAINING_PARAMETERS}
+
+
+def sweep_grid(values: Mapping[str, object] | None = None) -> list[TrainingConfig]:
+    """The trials of a sweep: one validated config per combination of the grid's values, in order
+    (the last grid parameter varies fastest). `values` are SWEEP_PARAMETERS, as text or typed.
+
+    Raises:
+        ParameterError: for the first unknown or invalid parameter or grid.
+    """
+    parsed = parse_parameters(SWEEP_PARAMETERS, values or {})
+    training = {spec.name: spec for spec in TRAINING_PARAMETERS}
+    grid = {name: grid_values(training[name], parsed[name]) for name in SWEEP_GRID_SEPARATORS}
+    fixed = {name: parsed[name] for name in training if name not in grid}
+    return [
+        TrainingConfig.from_values(fixed | dict(zip(grid, combination, strict=True)))
+        for combination in itertools.product(*grid.values())
+    ]

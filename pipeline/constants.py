@@ -1,7 +1,8 @@
-"""Names of everything a training run records in MLflow: metrics, artifacts and tags.
+"""Names of everything the pipeline records in MLflow: metrics, artifacts, tags, registry names.
 
 This module is the one place these names are spelled. The README's "What a run records" table,
-the callbacks, the reporting code and the tests all read them from here.
+the callbacks, the reporting code, the registry, comparison and sweep code and the tests all read
+them from here.
 """
 
 # Per-epoch metrics (step = epoch index, starting at 0; one value per completed epoch).
@@ -53,7 +54,12 @@ TAG_STOP_REASON = "stop_reason"
 TAG_RUN_TYPE = "run_type"
 TAG_NAN_AT = "nan_at"
 
+# Values of the run_type tag. Only `training` runs are compared, swept over and registered; the
+# runs of the other entry points carry their own type so that they are never mistaken for one.
 RUN_TYPE_TRAINING = "training"
+RUN_TYPE_REGISTRATION = "registration"
+RUN_TYPE_COMPARISON = "comparison"
+RUN_TYPE_SWEEP = "sweep"
 
 # Values of the stop_reason tag.
 STOP_COMPLETED = "completed"
@@ -75,3 +81,28 @@ TAG_DATASET_DIGEST = "dataset_digest"
 STATE_DIR = "state"
 STATE_FILE = "training_state.npz"
 TAG_RESUMED_FROM_EPOCH = "resumed_from_epoch"
+
+# Model registry: the alias of the serving model, and the tags of a version (beside its metrics).
+CHAMPION_ALIAS = "champion"
+TAG_VERSION_RUN_ID = "run_id"
+
+# A registration run (`mlflow run -e register`): what it decided.
+TAG_REGISTERED_MODEL = "registered_model"
+TAG_REGISTERED_VERSION = "registered_version"
+TAG_REGISTERED_RUN_ID = "registered_run_id"
+TAG_CHAMPION_VERSION = "champion_version"
+TAG_REGISTRATION_DECISION = "registration_decision"
+
+# A comparison run (`mlflow run -e compare`, or `compare --log-run true`): its outputs.
+COMPARISON_TABLE_FILE = "comparison.csv"
+COMPARISON_PLOT_FILE = "comparison.png"
+TAG_COMPARED_RUNS = "compared_runs"
+TAG_COMPARE_URL = "compare_url"
+
+# A sweep: the parent's trials table and best trial; each child's trial number.
+SWEEP_TRIALS_FILE = "sweep_trials.csv"
+TAG_SWEEP_TRIAL = "sweep_trial"
+TAG_BEST_RUN_ID = "best_run_id"
+TAG_BEST_TRIAL = "best_trial"
+TAG_FAILED_TRIALS = "failed_trials"
+BEST_METRIC_PREFIX = "best_"  # the parent's metric best_<metric>, e.g. best_test_accuracy

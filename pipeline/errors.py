@@ -41,6 +41,15 @@ class DataError(UserInputError):
         super().__init__(f"dataset {source}: {problem}")
 
 
+class RunSelectionError(UserInputError):
+    """Nothing to act on: the experiment does not exist, or none of its training runs qualifies
+    (finished, with a logged model, with the ranking metric). Exit status 2.
+
+    Args:
+        message: what was looked for, where, and what is missing.
+    """
+
+
 class TrainingDiverged(Exception):
     """The loss became NaN or infinite; training stopped and the run is FAILED. Exit status 1."""
 

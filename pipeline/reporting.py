@@ -1,4 +1,5 @@
-"""Plots and reports of a finished training: curves, confusion matrix, per-class scores.
+"""Plots and reports: a training's curves, confusion matrix and per-class scores, and the overlay
+of several runs' curves for a comparison.
 
 matplotlib is imported inside the plotting functions, never on the training path.
 """
@@ -56,6 +57,17 @@ def classification_report(counts: np.ndarray) -> dict[str, object]:
         "support": int(total),
     }
     return report
+
+
+def text_table(columns: Sequence[str], rows: Sequence[Mapping[str, str]], rounded: Sequence[str] = ()) -> str:
+    """Rows as left-aligned text columns under a header line, for the console; the values of the
+    `rounded` columns are shown with 4 decimals."""
+    rows = [{column: f"{float(row[column]):.4f}" if column in rounded and row[column] else row[column]
+             for column in columns} for row in rows]
+    widths = {column: max([len(column)] + [len(row[column]) for row in rows]) for column in columns}
+    lines = ["  ".join(column.ljust(widths[column]) for column in columns)]
+    lines += ["  ".join(row[column].ljust(widths[column]) for column in columns) for row in rows]
+    return "\n".join(line.rstrip() for line in lines)
 
 
 def _figure(width: float, height: float, **margins: float):
@@ -116,3 +128,36 @@ def plot_confusion_matrix(counts: np.ndarray, path: Path, title: str = "Confusio
     axis.set_title(title)
     figure.colorbar(image, ax=axis, fraction=0.046)
     figure.savefig(path)
+
+
+def plot_run_overlay(
+    histories: Mapping[str, Mapping[str, Sequence[tuple[int, float]]]], metrics: Sequence[str], path: Path
+) -> None:
+    """One panel per metric, one line per run, over the epochs.
+
+    Args:
+        histories: run label -> metric -> (epoch, value) pairs in epoch order.
+        metrics: the metrics to draw, one panel each; the learning rate is drawn on a log scale.
+        path: the PNG to write.
+    """
+    from matplotlib.ticker import MaxNLocator
+
+    figure = _figure(5 * len(metrics), 4.2)
+    axes = figure.subplots(1, len(metrics), squeeze=False)
+    for axis, metric in zip(axes[0], metrics, strict=True):
+        for label, history in histories.items():
+            points = history.get(metric, ())
+            if metric == names.LEARNING_RATE:
+                axis.step([p[0] for p in points], [p[1] for p in points], where="post", label=label)
+                axis.set_yscale("log")
+            else:
+                axis.plot([p[0] for p in points], [p[1] for p in points], "-o", markersize=3, label=label)
+        axis.set_title(metric)
+        axis.set_xlabel("epoch")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axis.grid(True, alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=min(len(labels), 3), fontsize=8, frameon=False)
+    rows = -(-len(labels) // 3)
+    figure.tight_layout(rect=(0, min(0.08 * rows, 0.4), 1, 1))
+    figure.savefig(path, dpi=72)

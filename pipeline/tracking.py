@@ -1,4 +1,4 @@
-"""Facts about the tracking store: is it usable, and where does the UI show a run.
+"""Facts about the tracking store: is it usable, and where does the UI show a run or a comparison.
 
 MLflow's REST client retries an unreachable server for minutes and reports a wrong password deep
 inside a traceback; `check_tracking_store` asks the server once, with a short timeout, before any
@@ -6,6 +6,10 @@ work starts, and says in one line what is wrong and what to check.
 """
 
 from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from urllib.parse import urlencode
 
 import mlflow
 from mlflow.exceptions import MlflowException
@@ -15,6 +19,8 @@ from mlflow.utils.rest_utils import http_request
 from pipeline.errors import TrackingUnavailable
 
 CREDENTIAL_VARIABLES = "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD"
+# Where `mlflow ui` serves a local store (SQLite, PostgreSQL, files) by default.
+LOCAL_UI_URL = "http://127.0.0.1:5000"
 
 
 def is_server_uri(uri: str) -> bool:
@@ -78,3 +84,17 @@ def run_ui_url(experiment_id: str, run_id: str, uri: str | None = None) -> str |
     if not is_server_uri(uri):
         return None
     return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def compare_runs_url(experiment_id: str, run_ids: Sequence[str], uri: str | None = None) -> str:
+    """The MLflow UI's compare view of exactly these runs: the page its "Compare" button opens.
+
+    For a server it is on the server; for a local store, on `mlflow ui`'s default address.
+    """
+    uri = uri or mlflow.get_tracking_uri()
+    base = uri.rstrip("/") if is_server_uri(uri) else LOCAL_UI_URL
+    query = urlencode({
+        "runs": json.dumps(list(run_ids), separators=(",", ":")),
+        "experiments": json.dumps([experiment_id], separators=(",", ":")),
+    })
+    return f"{base}/#/compare-runs?{query}"

@@ -80,6 +80,7 @@ def run_training(
     config: TrainingConfig,
     experiment_name: str | None = None,
     run_id: str | None = None,
+    parent_run_id: str | None = None,
     flush_timeout: float = FLUSH_TIMEOUT_SECONDS,
     rescue_dir: Path | None = None,
 ) -> TrainingResult:
@@ -94,6 +95,7 @@ def run_training(
         flush_timeout: seconds to wait at the end for an unreachable tracking server to come back.
         rescue_dir: where the local copies go when it does not (default: `default_rescue_dir()`),
             one directory per run.
+        parent_run_id: makes a new run the nested child of this run (a sweep's trials).
 
     Raises:
         TrackingUnavailable: the tracking server does not answer or refuses the credentials.
@@ -115,7 +117,7 @@ def run_training(
     x_train, y_train, x_val, y_val = split_validation(dataset.x_train, dataset.y_train, config.validation_split)
     if experiment_name and not run_id:
         mlflow.set_experiment(experiment_name)
-    with _local_workdir() as workdir, _mlflow_run(run_id) as run:
+    with _local_workdir() as workdir, _mlflow_run(run_id, parent_run_id) as run:
         try:
             return _train_in_run(
                 client, run, config, dataset, (x_train, y_train, x_val, y_val), workdir, resume, flush_timeout,
@@ -353,11 +355,11 @@ def _finish_recording(
 
 
 @contextlib.contextmanager
-def _mlflow_run(run_id: str | None) -> Iterator[mlflow.ActiveRun]:
+def _mlflow_run(run_id: str | None, parent_run_id: str | None = None) -> Iterator[mlflow.ActiveRun]:
     """Like `mlflow.start_run()`, but an unreachable store at the end cannot hide the real outcome:
     the run is ended FINISHED only after a clean exit, FAILED (KILLED on Ctrl-C) otherwise, and a
     failure to say so is logged, not raised over the error that caused it."""
-    run = mlflow.start_run(run_id=run_id)
+    run = mlflow.start_run(run_id=run_id, parent_run_id=parent_run_id)
     status = "FAILED"
     try:
         yield run

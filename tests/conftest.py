@@ -85,3 +85,11 @@ def postgres_store(database_uri: str, tmp_path: Path, monkeypatch: pytest.Monkey
     while mlflow.active_run():
         mlflow.end_run()
     mlflow.set_tracking_uri(None)
+
+
+@pytest.fixture(scope="session")
+def shared_tracking_uri(database_uri: str) -> str:
+    """The tracking store that the model-selection tests (register, compare, sweep, serving) and
+    the processes they start share: today the session's PostgreSQL database. To run them against
+    the launched tracking server (issue 3), return that server's URL here; nothing else changes."""
+    return database_uri

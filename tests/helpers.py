@@ -34,3 +34,27 @@ def run_cli(args: list[str], cwd: Path, timeout: float = 300, **env: str) -> sub
         text=True,
         timeout=timeout,
     )
+
+
+def new_experiment(client, name: str, artifact_dir: Path) -> str:
+    """Creates an experiment for a test and returns its id. With a local store (a database, SQLite)
+    its artifacts go under `artifact_dir`, so that every process finds them; a tracking server
+    keeps its own artifact store."""
+    from pipeline.tracking import is_server_uri
+
+    location = None if is_server_uri(client.tracking_uri) else artifact_dir.as_uri()
+    return client.create_experiment(name, artifact_location=location)
+
+
+def mlflow_project_run(
+    entry_point: str, params: dict[str, str], experiment: str, cwd: Path, tracking_uri: str, timeout: float = 300
+) -> subprocess.CompletedProcess:
+    """`mlflow run PROJECT -e ENTRY_POINT --env-manager local` as a real process."""
+    args = ["mlflow", "run", str(PROJECT_DIR), "-e", entry_point, "--env-manager", "local",
+            "--experiment-name", experiment]
+    for name, value in params.items():
+        args += ["-P", f"{name}={value}"]
+    return subprocess.run(
+        args, cwd=cwd, env=project_env(MLFLOW_TRACKING_URI=tracking_uri), capture_output=True, text=True,
+        timeout=timeout,
+    )

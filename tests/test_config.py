@@ -6,7 +6,14 @@ import dataclasses
 
 import pytest
 
-from pipeline.config import TRAINING_PARAMETERS, TrainingConfig
+from pipeline.config import (
+    REGISTER_PARAMETERS,
+    SWEEP_GRID_SEPARATORS,
+    SWEEP_PARAMETERS,
+    TRAINING_PARAMETERS,
+    TrainingConfig,
+    sweep_grid,
+)
 from pipeline.errors import ParameterError
 
 # The contract of issue 2, as the user reads it in the README.
@@ -79,3 +86,38 @@ def test_invalid_values_name_the_parameter_and_what_is_allowed(name, value):
 def test_unknown_parameter_is_refused():
     with pytest.raises(ParameterError, match="one of .*epochs"):
         TrainingConfig.from_values({"epoch": "3"})
+
+
+def test_true_false_parameters_take_words_and_refuse_anything_else():
+    dry_run = next(spec for spec in REGISTER_PARAMETERS if spec.name == "dry_run")
+    assert (dry_run.parse("true"), dry_run.parse(" False "), dry_run.parse(True)) == (True, False, True)
+    assert dry_run.default_text == "false"
+    for value in ("yes", "1", "", 1):
+        with pytest.raises(ParameterError, match="dry_run"):
+            dry_run.parse(value)
+
+
+def test_sweep_grid_is_every_combination_in_order():
+    configs = sweep_grid({"learning_rate": "0.001, 3e-3", "hidden_units": "128,64;32", "epochs": "2",
+                          "dataset": "x.npz"})
+    assert [(c.learning_rate, c.hidden_units) for c in configs] == [
+        (0.001, "128,64"), (0.001, "32"), (0.003, "128,64"), (0.003, "32")
+    ]
+    assert {(c.epochs, c.dataset, c.batch_size) for c in configs} == {(2, "x.npz", 128)}
+    assert len(sweep_grid({"dropout": "0.1,0.1"})) == 1  # repeated values are one trial
+
+
+def test_sweep_parameters_are_the_training_parameters_with_grids():
+    training = [spec.name for spec in TRAINING_PARAMETERS]
+    assert [spec.name for spec in SWEEP_PARAMETERS][: len(training)] == training
+    grids = {spec.name for spec in SWEEP_PARAMETERS if spec.kind is str and "separated by" in spec.allowed}
+    assert grids == set(SWEEP_GRID_SEPARATORS) == {"learning_rate", "hidden_units", "dropout", "batch_size", "epochs"}
+
+
+@pytest.mark.parametrize(("name", "value"), [("learning_rate", "0.1,,0.2"), ("hidden_units", "64;0"),
+                                             ("batch_size", "32,1.5"), ("dropout", "")])
+def test_a_bad_grid_names_the_parameter_and_what_is_allowed(name, value):
+    with pytest.raises(ParameterError) as raised:
+        sweep_grid({name: value})
+    assert raised.value.name == name
+    assert "one or more values separated by" in str(raised.value)

@@ -4,16 +4,26 @@ from __future__ import annotations
 
 import tomllib
 
+import pytest
 import yaml
 from click.testing import CliRunner
 from mlflow.projects._project_spec import load_project
 
 from mlflow_project.cli import cli
-from mlflow_project.mlproject import render_mlproject
-from mlflow_project.train import train
+from mlflow_project.mlproject import ENTRY_POINTS, render_mlproject
 from pipeline import constants
-from pipeline.config import TRAINING_PARAMETERS
+from pipeline.config import (
+    COMPARE_PARAMETERS,
+    REGISTER_PARAMETERS,
+    SWEEP_PARAMETERS,
+    TRAINING_PARAMETERS,
+    TRAINING_RUN_OPTIONS,
+)
 from tests.helpers import PROJECT_DIR
+
+# Options that only the CLI has: under `mlflow run` the experiment is the run's own, and a resumed
+# run is `mlflow run --run-id` (train's --run-id, on main since the resume work).
+CLI_ONLY_OPTIONS = {"experiment_name", "run_id"}
 
 
 def test_mlproject_file_is_generated_from_the_parameter_specs():
@@ -22,24 +32,38 @@ def test_mlproject_file_is_generated_from_the_parameter_specs():
     )
 
 
-def test_mlflow_reads_the_same_parameters_from_mlproject():
-    entry_point = load_project(str(PROJECT_DIR)).get_entry_point("main")
-    assert list(entry_point.parameters) == [spec.name for spec in TRAINING_PARAMETERS]
-    for spec in TRAINING_PARAMETERS:
-        parameter = entry_point.parameters[spec.name]
+def test_every_entry_point_has_its_parameters():
+    assert {name: specs for name, (_, specs) in ENTRY_POINTS.items()} == {
+        "main": TRAINING_PARAMETERS + TRAINING_RUN_OPTIONS,
+        "register": REGISTER_PARAMETERS,
+        "compare": COMPARE_PARAMETERS,
+        "sweep": SWEEP_PARAMETERS,
+    }
+
+
+@pytest.mark.parametrize("entry_point", list(ENTRY_POINTS))
+def test_mlflow_reads_the_same_parameters_from_mlproject(entry_point):
+    command_name, specs = ENTRY_POINTS[entry_point]
+    loaded = load_project(str(PROJECT_DIR)).get_entry_point(entry_point)
+    assert list(loaded.parameters) == [spec.name for spec in specs]
+    for spec in specs:
+        parameter = loaded.parameters[spec.name]
         assert parameter.type == spec.mlproject_type
-        assert spec.kind(parameter.default) == spec.default
-    command = entry_point.compute_command({}, storage_dir=None)
-    assert command.startswith("python -m mlflow_project train ")
+        assert spec.parse(parameter.default) == spec.default
+    command = loaded.compute_command({}, storage_dir=None)
+    assert command.startswith(f"python -m mlflow_project {command_name} ")
 
 
-def test_cli_options_are_the_parameters():
-    options = [param.name for param in train.params if param.name not in ("experiment_name", "run_id")]
-    assert options == [spec.name for spec in TRAINING_PARAMETERS]
-    flags = {param.name: param.opts[0] for param in train.params}
-    assert all(flags[spec.name] == spec.cli_flag for spec in TRAINING_PARAMETERS)
-    help_text = CliRunner().invoke(cli, ["train", "--help"]).output
-    assert all(spec.cli_flag in help_text for spec in TRAINING_PARAMETERS)
+@pytest.mark.parametrize("entry_point", list(ENTRY_POINTS))
+def test_cli_options_are_the_parameters(entry_point):
+    command_name, specs = ENTRY_POINTS[entry_point]
+    command = cli.commands[command_name]
+    options = [param.name for param in command.params if param.name not in CLI_ONLY_OPTIONS]
+    assert options == [spec.name for spec in specs]
+    flags = {param.name: param.opts[0] for param in command.params}
+    assert all(flags[spec.name] == spec.cli_flag for spec in specs)
+    help_text = CliRunner().invoke(cli, [command_name, "--help"], terminal_width=1000).output
+    assert all(spec.cli_flag in help_text for spec in specs)
 
 
 def _requirements_from_conda() -> list[str]:
@@ -66,7 +90,8 @@ def test_dependency_ranges_admit_the_versions_we_build_on():
 
 def test_readme_documents_every_parameter_metric_artifact_and_tag():
     readme = (PROJECT_DIR / "README.md").read_text()
-    documented = [spec.name for spec in TRAINING_PARAMETERS] + [
+    specs = {spec.name for _, entry_point_specs in ENTRY_POINTS.values() for spec in entry_point_specs}
+    documented = sorted(specs) + [
         value for name, value in vars(constants).items() if name.isupper() and isinstance(value, str)
     ] + list(constants.EPOCH_METRICS)
     missing = [name for name in documented if f"`{name}`" not in readme and name not in readme]

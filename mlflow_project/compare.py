@@ -1,0 +1,52 @@
+"""Entry point `compare`: the best training runs side by side (table, overlay plot, UI link)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from mlflow_project.common import (
+    CURRENT_EXPERIMENT_HELP,
+    configure_console_logging,
+    experiment_option,
+    given,
+    one_line_errors,
+    parameter_options,
+)
+from pipeline.config import COMPARE_PARAMETERS
+
+
+@click.command("compare")
+@parameter_options(COMPARE_PARAMETERS)
+@experiment_option(CURRENT_EXPERIMENT_HELP)
+def compare(experiment_name: str | None, **values: str | None) -> None:
+    """Compare the experiment's best training runs: table (CSV), overlay plot (PNG), UI compare link."""
+    configure_console_logging()
+    with one_line_errors():
+        from pipeline import comparison
+        from pipeline import constants as names
+        from pipeline.config import parse_parameters
+        from pipeline.runs import Ranking, open_workspace
+        from pipeline.tracking import is_server_uri
+
+        options = parse_parameters(COMPARE_PARAMETERS, given(values))
+        workspace = open_workspace(names.RUN_TYPE_COMPARISON, experiment_name)
+        client = workspace.client
+        result = comparison.compare_runs(
+            client, workspace.experiment, options["filter"], options["top"], Ranking.from_options(options)
+        )
+        files = comparison.write_outputs(client, result, Path(options["output_dir"]))
+        logged_to = None
+        if workspace.project_run_id or options["log_run"]:
+            logged_to = comparison.log_comparison(client, result, files, run_id=workspace.project_run_id)
+    click.echo(f"{len(result.runs)} training runs of experiment {workspace.experiment.name!r}, best first "
+               f"by {options['metric']} ({options['mode']}):")
+    click.echo(result.table_text())
+    click.echo(f"Table: {files[0]}")
+    click.echo(f"Plot:  {files[1]}")
+    if logged_to:
+        click.echo(f"Logged to comparison run {logged_to}")
+    click.echo(f"Compare view: {result.url}")
+    if not is_server_uri(client.tracking_uri):
+        click.echo(f"(open it after starting the UI: mlflow ui --backend-store-uri {client.tracking_uri})")

@@ -1,0 +1,56 @@
+"""Entry point `register`: register the best training run's model; move `champion` if it wins."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import click
+
+from mlflow_project.common import (
+    CURRENT_EXPERIMENT_HELP,
+    configure_console_logging,
+    experiment_option,
+    given,
+    one_line_errors,
+    parameter_options,
+)
+from pipeline.config import REGISTER_PARAMETERS
+
+if TYPE_CHECKING:
+    from pipeline.registry import Registration
+
+
+@click.command("register")
+@parameter_options(REGISTER_PARAMETERS)
+@experiment_option(CURRENT_EXPERIMENT_HELP)
+def register(experiment_name: str | None, **values: str | None) -> None:
+    """Register the best finished training run's model; move the champion alias only if it beats it."""
+    configure_console_logging()
+    with one_line_errors():
+        from pipeline import constants as names
+        from pipeline.config import parse_parameters
+        from pipeline.registry import record_registration, register_best_run
+        from pipeline.runs import Ranking, open_workspace
+
+        options = parse_parameters(REGISTER_PARAMETERS, given(values))
+        workspace = open_workspace(names.RUN_TYPE_REGISTRATION, experiment_name)
+        registration = register_best_run(
+            workspace.client, workspace.experiment.experiment_id, options["model_name"],
+            Ranking.from_options(options), dry_run=options["dry_run"],
+        )
+        if workspace.project_run_id:
+            record_registration(workspace.client, workspace.project_run_id, registration)
+    echo_registration(registration)
+
+
+def echo_registration(registration: Registration) -> None:
+    """What `register` (or `train --register-as`) did, and how to serve the champion."""
+    from pipeline.constants import CHAMPION_ALIAS
+
+    for line in registration.summary_lines():
+        click.echo(line)
+    if registration.champion_version and not registration.dry_run:
+        click.echo(
+            f"Serve the champion: mlflow models serve -m models:/{registration.model_name}@{CHAMPION_ALIAS} "
+            "--env-manager local"
+        )

@@ -1,0 +1,362 @@
+"""The model registry: register a training run's model, and keep the `champion` alias on the best.
+
+The rules, as `register` and `train --register-as` apply them:
+
+- A run's model is registered once: registering the same run again returns its existing version.
+- A version is tagged with its run id, the run's final metrics and the dataset digest.
+- The alias `champion` (aliases, not the deprecated stages) points at the best registered version
+  by the ranking of `pipeline.runs.Ranking`: the metric, then the lower test_loss, then the earlier
+  run. Registering a run that does not beat the champion adds a version and leaves the alias.
+
+MLflow's registry has no transactions, so concurrent `register` processes may both create a version
+of the same run, or move the alias at the same time. Each process therefore, after its writes:
+
+1. keeps only the lowest-numbered version of its run and deletes the later duplicates (versions are
+   numbered in creation order, so every process agrees on which one survives);
+2. re-reads the versions, then the alias, and moves the alias to the best version until it reads it
+   back unchanged. The last process to move the alias re-reads after its write and sees every
+   version created before, and any version created later is checked by the process that created it;
+   so all of them end agreeing on the best version of all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+from mlflow.entities import Run, RunTag
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, RESOURCE_DOES_NOT_EXIST, ErrorCode
+from mlflow.tracking import MlflowClient
+
+from pipeline import constants as names
+from pipeline.errors import RecordingError, RunSelectionError
+from pipeline.runs import Ranking, best_registrable_run, logged_models_by_run
+
+logger = logging.getLogger(__name__)
+
+# Rounds of "re-read, move the alias" before concurrent writers are declared not to settle, and
+# attempts of a write that lost a race (e.g. two processes numbering a version at once).
+MAX_SETTLE_ROUNDS = 20
+MAX_WRITE_ATTEMPTS = 5
+_T = TypeVar("_T")
+# The version label of a run that a dry run would register.
+NEW_VERSION = "new"
+
+
+@dataclasses.dataclass(frozen=True)
+class Registration:
+    """What `register` did, or in a dry run would do, and why.
+
+    Args:
+        model_name: the registered model.
+        run_id: the run whose model was registered.
+        run_summary: the run's ranking metric and test_loss, for messages.
+        version: the run's version; NEW_VERSION in a dry run that would create it.
+        created: whether a new version was (or would be) created.
+        champion_version: the version the `champion` alias points at afterwards (or would), if any.
+        champion_moved: whether the alias moved to this run's version (or would).
+        reason: why the alias moved or stayed, in one sentence.
+        dry_run: nothing was written.
+    """
+
+    model_name: str
+    run_id: str
+    run_summary: str
+    version: str
+    created: bool
+    champion_version: str | None
+    champion_moved: bool
+    reason: str
+    dry_run: bool = False
+
+    def summary_lines(self) -> list[str]:
+        """Two lines for the console: the version, and the champion decision."""
+        if not self.created:
+            registered = f"Run {self.run_id} is already {self.model_name} version {self.version} (no new version)"
+        elif self.dry_run:
+            registered = f"Dry run: would register a new version of {self.model_name} for run {self.run_id}"
+        else:
+            registered = f"Registered {self.model_name} version {self.version} for run {self.run_id}"
+        return [f"{registered} ({self.run_summary})", self.reason]
+
+
+def record_registration(client: MlflowClient, run_id: str, registration: Registration) -> None:
+    """Tags a registration run (the one `mlflow run -e register` created) with what it decided."""
+    tags = {
+        names.TAG_RUN_TYPE: names.RUN_TYPE_REGISTRATION,
+        names.TAG_REGISTERED_MODEL: registration.model_name,
+        names.TAG_REGISTERED_VERSION: registration.version,
+        names.TAG_REGISTERED_RUN_ID: registration.run_id,
+        names.TAG_CHAMPION_VERSION: registration.champion_version or "",
+        names.TAG_REGISTRATION_DECISION: registration.reason,
+    }
+    client.log_batch(run_id, tags=[RunTag(key, value) for key, value in tags.items()])
+
+
+def register_best_run(
+    client: MlflowClient, experiment_id: str, model_name: str, ranking: Ranking, dry_run: bool = False
+) -> Registration:
+    """Registers the experiment's best finished training run under `model_name`.
+
+    Raises:
+        RunSelectionError: no finished training run with a logged model and the metric.
+        RecordingError: concurrent writers kept the champion from settling.
+    """
+    run, model_id = best_registrable_run(client, client.get_experiment(experiment_id), ranking)
+    return register_run(client, run.info.run_id, model_name, ranking, dry_run=dry_run, model_id=model_id)
+
+
+def register_run(
+    client: MlflowClient,
+    run_id: str,
+    model_name: str,
+    ranking: Ranking | None = None,
+    dry_run: bool = False,
+    model_id: str | None = None,
+) -> Registration:
+    """Registers one run's logged model under `model_name`, then applies the champion rule.
+
+    Args:
+        client: the tracking (and registry) client.
+        run_id: a finished training run with a logged model `model`.
+        model_name: the registered model; created if missing.
+        ranking: what makes a version better (default: higher test_accuracy).
+        dry_run: decide only; write nothing.
+        model_id: the run's logged model, when the caller already knows it.
+
+    Raises:
+        RunSelectionError: the run has no logged model.
+        RecordingError: concurrent writers kept the champion from settling.
+    """
+    ranking = ranking or Ranking()
+    run = client.get_run(run_id)
+    model_id = model_id or logged_models_by_run(client, run.info.experiment_id).get(run_id)
+    if model_id is None:
+        raise RunSelectionError(f"run {run_id} has no logged model '{names.MODEL_NAME}' to register")
+    if dry_run:
+        return _plan(client, model_name, run, ranking)
+    _create_registered_model(client, model_name)
+    previous = _champion_version(client, model_name)
+    version, created = _ensure_version(client, model_name, run, model_id)
+    champion = _settle_champion(client, model_name, ranking)
+    return _outcome(client, model_name, run, ranking, str(version.version), created, previous, champion)
+
+
+def _plan(client: MlflowClient, model_name: str, run: Run, ranking: Ranking) -> Registration:
+    """The decision register_run would take, computed without writing."""
+    if not _model_exists(client, model_name):
+        version, previous, candidates = NEW_VERSION, None, []
+    else:
+        existing = _versions_of_run(client, model_name, run.info.run_id)
+        version = str(existing[0].version) if existing else NEW_VERSION
+        previous = _champion_version(client, model_name)
+        candidates = _champion_candidates(client, model_name, ranking)
+    if version == NEW_VERSION and ranking.has_metric(run):
+        candidates = sorted(candidates + [(NEW_VERSION, run)], key=lambda candidate: ranking.key(candidate[1]))
+    champion = candidates[0][0] if candidates else previous
+    return _outcome(client, model_name, run, ranking, version, version == NEW_VERSION, previous, champion,
+                    dry_run=True)
+
+
+def _outcome(
+    client: MlflowClient,
+    model_name: str,
+    run: Run,
+    ranking: Ranking,
+    version: str,
+    created: bool,
+    previous: str | None,
+    champion: str | None,
+    dry_run: bool = False,
+) -> Registration:
+    alias = f"{model_name}@{names.CHAMPION_ALIAS}"
+    ours = champion == version
+    label = "a new version" if version == NEW_VERSION else f"version {version}"
+    if ours and previous == champion:
+        reason = f"{alias} already points at {label}"
+    elif ours:
+        why = "there was no champion" if previous is None else (
+            f"it beats version {previous} ({_version_summary(client, model_name, previous, ranking)})"
+        )
+        reason = f"{alias} {'would move' if dry_run else 'moved'} to {label}: {why}"
+    elif not ranking.has_metric(run):
+        reason = f"{alias} {'would not move' if dry_run else 'did not move'}: the run has no {ranking.metric!r}"
+    else:
+        reason = (
+            f"{alias} {'would stay at' if dry_run else 'stays at'} version {champion} "
+            f"({_version_summary(client, model_name, champion, ranking)}): this run does not beat it "
+            f"({ranking.metric}, {'higher' if ranking.mode == 'max' else 'lower'} is better; "
+            "ties go to the lower test_loss, then the earlier run)"
+        )
+    return Registration(
+        model_name=model_name,
+        run_id=run.info.run_id,
+        run_summary=ranking.describe(run),
+        version=version,
+        created=created,
+        champion_version=champion,
+        champion_moved=ours and previous != champion,
+        reason=reason,
+        dry_run=dry_run,
+    )
+
+
+def _model_exists(client: MlflowClient, model_name: str) -> bool:
+    try:
+        client.get_registered_model(model_name)
+    except MlflowException as error:
+        if error.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+            return False
+        raise
+    return True
+
+
+def _champion_version(client: MlflowClient, model_name: str) -> str | None:
+    """The version the alias points at, as text (stores answer with int or str versions)."""
+    version = client.get_registered_model(model_name).aliases.get(names.CHAMPION_ALIAS)
+    return None if version is None else str(version)
+
+
+def _version_summary(client: MlflowClient, model_name: str, version: str, ranking: Ranking) -> str:
+    """'run <id>, test_accuracy=..., test_loss=...' of a version, for the reason of a decision."""
+    try:
+        run_id = client.get_model_version(model_name, version).run_id
+    except MlflowException as error:  # deleted meanwhile, as a concurrent duplicate
+        if error.error_code != ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+            raise
+        return "since deleted"
+    run = _run_or_none(client, run_id) if run_id else None
+    return f"run {run_id}, {ranking.describe(run)}" if run else f"run {run_id}"
+
+
+def _create_registered_model(client: MlflowClient, model_name: str) -> None:
+    try:
+        client.create_registered_model(model_name)
+    except MlflowException as error:
+        if error.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+            raise
+
+
+def _versions_of_run(client: MlflowClient, model_name: str, run_id: str) -> list[ModelVersion]:
+    """The run's versions of the model, lowest number first."""
+    found = client.search_model_versions(f"name = '{model_name}' and run_id = '{run_id}'")
+    return sorted(found, key=lambda version: int(version.version))
+
+
+def _all_versions(client: MlflowClient, model_name: str) -> list[ModelVersion]:
+    found: list[ModelVersion] = []
+    page_token = None
+    while True:
+        page = client.search_model_versions(f"name = '{model_name}'", page_token=page_token)
+        found.extend(page)
+        if not page.token:
+            return found
+        page_token = page.token
+
+
+def _version_tags(run: Run) -> dict[str, str]:
+    metrics = {key: repr(value) for key, value in sorted(run.data.metrics.items())}
+    return {
+        names.TAG_VERSION_RUN_ID: run.info.run_id,
+        names.TAG_DATASET_DIGEST: run.data.tags.get(names.TAG_DATASET_DIGEST, ""),
+    } | metrics
+
+
+def _ensure_version(client: MlflowClient, model_name: str, run: Run, model_id: str) -> tuple[ModelVersion, bool]:
+    """The run's one version of the model, created if missing; later duplicates are deleted."""
+    run_id = run.info.run_id
+    existing = _versions_of_run(client, model_name, run_id)
+    if existing:
+        return existing[0], False
+    created = _retrying(lambda: client.create_model_version(
+        model_name,
+        source=f"models:/{model_id}",
+        run_id=run_id,
+        tags=_version_tags(run),
+        description=f"Training run {run_id}; its metrics and dataset digest are the version's tags.",
+        model_id=model_id,
+    ))
+    versions = _versions_of_run(client, model_name, run_id)
+    keep = versions[0] if versions else created
+    for duplicate in versions[1:]:
+        logger.info("Deleting %s version %s: a duplicate of version %s (run %s)",
+                    model_name, duplicate.version, keep.version, run_id)
+        try:
+            client.delete_model_version(model_name, duplicate.version)
+        except MlflowException as error:
+            if error.error_code != ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+                raise
+    return keep, str(keep.version) == str(created.version)
+
+
+def _champion_candidates(client: MlflowClient, model_name: str, ranking: Ranking) -> list[tuple[str, Run]]:
+    """(version, run) of the versions that can be champion, best first: the lowest version of each
+    run that still exists and has the ranking metric."""
+    lowest: dict[str, ModelVersion] = {}
+    for version in _all_versions(client, model_name):
+        if version.run_id and (
+            version.run_id not in lowest or int(version.version) < int(lowest[version.run_id].version)
+        ):
+            lowest[version.run_id] = version
+    candidates: list[tuple[str, Run]] = []
+    for run_id, version in lowest.items():
+        run = _run_or_none(client, run_id)
+        if run is not None and ranking.has_metric(run):
+            candidates.append((str(version.version), run))
+    return sorted(candidates, key=lambda candidate: ranking.key(candidate[1]))
+
+
+def _run_or_none(client: MlflowClient, run_id: str) -> Run | None:
+    try:
+        return client.get_run(run_id)
+    except MlflowException as error:
+        if error.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+            return None
+        raise
+
+
+def _settle_champion(client: MlflowClient, model_name: str, ranking: Ranking) -> str | None:
+    """Moves the champion alias to the best version until it reads back unchanged; returns it."""
+    for _ in range(MAX_SETTLE_ROUNDS):
+        candidates = _champion_candidates(client, model_name, ranking)
+        current = _champion_version(client, model_name)
+        if not candidates:
+            return current
+        best = candidates[0][0]
+        if current == best:
+            return best
+        try:
+            client.set_registered_model_alias(model_name, names.CHAMPION_ALIAS, best)
+            logger.debug("Moved %s@%s from version %s to version %s",
+                        model_name, names.CHAMPION_ALIAS, current, best)
+        except MlflowException as error:  # lost a race (e.g. the version was just deleted): re-read
+            logger.info("Moving %s@%s to version %s failed (%s); re-reading",
+                        model_name, names.CHAMPION_ALIAS, best, error.message)
+            _pause()
+    raise RecordingError(
+        f"the {names.CHAMPION_ALIAS} alias of {model_name} did not settle after {MAX_SETTLE_ROUNDS} rounds "
+        "of concurrent changes; run register again"
+    )
+
+
+def _retrying(write: Callable[[], _T]) -> _T:
+    """Runs a registry write, again after a short random pause when it loses a race."""
+    for attempt in range(1, MAX_WRITE_ATTEMPTS + 1):
+        try:
+            return write()
+        except MlflowException as error:
+            if attempt == MAX_WRITE_ATTEMPTS or error.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+                raise
+            logger.info("Registry write failed (%s); retrying", error.message)
+            _pause()
+    raise AssertionError("unreachable")
+
+
+def _pause() -> None:
+    time.sleep(random.uniform(0.05, 0.3))

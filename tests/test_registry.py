@@ -1,0 +1,484 @@
+"""Compare and register: real training runs in the shared store, real processes, real serving.
+
+A few small runs are trained once for the module (plus runs that must never be picked: a diverged
+run, a finished "training" run without a model, a non-training run with a better metric and a
+model); every test registers under its own model name, so the tests do not depend on each other.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import mlflow
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipeline import constants as names
+from pipeline.comparison import COLUMNS, compare_runs
+from pipeline.config import TrainingConfig
+from pipeline.data import load_dataset
+from pipeline.errors import ParameterError, RunSelectionError, TrainingDiverged
+from pipeline.registry import NEW_VERSION, register_best_run, register_run
+from pipeline.runs import Ranking, resolve_experiment, training_runs
+from pipeline.training import run_training
+from tests.helpers import MNIST_SMALL, mlflow_project_run, new_experiment, project_env, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+@dataclasses.dataclass(frozen=True)
+class Store:
+    uri: str
+    workdir: Path
+    client: MlflowClient
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainedRuns:
+    """The module's experiment: three finished training runs, and decoys."""
+
+    experiment_id: str
+    experiment_name: str
+    run_ids: tuple[str, ...]  # the finished training runs, in training order
+    failed_run_id: str
+    decoy_run_ids: tuple[str, ...]  # better metric, but no model / not a training run
+
+    def best(self, client: MlflowClient) -> str:
+        """The expected winner, computed here: highest test_accuracy, then lowest test_loss, then earliest."""
+        runs = [client.get_run(run_id) for run_id in self.run_ids]
+        return min(runs, key=lambda run: (
+            -run.data.metrics[names.TEST_ACCURACY], run.data.metrics[names.TEST_LOSS], run.info.start_time
+        )).info.run_id
+
+    def worst(self, client: MlflowClient) -> str:
+        runs = [client.get_run(run_id) for run_id in self.run_ids]
+        return min(runs, key=lambda run: run.data.metrics[names.TEST_ACCURACY]).info.run_id
+
+
+class ConstantModel(mlflow.pyfunc.PythonModel):
+    def predict(self, context, model_input):
+        return np.zeros((len(model_input), 10))
+
+
+def _model_name(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(scope="module")
+def store(shared_tracking_uri: str, tmp_path_factory: pytest.TempPathFactory):
+    workdir = tmp_path_factory.mktemp("selection")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(workdir)
+        patch.setenv("MLFLOW_TRACKING_URI", shared_tracking_uri)
+        mlflow.set_tracking_uri(shared_tracking_uri)
+        yield Store(shared_tracking_uri, workdir, MlflowClient(shared_tracking_uri))
+        mlflow.set_tracking_uri(None)
+
+
+def _config(**values: str) -> TrainingConfig:
+    return TrainingConfig.from_values({"dataset": str(MNIST_SMALL), "target_accuracy": "0"} | values)
+
+
+@pytest.fixture(scope="module")
+def trained(store: Store) -> TrainedRuns:
+    name = _model_name("selection")
+    experiment_id = new_experiment(store.client, name, store.workdir / "artifacts")
+    configs = (
+        _config(hidden_units="32", epochs="2", learning_rate="0.003"),
+        _config(hidden_units="16", epochs="1", learning_rate="0.001"),
+        _config(hidden_units="64", epochs="3", learning_rate="0.003"),
+    )
+    run_ids = tuple(run_training(config, experiment_name=name).run_id for config in configs)
+    with pytest.raises(TrainingDiverged):
+        run_training(_config(hidden_units="16", learning_rate="1e30"), experiment_name=name)
+    [failed] = store.client.search_runs([experiment_id], "attributes.status = 'FAILED'")
+    # A finished training run with the best metric but no model, and a model with the best metric
+    # in a run that is not a training run: neither may ever be registered or compared.
+    no_model = store.client.create_run(experiment_id, tags={names.TAG_RUN_TYPE: names.RUN_TYPE_TRAINING})
+    store.client.log_metric(no_model.info.run_id, names.TEST_ACCURACY, 0.999)
+    store.client.set_terminated(no_model.info.run_id, "FINISHED")
+    with mlflow.start_run(experiment_id=experiment_id, tags={names.TAG_RUN_TYPE: names.RUN_TYPE_COMPARISON}) as other:
+        mlflow.log_metric(names.TEST_ACCURACY, 1.0)
+        mlflow.pyfunc.log_model(name=names.MODEL_NAME, python_model=ConstantModel())
+    return TrainedRuns(experiment_id, name, run_ids, failed.info.run_id, (no_model.info.run_id, other.info.run_id))
+
+
+def _versions(client: MlflowClient, model_name: str) -> list:
+    return sorted(client.search_model_versions(f"name = '{model_name}'"), key=lambda v: int(v.version))
+
+
+def _champion(client: MlflowClient, model_name: str) -> str | None:
+    version = client.get_registered_model(model_name).aliases.get(names.CHAMPION_ALIAS)
+    return None if version is None else str(version)
+
+
+# --- register -----------------------------------------------------------------------------------
+
+
+def test_register_picks_the_best_finished_run_and_tags_its_version(store, trained):
+    client, model_name = store.client, _model_name("pick")
+    registration = register_best_run(client, trained.experiment_id, model_name, Ranking())
+
+    best = client.get_run(trained.best(client))
+    assert registration.run_id == best.info.run_id
+    assert registration.created and registration.champion_moved
+    [version] = _versions(client, model_name)
+    assert str(version.version) == registration.version == registration.champion_version
+    assert _champion(client, model_name) == registration.version
+    assert version.run_id == best.info.run_id
+    assert version.tags[names.TAG_VERSION_RUN_ID] == best.info.run_id
+    assert version.tags[names.TAG_DATASET_DIGEST] == best.data.tags[names.TAG_DATASET_DIGEST]
+    assert float(version.tags[names.TEST_ACCURACY]) == best.data.metrics[names.TEST_ACCURACY]
+    assert float(version.tags[names.TEST_LOSS]) == best.data.metrics[names.TEST_LOSS]
+    assert "there was no champion" in registration.reason
+    # the registered version loads and predicts like the run's model
+    x_test = load_dataset(str(MNIST_SMALL)).x_test[:20]
+    registered = mlflow.pyfunc.load_model(f"models:/{model_name}@{names.CHAMPION_ALIAS}").predict(x_test)
+    logged = mlflow.pyfunc.load_model(f"runs:/{best.info.run_id}/model").predict(x_test)
+    np.testing.assert_allclose(registered, logged, atol=1e-6)
+
+
+def test_registering_the_same_run_again_makes_no_new_version(store, trained):
+    client, model_name = store.client, _model_name("again")
+    first = register_best_run(client, trained.experiment_id, model_name, Ranking())
+    second = register_best_run(client, trained.experiment_id, model_name, Ranking())
+    third = register_run(client, first.run_id, model_name)
+    assert not second.created and not third.created
+    assert first.version == second.version == third.version
+    assert len(_versions(client, model_name)) == 1
+    assert "already points at" in second.reason and not second.champion_moved
+
+
+def test_a_worse_run_never_demotes_the_champion_and_says_why(store, trained):
+    client, model_name = store.client, _model_name("keep")
+    champion = register_best_run(client, trained.experiment_id, model_name, Ranking())
+    worse = register_run(client, trained.worst(client), model_name)
+    assert worse.created and worse.version != champion.version
+    assert not worse.champion_moved
+    assert worse.champion_version == champion.version == _champion(client, model_name)
+    assert f"stays at version {champion.version}" in worse.reason and "does not beat it" in worse.reason
+    assert len(_versions(client, model_name)) == 2
+
+
+def test_a_better_run_takes_the_champion_over(store, trained):
+    client, model_name = store.client, _model_name("better")
+    worse = register_run(client, trained.worst(client), model_name)
+    better = register_best_run(client, trained.experiment_id, model_name, Ranking())
+    assert worse.champion_moved and better.champion_moved
+    assert _champion(client, model_name) == better.version != worse.version
+    assert f"it beats version {worse.version}" in better.reason
+
+
+def test_dry_run_shows_the_decision_and_writes_nothing(store, trained):
+    client, model_name = store.client, _model_name("dry")
+    plan = register_best_run(client, trained.experiment_id, model_name, Ranking(), dry_run=True)
+    assert plan.dry_run and plan.created and plan.version == NEW_VERSION
+    assert plan.run_id == trained.best(client)
+    assert "would move to a new version" in plan.reason
+    assert not client.search_registered_models(f"name = '{model_name}'")
+
+    register_run(client, trained.worst(client), model_name)
+    plan = register_best_run(client, trained.experiment_id, model_name, Ranking(), dry_run=True)
+    assert "would move" in plan.reason and plan.champion_moved
+    assert len(_versions(client, model_name)) == 1 and _champion(client, model_name) == "1"
+
+
+def test_ranking_breaks_ties_by_lower_test_loss_then_the_earlier_run(store, tmp_path):
+    client = store.client
+    experiment_id = new_experiment(client, _model_name("ties"), tmp_path)
+
+    def run(accuracy: float, loss: float) -> str:
+        created = client.create_run(experiment_id, tags={names.TAG_RUN_TYPE: names.RUN_TYPE_TRAINING})
+        client.log_metric(created.info.run_id, names.TEST_ACCURACY, accuracy)
+        client.log_metric(created.info.run_id, names.TEST_LOSS, loss)
+        client.set_terminated(created.info.run_id, "FINISHED")
+        time.sleep(0.01)  # distinct start times
+        return created.info.run_id
+
+    early_tie, lower_loss, late_tie, worse = run(0.9, 0.3), run(0.9, 0.2), run(0.9, 0.3), run(0.8, 0.1)
+    runs = training_runs(client, experiment_id)
+    ranked = [r.info.run_id for r in Ranking().best_first(runs)]
+    assert ranked == [lower_loss, early_tie, late_tie, worse]
+    by_loss = [r.info.run_id for r in Ranking(names.TEST_LOSS, "min").best_first(runs)]
+    assert by_loss == [worse, lower_loss, early_tie, late_tie]
+
+
+def test_non_training_runs_are_never_candidates(store, trained):
+    client = store.client
+    candidates = {run.info.run_id for run in training_runs(client, trained.experiment_id)}
+    assert set(trained.run_ids) <= candidates
+    assert trained.decoy_run_ids[1] not in candidates  # a model and test_accuracy=1.0, but not training
+    assert trained.failed_run_id not in candidates
+    registration = register_best_run(client, trained.experiment_id, _model_name("decoys"), Ranking())
+    assert registration.run_id in trained.run_ids  # not the model-less 0.999 run either
+
+
+def _assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.stdout
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_register_with_nothing_to_register_exits_2_in_one_line(store, tmp_path):
+    empty = _model_name("empty")
+    new_experiment(store.client, empty, tmp_path)
+    result = run_cli(["register", "--experiment-name", empty], cwd=tmp_path, timeout=120,
+                     MLFLOW_TRACKING_URI=store.uri)
+    _assert_one_line_error(result, f"experiment {empty!r} has no finished training run")
+
+    model_less = _model_name("model-less")
+    experiment_id = new_experiment(store.client, model_less, tmp_path)
+    run = store.client.create_run(experiment_id, tags={names.TAG_RUN_TYPE: names.RUN_TYPE_TRAINING})
+    store.client.set_terminated(run.info.run_id, "FINISHED")
+    with pytest.raises(RunSelectionError, match="none of the 1 finished training runs .* has a logged model 'model'"):
+        register_best_run(store.client, experiment_id, _model_name("none"), Ranking())
+    with pytest.raises(RunSelectionError, match="experiment 'no-such-experiment' does not exist"):
+        resolve_experiment(store.client, "no-such-experiment")
+
+
+@pytest.fixture(scope="module")
+def project_registration(store: Store, trained: TrainedRuns) -> subprocess.CompletedProcess:
+    """`mlflow run . -e register` on the module's experiment: mnist-mlp@champion, served below."""
+    return mlflow_project_run("register", {}, trained.experiment_name, store.workdir, store.uri)
+
+
+def test_mlflow_run_register_records_its_decision_in_a_registration_run(store, trained, project_registration):
+    client = store.client
+    assert project_registration.returncode == 0, project_registration.stderr[-3000:]
+    best = trained.best(client)
+    version = client.get_model_version_by_alias("mnist-mlp", names.CHAMPION_ALIAS)
+    assert version.run_id == best
+    assert f"for run {best}" in project_registration.stdout
+    assert "models:/mnist-mlp@champion" in project_registration.stdout
+    [registration_run] = client.search_runs(
+        [trained.experiment_id], f"tags.{names.TAG_RUN_TYPE} = '{names.RUN_TYPE_REGISTRATION}'"
+    )
+    tags = registration_run.data.tags
+    assert registration_run.info.status == "FINISHED"
+    assert tags[names.TAG_REGISTERED_MODEL] == "mnist-mlp"
+    assert tags[names.TAG_REGISTERED_RUN_ID] == best
+    assert tags[names.TAG_REGISTERED_VERSION] == tags[names.TAG_CHAMPION_VERSION] == str(version.version)
+    assert tags[names.TAG_REGISTRATION_DECISION].startswith("mnist-mlp@champion")
+    assert registration_run.data.params == {"model_name": "mnist-mlp", "metric": "test_accuracy", "mode": "max",
+                                            "dry_run": "false"}
+    # the registration run is not a training run: the candidates are unchanged
+    finished = {run.info.run_id for run in training_runs(client, trained.experiment_id)}
+    assert registration_run.info.run_id not in finished
+
+
+# A process that imports everything, says it is ready, and waits for the signal to go, so that
+# all of them hit the registry at the same moment.
+_RACER = """
+import sys, time
+from pathlib import Path
+import mlflow.tracking, pipeline.registry
+from mlflow_project.cli import cli
+signals, me, mode, *args = sys.argv[1:]
+(Path(signals) / f"ready-{me}").touch()
+while not (Path(signals) / "go").exists():
+    time.sleep(0.005)
+if mode == "cli":
+    cli(args)
+else:
+    run_id, model_name = args
+    registration = pipeline.registry.register_run(mlflow.tracking.MlflowClient(), run_id, model_name)
+    print(registration.version, registration.champion_version)
+"""
+
+
+def test_concurrent_registers_leave_one_version_per_run_and_the_best_champion(store, trained, tmp_path):
+    client, model_name = store.client, _model_name("race")
+    best = trained.best(client)
+    racers = [["cli", "register", "--experiment-name", trained.experiment_name, "--model-name", model_name]] * 2
+    racers += [["run", run_id, model_name] for run_id in trained.run_ids]
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", _RACER, str(tmp_path), str(number), *args], cwd=tmp_path,
+            env=project_env(MLFLOW_TRACKING_URI=store.uri), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for number, args in enumerate(racers)
+    ]
+    deadline = time.monotonic() + 120
+    while len(list(tmp_path.glob("ready-*"))) < len(racers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    (tmp_path / "go").touch()
+    outputs = [process.communicate(timeout=120) for process in processes]
+    for process, (_, stderr) in zip(processes, outputs, strict=True):
+        assert process.returncode == 0, stderr[-3000:]
+
+    versions = _versions(client, model_name)
+    assert sorted(v.run_id for v in versions) == sorted(trained.run_ids)  # one version per run, no duplicate
+    champion = client.get_model_version_by_alias(model_name, names.CHAMPION_ALIAS)
+    assert champion.run_id == best
+    surviving = {v.run_id: str(v.version) for v in versions}
+    for (stdout, _), args in zip(outputs[2:], racers[2:], strict=True):  # each was told its run's surviving version
+        assert stdout.split()[0] == surviving[args[1]]
+    for stdout, _ in outputs[:2]:
+        assert f"{model_name} version {surviving[best]} " in stdout
+
+
+# --- compare ------------------------------------------------------------------------------------
+
+
+def test_compare_writes_the_table_the_plot_and_the_compare_view_url(store, trained, tmp_path):
+    client = store.client
+    output = tmp_path / "out"
+    result = run_cli(
+        ["compare", "--experiment-name", trained.experiment_name, "--top", "2", "--output-dir", str(output),
+         "--log-run", "true"],
+        cwd=tmp_path, timeout=120, MLFLOW_TRACKING_URI=store.uri,
+    )
+    assert result.returncode == 0, result.stderr
+    # every training run counts, finished or not, with a model or not: the model-less 0.999 run leads
+    training_ids = (*trained.run_ids, trained.failed_run_id, trained.decoy_run_ids[0])
+    training = [client.get_run(run_id) for run_id in training_ids]
+    expected = sorted(training, key=lambda run: -run.data.metrics.get(names.TEST_ACCURACY, -1))[:2]
+    assert [run.info.run_id for run in expected] == [trained.decoy_run_ids[0], trained.best(client)]
+
+    with open(output / names.COMPARISON_TABLE_FILE, newline="") as stream:
+        rows = list(csv.DictReader(stream))
+    assert tuple(rows[0]) == COLUMNS
+    assert [row["run_id"] for row in rows] == [run.info.run_id for run in expected]
+    for row, run in zip(rows, expected, strict=True):
+        for param in ("learning_rate", "hidden_units", "epochs", "batch_size", "dropout"):
+            assert row[param] == run.data.params.get(param, "")
+        assert float(row[names.TEST_ACCURACY]) == run.data.metrics[names.TEST_ACCURACY]
+        val_loss = run.data.metrics.get(names.VAL_LOSS)
+        assert row[names.VAL_LOSS] == ("" if val_loss is None else repr(val_loss))
+        assert row[names.TAG_STOP_REASON] == run.data.tags.get(names.TAG_STOP_REASON, "")
+        assert run.info.run_id[:8] in result.stdout and f"{run.data.metrics[names.TEST_ACCURACY]:.4f}" in result.stdout
+    assert rows[1][names.VAL_LOSS] and rows[1]["hidden_units"]  # the trained run has them all
+
+    from matplotlib.image import imread
+
+    plot = output / names.COMPARISON_PLOT_FILE
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    height, width, _ = imread(plot).shape
+    assert width > 800 and height > 200
+
+    [url] = [line.split(": ", 1)[1] for line in result.stdout.splitlines() if line.startswith("Compare view: ")]
+    parts = urlsplit(url)
+    assert parts.fragment.startswith("/compare-runs?")
+    query = parse_qs(parts.fragment.split("?", 1)[1])
+    assert json.loads(query["runs"][0]) == [run.info.run_id for run in expected]
+    assert json.loads(query["experiments"][0]) == [trained.experiment_id]
+
+    # the comparison run holds the outputs, and is never compared or registered itself
+    [logged] = client.search_runs(
+        [trained.experiment_id],
+        f"tags.{names.TAG_RUN_TYPE} = '{names.RUN_TYPE_COMPARISON}' and attributes.status = 'FINISHED'"
+        f" and tags.{names.TAG_COMPARED_RUNS} != ''",
+    )
+    assert logged.data.tags[names.TAG_COMPARED_RUNS] == ",".join(run.info.run_id for run in expected)
+    assert logged.data.tags[names.TAG_COMPARE_URL] == url
+    assert {a.path for a in client.list_artifacts(logged.info.run_id)} == {
+        names.COMPARISON_TABLE_FILE, names.COMPARISON_PLOT_FILE
+    }
+    again = compare_runs(client, client.get_experiment(trained.experiment_id), "", 100, Ranking())
+    assert logged.info.run_id not in again.run_ids
+    assert set(again.run_ids) == set(trained.run_ids) | {trained.failed_run_id, trained.decoy_run_ids[0]}
+
+
+def test_compare_filters_runs_and_refuses_a_bad_filter(store, trained):
+    client = store.client
+    experiment = client.get_experiment(trained.experiment_id)
+    result = compare_runs(client, experiment, "params.hidden_units = '16' and attributes.status = 'FINISHED'",
+                          10, Ranking())
+    assert [client.get_run(run_id).data.params["hidden_units"] for run_id in result.run_ids] == ["16"]
+    with pytest.raises(ParameterError, match="filter"):
+        compare_runs(client, experiment, "params.hidden_units ==", 10, Ranking())
+    with pytest.raises(RunSelectionError, match="no training run matching"):
+        compare_runs(client, experiment, "params.hidden_units = '999'", 10, Ranking())
+
+
+# --- main with register_as ----------------------------------------------------------------------
+
+
+def test_mlflow_run_main_registers_the_run_it_trained(store):
+    client, model_name = store.client, _model_name("trained-as")
+    experiment = _model_name("register-as")
+    new_experiment(client, experiment, store.workdir / "register-as")
+    result = mlflow_project_run(
+        "main", {"epochs": "1", "hidden_units": "16", "dataset": str(MNIST_SMALL), "register_as": model_name},
+        experiment, store.workdir, store.uri,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    [run] = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    assert run.info.status == "FINISHED" and run.data.params["register_as"] == model_name
+    [version] = _versions(client, model_name)
+    assert version.run_id == run.info.run_id
+    assert _champion(client, model_name) == str(version.version)
+    assert f"Registered {model_name} version {version.version} for run {run.info.run_id}" in result.stdout
+
+
+# --- serving ------------------------------------------------------------------------------------
+
+
+# Straight to the local server: urllib's default opener keeps the proxies of the first call in the
+# process (a test elsewhere points them at a dead proxy).
+_LOCAL = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_the_champion_serves_with_the_runs_test_accuracy(store, trained, project_registration, tmp_path):
+    assert project_registration.returncode == 0, project_registration.stderr[-3000:]
+    port = _free_port()
+    server = subprocess.Popen(
+        ["mlflow", "models", "serve", "-m", "models:/mnist-mlp@champion", "--env-manager", "local",
+         "-p", str(port)],
+        cwd=tmp_path, env=project_env(MLFLOW_TRACKING_URI=store.uri), stdout=subprocess.DEVNULL,
+        stderr=(tmp_path / "serve.log").open("w"), start_new_session=True,
+    )
+    try:
+        _wait_until_serving(port, server, tmp_path / "serve.log")
+        dataset = load_dataset(str(MNIST_SMALL))
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations", json.dumps({"inputs": dataset.x_test.tolist()}).encode(),
+            {"Content-Type": "application/json"},
+        )
+        with _LOCAL.open(request, timeout=60) as response:
+            probabilities = np.array(json.loads(response.read())["predictions"])
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+    assert probabilities.shape == (len(dataset.x_test), 10)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
+    accuracy = float(np.mean(probabilities.argmax(axis=1) == dataset.y_test.argmax(axis=1)))
+    champion = store.client.get_model_version_by_alias("mnist-mlp", names.CHAMPION_ALIAS)
+    test_accuracy = store.client.get_run(champion.run_id).data.metrics[names.TEST_ACCURACY]
+    assert accuracy == pytest.approx(test_accuracy, abs=1e-6)
+
+
+def _wait_until_serving(port: int, server: subprocess.Popen, log: Path, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            pytest.fail(f"mlflow models serve exited {server.returncode}: {log.read_text()[-3000:]}")
+        try:
+            with _LOCAL.open(f"http://127.0.0.1:{port}/ping", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    pytest.fail(f"mlflow models serve did not answer /ping within {timeout} s: {log.read_text()[-3000:]}")
