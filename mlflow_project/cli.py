@@ -3,6 +3,7 @@
 import click
 
 from mlflow_project.mlproject import mlproject
+from mlflow_project.server import server
 from mlflow_project.train import train
 
 
@@ -13,3 +14,4 @@ def cli() -> None:
 
 cli.add_command(train)
 cli.add_command(mlproject)
+cli.add_command(server)

@@ -57,3 +57,10 @@ class TrackingUnavailable(Exception):
     """The tracking server cannot be used: unreachable, or it refuses our credentials. Exit status 1."""
 
     exit_code = 1
+
+
+class TrackingServerError(Exception):
+    """The local tracking server could not be started: it exited, did not answer, or refuses its
+    saved admin credentials; or its database cannot be used. Exit status 1."""
+
+    exit_code = 1
