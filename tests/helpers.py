@@ -34,3 +34,18 @@ def run_cli(args: list[str], cwd: Path, timeout: float = 300, **env: str) -> sub
         text=True,
         timeout=timeout,
     )
+
+
+def live_processes_in_group(group: int) -> list[int]:
+    """The processes of a process group that still run (zombies waiting to be reaped do not count)."""
+    members = []
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            stat = stat_file.read_text()
+        except OSError:
+            continue
+        # the command name (field 2) is in parentheses and may hold spaces: split after it
+        state, _parent, process_group = stat.rsplit(")", 1)[1].split()[:3]
+        if int(process_group) == group and state != "Z":
+            members.append(int(stat_file.parent.name))
+    return members
