@@ -16,6 +16,8 @@
 #   MLFLOW_AUTH_DEFAULT_PERMISSION  optional  what a signed-in user may do where nothing else was granted: READ
 #   MLFLOW_HOST, MLFLOW_PORT        optional  127.0.0.1, 5000 (the container sets 0.0.0.0)
 #   MLFLOW_WORKERS                  optional  server worker processes: 2
+#   MLFLOW_SERVER_ENABLE_JOB_EXECUTION  optional  false: MLflow's job runner (GenAI judges, scorers, trace
+#                                   archival) is not used by this project and costs ~1.8 GB and 8 processes
 #
 # MLflow reads the auth settings from an ini file (MLFLOW_AUTH_CONFIG_PATH); it is written here,
 # readable by this user only, into TMPDIR. The last step replaces this shell with `mlflow server`,
@@ -47,6 +49,7 @@ database_uri = ${auth_database_uri//\%/%%}
 authorization_function = mlflow.server.auth:authenticate_request_basic_auth
 INI
 export MLFLOW_AUTH_CONFIG_PATH="$auth_config"
+export MLFLOW_SERVER_ENABLE_JOB_EXECUTION="${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}"
 
 exec mlflow server \
     --backend-store-uri "$MLFLOW_BACKEND_STORE_URI" \

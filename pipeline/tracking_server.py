@@ -12,8 +12,9 @@ again (the same object, or a new one on the same root) finds the same runs, arti
     ROOT/server.log              the server's output, appended at each start
     ROOT/mlflow.db               the backend store, when no other URI is given (SQLite)
 
-`mlflow server` spawns uvicorn workers, a job runner and huey consumers; the script is started in
-its own session and stopping kills that whole process group, so nothing is left running.
+`mlflow server` spawns uvicorn workers (and, when MLFLOW_SERVER_ENABLE_JOB_EXECUTION=true, a job
+runner and huey consumers); the script is started in its own session and stopping kills that whole
+process group, so nothing is left running.
 """
 
 from __future__ import annotations
@@ -305,7 +306,7 @@ class TrackingServer:
         return self
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Stops the server's whole process group (workers, job runner, huey consumers) and waits for it.
+        """Stops the server's whole process group (uvicorn workers, job runner, huey consumers) and waits for it.
 
         Args:
             timeout: seconds to wait after SIGTERM before the group gets SIGKILL.

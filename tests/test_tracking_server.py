@@ -4,7 +4,6 @@ real `mlflow run` processes and real data."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import queue
 import re
@@ -27,7 +26,7 @@ from pipeline.tracking import CREDENTIAL_VARIABLES
 from pipeline.tracking_server import SERVER_SCRIPT, AdminCredentials, TrackingServer, choose_backend_store
 from tests.conftest import POSTGRES_ADMIN_DSN
 from tests.helpers import MNIST_SMALL, PROJECT_DIR, live_processes_in_group, project_env, run_cli
-from tests.test_training import artifact_paths, assert_run_contract
+from tests.test_training import EXPECTED_ARTIFACTS, assert_run_contract
 
 TRAINED_VALUES = {"epochs": "2", "dataset": str(MNIST_SMALL), "lr_patience": "1"}
 EXPERIMENT = "team-server"
@@ -125,8 +124,7 @@ def _all_experiment_ids() -> list[str]:
 def _snapshot(client: MlflowClient, run_id: str, workdir: Path) -> dict:
     """Everything about a run that must survive a server restart, read through the server."""
     run = client.get_run(run_id)
-    artifacts = Path(client.download_artifacts(run_id, "", str(workdir / "artifacts")))
-    model = Path(mlflow.artifacts.download_artifacts(f"runs:/{run_id}/{names.MODEL_NAME}", dst_path=str(workdir)))
+    report = client.download_artifacts(run_id, names.CLASSIFICATION_REPORT_FILE, str(workdir))
     return {
         "info": (run.info.status, run.info.artifact_uri, run.info.experiment_id),
         "data": (run.data.params, run.data.metrics, run.data.tags),
@@ -134,26 +132,37 @@ def _snapshot(client: MlflowClient, run_id: str, workdir: Path) -> dict:
             metric: [(m.step, m.value) for m in client.get_metric_history(run_id, metric)]
             for metric in names.EPOCH_METRICS
         },
-        "artifacts": _file_digests(artifacts),
-        "model": _file_digests(model),
+        "artifacts": _run_files(client, run_id),
+        "model": _files(f"runs:/{run_id}/{names.MODEL_NAME}"),
+        "report": Path(report).read_bytes(),
     }
 
 
-def _file_digests(directory: Path) -> dict[str, str]:
-    return {
-        str(path.relative_to(directory)): hashlib.sha256(path.read_bytes()).hexdigest()
-        for path in sorted(directory.rglob("*"))
-        if path.is_file()
-    }
+def _run_files(client: MlflowClient, run_id: str, path: str | None = None) -> dict[str, int]:
+    """Every artifact file of a run, with its size."""
+    found = {}
+    for item in client.list_artifacts(run_id, path):
+        found |= _run_files(client, run_id, item.path) if item.is_dir else {item.path: item.file_size}
+    return found
+
+
+def _files(artifact_uri: str) -> dict[str, int]:
+    """Every file under an artifact URI, with its size."""
+    found = {}
+    for item in mlflow.artifacts.list_artifacts(artifact_uri=artifact_uri):
+        name = item.path.rsplit("/", 1)[-1]
+        found |= _files(f"{artifact_uri}/{name}") if item.is_dir else {item.path: item.file_size}
+    return found
 
 
 @pytest.mark.slow
 def test_runs_metrics_and_artifacts_survive_a_restart(server_store, trained_run, tmp_path):
     client = MlflowClient()
     before = _snapshot(client, trained_run, tmp_path / "before")
-    assert names.CLASSIFICATION_REPORT_FILE in before["artifacts"] and "MLmodel" in before["model"]
+    assert set(before["artifacts"]) >= EXPECTED_ARTIFACTS
+    assert {"MLmodel", "data/model.keras"} <= {path.split("/", 1)[-1] for path in before["model"]}
     old_group, uri, backend = server_store.pid, server_store.uri, server_store.backend_store_uri
-    assert len(live_processes_in_group(old_group)) > 1  # uvicorn workers, job runner, huey consumers
+    assert len(live_processes_in_group(old_group)) > 1  # mlflow server, uvicorn and its workers
 
     server_store.stop()
     assert live_processes_in_group(old_group) == []
@@ -163,7 +172,6 @@ def test_runs_metrics_and_artifacts_survive_a_restart(server_store, trained_run,
     assert (server_store.uri, server_store.backend_store_uri) == (uri, backend)
     assert server_store.pid != old_group
     assert _snapshot(client, trained_run, tmp_path / "after") == before
-    assert artifact_paths(client, trained_run) == set(before["artifacts"])
 
 
 def _answers(uri: str) -> bool:
