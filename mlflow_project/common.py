@@ -84,17 +84,11 @@ def one_line_errors() -> Iterator[None]:
     Bad input exits 2; a diverged training or an incomplete record exits 1. When `mlflow run`
     created a run for us and we fail before using it, the run is marked FAILED, never left RUNNING.
     """
-    from pipeline.errors import (
-        RecordingError,
-        TrackingServerError,
-        TrackingUnavailable,
-        TrainingDiverged,
-        UserInputError,
-    )
+    from pipeline.errors import RecordingError, TrackingUnavailable, TrainingDiverged, UserInputError
 
     try:
         yield
-    except (UserInputError, TrainingDiverged, RecordingError, TrackingUnavailable, TrackingServerError) as error:
+    except (UserInputError, TrainingDiverged, RecordingError, TrackingUnavailable) as error:
         _fail_project_run()
         click.echo(f"error: {error}", err=True)
         sys.exit(error.exit_code)

@@ -59,8 +59,6 @@ class TrackingUnavailable(Exception):
     exit_code = 1
 
 
-class TrackingServerError(Exception):
-    """The local tracking server could not be started: it exited, did not answer, or refuses its
-    saved admin credentials; or its database cannot be used. Exit status 1."""
-
-    exit_code = 1
+class TrackingServerError(TrackingUnavailable):
+    """The local tracking server could not be started: it exited, did not answer, refuses its saved
+    admin credentials, or its database cannot be used. Exit status 1."""

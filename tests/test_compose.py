@@ -180,14 +180,14 @@ def test_mlflow_service_runs_the_start_script_of_the_native_launcher():
     assert SERVICES["create-bucket"]["build"] == SERVICES["mlflow"]["build"]
 
 
-def test_mlflow_service_and_launcher_give_the_script_every_setting_it_requires():
+def test_mlflow_service_and_launcher_give_the_script_every_setting_it_requires(tmp_path):
     required = set(re.findall(r'^: "\$\{(\w+):\?', SERVER_SCRIPT.read_text(), flags=re.MULTILINE))
     assert required == {
         "MLFLOW_BACKEND_STORE_URI", "MLFLOW_ARTIFACTS_DESTINATION", "MLFLOW_AUTH_ADMIN_USERNAME",
         "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY",
     }
     service = resolved(SERVICES["mlflow"]["environment"], filled_in())
-    launcher = TrackingServer(PROJECT_DIR / "unused", port=5000).server_environment()
+    launcher = TrackingServer(tmp_path, port=5000).server_environment()
     for settings in (service, launcher):
         assert required <= {name for name, value in settings.items() if value}
         assert {"MLFLOW_HOST", "MLFLOW_PORT", "MLFLOW_WORKERS"} <= set(settings)
