@@ -13,7 +13,8 @@ from pathlib import Path
 import click
 
 from mlflow_project.common import configure_console_logging, one_line_errors
-from pipeline.tracking_server import DEFAULT_DATABASE
+from pipeline.errors import TrackingServerError
+from pipeline.tracking_server import DEFAULT_DATABASE, TrackingServer, choose_backend_store
 
 
 @click.command("server")
@@ -37,8 +38,6 @@ def server(root: Path, backend_store_uri: str | None, database: str, host: str, 
     """Run the team tracking server locally (auth on, artifacts proxied) until Ctrl-C."""
     configure_console_logging()
     with one_line_errors():
-        from pipeline.tracking_server import TrackingServer, choose_backend_store
-
         backend = choose_backend_store(root, backend_store_uri, database)
         click.echo(f"Backend store: {backend.description}")
         tracking_server = TrackingServer(root, backend.uri, host=host, port=port)
@@ -51,19 +50,17 @@ def server(root: Path, backend_store_uri: str | None, database: str, host: str, 
             click.echo("Stopped.")
 
 
-def _announce(tracking_server) -> None:
+def _announce(tracking_server: TrackingServer) -> None:
     click.echo(f"Artifacts:     {tracking_server.artifacts_dir} (clients use mlflow-artifacts:/ through the server)")
     click.echo(f"Server log:    {tracking_server.log_path}")
     click.echo(f"UI:            {tracking_server.uri} (sign in as {tracking_server.username})")
     click.echo("\nIn the shell you train from:")
     for name, value in tracking_server.client_environment().items():
         click.echo(f"  export {name}={value}")
-    click.echo("  mlflow run . -P epochs=20\n\nCtrl-C stops the server.", nl=True)
+    click.echo("  mlflow run . -P epochs=20\n\nCtrl-C stops the server.")
 
 
-def _wait_while_running(tracking_server) -> None:
-    from pipeline.errors import TrackingServerError
-
+def _wait_while_running(tracking_server: TrackingServer) -> None:
     while tracking_server.running:
         time.sleep(0.5)
     raise TrackingServerError(f"the MLflow server exited on its own; see {tracking_server.log_path}")
