@@ -200,6 +200,7 @@ def test_mlflow_service_proxies_artifacts_to_the_bucket_the_job_creates():
     assert service["MLFLOW_ARTIFACTS_DESTINATION"] == f"s3://{bucket_job['S3_BUCKET']}/"
     store_port = re.search(r"-s3\.port=(\d+)", " ".join(SERVICES["objectstore"]["command"])).group(1)
     assert service["MLFLOW_S3_ENDPOINT_URL"] == bucket_job["MLFLOW_S3_ENDPOINT_URL"] == f"http://objectstore:{store_port}"
+    assert service["MLFLOW_BOTO_CLIENT_ADDRESSING_STYLE"] == "path"  # the store knows no bucket host names
     keys = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
     store = resolved(SERVICES["objectstore"]["environment"], filled_in())
     assert [service[key] for key in keys] == [bucket_job[key] for key in keys] == [store[key] for key in keys]
