@@ -13,6 +13,8 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import mlflow
@@ -124,6 +126,7 @@ def _all_experiment_ids() -> list[str]:
 def _snapshot(client: MlflowClient, run_id: str, workdir: Path) -> dict:
     """Everything about a run that must survive a server restart, read through the server."""
     run = client.get_run(run_id)
+    [model] = run.outputs.model_outputs
     report = client.download_artifacts(run_id, names.CLASSIFICATION_REPORT_FILE, str(workdir))
     return {
         "info": (run.info.status, run.info.artifact_uri, run.info.experiment_id),
@@ -132,26 +135,17 @@ def _snapshot(client: MlflowClient, run_id: str, workdir: Path) -> dict:
             metric: [(m.step, m.value) for m in client.get_metric_history(run_id, metric)]
             for metric in names.EPOCH_METRICS
         },
-        "artifacts": _run_files(client, run_id),
-        "model": _files(f"runs:/{run_id}/{names.MODEL_NAME}"),
+        "artifacts": _files(partial(client.list_artifacts, run_id)),
+        "model": _files(partial(client.list_logged_model_artifacts, model.model_id)),
         "report": Path(report).read_bytes(),
     }
 
 
-def _run_files(client: MlflowClient, run_id: str, path: str | None = None) -> dict[str, int]:
-    """Every artifact file of a run, with its size."""
+def _files(list_artifacts: Callable[[str | None], list], path: str | None = None) -> dict[str, int]:
+    """Every file that `list_artifacts` (of a run or a logged model) finds under `path`, with its size."""
     found = {}
-    for item in client.list_artifacts(run_id, path):
-        found |= _run_files(client, run_id, item.path) if item.is_dir else {item.path: item.file_size}
-    return found
-
-
-def _files(artifact_uri: str) -> dict[str, int]:
-    """Every file under an artifact URI, with its size."""
-    found = {}
-    for item in mlflow.artifacts.list_artifacts(artifact_uri=artifact_uri):
-        name = item.path.rsplit("/", 1)[-1]
-        found |= _files(f"{artifact_uri}/{name}") if item.is_dir else {item.path: item.file_size}
+    for item in list_artifacts(path):
+        found |= _files(list_artifacts, item.path) if item.is_dir else {item.path: item.file_size}
     return found
 
 
@@ -160,7 +154,7 @@ def test_runs_metrics_and_artifacts_survive_a_restart(server_store, trained_run,
     client = MlflowClient()
     before = _snapshot(client, trained_run, tmp_path / "before")
     assert set(before["artifacts"]) >= EXPECTED_ARTIFACTS
-    assert {"MLmodel", "data/model.keras"} <= {path.split("/", 1)[-1] for path in before["model"]}
+    assert {"MLmodel", "data/model.keras"} <= set(before["model"])
     old_group, uri, backend = server_store.pid, server_store.uri, server_store.backend_store_uri
     assert len(live_processes_in_group(old_group)) > 1  # mlflow server, uvicorn and its workers
 
