@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 EPOCHS ?= 20
 DATASET ?= mnist
 
-.PHONY: setup run test test-fast lint mlproject
+.PHONY: setup run test test-fast lint mlproject server
 
 setup: $(VENV)/.installed
 
@@ -18,6 +18,10 @@ $(VENV)/.installed: pyproject.toml
 ## Train once with MLflow Projects, in this environment (DATASET=path for an offline machine).
 run: setup
 	PATH="$(abspath $(BIN)):$$PATH" mlflow run . --env-manager local -P epochs=$(EPOCHS) -P dataset=$(DATASET)
+
+## The team tracking server on this machine, without Docker (Ctrl-C stops it).
+server: setup
+	$(BIN)/python -m mlflow_project server
 
 ## The whole test suite (what CI runs).
 test: setup

@@ -72,3 +72,8 @@ class LocalStorageError(Exception):
     """The run's local files (checkpoints, logs) could not be written. Exit status 1."""
 
     exit_code = 1
+
+
+class TrackingServerError(TrackingUnavailable):
+    """The local tracking server could not be started: it exited, did not answer, refuses its saved
+    admin credentials, or its database cannot be used. Exit status 1."""

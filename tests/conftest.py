@@ -1,4 +1,5 @@
-"""Shared fixtures: the committed real-data fixtures, real MLflow tracking stores, real PostgreSQL."""
+"""Shared fixtures: the committed real-data fixtures, real MLflow tracking stores, real PostgreSQL,
+and a real MLflow tracking server process (auth on, artifacts proxied)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from pipeline.tracking_server import TrackingServer
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -88,8 +91,38 @@ def postgres_store(database_uri: str, tmp_path: Path, monkeypatch: pytest.Monkey
 
 
 @pytest.fixture(scope="session")
-def shared_tracking_uri(database_uri: str) -> str:
-    """The tracking store that the model-selection tests (register, compare, sweep, serving) and
-    the processes they start share: today the session's PostgreSQL database. To run them against
-    the launched tracking server (issue 3), return that server's URL here; nothing else changes."""
-    return database_uri
+def shared_tracking(tracking_server: TrackingServer) -> dict[str, str]:
+    """The tracking store that the model-selection tests (register, compare, sweep, serving) and the
+    processes they start share, as the environment a client needs: the session's tracking server
+    (basic-auth on, artifacts proxied), so these tests run what a team runs."""
+    return tracking_server.client_environment()
+
+
+@pytest.fixture(scope="session")
+def tracking_server(database_uri: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TrackingServer]:
+    """A real `mlflow server` for the session, started by docker/start-mlflow-server.sh as compose
+    starts it: basic-auth on (generated admin credentials), artifacts proxied to a local directory,
+    the session's database as backend store. Its whole process group is stopped at the end.
+
+    Tests may stop, start or restart() it (same port, database and artifacts); they must leave it
+    running. Child processes reach it with project_env(**tracking_server.client_environment()).
+    """
+    with TrackingServer(tmp_path_factory.mktemp("tracking-server"), database_uri) as server:
+        yield server
+
+
+@pytest.fixture
+def server_store(tracking_server: TrackingServer, monkeypatch: pytest.MonkeyPatch) -> TrackingServer:
+    """The session's tracking server as the store of one test: URI and admin credentials set in this
+    process (MLflow reads MLFLOW_TRACKING_USERNAME / _PASSWORD at each request)."""
+    import mlflow
+
+    if not tracking_server.running:
+        tracking_server.start()
+    for name, value in tracking_server.client_environment().items():
+        monkeypatch.setenv(name, value)
+    mlflow.set_tracking_uri(tracking_server.uri)
+    yield tracking_server
+    while mlflow.active_run():
+        mlflow.end_run()
+    mlflow.set_tracking_uri(None)

@@ -47,7 +47,12 @@ def new_experiment(client, name: str, artifact_dir: Path) -> str:
 
 
 def mlflow_project_run(
-    entry_point: str, params: dict[str, str], experiment: str, cwd: Path, tracking_uri: str, timeout: float = 300
+    entry_point: str,
+    params: dict[str, str],
+    experiment: str,
+    cwd: Path,
+    tracking: dict[str, str],
+    timeout: float = 300,
 ) -> subprocess.CompletedProcess:
     """`mlflow run PROJECT -e ENTRY_POINT --env-manager local` as a real process."""
     args = ["mlflow", "run", str(PROJECT_DIR), "-e", entry_point, "--env-manager", "local",
@@ -55,6 +60,21 @@ def mlflow_project_run(
     for name, value in params.items():
         args += ["-P", f"{name}={value}"]
     return subprocess.run(
-        args, cwd=cwd, env=project_env(MLFLOW_TRACKING_URI=tracking_uri), capture_output=True, text=True,
+        args, cwd=cwd, env=project_env(**tracking), capture_output=True, text=True,
         timeout=timeout,
     )
+
+
+def live_processes_in_group(group: int) -> list[int]:
+    """The processes of a process group that still run (zombies waiting to be reaped do not count)."""
+    members = []
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            stat = stat_file.read_text()
+        except OSError:
+            continue
+        # the command name (field 2) is in parentheses and may hold spaces: split after it
+        state, _parent, process_group = stat.rsplit(")", 1)[1].split()[:3]
+        if int(process_group) == group and state != "Z":
+            members.append(int(stat_file.parent.name))
+    return members

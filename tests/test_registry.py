@@ -44,6 +44,7 @@ class Store:
     uri: str
     workdir: Path
     client: MlflowClient
+    env: dict[str, str]  # what a child process needs to use the store (URI and credentials)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,13 +79,15 @@ def _model_name(prefix: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def store(shared_tracking_uri: str, tmp_path_factory: pytest.TempPathFactory):
+def store(shared_tracking: dict[str, str], tmp_path_factory: pytest.TempPathFactory):
     workdir = tmp_path_factory.mktemp("selection")
+    uri = shared_tracking["MLFLOW_TRACKING_URI"]
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(workdir)
-        patch.setenv("MLFLOW_TRACKING_URI", shared_tracking_uri)
-        mlflow.set_tracking_uri(shared_tracking_uri)
-        yield Store(shared_tracking_uri, workdir, MlflowClient(shared_tracking_uri))
+        for name, value in shared_tracking.items():
+            patch.setenv(name, value)
+        mlflow.set_tracking_uri(uri)
+        yield Store(uri, workdir, MlflowClient(uri), shared_tracking)
         mlflow.set_tracking_uri(None)
 
 
@@ -239,7 +242,7 @@ def test_register_with_nothing_to_register_exits_2_in_one_line(store, tmp_path):
     empty = _model_name("empty")
     new_experiment(store.client, empty, tmp_path)
     result = run_cli(["register", "--experiment-name", empty], cwd=tmp_path, timeout=120,
-                     MLFLOW_TRACKING_URI=store.uri)
+                     **store.env)
     _assert_one_line_error(result, f"experiment {empty!r} has no finished training run")
 
     model_less = _model_name("model-less")
@@ -255,7 +258,7 @@ def test_register_with_nothing_to_register_exits_2_in_one_line(store, tmp_path):
 @pytest.fixture(scope="module")
 def project_registration(store: Store, trained: TrainedRuns) -> subprocess.CompletedProcess:
     """`mlflow run . -e register` on the module's experiment: mnist-mlp@champion, served below."""
-    return mlflow_project_run("register", {}, trained.experiment_name, store.workdir, store.uri)
+    return mlflow_project_run("register", {}, trained.experiment_name, store.workdir, store.env)
 
 
 def test_mlflow_run_register_records_its_decision_in_a_registration_run(store, trained, project_registration):
@@ -310,7 +313,7 @@ def test_concurrent_registers_leave_one_version_per_run_and_the_best_champion(st
     processes = [
         subprocess.Popen(
             [sys.executable, "-c", _RACER, str(tmp_path), str(number), *args], cwd=tmp_path,
-            env=project_env(MLFLOW_TRACKING_URI=store.uri), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env=project_env(**store.env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         for number, args in enumerate(racers)
     ]
@@ -342,7 +345,7 @@ def test_compare_writes_the_table_the_plot_and_the_compare_view_url(store, train
     result = run_cli(
         ["compare", "--experiment-name", trained.experiment_name, "--top", "2", "--output-dir", str(output),
          "--log-run", "true"],
-        cwd=tmp_path, timeout=120, MLFLOW_TRACKING_URI=store.uri,
+        cwd=tmp_path, timeout=120, **store.env,
     )
     assert result.returncode == 0, result.stderr
     # every training run counts, finished or not, with a model or not: the model-less 0.999 run leads
@@ -416,7 +419,7 @@ def test_mlflow_run_main_registers_the_run_it_trained(store):
     new_experiment(client, experiment, store.workdir / "register-as")
     result = mlflow_project_run(
         "main", {"epochs": "1", "hidden_units": "16", "dataset": str(MNIST_SMALL), "register_as": model_name},
-        experiment, store.workdir, store.uri,
+        experiment, store.workdir, store.env,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     [run] = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
@@ -447,7 +450,7 @@ def test_the_champion_serves_with_the_runs_test_accuracy(store, trained, project
     server = subprocess.Popen(
         ["mlflow", "models", "serve", "-m", "models:/mnist-mlp@champion", "--env-manager", "local",
          "-p", str(port)],
-        cwd=tmp_path, env=project_env(MLFLOW_TRACKING_URI=store.uri), stdout=subprocess.DEVNULL,
+        cwd=tmp_path, env=project_env(**store.env), stdout=subprocess.DEVNULL,
         stderr=(tmp_path / "serve.log").open("w"), start_new_session=True,
     )
     try:

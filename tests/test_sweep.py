@@ -17,14 +17,17 @@ from tests.test_training import assert_run_contract
 pytestmark = pytest.mark.slow
 
 
-def test_sweep_runs_every_trial_as_a_child_and_goes_on_after_a_failure(shared_tracking_uri, tmp_path):
-    client = MlflowClient(shared_tracking_uri)
+def test_sweep_runs_every_trial_as_a_child_and_goes_on_after_a_failure(shared_tracking, tmp_path, monkeypatch):
+    uri = shared_tracking["MLFLOW_TRACKING_URI"]
+    for name, value in shared_tracking.items():
+        monkeypatch.setenv(name, value)
+    client = MlflowClient(uri)
     experiment = f"sweep-{uuid.uuid4().hex[:8]}"
     experiment_id = new_experiment(client, experiment, tmp_path / "artifacts")
     # 2 x 2 grid; learning_rate=1e30 makes the loss NaN at once, so its trials fail for real.
     grid = {"learning_rate": "1e30,0.002", "dropout": "0.1,0.2"}
     fixed = {"epochs": "2", "dataset": str(MNIST_SMALL), "lr_patience": "1"}
-    result = mlflow_project_run("sweep", grid | fixed, experiment, tmp_path, shared_tracking_uri)
+    result = mlflow_project_run("sweep", grid | fixed, experiment, tmp_path, shared_tracking)
     assert result.returncode == 0, result.stderr[-3000:]
 
     [parent] = client.search_runs([experiment_id], f"tags.{names.TAG_RUN_TYPE} = '{names.RUN_TYPE_SWEEP}'")
@@ -39,7 +42,7 @@ def test_sweep_runs_every_trial_as_a_child_and_goes_on_after_a_failure(shared_tr
     for number in (1, 2):  # the diverged trials: FAILED with their reason, the sweep went on
         assert by_trial[number].info.status == "FAILED"
         assert by_trial[number].data.tags[names.TAG_STOP_REASON] == names.STOP_NAN_LOSS
-    mlflow.set_tracking_uri(shared_tracking_uri)
+    mlflow.set_tracking_uri(uri)
     try:
         for number in (3, 4):  # the others are full training runs: the whole run contract
             config = TrainingConfig.from_values(fixed | {"learning_rate": "0.002", "dropout": expected[number][1]})

@@ -1,0 +1,24 @@
+# The team tracking server's image: MLflow at the project's version with basic-auth, the PostgreSQL
+# driver and boto3 (the S3 artifact store). It runs the same start script as the native launcher
+# (`python -m mlflow_project server`, the tests), and the one-shot bucket job of docker-compose.yml.
+FROM python:3.11.13-slim-bookworm
+
+# The project's MLflow version: tests/test_compose.py checks that it is the version the tests run
+# and that pyproject.toml admits it.
+ARG MLFLOW_VERSION=3.17.2
+RUN pip install --no-cache-dir \
+        "mlflow[auth]==${MLFLOW_VERSION}" \
+        "psycopg2-binary==2.9.13" \
+        "boto3==1.44.8"
+
+COPY --chmod=0755 docker/start-mlflow-server.sh /usr/local/bin/start-mlflow-server
+COPY --chmod=0755 docker/create-bucket.py /usr/local/bin/create-bucket
+
+RUN useradd --system --create-home --uid 10001 mlflow
+USER mlflow
+WORKDIR /home/mlflow
+
+ENV MLFLOW_HOST=0.0.0.0 \
+    MLFLOW_PORT=5000
+EXPOSE 5000
+ENTRYPOINT ["start-mlflow-server"]

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Starts the team's MLflow tracking server: basic-auth on, artifacts proxied (clients never need
+# object-store credentials), users and permissions stored beside the runs.
+#
+# The one start command for every way the server runs: the `mlflow` service of docker-compose.yml
+# runs it in the container, and the native launcher (pipeline/tracking_server.py, used by
+# `python -m mlflow_project server` and the tests) runs it as a process, so what the tests start
+# is what compose starts. Settings come from the environment only:
+#
+#   MLFLOW_BACKEND_STORE_URI        required  runs, metrics, params: postgresql+psycopg2://... (or sqlite:///...)
+#   MLFLOW_ARTIFACTS_DESTINATION    required  where proxied artifacts are kept: s3://BUCKET/ or a local directory
+#   MLFLOW_AUTH_ADMIN_USERNAME      required  the admin user, created on the first start against an empty store
+#   MLFLOW_AUTH_ADMIN_PASSWORD      required  its password (MLflow reads both; ignored once the admin exists)
+#   MLFLOW_FLASK_SERVER_SECRET_KEY  required  the Flask secret for CSRF protection of the sign-up page
+#   MLFLOW_AUTH_DATABASE_URI        optional  users and permissions; default: the backend store (one database)
+#   MLFLOW_AUTH_DEFAULT_PERMISSION  optional  what a signed-in user may do where nothing else was granted: READ
+#   MLFLOW_HOST, MLFLOW_PORT        optional  127.0.0.1, 5000 (the container sets 0.0.0.0)
+#   MLFLOW_WORKERS                  optional  server worker processes: 2
+#   MLFLOW_SERVER_ENABLE_JOB_EXECUTION  optional  false: MLflow's job runner (GenAI judges, scorers, trace
+#                                   archival) is not used by this project and costs ~1.8 GB and 8 processes
+#
+# MLflow reads the auth settings from an ini file (MLFLOW_AUTH_CONFIG_PATH); it is written here,
+# readable by this user only, into TMPDIR. The last step replaces this shell with `mlflow server`,
+# so signals reach the server directly and its process group is the server's.
+set -euo pipefail
+
+: "${MLFLOW_BACKEND_STORE_URI:?is required: the backend store, e.g. postgresql+psycopg2://USER:PASSWORD@HOST:5432/DB}"
+: "${MLFLOW_ARTIFACTS_DESTINATION:?is required: where artifacts are kept, e.g. s3://mlflow/ or /srv/mlartifacts}"
+: "${MLFLOW_AUTH_ADMIN_USERNAME:?is required: the admin user name}"
+: "${MLFLOW_AUTH_ADMIN_PASSWORD:?is required: the admin password}"
+: "${MLFLOW_FLASK_SERVER_SECRET_KEY:?is required: a long random string}"
+
+auth_database_uri="${MLFLOW_AUTH_DATABASE_URI:-$MLFLOW_BACKEND_STORE_URI}"
+default_permission="${MLFLOW_AUTH_DEFAULT_PERMISSION:-READ}"
+case "$default_permission" in
+    READ | EDIT | MANAGE | NO_PERMISSIONS) ;;
+    *)
+        echo "MLFLOW_AUTH_DEFAULT_PERMISSION=$default_permission is invalid: allowed are READ, EDIT, MANAGE, NO_PERMISSIONS" >&2
+        exit 2
+        ;;
+esac
+
+auth_config="$(mktemp "${TMPDIR:-/tmp}/mlflow-basic-auth.XXXXXX")"
+# configparser interpolates '%': a URL-encoded password (%40 ...) must be written as '%%'.
+cat >"$auth_config" <<INI
+[mlflow]
+default_permission = ${default_permission}
+database_uri = ${auth_database_uri//\%/%%}
+authorization_function = mlflow.server.auth:authenticate_request_basic_auth
+INI
+export MLFLOW_AUTH_CONFIG_PATH="$auth_config"
+export MLFLOW_SERVER_ENABLE_JOB_EXECUTION="${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}"
+
+exec mlflow server \
+    --backend-store-uri "$MLFLOW_BACKEND_STORE_URI" \
+    --artifacts-destination "$MLFLOW_ARTIFACTS_DESTINATION" \
+    --serve-artifacts \
+    --app-name basic-auth \
+    --host "${MLFLOW_HOST:-127.0.0.1}" \
+    --port "${MLFLOW_PORT:-5000}" \
+    --workers "${MLFLOW_WORKERS:-2}"

@@ -1,0 +1,431 @@
+"""The team's MLflow tracking server as a real local process, started the way docker-compose starts it.
+
+`TrackingServer` runs `docker/start-mlflow-server.sh`, the script the compose `mlflow` service runs,
+so what tests, developers and CI start natively is what the team runs in containers: basic-auth on,
+artifacts proxied by the server (`mlflow-artifacts:/`), users and permissions in the backend database.
+
+Everything a server instance keeps lives in one root directory, so that stopping it and starting it
+again (the same object, or a new one on the same root) finds the same runs, artifacts and users:
+
+    ROOT/artifacts/              what `--artifacts-destination` points at
+    ROOT/admin-credentials.json  the generated admin password and Flask secret (mode 0600)
+    ROOT/server.log              the server's output, appended at each start
+    ROOT/mlflow.db               the backend store, when no other URI is given (SQLite)
+
+`mlflow server` spawns uvicorn workers (and, when MLFLOW_SERVER_ENABLE_JOB_EXECUTION=true, a job
+runner and huey consumers); the script is started in its own session and stopping kills that whole
+process group, so nothing is left running.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+
+import requests
+
+from pipeline.errors import TrackingServerError
+
+logger = logging.getLogger(__name__)
+
+SERVER_SCRIPT = Path(__file__).resolve().parents[1] / "docker" / "start-mlflow-server.sh"
+ADMIN_USERNAME = "admin"
+CREDENTIALS_FILE = "admin-credentials.json"
+ARTIFACTS_DIR = "artifacts"
+LOG_FILE = "server.log"
+SQLITE_FILE = "mlflow.db"
+DEFAULT_DATABASE = "mnist_pipeline"
+_DATABASE_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+
+
+@dataclasses.dataclass(frozen=True)
+class AdminCredentials:
+    """The admin account a server creates on its first start, and the Flask secret it signs with."""
+
+    username: str
+    password: str
+    flask_secret_key: str
+
+    @classmethod
+    def load_or_create(cls, path: Path) -> AdminCredentials:
+        """The credentials saved at `path`, or new random ones saved there, readable by this user only.
+
+        MLflow creates the admin user once, from the password given at the first start against an
+        empty user store, and ignores it afterwards: a later start must reuse the same password.
+
+        Args:
+            path: the credentials file (JSON).
+        """
+        if path.exists():
+            return cls(**json.loads(path.read_text()))
+        credentials = cls(ADMIN_USERNAME, secrets.token_urlsafe(24), secrets.token_hex(32))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w") as stream:
+            json.dump(dataclasses.asdict(credentials), stream)
+        return credentials
+
+
+@dataclasses.dataclass(frozen=True)
+class BackendStore:
+    """Where a server keeps runs, metrics, params, users and permissions.
+
+    Args:
+        uri: the SQLAlchemy URI MLflow gets.
+        description: for people: which database, and why this one.
+    """
+
+    uri: str
+    description: str
+
+
+def choose_backend_store(
+    root: Path,
+    uri: str | None = None,
+    database: str = DEFAULT_DATABASE,
+    postgres_host: str = "127.0.0.1",
+    postgres_port: int = 5432,
+) -> BackendStore:
+    """The given URI; else a PostgreSQL database when PostgreSQL answers on host:port; else SQLite in root.
+
+    Args:
+        root: the server's root directory (the SQLite file goes there).
+        uri: an explicit backend store URI; used as given.
+        database: the database to use (created when missing) on the local PostgreSQL.
+        postgres_host: where to look for PostgreSQL.
+        postgres_port: its port.
+
+    Raises:
+        TrackingServerError: PostgreSQL answers but refuses us, or `database` is not a plain name.
+    """
+    if uri:
+        return BackendStore(uri, f"{_redacted(uri)} (given)")
+    postgres_uri = local_postgres_database(database, postgres_host, postgres_port)
+    if postgres_uri:
+        return BackendStore(postgres_uri, f"PostgreSQL database {database} on {postgres_host}:{postgres_port}")
+    sqlite_path = Path(root).resolve() / SQLITE_FILE
+    return BackendStore(
+        f"sqlite:///{sqlite_path}",
+        f"SQLite file {sqlite_path} (no PostgreSQL answers on {postgres_host}:{postgres_port})",
+    )
+
+
+def local_postgres_database(database: str, host: str = "127.0.0.1", port: int = 5432) -> str | None:
+    """The URI of `database` on the PostgreSQL at host:port, created when missing; None when nothing listens.
+
+    The user is PGUSER (default `postgres`); a password comes from PGPASSWORD or ~/.pgpass, as libpq
+    reads them, so it never appears in the URI.
+
+    Args:
+        database: a plain lower-case name.
+        host: PostgreSQL's address.
+        port: its port.
+
+    Raises:
+        TrackingServerError: something listens there but does not let us in, or the name is not plain.
+    """
+    if not _DATABASE_NAME.fullmatch(database):
+        raise TrackingServerError(
+            f"database name {database!r} is invalid: allowed are lower-case letters, digits and _ (max 63)"
+        )
+    try:
+        socket.create_connection((host, port), timeout=2).close()
+    except OSError:
+        return None
+    import psycopg2
+
+    user = os.environ.get("PGUSER", "postgres")
+    try:
+        connection = psycopg2.connect(host=host, port=port, user=user, dbname="postgres", connect_timeout=5)
+    except psycopg2.Error as error:
+        first_line = str(error).strip().splitlines()[0]
+        raise TrackingServerError(
+            f"PostgreSQL on {host}:{port} refused user {user} ({first_line}); set PGUSER/PGPASSWORD "
+            "or pass a backend store URI"
+        ) from None
+    connection.autocommit = True
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1 FROM pg_database WHERE datname = %s", (database,))
+            if cursor.fetchone() is None:
+                cursor.execute(f'CREATE DATABASE "{database}"')
+                logger.info("created database %s on %s:%s", database, host, port)
+    finally:
+        connection.close()
+    return f"postgresql+psycopg2://{user}@{host}:{port}/{database}"
+
+
+class TrackingServer:
+    """One MLflow tracking server process, with auth, proxied artifacts and a clean stop.
+
+    Use it as a context manager, or call start() / stop() / restart(). The port, chosen free at the
+    first start unless given, is kept across restarts, so clients keep their URI while the server is
+    stopped and started again (outage tests rely on it).
+
+    Args:
+        root: the directory holding everything this server keeps (see the module docstring).
+        backend_store_uri: runs, users and permissions; default: SQLite in root.
+        host: the interface to listen on.
+        port: the port; default: a free one.
+        workers: server worker processes.
+        startup_timeout: seconds to wait for `/health` before giving up.
+        script: the start script (the one the compose `mlflow` service runs).
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        backend_store_uri: str | None = None,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        workers: int = 2,
+        startup_timeout: float = 120.0,
+        script: Path = SERVER_SCRIPT,
+    ) -> None:
+        self.root = Path(root).resolve()
+        self.backend_store_uri = backend_store_uri or f"sqlite:///{self.root / SQLITE_FILE}"
+        self.host = host
+        self.port = port
+        self.workers = workers
+        self.startup_timeout = startup_timeout
+        self.script = script
+        self._credentials: AdminCredentials | None = None
+        self._process: subprocess.Popen | None = None
+        self._scratch_dir: Path | None = None
+
+    @property
+    def artifacts_dir(self) -> Path:
+        return self.root / ARTIFACTS_DIR
+
+    @property
+    def log_path(self) -> Path:
+        return self.root / LOG_FILE
+
+    @property
+    def credentials_path(self) -> Path:
+        return self.root / CREDENTIALS_FILE
+
+    @property
+    def uri(self) -> str:
+        if self.port is None:
+            raise TrackingServerError("the tracking server has no port yet: start it first")
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def username(self) -> str:
+        return self._admin().username
+
+    @property
+    def password(self) -> str:
+        return self._admin().password
+
+    @property
+    def pid(self) -> int | None:
+        """The server's process id, which is also its process group id (None when stopped)."""
+        return self._process.pid if self._process else None
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def client_environment(self) -> dict[str, str]:
+        """The variables a client (mlflow run, our CLI, MlflowClient) needs to use this server."""
+        return {
+            "MLFLOW_TRACKING_URI": self.uri,
+            "MLFLOW_TRACKING_USERNAME": self.username,
+            "MLFLOW_TRACKING_PASSWORD": self.password,
+        }
+
+    def server_environment(self) -> dict[str, str]:
+        """The settings the start script reads (see docker/start-mlflow-server.sh)."""
+        credentials = self._admin()
+        return {
+            "MLFLOW_BACKEND_STORE_URI": self.backend_store_uri,
+            "MLFLOW_ARTIFACTS_DESTINATION": str(self.artifacts_dir),
+            "MLFLOW_AUTH_ADMIN_USERNAME": credentials.username,
+            "MLFLOW_AUTH_ADMIN_PASSWORD": credentials.password,
+            "MLFLOW_FLASK_SERVER_SECRET_KEY": credentials.flask_secret_key,
+            "MLFLOW_HOST": self.host,
+            "MLFLOW_PORT": str(self.port),
+            "MLFLOW_WORKERS": str(self.workers),
+        }
+
+    def start(self) -> TrackingServer:
+        """Starts the server and returns once it answers `/health` and accepts the admin credentials.
+
+        Raises:
+            TrackingServerError: it exited, did not answer in time, or refuses the saved credentials.
+        """
+        if self.running:
+            return self
+        if not self.script.is_file():
+            raise TrackingServerError(f"the server start script {self.script} is missing")
+        self.artifacts_dir.mkdir(parents=True, exist_ok=True)
+        self._credentials = AdminCredentials.load_or_create(self.credentials_path)
+        if self.port is None:
+            self.port = _free_port(self.host)
+        self._scratch_dir = Path(tempfile.mkdtemp(prefix="mlflow-server-"))
+        environment = os.environ | self.server_environment() | {
+            # The `mlflow` the script runs is the one next to this Python; its temporary files
+            # (the generated auth config among them) go to a directory removed at stop.
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+            "TMPDIR": str(self._scratch_dir),
+        }
+        with open(self.log_path, "ab") as log:
+            log.write(f"--- starting {self.uri} on {_redacted(self.backend_store_uri)}\n".encode())
+            log.flush()
+            self._process = subprocess.Popen(
+                ["bash", str(self.script)],
+                env=environment,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        logger.info("starting MLflow server at %s (process group %s)", self.uri, self._process.pid)
+        try:
+            self._wait_until_healthy()
+            self._check_admin_credentials()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stops the server's whole process group (uvicorn workers, job runner, huey consumers) and waits for it.
+
+        Args:
+            timeout: seconds to wait after SIGTERM before the group gets SIGKILL.
+        """
+        process, self._process = self._process, None
+        if process is not None:
+            group = process.pid
+            _signal_group(group, signal.SIGTERM)
+            if not _wait_for_group(process, group, timeout):
+                logger.warning("MLflow server group %s ignored SIGTERM for %.0f s; killing it", group, timeout)
+                _signal_group(group, signal.SIGKILL)
+                _wait_for_group(process, group, timeout)
+        if self._scratch_dir is not None:
+            shutil.rmtree(self._scratch_dir, ignore_errors=True)
+            self._scratch_dir = None
+
+    def restart(self) -> TrackingServer:
+        """Stops the server and starts it again on the same port, database and artifact directory."""
+        self.stop()
+        return self.start()
+
+    def __enter__(self) -> TrackingServer:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def _admin(self) -> AdminCredentials:
+        if self._credentials is None:
+            self._credentials = AdminCredentials.load_or_create(self.credentials_path)
+        return self._credentials
+
+    def _wait_until_healthy(self) -> None:
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            status = self._process.poll()
+            if status is not None:
+                raise TrackingServerError(
+                    f"the MLflow server exited with status {status} before answering /health: "
+                    f"{_last_line(self.log_path)} (the whole log: {self.log_path})"
+                )
+            try:
+                if requests.get(f"{self.uri}/health", timeout=2).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.25)
+        raise TrackingServerError(
+            f"the MLflow server did not answer {self.uri}/health within {self.startup_timeout:.0f} s: "
+            f"{_last_line(self.log_path)} (the whole log: {self.log_path})"
+        )
+
+    def _check_admin_credentials(self) -> None:
+        response = requests.get(
+            f"{self.uri}/api/2.0/mlflow/users/get",
+            params={"username": self.username},
+            auth=(self.username, self.password),
+            timeout=30,
+        )
+        if response.status_code == 401:
+            raise TrackingServerError(
+                f"the server refuses the admin password in {self.credentials_path}: the user store "
+                f"({_redacted(self.backend_store_uri)}) already has user {self.username!r} with another "
+                "password; use the root directory that created it, or a fresh database"
+            )
+        if response.status_code != 200:
+            raise TrackingServerError(
+                f"the server answered HTTP {response.status_code} when asked for its admin user; "
+                f"see {self.log_path}"
+            )
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+def _signal_group(group: int, signal_number: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(group, signal_number)
+
+
+def _group_alive(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _wait_for_group(process: subprocess.Popen, group: int, timeout: float) -> bool:
+    """Waits for the leader (reaping it) and then for every other member of its group to be gone."""
+    deadline = time.monotonic() + timeout
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return False
+    while _group_alive(group):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def _last_line(path: Path) -> str:
+    """The log's last non-empty line: where a failed start says why."""
+    try:
+        lines = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        lines = []
+    return lines[-1] if lines else "(nothing logged)"
+
+
+def _redacted(uri: str) -> str:
+    """The URI with any password replaced by ***, fit to print."""
+    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", uri)

@@ -1,0 +1,225 @@
+"""docker-compose.yml, its Dockerfiles and .env.example, checked statically (there is no Docker engine
+here): the services and the order they start in, healthchecks, pinned images, 127.0.0.1 binds, no
+literal secrets, every variable documented, and the same start script as the native launcher."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from importlib import metadata
+
+import pytest
+import yaml
+from packaging.requirements import Requirement
+
+from pipeline.tracking_server import SERVER_SCRIPT, TrackingServer
+from tests.helpers import PROJECT_DIR
+
+COMPOSE = yaml.safe_load((PROJECT_DIR / "docker-compose.yml").read_text())
+SERVICES = COMPOSE["services"]
+# ${NAME}, ${NAME:-default}, ${NAME-default}, ${NAME:?message}, ${NAME?message}; $$ escapes a $.
+VARIABLE = re.compile(r"(?<!\$)\$\{(\w+)(?:(:?[-?])([^}]*))?\}")
+SECRETS = {"POSTGRES_PASSWORD", "S3_ACCESS_KEY", "S3_SECRET_KEY", "MLFLOW_ADMIN_PASSWORD", "MLFLOW_FLASK_SECRET_KEY"}
+SECRET_SETTING = re.compile(r"PASSWORD|SECRET|ACCESS_KEY|TOKEN")
+
+
+class MissingVariable(Exception):
+    pass
+
+
+def interpolate(value: str, environment: dict[str, str]) -> str:
+    """What compose makes of `value` with these variables (the subset of its syntax the file uses)."""
+
+    def replace(match: re.Match) -> str:
+        name, operator, argument = match.groups()
+        given = environment.get(name)
+        present = bool(given) if operator and operator.startswith(":") else given is not None
+        if present:
+            return given
+        if operator and operator.endswith("?"):
+            raise MissingVariable(f"{name}: {argument}")
+        return argument if operator else ""
+
+    return VARIABLE.sub(replace, value).replace("$$", "$")
+
+
+def strings(node) -> list[str]:
+    if isinstance(node, dict):
+        return [text for value in node.values() for text in strings(value)]
+    if isinstance(node, list):
+        return [text for value in node for text in strings(value)]
+    return [str(node)]
+
+
+def resolved(node, environment: dict[str, str]):
+    if isinstance(node, dict):
+        return {key: resolved(value, environment) for key, value in node.items()}
+    if isinstance(node, list):
+        return [resolved(value, environment) for value in node]
+    return interpolate(node, environment) if isinstance(node, str) else node
+
+
+def env_example() -> dict[str, str]:
+    lines = (PROJECT_DIR / ".env.example").read_text().splitlines()
+    return dict(line.split("=", 1) for line in lines if line.strip() and not line.startswith("#"))
+
+
+def filled_in() -> dict[str, str]:
+    """.env.example with every secret filled in, as a user's .env."""
+    return env_example() | {name: f"{name.lower()}-value" for name in SECRETS}
+
+
+def dockerfile(name: str) -> str:
+    return (PROJECT_DIR / "docker" / name).read_text()
+
+
+def build_dockerfile(service: str) -> str:
+    return (PROJECT_DIR / SERVICES[service]["build"]["dockerfile"]).read_text()
+
+
+def test_services_start_in_order_once_what_they_need_is_healthy():
+    assert set(SERVICES) == {"postgres", "objectstore", "create-bucket", "mlflow", "trainer"}
+    assert SERVICES["mlflow"]["depends_on"] == {
+        "postgres": {"condition": "service_healthy"},
+        "objectstore": {"condition": "service_healthy"},
+        "create-bucket": {"condition": "service_completed_successfully"},
+    }
+    assert SERVICES["create-bucket"]["depends_on"] == {"objectstore": {"condition": "service_healthy"}}
+    assert SERVICES["create-bucket"]["restart"] == "no"
+    assert SERVICES["trainer"]["depends_on"] == {"mlflow": {"condition": "service_healthy"}}
+    assert SERVICES["trainer"]["profiles"] == ["train"]
+
+
+@pytest.mark.parametrize(
+    ("service", "probe"),
+    [("postgres", "pg_isready"), ("objectstore", "http://127.0.0.1:8333/status"), ("mlflow", "/health")],
+)
+def test_long_running_services_have_a_healthcheck_and_restart(service, probe):
+    healthcheck = SERVICES[service]["healthcheck"]
+    assert any(probe in part for part in strings(healthcheck["test"]))
+    assert {"interval", "timeout", "retries"} <= set(healthcheck)
+    assert SERVICES[service]["restart"] == "unless-stopped"
+
+
+def test_stores_keep_their_data_in_named_volumes():
+    assert "postgres-data:/var/lib/postgresql/data" in SERVICES["postgres"]["volumes"]
+    assert "objectstore-data:/data" in SERVICES["objectstore"]["volumes"]
+    assert {"postgres-data", "objectstore-data"} <= set(COMPOSE["volumes"])
+
+
+def test_images_and_base_images_are_pinned_versions():
+    pinned = re.compile(r"^[\w./-]+:\d+(\.\d+)+(-[\w.-]+)?$")
+    images = [service["image"] for service in SERVICES.values() if "image" in service]
+    bases = [
+        line.split()[1]
+        for name in ("mlflow-server.Dockerfile", "trainer.Dockerfile")
+        for line in dockerfile(name).splitlines()
+        if line.startswith("FROM ")
+    ]
+    assert images and bases
+    assert all(pinned.match(image) for image in images + bases), images + bases
+    assert SERVICES["postgres"]["image"].startswith("postgres:16.")
+    assert all("image" in service or "build" in service for service in SERVICES.values())
+
+
+def test_dockerfiles_pin_the_mlflow_version_the_project_runs():
+    installed = metadata.version("mlflow")
+    pyproject = tomllib.loads((PROJECT_DIR / "pyproject.toml").read_text())
+    [mlflow_range] = [
+        Requirement(text) for text in pyproject["project"]["dependencies"] if Requirement(text).name == "mlflow"
+    ]
+    for name in ("mlflow-server.Dockerfile", "trainer.Dockerfile"):
+        [pin] = re.findall(r"^ARG MLFLOW_VERSION=(\S+)$", dockerfile(name), flags=re.MULTILINE)
+        assert pin == installed, f"{name} pins MLflow {pin}; the project runs {installed}"
+        assert mlflow_range.specifier.contains(pin), f"pyproject.toml's {mlflow_range} excludes {pin}"
+        assert '"mlflow[auth]==${MLFLOW_VERSION}"' in dockerfile(name)
+    server = dockerfile("mlflow-server.Dockerfile")
+    assert re.search(r'"psycopg2-binary==[\d.]+"', server) and re.search(r'"boto3==[\d.]+"', server)
+
+
+def test_only_the_mlflow_port_is_published_and_on_localhost_unless_configured():
+    published = {name: service["ports"] for name, service in SERVICES.items() if "ports" in service}
+    assert list(published) == ["mlflow"]
+    [port] = published["mlflow"]
+    assert interpolate(port, {}) == "127.0.0.1:5000:5000"
+    assert interpolate(port, filled_in()) == "127.0.0.1:5000:5000"
+    assert interpolate(port, {"MLFLOW_BIND_ADDRESS": "0.0.0.0", "MLFLOW_HOST_PORT": "8080"}) == "0.0.0.0:8080:5000"
+
+
+def test_secrets_come_only_from_env_and_compose_refuses_to_start_without_them():
+    for name, service in SERVICES.items():
+        for setting, value in service.get("environment", {}).items():
+            if SECRET_SETTING.search(setting) or "://" in str(value) and "@" in str(value):
+                required = {m.group(1) for m in VARIABLE.finditer(str(value)) if m.group(2) == ":?"}
+                assert required & SECRETS, f"{name}.{setting} must come from a required variable, not a literal"
+    required = {m.group(1) for text in strings(COMPOSE) for m in VARIABLE.finditer(text) if m.group(2) == ":?"}
+    assert required == SECRETS
+    example = env_example()
+    assert all(example[name] == "" for name in SECRETS), "no secret value may be committed"
+    for name in SECRETS:
+        with pytest.raises(MissingVariable, match=f"^{name}: {name} is missing: set it in .env"):
+            resolved(COMPOSE, filled_in() | {name: ""})
+    resolved(COMPOSE, filled_in())  # with every secret set, everything resolves
+    assert ".env" in (PROJECT_DIR / ".gitignore").read_text().split()
+    assert ".env" in (PROJECT_DIR / ".dockerignore").read_text().split()
+
+
+def test_env_example_documents_exactly_the_variables_compose_uses():
+    used = {m.group(1) for text in strings(COMPOSE) for m in VARIABLE.finditer(text)}
+    assert used == set(env_example())
+
+
+def test_mlflow_service_runs_the_start_script_of_the_native_launcher():
+    server_dockerfile = build_dockerfile("mlflow")
+    copies = dict(re.findall(r"^COPY (?:--chmod=\d+ )?(\S+) (\S+)$", server_dockerfile, flags=re.MULTILINE))
+    script = str(SERVER_SCRIPT.relative_to(PROJECT_DIR))
+    assert script == "docker/start-mlflow-server.sh"
+    assert copies[script].rsplit("/", 1)[1] == SERVICES["mlflow"]["entrypoint"][0]
+    assert 'ENTRYPOINT ["start-mlflow-server"]' in server_dockerfile
+    assert copies["docker/create-bucket.py"].rsplit("/", 1)[1] == SERVICES["create-bucket"]["entrypoint"][0]
+    assert SERVICES["create-bucket"]["build"] == SERVICES["mlflow"]["build"]
+
+
+def test_mlflow_service_and_launcher_give_the_script_every_setting_it_requires(tmp_path):
+    required = set(re.findall(r'^: "\$\{(\w+):\?', SERVER_SCRIPT.read_text(), flags=re.MULTILINE))
+    assert required == {
+        "MLFLOW_BACKEND_STORE_URI", "MLFLOW_ARTIFACTS_DESTINATION", "MLFLOW_AUTH_ADMIN_USERNAME",
+        "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY",
+    }
+    service = resolved(SERVICES["mlflow"]["environment"], filled_in())
+    launcher = TrackingServer(tmp_path, port=5000).server_environment()
+    for settings in (service, launcher):
+        assert required <= {name for name, value in settings.items() if value}
+        assert {"MLFLOW_HOST", "MLFLOW_PORT", "MLFLOW_WORKERS"} <= set(settings)
+    assert (service["MLFLOW_HOST"], str(service["MLFLOW_PORT"])) == ("0.0.0.0", "5000")
+
+
+def test_mlflow_service_proxies_artifacts_to_the_bucket_the_job_creates():
+    service = resolved(SERVICES["mlflow"]["environment"], filled_in())
+    bucket_job = resolved(SERVICES["create-bucket"]["environment"], filled_in())
+    assert service["MLFLOW_ARTIFACTS_DESTINATION"] == f"s3://{bucket_job['S3_BUCKET']}/"
+    store_port = re.search(r"-s3\.port=(\d+)", " ".join(SERVICES["objectstore"]["command"])).group(1)
+    assert service["MLFLOW_S3_ENDPOINT_URL"] == bucket_job["MLFLOW_S3_ENDPOINT_URL"] == f"http://objectstore:{store_port}"
+    assert service["MLFLOW_BOTO_CLIENT_ADDRESSING_STYLE"] == "path"  # the store knows no bucket host names
+    keys = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+    store = resolved(SERVICES["objectstore"]["environment"], filled_in())
+    assert [service[key] for key in keys] == [bucket_job[key] for key in keys] == [store[key] for key in keys]
+    example = filled_in()
+    assert service["MLFLOW_BACKEND_STORE_URI"] == (
+        f"postgresql+psycopg2://{example['POSTGRES_USER']}:{example['POSTGRES_PASSWORD']}"
+        f"@postgres:5432/{example['POSTGRES_DB']}"
+    )
+
+
+def test_trainer_runs_the_project_against_the_mlflow_service_with_the_admin_credentials():
+    trainer = resolved(SERVICES["trainer"], filled_in())
+    assert trainer["command"][:5] == ["mlflow", "run", ".", "--env-manager", "local"]
+    assert "epochs=20" in trainer["command"]
+    assert resolved(SERVICES["trainer"]["command"], {"EPOCHS": "3"})[6] == "epochs=3"
+    environment = trainer["environment"]
+    assert environment["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    assert environment["MLFLOW_TRACKING_USERNAME"] == filled_in()["MLFLOW_ADMIN_USERNAME"]
+    assert environment["MLFLOW_TRACKING_PASSWORD"] == filled_in()["MLFLOW_ADMIN_PASSWORD"]
+    # the server accepts the Host header the trainer sends
+    allowed = resolved(SERVICES["mlflow"]["environment"], filled_in())["MLFLOW_SERVER_ALLOWED_HOSTS"].split(",")
+    assert "mlflow:*" in allowed

@@ -1,0 +1,314 @@
+"""The team tracking server, run natively as compose runs it: a real `mlflow server` process started by
+docker/start-mlflow-server.sh, basic-auth on, artifacts proxied, the session's PostgreSQL database,
+real `mlflow run` processes and real data."""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import mlflow
+import pytest
+import requests
+from mlflow.tracking import MlflowClient
+
+from pipeline import constants as names
+from pipeline.config import TrainingConfig
+from pipeline.tracking import CREDENTIAL_VARIABLES
+from pipeline.tracking_server import SERVER_SCRIPT, AdminCredentials, TrackingServer, choose_backend_store
+from tests.conftest import POSTGRES_ADMIN_DSN
+from tests.helpers import MNIST_SMALL, PROJECT_DIR, live_processes_in_group, project_env, run_cli
+from tests.test_training import EXPECTED_ARTIFACTS, assert_run_contract
+
+TRAINED_VALUES = {"epochs": "2", "dataset": str(MNIST_SMALL), "lr_patience": "1"}
+EXPERIMENT = "team-server"
+
+
+def mlflow_run(server: TrackingServer, workdir: Path, *params: str, **environment: str):
+    """`mlflow run . --env-manager local` against the server, as a user runs it; returns (result, seconds)."""
+    args = ["mlflow", "run", str(PROJECT_DIR), "--env-manager", "local", "--experiment-name", EXPERIMENT]
+    for param in params:
+        args += ["-P", param]
+    started = time.monotonic()
+    result = subprocess.run(
+        args,
+        cwd=workdir,
+        env=project_env(**(server.client_environment() | environment)),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    return result, time.monotonic() - started
+
+
+@pytest.fixture(scope="module")
+def trained_run(tracking_server: TrackingServer, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The id of one training run made by `mlflow run` against the server, shared by the tests that read it."""
+    workdir = tmp_path_factory.mktemp("mlflow-run")
+    result, _ = mlflow_run(tracking_server, workdir, *(f"{name}={value}" for name, value in TRAINED_VALUES.items()))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert os.listdir(workdir) == [], "the client kept something locally: artifacts must go through the server"
+    [run_id] = re.findall(r"^Run (\w+): test_accuracy=", result.stdout, flags=re.MULTILINE)
+    return run_id
+
+
+@pytest.mark.slow
+def test_mlflow_run_against_the_server_records_the_whole_contract(server_store, trained_run, tmp_path):
+    client = MlflowClient()
+    run = client.get_run(trained_run)
+    assert run.info.artifact_uri.startswith("mlflow-artifacts:/")
+    assert client.get_experiment(run.info.experiment_id).name == EXPERIMENT
+    config = TrainingConfig.from_values(TRAINED_VALUES)
+    assert_run_contract(client, trained_run, config, tmp_path, expected_params=config.as_params())
+    # the server keeps the artifacts in its local artifact directory (compose: the S3 bucket)
+    stored = {path.name for path in server_store.artifacts_dir.rglob("*") if path.is_file()}
+    assert {names.BEST_MODEL_FILE, names.CLASSIFICATION_REPORT_FILE, names.TRAINING_LOG_FILE} <= stored
+
+
+@pytest.mark.slow
+def test_the_api_refuses_requests_without_the_right_credentials(tracking_server):
+    search = f"{tracking_server.uri}/api/2.0/mlflow/experiments/search"
+    artifacts = f"{tracking_server.uri}/api/2.0/mlflow-artifacts/artifacts"
+    admin = (tracking_server.username, tracking_server.password)
+    wrong = (tracking_server.username, tracking_server.password + "x")
+    assert requests.get(search, params={"max_results": 1}, timeout=30).status_code == 401
+    assert requests.get(search, params={"max_results": 1}, auth=wrong, timeout=30).status_code == 401
+    assert requests.get(artifacts, timeout=30).status_code == 401
+    assert requests.get(search, params={"max_results": 1}, auth=admin, timeout=30).status_code == 200
+    # the health check needs no credentials (compose and the launcher poll it)
+    assert requests.get(f"{tracking_server.uri}/health", timeout=30).status_code == 200
+
+
+@pytest.mark.slow
+def test_training_with_a_wrong_password_fails_fast_in_one_line(server_store, tmp_path):
+    experiment = f"wrong-password-{uuid.uuid4().hex[:6]}"
+    started = time.monotonic()
+    result = run_cli(
+        ["train", "--epochs", "1", "--dataset", str(MNIST_SMALL), "--experiment-name", experiment],
+        cwd=tmp_path,
+        timeout=60,
+        **(server_store.client_environment() | {"MLFLOW_TRACKING_PASSWORD": "not-the-password"}),
+    )
+    assert time.monotonic() - started < 30
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"error: tracking server {server_store.uri} refused the credentials (HTTP 401); check {CREDENTIAL_VARIABLES}"
+    ]
+    assert mlflow.get_experiment_by_name(experiment) is None
+
+
+@pytest.mark.slow
+def test_mlflow_run_with_a_wrong_password_fails_within_30_seconds(server_store, tmp_path):
+    before = len(MlflowClient().search_runs(experiment_ids=_all_experiment_ids()))
+    result, seconds = mlflow_run(
+        server_store, tmp_path, "epochs=1", f"dataset={MNIST_SMALL}", MLFLOW_TRACKING_PASSWORD="not-the-password"
+    )
+    assert result.returncode != 0
+    assert seconds < 30
+    assert "401" in result.stderr
+    assert len(MlflowClient().search_runs(experiment_ids=_all_experiment_ids())) == before
+
+
+def _all_experiment_ids() -> list[str]:
+    return [experiment.experiment_id for experiment in MlflowClient().search_experiments()]
+
+
+def _snapshot(client: MlflowClient, run_id: str, workdir: Path) -> dict:
+    """Everything about a run that must survive a server restart, read through the server."""
+    run = client.get_run(run_id)
+    [model] = run.outputs.model_outputs
+    report = client.download_artifacts(run_id, names.CLASSIFICATION_REPORT_FILE, str(workdir))
+    return {
+        "info": (run.info.status, run.info.artifact_uri, run.info.experiment_id),
+        "data": (run.data.params, run.data.metrics, run.data.tags),
+        "histories": {
+            metric: [(m.step, m.value) for m in client.get_metric_history(run_id, metric)]
+            for metric in names.EPOCH_METRICS
+        },
+        "artifacts": _files(partial(client.list_artifacts, run_id)),
+        "model": _files(partial(client.list_logged_model_artifacts, model.model_id)),
+        "report": Path(report).read_bytes(),
+    }
+
+
+def _files(list_artifacts: Callable[[str | None], list], path: str | None = None) -> dict[str, int]:
+    """Every file that `list_artifacts` (of a run or a logged model) finds under `path`, with its size."""
+    found = {}
+    for item in list_artifacts(path):
+        found |= _files(list_artifacts, item.path) if item.is_dir else {item.path: item.file_size}
+    return found
+
+
+@pytest.mark.slow
+def test_runs_metrics_and_artifacts_survive_a_restart(server_store, trained_run, tmp_path):
+    client = MlflowClient()
+    before = _snapshot(client, trained_run, tmp_path / "before")
+    assert set(before["artifacts"]) >= EXPECTED_ARTIFACTS
+    assert {"MLmodel", "data/model.keras"} <= set(before["model"])
+    old_group, uri, backend = server_store.pid, server_store.uri, server_store.backend_store_uri
+    assert len(live_processes_in_group(old_group)) > 1  # mlflow server, uvicorn and its workers
+
+    server_store.stop()
+    assert live_processes_in_group(old_group) == []
+    assert not _answers(uri)
+    server_store.start()
+
+    assert (server_store.uri, server_store.backend_store_uri) == (uri, backend)
+    assert server_store.pid != old_group
+    assert _snapshot(client, trained_run, tmp_path / "after") == before
+
+
+def _answers(uri: str) -> bool:
+    try:
+        requests.get(f"{uri}/health", timeout=5)
+    except requests.ConnectionError:
+        return False
+    return True
+
+
+@pytest.mark.slow
+def test_server_command_prints_what_to_export_and_stops_cleanly_on_ctrl_c(tmp_path):
+    database = tmp_path / "store.db"
+    command = subprocess.Popen(
+        [sys.executable, "-m", "mlflow_project", "server", "--root", str(tmp_path / "root"),
+         "--backend-store-uri", f"sqlite:///{database}"],
+        cwd=tmp_path,
+        env=project_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines = _lines_of(command)
+    try:
+        output = _read_until(lines, "Ctrl-C stops the server.", timeout=120)
+        exported = dict(re.findall(r"^  export (MLFLOW_TRACKING_\w+)=(\S+)$", output, flags=re.MULTILINE))
+        assert set(exported) == {"MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"}
+        assert f"Backend store: sqlite:///{database} (given)" in output
+        [group] = re.findall(r"process group (\d+)", output)
+        search = f"{exported['MLFLOW_TRACKING_URI']}/api/2.0/mlflow/experiments/search"
+        credentials = (exported["MLFLOW_TRACKING_USERNAME"], exported["MLFLOW_TRACKING_PASSWORD"])
+        assert requests.get(search, params={"max_results": 1}, auth=credentials, timeout=30).status_code == 200
+        assert requests.get(search, params={"max_results": 1}, timeout=30).status_code == 401
+        command.send_signal(signal.SIGINT)
+        assert command.wait(timeout=60) == 0
+    finally:
+        if command.poll() is None:
+            command.kill()
+    assert "Stopped." in _read_until(lines, None, timeout=5)
+    assert live_processes_in_group(int(group)) == []
+    assert database.exists()
+    assert (tmp_path / "root" / "admin-credentials.json").stat().st_mode & 0o077 == 0
+
+
+def _lines_of(process: subprocess.Popen) -> queue.Queue:
+    lines: queue.Queue = queue.Queue()
+
+    def pump() -> None:
+        for line in process.stdout:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    return lines
+
+
+def _read_until(lines: queue.Queue, marker: str | None, timeout: float) -> str:
+    """What the process printed until a line holding `marker` (or until it closed its output)."""
+    seen = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            break
+        if line is None:
+            break
+        seen.append(line)
+        if marker and marker in line:
+            break
+    return "".join(seen)
+
+
+def test_a_server_that_cannot_start_is_reported_in_one_line(tmp_path):
+    result = run_cli(
+        ["server", "--root", str(tmp_path / "root"), "--backend-store-uri", f"sqlite:///{tmp_path / 'x.db'}"],
+        cwd=tmp_path,
+        timeout=60,
+        MLFLOW_AUTH_DEFAULT_PERMISSION="EVERYTHING",
+    )
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        "error: the MLflow server exited with status 2 before answering /health: "
+        "MLFLOW_AUTH_DEFAULT_PERMISSION=EVERYTHING is invalid: allowed are READ, EDIT, MANAGE, NO_PERMISSIONS "
+        f"(the whole log: {tmp_path / 'root' / 'server.log'})"
+    ]
+
+
+def test_admin_credentials_are_generated_once_and_readable_only_by_their_owner(tmp_path):
+    path = tmp_path / "root" / "admin-credentials.json"
+    first = AdminCredentials.load_or_create(path)
+    assert AdminCredentials.load_or_create(path) == first
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert first.username == "admin" and len(first.password) >= 24 and len(first.flask_secret_key) >= 32
+    assert AdminCredentials.load_or_create(tmp_path / "other.json").password != first.password
+
+
+def test_backend_store_is_the_given_uri_else_local_postgres_else_sqlite(tmp_path, database_uri):
+    given = choose_backend_store(tmp_path, "postgresql+psycopg2://team:s3cret@db.example:5432/mlflow")
+    assert given.uri == "postgresql+psycopg2://team:s3cret@db.example:5432/mlflow"
+    assert "s3cret" not in given.description and "team:***@db.example" in given.description
+
+    nothing_there = choose_backend_store(tmp_path, postgres_port=9)  # the discard port: nothing listens
+    assert nothing_there.uri == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    assert "no PostgreSQL answers on 127.0.0.1:9" in nothing_there.description
+
+    database = f"mnist_choice_{uuid.uuid4().hex[:8]}"
+    chosen = choose_backend_store(tmp_path, database=database)
+    if os.environ.get("MNIST_TESTS_BACKEND") == "sqlite":  # no PostgreSQL on this machine
+        assert chosen.uri.startswith("sqlite:///")
+        return
+    import psycopg2
+
+    try:
+        assert chosen.uri == f"postgresql+psycopg2://postgres@127.0.0.1:5432/{database}"
+        assert chosen.description == f"PostgreSQL database {database} on 127.0.0.1:5432"
+        assert choose_backend_store(tmp_path, database=database) == chosen  # found, not created twice
+    finally:
+        admin = psycopg2.connect(POSTGRES_ADMIN_DSN)
+        admin.autocommit = True
+        with admin.cursor() as cursor:
+            cursor.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+        admin.close()
+
+
+@pytest.mark.parametrize(
+    ("missing", "extra"),
+    [
+        ("MLFLOW_FLASK_SERVER_SECRET_KEY", {}),
+        ("MLFLOW_AUTH_ADMIN_PASSWORD", {}),
+        (None, {"MLFLOW_AUTH_DEFAULT_PERMISSION": "EVERYTHING"}),
+    ],
+)
+def test_start_script_refuses_incomplete_settings_before_starting_anything(tmp_path, missing, extra):
+    settings = TrackingServer(tmp_path, port=5000).server_environment() | extra
+    settings.pop(missing, None)
+    result = subprocess.run(
+        ["bash", str(SERVER_SCRIPT)],
+        env={"PATH": os.environ["PATH"], "TMPDIR": str(tmp_path)} | settings,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode != 0
+    assert (missing or "MLFLOW_AUTH_DEFAULT_PERMISSION=EVERYTHING is invalid") in result.stderr
+    assert not list(tmp_path.glob("mlflow-basic-auth.*"))  # refused before writing the auth config
