@@ -183,6 +183,17 @@ class RunRecorder:
         (directory / "pending_records.json").write_text(json.dumps(records, indent=1) + "\n")
         return [record.describe() for record in pending]
 
+    def wait_until_delivered(self, timeout: float | None = None) -> bool:
+        """Waits until the queue is empty (delivered or rejected); False when the timeout passed first."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._condition:
+            while self._pending:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                self._condition.wait(remaining)
+            return True
+
     def flush(self, timeout: float | None = None) -> None:
         """Waits until everything queued so far is delivered.
 
@@ -190,13 +201,8 @@ class RunRecorder:
             RecordingError: when the timeout passes with records still pending, or when a record
                 was rejected by the store.
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
+        self.wait_until_delivered(timeout)
         with self._condition:
-            while self._pending:
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    break
-                self._condition.wait(remaining)
             undelivered = [record.describe() for record in self._pending]
             failures = list(self._failures)
         if undelivered:

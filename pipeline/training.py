@@ -52,6 +52,8 @@ logger = logging.getLogger(__name__)
 
 # Seconds to wait, at the end, for queued records to reach the tracking store.
 FLUSH_TIMEOUT_SECONDS = 120.0
+# Pause between attempts to log the model while the store does not answer.
+MODEL_RETRY_SECONDS = 2.0
 # OS errors that mean "the run's local files cannot be written", reported as LocalStorageError.
 LOCAL_STORAGE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
 
@@ -176,8 +178,10 @@ def _train_in_run(
         mlflow_logger = callbacks.mlflow_logger
         if callbacks.batch_timing.nan_at is not None:
             _record_divergence(recorder, callbacks, flush_timeout)
-        test_loss, test_accuracy, local_model = _evaluate_and_report(recorder, callbacks, dataset, workdir)
-        _finish_recording(recorder, workdir, local_model, flush_timeout, rescue_dir / run_id)
+        # One deadline for everything after fit that may wait for an unreachable store.
+        deadline = time.monotonic() + flush_timeout
+        test_loss, test_accuracy, local_model = _evaluate_and_report(recorder, callbacks, dataset, workdir, deadline)
+        _finish_recording(recorder, workdir, local_model, deadline, rescue_dir / run_id)
     after_fit_seconds = time.perf_counter() - fit_started - fit_seconds
     logger.info("Timing: fit %.2f s, after fit %.2f s", fit_seconds, after_fit_seconds)
     return TrainingResult(
@@ -270,7 +274,7 @@ def _record_divergence(recorder: RunRecorder, callbacks: TrainingCallbacks, flus
 
 
 def _evaluate_and_report(
-    recorder: RunRecorder, callbacks: TrainingCallbacks, dataset: ImageDataset, workdir: Path
+    recorder: RunRecorder, callbacks: TrainingCallbacks, dataset: ImageDataset, workdir: Path, deadline: float
 ) -> tuple[float, float, Path | None]:
     """Evaluates the best checkpoint on the test split (as the seed does) and records the results.
 
@@ -287,7 +291,7 @@ def _evaluate_and_report(
     logger.info("Test accuracy of the best checkpoint: %.4f (loss %.4f)", test_accuracy, test_loss)
     with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="plots") as plotter:
         plots = plotter.submit(_plot, recorder, callbacks.mlflow_logger, counts, workdir)
-        local_model = _log_model(recorder, best_model, dataset.x_test[:5], workdir)
+        local_model = _log_model(recorder, best_model, dataset.x_test[:5], workdir, deadline)
         plots.result()
     return test_loss, test_accuracy, local_model
 
@@ -312,33 +316,44 @@ def _plot(recorder: RunRecorder, mlflow_logger: MlflowLogger, counts: np.ndarray
     recorder.log_file(matrix, names.PLOTS_DIR)
 
 
-def _log_model(recorder: RunRecorder, model: keras.Model, input_example: np.ndarray, workdir: Path) -> Path | None:
-    """Logs the MLflow model `model`; while the store is unreachable, saves it locally instead."""
+def _log_model(
+    recorder: RunRecorder, model: keras.Model, input_example: np.ndarray, workdir: Path, deadline: float
+) -> Path | None:
+    """Logs the MLflow model `model`. While the store is unreachable it waits, until `deadline`
+    (time.monotonic()), for the store to take the backlog and then the model; after that it saves
+    the model locally instead and returns that directory (None when logged)."""
     options = {
         "signature": MODEL_SIGNATURE,
         "input_example": input_example,
         "pip_requirements": [f"{package}=={metadata.version(package)}" for package in MODEL_REQUIREMENTS],
     }
-    if not recorder.in_outage:
-        try:
-            mlflow.tensorflow.log_model(model, name=names.MODEL_NAME, **options)
-            return None
-        except Exception as error:  # noqa: BLE001 - only an unreachable store is handled here
-            if not is_transient(error):
-                raise
-            logger.warning("Could not log the model (%s); keeping it locally", str(error).splitlines()[0][:160])
+    while True:
+        if recorder.in_outage:  # the backlog first: when it is delivered, the store is back
+            recorder.wait_until_delivered(max(0.0, deadline - time.monotonic()))
+        if not recorder.in_outage:
+            try:
+                mlflow.tensorflow.log_model(model, name=names.MODEL_NAME, **options)
+                return None
+            except Exception as error:  # noqa: BLE001 - only an unreachable store is handled here
+                if not is_transient(error):
+                    raise
+                logger.warning("Could not log the model yet (%s)", str(error).splitlines()[0][:160])
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(min(MODEL_RETRY_SECONDS, max(0.0, deadline - time.monotonic())))
+    logger.warning("The tracking store did not come back in time; keeping the model locally")
     local = workdir / names.MODEL_NAME
     mlflow.tensorflow.save_model(model, str(local), **options)
     return local
 
 
 def _finish_recording(
-    recorder: RunRecorder, workdir: Path, local_model: Path | None, flush_timeout: float, rescue: Path
+    recorder: RunRecorder, workdir: Path, local_model: Path | None, deadline: float, rescue: Path
 ) -> None:
     """Waits for every record to reach the store. When the store does not come back in time, keeps
     local copies of the best checkpoint, the model and the unsent records, and raises RecordingError."""
     try:
-        recorder.close(timeout=flush_timeout)
+        recorder.close(timeout=max(0.0, deadline - time.monotonic()))
         if local_model is not None:
             raise RecordingError(f"the model could not be logged as {names.MODEL_NAME}")
     except RecordingError as error:

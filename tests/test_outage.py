@@ -1,0 +1,234 @@
+"""Fault injection against a real tracking server: stopped and restarted mid-run, never back, slow,
+and four trainings at once; and no secret in anything a run recorded."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import socketserver
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipeline import constants as names
+from pipeline.registry import register_best_run
+from pipeline.runs import Ranking
+from pipeline.tracking_server import TrackingServer
+from tests.helpers import MNIST_SMALL, project_env
+
+pytestmark = pytest.mark.slow
+
+
+class TrainingProcess:
+    """`python -m mlflow_project train ...` as a real process whose console lines are read live."""
+
+    def __init__(self, env: dict[str, str], cwd: Path, *args: str) -> None:
+        self.lines: list[str] = []
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "mlflow_project", "train", *args],
+            cwd=cwd, env=project_env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    @property
+    def epochs_printed(self) -> int:
+        return sum(1 for line in self.lines if line.startswith("Epoch ") and "loss=" in line)
+
+    def wait_for_epochs(self, count: int, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while self.epochs_printed < count:
+            assert self.process.poll() is None, self.finish()
+            assert time.monotonic() < deadline, "training did not progress"
+            time.sleep(0.05)
+
+    def finish(self, timeout: float = 300) -> tuple[int, str]:
+        stderr = self.process.stderr.read()
+        self.process.wait(timeout)
+        self._reader.join(10)
+        return self.process.returncode, stderr
+
+    @property
+    def run_id(self) -> str:
+        return next(line.split()[1].rstrip(":") for line in self.lines if line.startswith("Run "))
+
+
+def _args(**values: str) -> list[str]:
+    base = {"dataset": str(MNIST_SMALL), "hidden_units": "64", "target_accuracy": "0", "es_patience": "100"}
+    args: list[str] = []
+    for name, value in (base | values).items():
+        args += ["--" + name.replace("_", "-"), value]
+    return args
+
+
+def _assert_every_epoch_once(client: MlflowClient, run_id: str, epochs: int) -> None:
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    for key in names.EPOCH_METRICS:
+        assert [m.step for m in client.get_metric_history(run_id, key)] == list(range(epochs)), key
+    assert int(run.data.metrics[names.EPOCHS_COMPLETED]) == epochs
+    assert names.TEST_ACCURACY in run.data.metrics
+
+
+@pytest.fixture
+def server(tracking_server: TrackingServer, monkeypatch: pytest.MonkeyPatch) -> TrackingServer:
+    """The session's server, with this process signed in, running again after the test whatever the
+    test did to it."""
+    if not tracking_server.running:
+        tracking_server.start()
+    for key, value in tracking_server.client_environment().items():
+        monkeypatch.setenv(key, value)
+    yield tracking_server
+    if not tracking_server.running:
+        tracking_server.start()
+
+
+def test_server_stopped_and_restarted_mid_run_loses_nothing(server, tmp_path):
+    epochs = 30
+    training = TrainingProcess(server.client_environment(), tmp_path, *_args(epochs=str(epochs), batch_size="16"))
+    training.wait_for_epochs(3)
+    server.stop()
+    down_at = training.epochs_printed
+    training.wait_for_epochs(down_at + 4)  # training goes on while the server is down
+    server.start()
+    code, stderr = training.finish()
+    assert code == 0, stderr
+    assert training.epochs_printed == epochs
+    console = training.lines + stderr.splitlines()
+    assert any("Tracking store unreachable" in line for line in console)  # the outage was noticed...
+    assert any("reachable again" in line for line in console)
+    client = MlflowClient(server.uri)
+    _assert_every_epoch_once(client, training.run_id, epochs)  # ...and nothing was lost or doubled
+    assert client.get_run(training.run_id).data.tags[names.TAG_STOP_REASON] == names.STOP_COMPLETED
+
+
+def test_server_never_back_finishes_training_and_keeps_local_copies(server, tmp_path):
+    training = TrainingProcess(
+        server.client_environment() | {"MNIST_PIPELINE_FLUSH_TIMEOUT": "5", "HOME": str(tmp_path)},
+        tmp_path, *_args(epochs="12", batch_size="32"),
+    )
+    training.wait_for_epochs(2)
+    server.stop()
+    started = time.monotonic()
+    code, stderr = training.finish()
+    assert code == 1
+    assert training.epochs_printed == 12  # training still finished
+    assert time.monotonic() - started < 120
+    lines = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr
+    assert "not recorded: " in lines[0] and "metrics/tags" in lines[0]
+    [rescue] = (tmp_path / ".cache" / "mnist-pipeline" / "unrecorded").iterdir()
+    assert str(rescue) in lines[0]
+    assert (rescue / names.BEST_MODEL_FILE).stat().st_size > 0
+    assert (rescue / names.MODEL_NAME / "MLmodel").exists()
+    assert (rescue / names.TRAINING_LOG_FILE).read_text().count("\n") == 13
+    pending = json.loads((rescue / "unsent" / "pending_records.json").read_text())
+    assert {"metric": names.TEST_ACCURACY} .items() <= next(
+        record for record in pending if record.get("metric") == names.TEST_ACCURACY
+    ).items()
+    assert (rescue / "unsent" / "artifacts" / names.STATE_DIR / names.STATE_FILE).exists()
+
+
+class _SlowProxy(socketserver.ThreadingTCPServer):
+    """A TCP proxy on loopback that delays every chunk it forwards: a slow network to a real server."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, target: tuple[str, int], delay: float) -> None:
+        self.target, self.delay = target, delay
+        super().__init__(("127.0.0.1", 0), _SlowProxyHandler)
+
+
+class _SlowProxyHandler(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        upstream = socket.create_connection(self.server.target)
+
+        def pump(source: socket.socket, sink: socket.socket) -> None:
+            try:
+                while data := source.recv(65536):
+                    time.sleep(self.server.delay)
+                    sink.sendall(data)
+            except OSError:
+                pass
+            finally:
+                for end in (source, sink):
+                    with contextlib.suppress(OSError):
+                        end.shutdown(socket.SHUT_RDWR)
+
+        back = threading.Thread(target=pump, args=(upstream, self.request), daemon=True)
+        back.start()
+        pump(self.request, upstream)
+        back.join()
+        upstream.close()
+
+
+def test_no_metric_is_lost_under_a_slow_server(server, tmp_path):
+    port = int(server.uri.rsplit(":", 1)[1])
+    with _SlowProxy(("127.0.0.1", port), delay=0.15) as proxy:
+        threading.Thread(target=proxy.serve_forever, daemon=True).start()
+        env = server.client_environment() | {"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{proxy.server_address[1]}"}
+        training = TrainingProcess(env, tmp_path, *_args(epochs="8", batch_size="64"))
+        code, stderr = training.finish()
+        proxy.shutdown()
+    assert code == 0, stderr
+    _assert_every_epoch_once(MlflowClient(server.uri), training.run_id, 8)
+
+
+def test_four_trainings_at_once_and_a_concurrent_register(server, tmp_path):
+    client = MlflowClient(server.uri)
+    experiment = f"load-{time.time_ns()}"
+    configs = [
+        {"hidden_units": units, "seed": seed, "epochs": str(epochs)}
+        for units, seed, epochs in (("16", "1", "3"), ("32", "2", "4"), ("48", "3", "5"), ("64", "4", "6"))
+    ]
+    trainings = [
+        TrainingProcess(server.client_environment(), tmp_path, *_args(**config), "--experiment-name", experiment)
+        for config in configs
+    ]
+    results = [training.finish() for training in trainings]
+    assert [code for code, _ in results] == [0, 0, 0, 0], [stderr[-2000:] for _, stderr in results]
+    for training, config in zip(trainings, configs, strict=True):
+        run = client.get_run(training.run_id)
+        assert (run.data.params["hidden_units"], run.data.params["seed"]) == (config["hidden_units"], config["seed"])
+        _assert_every_epoch_once(client, training.run_id, int(config["epochs"]))
+        summary = client.download_artifacts(training.run_id, names.MODEL_SUMMARY_FILE, str(tmp_path / run.info.run_id))
+        assert f"(None,{config['hidden_units']})" in Path(summary).read_text().replace(" ", "")  # its own model
+
+    experiment_id = client.get_experiment_by_name(experiment).experiment_id
+    model_name = f"load-model-{time.time_ns()}"
+    registrations = [None] * 3
+
+    def register(index: int) -> None:
+        registrations[index] = register_best_run(MlflowClient(server.uri), experiment_id, model_name, Ranking())
+
+    threads = [threading.Thread(target=register, args=(index,)) for index in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    versions = client.search_model_versions(f"name = '{model_name}'")
+    assert len(versions) == 1
+    assert client.get_registered_model(model_name).aliases == {names.CHAMPION_ALIAS: versions[0].version}
+
+    # No secret anywhere a run recorded: params, tags, metrics' names, artifacts, console output.
+    password = server.password
+    for training, (_, stderr) in zip(trainings, results, strict=True):
+        run = client.get_run(training.run_id)
+        recorded = json.dumps([run.data.params, run.data.tags, list(run.data.metrics)])
+        assert password not in recorded
+        assert password not in "\n".join(training.lines) + stderr
+    # every stored artifact of every run, the logged models' files included
+    for path in server.artifacts_dir.rglob("*"):
+        if path.is_file():
+            assert password.encode() not in path.read_bytes(), path
