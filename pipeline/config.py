@@ -17,6 +17,8 @@ from pipeline.errors import ParameterError
 
 _KIND_NAMES = {int: "int", float: "float", str: "string"}
 _HIDDEN_UNITS = re.compile(r"^\s*[1-9]\d*\s*(,\s*[1-9]\d*\s*)*$")
+# Values of the `strategy` parameter (see pipeline/distribution.py).
+DEFAULT_STRATEGY, MIRRORED_STRATEGY, MULTI_WORKER_STRATEGY = STRATEGIES = ("default", "mirrored", "multi_worker")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,6 +116,10 @@ TRAINING_PARAMETERS: tuple[ParameterSpec, ...] = (
     ParameterSpec("seed", int, 42, "an integer from 0 to 2**32-1",
                   "Seeds Python, NumPy and Keras: same seed and data give the same metrics.",
                   lambda v: 0 <= v < 2**32),
+    ParameterSpec("strategy", str, DEFAULT_STRATEGY, "one of " + ", ".join(STRATEGIES),
+                  "How training is spread: default (one device), mirrored (all local devices) or "
+                  "multi_worker (the cluster in TF_CONFIG, one process per worker).",
+                  lambda v: v in STRATEGIES),
 )
 
 
@@ -155,6 +161,7 @@ class TrainingConfig:
     min_lr: float
     target_accuracy: float
     seed: int
+    strategy: str
 
     @classmethod
     def from_values(cls, values: Mapping[str, object] | None = None) -> TrainingConfig:

@@ -63,3 +63,13 @@ class LocalStorageError(Exception):
     """The run's local files (checkpoints, logs) could not be written. Exit status 1."""
 
     exit_code = 1
+
+
+class ClusterConfigError(UserInputError):
+    """TF_CONFIG does not describe a usable multi-worker cluster. Exit status 2."""
+
+
+class ClusterUnavailable(Exception):
+    """Another worker of a multi-worker training cannot be reached, or was lost. Exit status 1."""
+
+    exit_code = 1
