@@ -86,10 +86,11 @@ def given(values: dict[str, Any]) -> dict[str, Any]:
 def one_line_errors() -> Iterator[None]:
     """Turns the pipeline's errors into one line on stderr and an exit status, no traceback.
 
-    Bad input exits 2; a diverged training or an incomplete record exits 1. When `mlflow run`
+    Bad input exits 2; a diverged training, an incomplete record or a lost worker exits 1. When `mlflow run`
     created a run for us and we fail before using it, the run is marked FAILED, never left RUNNING.
     """
     from pipeline.errors import (
+        ClusterUnavailable,
         LocalStorageError,
         RecordingError,
         TrackingUnavailable,
@@ -99,7 +100,9 @@ def one_line_errors() -> Iterator[None]:
 
     try:
         yield
-    except (UserInputError, TrainingDiverged, RecordingError, TrackingUnavailable, LocalStorageError) as error:
+    except (
+        UserInputError, TrainingDiverged, RecordingError, TrackingUnavailable, LocalStorageError, ClusterUnavailable
+    ) as error:
         _fail_project_run()
         click.echo(f"error: {error}", err=True)
         sys.exit(error.exit_code)
