@@ -130,7 +130,7 @@ def reference(tmp_path_factory) -> dict:
         patch.chdir(directory)
         mlflow.set_tracking_uri(uri)
         try:
-            result = run_training(_config())
+            result = run_training(_config(), experiment_name="reference")
             probabilities = mlflow.pyfunc.load_model(f"runs:/{result.run_id}/model").predict(
                 load_dataset(str(MNIST_SMALL)).x_test
             )
