@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
+import json
 import logging
 import re
 from collections.abc import Iterator, Mapping
@@ -27,8 +29,8 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline.cluster import Cluster, read_cluster, wait_for_peers
-from pipeline.config import DEFAULT_STRATEGY, MIRRORED_STRATEGY, MULTI_WORKER_STRATEGY
-from pipeline.errors import ClusterUnavailable, ParameterError
+from pipeline.config import DEFAULT_STRATEGY, MIRRORED_STRATEGY, MULTI_WORKER_STRATEGY, TrainingConfig
+from pipeline.errors import ClusterConfigError, ClusterUnavailable, ParameterError
 
 logger = logging.getLogger(__name__)
 
@@ -57,17 +59,28 @@ class DistributionPlan:
         """Whether this worker records the run (always, unless it is a non-chief multi-worker task)."""
         return self.cluster is None or self.cluster.is_chief
 
-    def start(self, batch_size: int, peer_timeout: float = PEER_TIMEOUT_SECONDS) -> Distribution:
-        """Creates the strategy; for a multi-worker one, first waits for every peer to answer.
+    def start(
+        self, config: TrainingConfig, data_digest: str, peer_timeout: float = PEER_TIMEOUT_SECONDS
+    ) -> Distribution:
+        """Creates the strategy; for a multi-worker one, first waits for every peer to answer, then
+        checks that all workers train the same thing (workers that disagree would wait forever).
+
+        Args:
+            config: this worker's training parameters.
+            data_digest: the digest of this worker's data (`dataset` paths may differ per machine).
+            peer_timeout: seconds to wait for the slowest peer.
 
         Raises:
             ClusterUnavailable: a peer did not answer within `peer_timeout` seconds.
+            ClusterConfigError: another worker was started with other parameters or data.
             ParameterError: `batch_size` cannot be split evenly across the replicas.
         """
         distribution = self._start(peer_timeout)
-        if batch_size % distribution.num_replicas:
+        if distribution.cluster is not None:
+            distribution.check_workers_agree(config, data_digest)
+        if config.batch_size % distribution.num_replicas:
             raise ParameterError(
-                "batch_size", batch_size,
+                "batch_size", config.batch_size,
                 f"a multiple of the {distribution.num_replicas} replicas of strategy={self.name} (the global "
                 "batch is split evenly across them)",
             )
@@ -153,6 +166,19 @@ class Distribution:
             "shuffle": False,  # the dataset shuffles itself, identically on every worker
         }
 
+    def check_workers_agree(self, config: TrainingConfig, data_digest: str) -> None:
+        """Raises ClusterConfigError when a worker's parameters or data differ from the chief's."""
+        what = {**config.as_params(), "dataset": data_digest}
+        fingerprint = int.from_bytes(hashlib.sha256(json.dumps(what).encode()).digest()[:7], "big")
+        everyone = gather_per_worker(self.strategy, fingerprint, self.num_workers, dtype=tf.int64)
+        differing = [str(worker) for worker, value in enumerate(everyone) if value != everyone[0]]
+        if differing:
+            raise ClusterConfigError(
+                f"multi_worker: {'worker' if len(differing) == 1 else 'workers'} {', '.join(differing)} of "
+                f"{self.num_workers} started with other parameters or data than worker 0; start every worker "
+                "with the same ones"
+            )
+
     @contextlib.contextmanager
     def peer_failures(self) -> Iterator[None]:
         """Turns TensorFlow's error about a lost peer (dead, killed, cut off) into one line."""
@@ -190,14 +216,14 @@ def sharded_batches(x: np.ndarray, y: np.ndarray, batch_size: int, shuffle_seed:
     return dataset.batch(batch_size).with_options(options).prefetch(tf.data.AUTOTUNE)
 
 
-def gather_per_worker(strategy: tf.distribute.Strategy, value: float, num_workers: int) -> list[float]:
+def gather_per_worker(
+    strategy: tf.distribute.Strategy, value: float, num_workers: int, dtype: tf.DType = tf.float32
+) -> list[Any]:
     """Every worker's `value`, in worker order, through a collective (every worker must call it)."""
-    per_replica = strategy.experimental_distribute_values_from_function(
-        lambda _: tf.constant([value], dtype=tf.float32)
-    )
+    per_replica = strategy.experimental_distribute_values_from_function(lambda _: tf.constant([value], dtype=dtype))
     gathered = strategy.gather(per_replica, axis=0).numpy()
     replicas_per_worker = strategy.num_replicas_in_sync // num_workers
-    return [float(seconds) for seconds in gathered[::replicas_per_worker]]
+    return gathered[::replicas_per_worker].tolist()
 
 
 class KerasMultiWorkerMirroredStrategy(tf.distribute.MultiWorkerMirroredStrategy):

@@ -135,7 +135,7 @@ def run_training(
             f"now {dataset.digest} from {dataset.source})"
         )
     x_train, y_train, x_val, y_val = split_validation(dataset.x_train, dataset.y_train, config.validation_split)
-    distribution = plan.start(config.batch_size, peer_timeout)
+    distribution = plan.start(config, dataset.digest, peer_timeout)
     if experiment_name and not run_id:
         mlflow.set_experiment(experiment_name)
     with _local_workdir() as workdir, _mlflow_run(run_id) as run:
@@ -153,7 +153,7 @@ def _train_as_worker(config: TrainingConfig, plan: DistributionPlan, peer_timeou
     callbacks as the chief, files in a private temporary directory, nothing recorded."""
     dataset = load_dataset(config.dataset)
     splits = split_validation(dataset.x_train, dataset.y_train, config.validation_split)
-    distribution = plan.start(config.batch_size, peer_timeout)
+    distribution = plan.start(config, dataset.digest, peer_timeout)
     with _local_workdir() as workdir:
         try:
             model = _build_model(config, distribution)

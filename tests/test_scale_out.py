@@ -44,9 +44,11 @@ print("RUN", result.run_id)
 SHARD_SCRIPT = """
 import json, os
 import numpy as np
+from pipeline.config import TrainingConfig
 from pipeline.distribution import plan_distribution, sharded_batches
 
-distribution = plan_distribution("multi_worker", os.environ).start(batch_size=8, peer_timeout=60)
+plan = plan_distribution("multi_worker", os.environ)
+distribution = plan.start(TrainingConfig.from_values({"batch_size": "8"}), "ids", peer_timeout=60)
 ids = np.arange(100, dtype=np.float32).reshape(-1, 1)
 dataset = distribution.strategy.experimental_distribute_dataset(sharded_batches(ids, ids, 8, shuffle_seed=7))
 epochs = []
@@ -72,18 +74,19 @@ def _cli_args(config: TrainingConfig) -> list[str]:
 
 
 def _start_workers(
-    config: TrainingConfig, root: Path, chief_store: str, **env: str
+    configs: list[TrainingConfig], root: Path, chief_store: str
 ) -> tuple[list[subprocess.Popen], list[Path], list[int]]:
-    """Two `python -m mlflow_project train` workers on 127.0.0.1, each in its own directory; only the
-    chief gets a usable tracking store: the other one is pointed at a port where nothing answers."""
+    """Two `python -m mlflow_project train` workers on 127.0.0.1 (worker i trains `configs[i]`), each in
+    its own directory; only the chief gets a usable tracking store: the other one is pointed at a port
+    where nothing answers."""
     ports = free_ports(3)
     workers, dirs = [], []
     for index, store in enumerate([chief_store, f"http://127.0.0.1:{ports[2]}"]):
         directory = root / f"worker{index}"
         directory.mkdir(parents=True)
-        worker_env = project_env(TF_CONFIG=tf_config(ports[:2], index), MLFLOW_TRACKING_URI=store, **env)
+        worker_env = project_env(TF_CONFIG=tf_config(ports[:2], index), MLFLOW_TRACKING_URI=store)
         workers.append(subprocess.Popen(
-            [sys.executable, *_cli_args(config)], cwd=directory, env=worker_env,
+            [sys.executable, *_cli_args(configs[index])], cwd=directory, env=worker_env,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         ))
         dirs.append(directory)
@@ -185,7 +188,7 @@ def test_mirrored_over_two_logical_cpus_records_two_replicas_and_learns_like_def
 @pytest.mark.slow
 def test_two_workers_train_one_run_recorded_by_the_chief_alone(sqlite_store, tmp_path, reference):
     config = _config(strategy="multi_worker")
-    workers, dirs, _ = _start_workers(config, tmp_path / "workers", sqlite_store)
+    workers, dirs, _ = _start_workers([config, config], tmp_path / "workers", sqlite_store)
     (chief_code, chief_out, chief_err), (worker_code, worker_out, worker_err) = _finish(workers)
     assert chief_code == 0, chief_err[-3000:]
     assert worker_code == 0, worker_err[-3000:]
@@ -260,7 +263,7 @@ def test_invalid_tf_config_gives_one_line_and_exit_2(tmp_path):
 @pytest.mark.slow
 def test_a_worker_lost_during_training_stops_the_chief_in_one_line(sqlite_store, tmp_path):
     config = _config(strategy="multi_worker", epochs="50", target_accuracy="0", es_patience="50")
-    workers, _, ports = _start_workers(config, tmp_path / "workers", sqlite_store)
+    workers, _, ports = _start_workers([config, config], tmp_path / "workers", sqlite_store)
     try:
         for line in workers[1].stdout:
             if line.startswith("Epoch 2:"):
@@ -275,6 +278,16 @@ def test_a_worker_lost_during_training_stops_the_chief_in_one_line(sqlite_store,
     assert f"lost worker 1 (127.0.0.1:{ports[1]})" in _one_line_error(err)
     run = _only_run(MlflowClient())
     assert run.info.status == "FAILED"
+
+
+@pytest.mark.slow
+def test_workers_started_with_other_parameters_stop_in_one_line_before_any_run(sqlite_store, tmp_path):
+    configs = [_config(strategy="multi_worker"), _config(strategy="multi_worker", epochs="4")]
+    workers, _, _ = _start_workers(configs, tmp_path / "workers", sqlite_store)
+    for code, _, err in _finish(workers, timeout=120):
+        assert code == 2
+        assert "worker 1 of 2 started with other parameters or data than worker 0" in _one_line_error(err)
+    assert MlflowClient().search_runs([e.experiment_id for e in MlflowClient().search_experiments()]) == []
 
 
 def test_a_multi_worker_training_is_not_resumed(sqlite_store, monkeypatch):
