@@ -98,10 +98,13 @@ def given(values: dict[str, Any]) -> dict[str, Any]:
 def one_line_errors() -> Iterator[None]:
     """Turns the pipeline's errors into one line on stderr and an exit status, no traceback.
 
-    Bad input exits 2; a diverged training or an incomplete record exits 1. When `mlflow run`
+    Bad input exits 2; a diverged training, an incomplete record or a lost worker exits 1. When `mlflow run`
     created a run for us and we fail before using it, the run is marked FAILED, never left RUNNING.
     """
+    from mlflow.exceptions import MlflowException
+
     from pipeline.errors import (
+        ClusterUnavailable,
         LocalStorageError,
         RecordingError,
         TrackingUnavailable,
@@ -111,10 +114,17 @@ def one_line_errors() -> Iterator[None]:
 
     try:
         yield
-    except (UserInputError, TrainingDiverged, RecordingError, TrackingUnavailable, LocalStorageError) as error:
+    except (
+        UserInputError, TrainingDiverged, RecordingError, TrackingUnavailable, LocalStorageError, ClusterUnavailable
+    ) as error:
         _fail_project_run()
         click.echo(f"error: {error}", err=True)
         sys.exit(error.exit_code)
+    except MlflowException as error:  # the tracking store failed in a way the pipeline does not handle
+        _fail_project_run()
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+        click.echo(f"error: the tracking store failed: {first_line}", err=True)
+        sys.exit(1)
 
 
 def _fail_project_run() -> None:

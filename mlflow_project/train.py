@@ -40,10 +40,21 @@ def train(experiment_name: str | None, run_id: str | None, **values: str | None)
         run_options = parse_parameters(TRAINING_RUN_OPTIONS, given(option_values))
         config = TrainingConfig.from_values(given(values))
         import_tensorflow_quietly()
-        from pipeline.training import FLUSH_TIMEOUT_SECONDS, run_training
+        from pipeline.distribution import PEER_TIMEOUT_SECONDS
+        from pipeline.training import FLUSH_TIMEOUT_SECONDS, WorkerResult, run_training
 
         flush_timeout = float(os.environ.get("MNIST_PIPELINE_FLUSH_TIMEOUT", FLUSH_TIMEOUT_SECONDS))
-        result = run_training(config, experiment_name=experiment_name, run_id=run_id, flush_timeout=flush_timeout)
+        peer_timeout = float(os.environ.get("MNIST_PIPELINE_PEER_TIMEOUT", PEER_TIMEOUT_SECONDS))
+        result = run_training(
+            config, experiment_name=experiment_name, run_id=run_id, flush_timeout=flush_timeout,
+            peer_timeout=peer_timeout,
+        )
+    if isinstance(result, WorkerResult):
+        click.echo(
+            f"Worker {result.worker_id} of {result.num_workers}: trained {result.epochs_completed} epochs; "
+            "the chief (worker 0) records the run"
+        )
+        return
     click.echo(
         f"Run {result.run_id}: test_accuracy={result.test_accuracy:.4f} test_loss={result.test_loss:.4f} "
         f"after {result.epochs_completed} epochs ({result.stop_reason}), best epoch {result.best_epoch}"

@@ -24,6 +24,8 @@ _HIDDEN_UNITS = re.compile(r"^\s*[1-9]\d*\s*(,\s*[1-9]\d*\s*)*$")
 # Registered model names end up in `models:/NAME@champion` URIs: keep them to URI-safe characters.
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _METRIC_NAME = re.compile(r"^[A-Za-z0-9_./-]+( [A-Za-z0-9_./-]+)*$")
+# Values of the `strategy` parameter (see pipeline/distribution.py).
+DEFAULT_STRATEGY, MIRRORED_STRATEGY, MULTI_WORKER_STRATEGY = STRATEGIES = ("default", "mirrored", "multi_worker")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,6 +135,10 @@ TRAINING_PARAMETERS: tuple[ParameterSpec, ...] = (
     ParameterSpec("seed", int, 42, "an integer from 0 to 2**32-1",
                   "Seeds Python, NumPy and Keras: same seed and data give the same metrics.",
                   lambda v: 0 <= v < 2**32),
+    ParameterSpec("strategy", str, DEFAULT_STRATEGY, "one of " + ", ".join(STRATEGIES),
+                  "How training is spread: default (one device), mirrored (all local devices) or "
+                  "multi_worker (the cluster in TF_CONFIG, one process per worker).",
+                  lambda v: v in STRATEGIES),
 )
 
 
@@ -214,10 +220,25 @@ def _grid_parameter(spec: ParameterSpec) -> ParameterSpec:
                          f"Values to try. {spec.help}", is_grid)
 
 
+def _sweep_parameter(spec: ParameterSpec) -> ParameterSpec:
+    """A training parameter as the sweep takes it: a grid, or one value for all trials. A sweep
+    runs its trials one after another in one process, so it cannot be one worker of a cluster."""
+    if spec.name in SWEEP_GRID_SEPARATORS:
+        return _grid_parameter(spec)
+    if spec.name == "strategy":
+        single_process = (DEFAULT_STRATEGY, MIRRORED_STRATEGY)
+        return dataclasses.replace(
+            spec,
+            allowed=f"one of {', '.join(single_process)} (a sweep runs in one process; multi_worker needs a cluster)",
+            check=lambda v: v in single_process,
+        )
+    return spec
+
+
 # A sweep takes every training parameter: those of SWEEP_GRID_SEPARATORS as lists of values to try
 # (the grid), the others as one value for all trials; plus how the best trial is chosen.
 SWEEP_PARAMETERS: tuple[ParameterSpec, ...] = tuple(
-    _grid_parameter(spec) if spec.name in SWEEP_GRID_SEPARATORS else spec for spec in TRAINING_PARAMETERS
+    _sweep_parameter(spec) for spec in TRAINING_PARAMETERS
 ) + RANKING_PARAMETERS
 
 
@@ -259,6 +280,7 @@ class TrainingConfig:
     min_lr: float
     target_accuracy: float
     seed: int
+    strategy: str
 
     @classmethod
     def from_values(cls, values: Mapping[str, object] | None = None) -> TrainingConfig:

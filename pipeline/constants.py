@@ -26,6 +26,8 @@ EPOCH_METRICS = (
     BATCH_MS_MEAN,
     BATCH_MS_P95,
 )
+# Per-epoch metric of distributed trainings (strategy mirrored or multi_worker) only.
+SLOWEST_WORKER_EPOCH_SECONDS = "slowest_worker_epoch_seconds"
 
 # Metrics logged when something happens (new best checkpoint) or once at the end.
 BEST_VAL_ACCURACY = "best_val_accuracy"
@@ -44,6 +46,7 @@ PLOTS_DIR = "plots"
 TRAINING_CURVES_FILE = "training_curves.png"
 CONFUSION_MATRIX_FILE = "confusion_matrix.png"
 CLASSIFICATION_REPORT_FILE = "classification_report.json"
+WORKER_TIMING_FILE = "worker_epoch_seconds.json"  # distributed trainings: each worker's epoch times
 MODEL_NAME = "model"  # the logged MLflow model: runs:/<run_id>/model
 
 # Tags.
@@ -73,6 +76,8 @@ PARAM_TRAIN_SIZE = "train_size"
 PARAM_VAL_SIZE = "val_size"
 PARAM_TEST_SIZE = "test_size"
 PARAM_STEPS_PER_EPOCH = "steps_per_epoch"
+PARAM_NUM_REPLICAS = "num_replicas"
+PARAM_NUM_WORKERS = "num_workers"
 
 DATASET_CONTEXT_TRAINING = "training"
 TAG_DATASET_DIGEST = "dataset_digest"

@@ -77,3 +77,13 @@ class LocalStorageError(Exception):
 class TrackingServerError(TrackingUnavailable):
     """The local tracking server could not be started: it exited, did not answer, refuses its saved
     admin credentials, or its database cannot be used. Exit status 1."""
+
+
+class ClusterConfigError(UserInputError):
+    """TF_CONFIG does not describe a usable multi-worker cluster. Exit status 2."""
+
+
+class ClusterUnavailable(Exception):
+    """Another worker of a multi-worker training cannot be reached, or was lost. Exit status 1."""
+
+    exit_code = 1

@@ -12,6 +12,10 @@ before an MLflow run is touched, and so that a run is only ever FINISHED with it
 7. wait for every queued record to reach the store, then mark the run FINISHED.
 
 Any exception on the way ends the run FAILED (KILLED on Ctrl-C).
+
+With `strategy=multi_worker` every worker runs this, and only the chief does steps 2, 4 and 5: the
+other workers train with the same callbacks minus MlflowLogger, in a private temporary directory,
+and never touch the tracking store (see `pipeline.distribution`).
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from pipeline import reporting
 from pipeline.callbacks import MlflowLogger, TrainingCallbacks, build_callbacks
 from pipeline.config import TrainingConfig
 from pipeline.data import NUM_CLASSES, NUM_PIXELS, ImageDataset, load_dataset, split_validation
+from pipeline.distribution import PEER_TIMEOUT_SECONDS, Distribution, DistributionPlan, plan_distribution
 from pipeline.errors import LocalStorageError, RecordingError, TrainingDiverged
 from pipeline.model import build_model, model_summary
 from pipeline.recorder import RunRecorder, is_transient
@@ -78,6 +83,15 @@ class TrainingResult:
     test_accuracy: float
 
 
+@dataclasses.dataclass(frozen=True)
+class WorkerResult:
+    """What a non-chief worker of a multi-worker training reports (the chief records the run)."""
+
+    worker_id: int
+    num_workers: int
+    epochs_completed: int
+
+
 def run_training(
     config: TrainingConfig,
     experiment_name: str | None = None,
@@ -85,8 +99,10 @@ def run_training(
     parent_run_id: str | None = None,
     flush_timeout: float = FLUSH_TIMEOUT_SECONDS,
     rescue_dir: Path | None = None,
-) -> TrainingResult:
-    """Trains and records one run, or continues a killed one.
+    peer_timeout: float = PEER_TIMEOUT_SECONDS,
+) -> TrainingResult | WorkerResult:
+    """Trains and records one run, or continues a killed one; or, on a non-chief worker of a
+    multi-worker training, trains its share without recording anything.
 
     Args:
         config: the validated parameters.
@@ -98,18 +114,29 @@ def run_training(
         rescue_dir: where the local copies go when it does not (default: `default_rescue_dir()`),
             one directory per run.
         parent_run_id: makes a new run the nested child of this run (a sweep's trials).
+        peer_timeout: multi_worker: seconds to wait for the other workers to answer.
 
     Raises:
         TrackingUnavailable: the tracking server does not answer or refuses the credentials.
-        UserInputError: bad data or parameters, or a run that cannot be resumed (before training).
+        UserInputError: bad data, parameters or TF_CONFIG, or a run that cannot be resumed (a
+            multi-worker training is never resumed), before training.
+        ClusterUnavailable: multi_worker: another worker did not answer, or was lost while training.
         TrainingDiverged: the loss became NaN/inf; the run is FAILED with stop_reason=nan_loss.
         LocalStorageError: the run's local files could not be written (disk full, unwritable TMPDIR).
         RecordingError: training finished but part of the record could not be stored.
     """
+    plan = plan_distribution(config.strategy, os.environ)
+    if not plan.is_chief:
+        return _train_as_worker(config, plan, peer_timeout)
     check_tracking_store()
     client = MlflowClient()
     run_id = run_id or os.environ.get(MLFLOW_RUN_ID.name) or None
     resume = find_resume_point(client, run_id, config) if run_id else None
+    if resume is not None and plan.cluster is not None:
+        raise RunNotResumable(
+            f"run {run_id} cannot be resumed with strategy={config.strategy}: the workers cannot restore its "
+            "saved state together; start a new run"
+        )
     dataset = load_dataset(config.dataset)
     if resume and resume.dataset_digest and resume.dataset_digest != dataset.digest:
         raise RunNotResumable(
@@ -117,21 +144,77 @@ def run_training(
             f"now {dataset.digest} from {dataset.source})"
         )
     x_train, y_train, x_val, y_val = split_validation(dataset.x_train, dataset.y_train, config.validation_split)
+    distribution = plan.start(config, dataset.digest, peer_timeout)
     if experiment_name and not run_id:
         mlflow.set_experiment(experiment_name)
     with _local_workdir() as workdir, _mlflow_run(run_id, parent_run_id) as run:
         try:
             return _train_in_run(
                 client, run, config, dataset, (x_train, y_train, x_val, y_val), workdir, resume, flush_timeout,
-                rescue_dir or default_rescue_dir(),
+                rescue_dir or default_rescue_dir(), distribution,
             )
         except OSError as error:
             if error.errno not in LOCAL_STORAGE_ERRORS:
                 raise
-            raise LocalStorageError(
-                f"cannot write the run's local files in {workdir} ({error.strerror or error}); "
-                "free disk space or point TMPDIR at a writable disk"
-            ) from None
+            raise _local_storage_error(workdir, error) from None
+
+
+def _train_as_worker(config: TrainingConfig, plan: DistributionPlan, peer_timeout: float) -> WorkerResult:
+    """A non-chief worker's share of a multi-worker training: the same model, data and stopping
+    callbacks as the chief, files in a private temporary directory, nothing recorded."""
+    dataset = load_dataset(config.dataset)
+    splits = split_validation(dataset.x_train, dataset.y_train, config.validation_split)
+    distribution = plan.start(config, dataset.digest, peer_timeout)
+    with _local_workdir() as workdir:
+        try:
+            model = _build_model(config, distribution)
+            callbacks = build_callbacks(
+                config, workdir, None, len(splits[0]), strategy=distribution.strategy,
+                num_workers=distribution.num_workers,
+            )
+            history = _fit(model, config, distribution, splits, callbacks, initial_epoch=0)
+        except OSError as error:
+            if error.errno not in LOCAL_STORAGE_ERRORS:
+                raise
+            raise _local_storage_error(workdir, error) from None
+    if callbacks.batch_timing.nan_at is not None:
+        epoch, batch = callbacks.batch_timing.nan_at
+        raise TrainingDiverged(f"training diverged: the loss became NaN/inf at epoch {epoch} batch {batch}")
+    return WorkerResult(distribution.worker_id, distribution.num_workers, epochs_completed=len(history.epoch))
+
+
+def _build_model(config: TrainingConfig, distribution: Distribution) -> keras.Model:
+    """The seeded, compiled model, its variables placed by the strategy."""
+    keras.utils.set_random_seed(config.seed)
+    with distribution.scope():
+        return build_model(config.layer_sizes, config.dropout, config.learning_rate)
+
+
+def _fit(
+    model: keras.Model,
+    config: TrainingConfig,
+    distribution: Distribution,
+    splits: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+    callbacks: TrainingCallbacks,
+    initial_epoch: int,
+) -> keras.callbacks.History:
+    """`model.fit` on the data as the strategy wants it (arrays for the default one, sharded tf.data
+    otherwise); a lost peer becomes one ClusterUnavailable line."""
+    with distribution.peer_failures():
+        return model.fit(
+            **distribution.fit_inputs(splits, config.batch_size, config.seed),
+            epochs=config.epochs,
+            initial_epoch=initial_epoch,
+            callbacks=callbacks.ordered,
+            verbose=0,
+        )
+
+
+def _local_storage_error(workdir: Path, error: OSError) -> LocalStorageError:
+    return LocalStorageError(
+        f"cannot write the run's local files in {workdir} ({error.strerror or error}); "
+        "free disk space or point TMPDIR at a writable disk"
+    )
 
 
 def _train_in_run(
@@ -144,17 +227,20 @@ def _train_in_run(
     resume: ResumePoint | None,
     flush_timeout: float,
     rescue_dir: Path,
+    distribution: Distribution,
 ) -> TrainingResult:
     x_train, y_train, x_val, y_val = splits
     run_id = run.info.run_id
-    keras.utils.set_random_seed(config.seed)
-    model = build_model(config.layer_sizes, config.dropout, config.learning_rate)
+    model = _build_model(config, distribution)
     steps_per_epoch = -(-len(x_train) // config.batch_size)
-    _log_run_header(client, run_id, config, dataset, model, len(x_train), len(x_val), steps_per_epoch)
+    _log_run_header(client, run_id, config, dataset, model, len(x_train), len(x_val), steps_per_epoch, distribution)
 
     with RunRecorder(client, run_id, workdir / "staging") as recorder:
         state = resume.state if resume else None
-        callbacks = build_callbacks(config, workdir, recorder, len(x_train), resume_from=state)
+        callbacks = build_callbacks(
+            config, workdir, recorder, len(x_train), resume_from=state, strategy=distribution.strategy,
+            num_workers=distribution.num_workers,
+        )
         recorder.set_tags({names.TAG_CALLBACKS: ",".join(callbacks.names)})
         recorder.log_file(_write(workdir / names.MODEL_SUMMARY_FILE, model_summary(model)))
         initial_epoch = 0
@@ -164,18 +250,11 @@ def _train_in_run(
             resent = resend_missing_metrics(client, recorder, state.record["history"]) if state else 0
             logger.info("Resuming run %s at epoch %d (%d metric values re-sent)", run_id, initial_epoch + 1, resent)
         fit_started = time.perf_counter()
-        model.fit(
-            x_train,
-            y_train,
-            batch_size=config.batch_size,
-            epochs=config.epochs,
-            initial_epoch=initial_epoch,
-            validation_data=(x_val, y_val),
-            callbacks=callbacks.ordered,
-            verbose=0,
-        )
+        _fit(model, config, distribution, splits, callbacks, initial_epoch)
         fit_seconds = time.perf_counter() - fit_started
         mlflow_logger = callbacks.mlflow_logger
+        if callbacks.worker_timing is not None:
+            recorder.log_json(callbacks.worker_timing.history, names.WORKER_TIMING_FILE)
         if callbacks.batch_timing.nan_at is not None:
             _record_divergence(recorder, callbacks, flush_timeout)
         # One deadline for everything after fit that may wait for an unreachable store.
@@ -223,6 +302,7 @@ def _log_run_header(
     train_size: int,
     val_size: int,
     steps_per_epoch: int,
+    distribution: Distribution,
 ) -> None:
     """Params, tags and the dataset input, before training starts (synchronously: a store that
     cannot take these should stop the run before any training)."""
@@ -232,13 +312,28 @@ def _log_run_header(
         names.PARAM_VAL_SIZE: str(val_size),
         names.PARAM_TEST_SIZE: str(len(dataset.x_test)),
         names.PARAM_STEPS_PER_EPOCH: str(steps_per_epoch),
+        names.PARAM_NUM_REPLICAS: str(distribution.num_replicas),
+        names.PARAM_NUM_WORKERS: str(distribution.num_workers),
     }
     # `mlflow run` has already logged the entry point's parameters as the user typed them
     # ("1e-3"); MLflow refuses to change a param, so only the missing ones are added.
     existing = client.get_run(run_id).data.params
     mlflow.log_params({key: value for key, value in params.items() if key not in existing})
     mlflow.set_tags({names.TAG_RUN_TYPE: names.RUN_TYPE_TRAINING, names.TAG_DATASET_DIGEST: dataset.digest})
-    mlflow.log_input(_mlflow_dataset(dataset), context=names.DATASET_CONTEXT_TRAINING)
+    _log_input_once(_mlflow_dataset(dataset))
+
+
+def _log_input_once(dataset: mlflow.data.Dataset, attempts: int = 3) -> None:
+    """Logs the dataset input. Runs starting together race to create the same dataset entity in
+    the store and the loser gets an integrity error (HTTP 500) once; a retry finds the entity."""
+    for attempt in range(attempts):
+        try:
+            mlflow.log_input(dataset, context=names.DATASET_CONTEXT_TRAINING)
+            return
+        except Exception as error:  # noqa: BLE001 - only transient store errors are retried
+            if not is_transient(error) or attempt == attempts - 1:
+                raise
+            time.sleep(0.5 * (attempt + 1))
 
 
 def _mlflow_dataset(dataset: ImageDataset) -> mlflow.data.Dataset:

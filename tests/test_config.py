@@ -31,6 +31,7 @@ CONTRACT_DEFAULTS = {
     "min_lr": 1e-6,
     "target_accuracy": 0.98,
     "seed": 42,
+    "strategy": "default",
 }
 
 
@@ -71,6 +72,7 @@ def test_values_given_as_text_are_parsed():
         ("es_patience", "-1"), ("lr_factor", "1"), ("lr_factor", "0"), ("lr_patience", "-2"),
         ("min_lr", "-1e-6"), ("target_accuracy", "1.5"), ("target_accuracy", "-0.5"),
         ("seed", "-1"), ("seed", str(2**32)),
+        ("strategy", "mirrord"), ("strategy", "Default"), ("strategy", ""),
     ],
 )
 def test_invalid_values_name_the_parameter_and_what_is_allowed(name, value):

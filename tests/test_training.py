@@ -26,7 +26,10 @@ DERIVED_PARAMS = {
     names.PARAM_VAL_SIZE: "300",
     names.PARAM_TEST_SIZE: "300",
     names.PARAM_STEPS_PER_EPOCH: "10",
+    names.PARAM_NUM_REPLICAS: "1",
+    names.PARAM_NUM_WORKERS: "1",
 }
+CALLBACKS = "TargetAccuracyStop,BatchTiming,ModelCheckpoint,EarlyStopping,ReduceLROnPlateau,CSVLogger,MlflowLogger"
 EXPECTED_ARTIFACTS = {
     f"{names.CHECKPOINT_DIR}/{names.BEST_MODEL_FILE}",
     f"{names.CHECKPOINT_DIR}/{names.BEST_MODEL_INFO_FILE}",
@@ -56,11 +59,16 @@ def assert_run_contract(
     config: TrainingConfig,
     workdir: Path,
     expected_params: dict[str, str] | None = None,
+    derived_params: dict[str, str] | None = None,
+    callbacks: str = CALLBACKS,
 ) -> None:
-    """Every item of the run contract (README, "What a run records"), checked in the store."""
+    """Every item of the run contract (README, "What a run records"), checked in the store.
+
+    `derived_params` overrides DERIVED_PARAMS (a distributed training's replicas and workers), and
+    `callbacks` is the expected `callbacks` tag."""
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
-    assert run.data.params == (expected_params or config.as_params()) | DERIVED_PARAMS
+    assert run.data.params == (expected_params or config.as_params()) | DERIVED_PARAMS | (derived_params or {})
 
     completed = int(run.data.metrics[names.EPOCHS_COMPLETED])
     assert 1 <= completed <= config.epochs
@@ -95,9 +103,7 @@ def assert_run_contract(
     assert run.data.tags[names.TAG_STOP_REASON] in (
         names.STOP_COMPLETED, names.STOP_EARLY_STOPPING, names.STOP_TARGET_ACCURACY
     )
-    assert run.data.tags[names.TAG_CALLBACKS] == (
-        "TargetAccuracyStop,BatchTiming,ModelCheckpoint,EarlyStopping,ReduceLROnPlateau,CSVLogger,MlflowLogger"
-    )
+    assert run.data.tags[names.TAG_CALLBACKS] == callbacks
     assert run.data.tags[names.TAG_RUN_TYPE] == names.RUN_TYPE_TRAINING
 
     with open(local / names.TRAINING_LOG_FILE, newline="") as stream:
@@ -209,7 +215,7 @@ def test_all_parameters_reach_the_run(sqlite_store):
     values = {
         "epochs": "2", "batch_size": "50", "learning_rate": "0.002", "hidden_units": "32,16,8", "dropout": "0.1",
         "validation_split": "0.25", "es_patience": "4", "lr_factor": "0.3", "lr_patience": "3", "min_lr": "1e-05",
-        "target_accuracy": "0.99", "seed": "7", "dataset": str(MNIST_SMALL),
+        "target_accuracy": "0.99", "seed": "7", "dataset": str(MNIST_SMALL), "strategy": "default",
     }
     assert set(values) == {spec.name for spec in TRAINING_PARAMETERS}
     result = run_training(TrainingConfig.from_values(values), experiment_name="params")

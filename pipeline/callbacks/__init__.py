@@ -6,6 +6,8 @@ order is part of the behaviour:
 1. TargetAccuracyStop - the seed's custom callback: the epoch's console line and the target stop.
 2. BatchTiming        - batch/epoch timing added to `logs`; the NaN guard. It runs before
                         ModelCheckpoint so that a diverged epoch is never saved as the best.
+   WorkerTiming       - distributed trainings only: every worker's epoch time (from 2) gathered,
+                        the slowest added to `logs`.
 3. ModelCheckpoint    - saves the best model by val_accuracy (mode max, .keras).
 4. EarlyStopping      - val_loss, best weights restored.
 5. ReduceLROnPlateau  - val_loss; cuts the rate at the end of the epoch.
@@ -14,6 +16,9 @@ order is part of the behaviour:
                         a rate cut by 5, a stop decided by 1, 2 or 4, the CSV row, and the
                         resumable training state; and, on resume, it restores the counters of
                         3, 4 and 5 after their own `on_train_begin` has reset them.
+
+In a multi-worker training only the chief records: the other workers run every callback but
+MlflowLogger (with worker-local checkpoint and CSV files), so that they all stop at the same epoch.
 """
 
 from __future__ import annotations
@@ -22,33 +27,40 @@ import dataclasses
 from pathlib import Path
 
 import keras
+import tensorflow as tf
 
 from pipeline import constants as names
 from pipeline.callbacks.batch_timing import BatchTiming
 from pipeline.callbacks.mlflow_logger import MlflowLogger
 from pipeline.callbacks.target_accuracy import TargetAccuracyStop
+from pipeline.callbacks.worker_timing import WorkerTiming
 from pipeline.config import TrainingConfig
 from pipeline.recorder import RunRecorder
 from pipeline.training_state import TrainingState
 
-__all__ = ["BatchTiming", "MlflowLogger", "TargetAccuracyStop", "TrainingCallbacks", "build_callbacks"]
+__all__ = [
+    "BatchTiming", "MlflowLogger", "TargetAccuracyStop", "TrainingCallbacks", "WorkerTiming", "build_callbacks"
+]
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainingCallbacks:
-    """The callbacks of one training, by role; `ordered` is what goes to `model.fit`."""
+    """The callbacks of one training, by role; `ordered` is what goes to `model.fit` (without the
+    roles a training does not have: None)."""
 
     target_stop: TargetAccuracyStop
     batch_timing: BatchTiming
+    worker_timing: WorkerTiming | None
     checkpoint: keras.callbacks.ModelCheckpoint
     early_stopping: keras.callbacks.EarlyStopping
     reduce_lr: keras.callbacks.ReduceLROnPlateau
     csv_logger: keras.callbacks.CSVLogger
-    mlflow_logger: MlflowLogger
+    mlflow_logger: MlflowLogger | None
 
     @property
     def ordered(self) -> list[keras.callbacks.Callback]:
-        return [getattr(self, field.name) for field in dataclasses.fields(self)]
+        callbacks = (getattr(self, field.name) for field in dataclasses.fields(self))
+        return [callback for callback in callbacks if callback is not None]
 
     @property
     def names(self) -> list[str]:
@@ -58,19 +70,24 @@ class TrainingCallbacks:
 def build_callbacks(
     config: TrainingConfig,
     workdir: Path,
-    recorder: RunRecorder,
+    recorder: RunRecorder | None,
     num_train_samples: int,
     resume_from: TrainingState | None = None,
+    strategy: tf.distribute.Strategy | None = None,
+    num_workers: int = 1,
 ) -> TrainingCallbacks:
     """Builds the callbacks of one training.
 
     Args:
         config: the training parameters (patiences, factors, target).
         workdir: the run's private temporary directory (checkpoint and CSV log live there).
-        recorder: where MlflowLogger sends its records.
+        recorder: where MlflowLogger sends its records; None on a worker that records nothing
+            (a multi-worker training's non-chief workers): then there is no MlflowLogger.
         num_train_samples: training examples per epoch, for BatchTiming's throughput.
         resume_from: a saved state to continue from: its CSV log and best checkpoint are put back
             in `workdir` now; MlflowLogger restores the rest when training begins.
+        strategy: the tf.distribute strategy of a distributed training (adds WorkerTiming), or None.
+        num_workers: processes training together.
     """
     csv_path = workdir / names.TRAINING_LOG_FILE
     checkpoint_path = workdir / names.BEST_MODEL_FILE
@@ -80,6 +97,7 @@ def build_callbacks(
             checkpoint_path.write_bytes(resume_from.best_checkpoint)
     target_stop = TargetAccuracyStop(config.target_accuracy)
     batch_timing = BatchTiming(config.batch_size, num_train_samples)
+    worker_timing = WorkerTiming(strategy, num_workers) if strategy is not None else None
     checkpoint = keras.callbacks.ModelCheckpoint(
         filepath=str(checkpoint_path),
         monitor=names.VAL_ACCURACY,
@@ -94,7 +112,7 @@ def build_callbacks(
         monitor=names.VAL_LOSS, factor=config.lr_factor, patience=config.lr_patience, min_lr=config.min_lr
     )
     csv_logger = keras.callbacks.CSVLogger(str(csv_path), append=resume_from is not None)
-    mlflow_logger = MlflowLogger(
+    mlflow_logger = None if recorder is None else MlflowLogger(
         recorder,
         checkpoint=checkpoint,
         early_stopping=early_stopping,
@@ -105,5 +123,5 @@ def build_callbacks(
         resume_from=resume_from,
     )
     return TrainingCallbacks(
-        target_stop, batch_timing, checkpoint, early_stopping, reduce_lr, csv_logger, mlflow_logger
+        target_stop, batch_timing, worker_timing, checkpoint, early_stopping, reduce_lr, csv_logger, mlflow_logger
     )

@@ -111,7 +111,8 @@ class MlflowLogger(keras.callbacks.Callback):
         if self.batch_timing.nan_at is not None:
             self.stop_reason = names.STOP_NAN_LOSS
             return  # the epoch did not complete: nothing of it is recorded, not even its state
-        metrics = {key: float(logs[key]) for key in names.EPOCH_METRICS if key in logs}
+        recorded = (*names.EPOCH_METRICS, names.SLOWEST_WORKER_EPOCH_SECONDS)
+        metrics = {key: float(logs[key]) for key in recorded if key in logs}
         metrics[names.LEARNING_RATE] = self._epoch_lr
         tags: dict[str, object] = {}
 
