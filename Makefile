@@ -23,13 +23,13 @@ run: setup
 server: setup
 	$(BIN)/python -m mlflow_project server
 
-## The whole test suite (what CI runs).
+## The whole test suite (what CI runs), on two workers: most tests wait on real processes.
 test: setup
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 ## Everything but the end-to-end process tests.
 test-fast: setup
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest -n 2 --dist loadfile -m "not slow"
 
 lint: setup
 	$(BIN)/ruff check .

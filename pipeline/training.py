@@ -4,8 +4,8 @@
 before an MLflow run is touched, and so that a run is only ever FINISHED with its whole record:
 
 1. ask the tracking server once (unreachable, or a wrong password, fails here in one line);
-2. decide whether a given run is new, to be resumed, or refused (`pipeline.resume`);
-3. validate the data (a bad file raises DataError; no run exists yet);
+2. validate the data (a bad file raises DataError; the store is not touched yet);
+3. decide whether a given run is new, to be resumed, or refused (`pipeline.resume`);
 4. open the run (the one `mlflow run` created, the given one, or a new one), log params and inputs;
 5. fit with the callbacks of `pipeline.callbacks` (MlflowLogger records every epoch as it ends);
 6. evaluate the best checkpoint on the test split, log the report, plots and the model;
@@ -129,6 +129,7 @@ def run_training(
     if not plan.is_chief:
         return _train_as_worker(config, plan, peer_timeout)
     check_tracking_store()
+    dataset = load_dataset(config.dataset)  # bad data fails before the store is touched
     client = MlflowClient()
     run_id = run_id or os.environ.get(MLFLOW_RUN_ID.name) or None
     resume = find_resume_point(client, run_id, config) if run_id else None
@@ -137,7 +138,6 @@ def run_training(
             f"run {run_id} cannot be resumed with strategy={config.strategy}: the workers cannot restore its "
             "saved state together; start a new run"
         )
-    dataset = load_dataset(config.dataset)
     if resume and resume.dataset_digest and resume.dataset_digest != dataset.digest:
         raise RunNotResumable(
             f"run {run_id} was trained on other data (digest {resume.dataset_digest}, "

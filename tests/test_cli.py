@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
+from mlflow_project.cli import cli
 from pipeline import constants as names
 from tests.helpers import MNIST_SMALL, run_cli
 
@@ -16,7 +18,7 @@ def _store(tmp_path) -> dict[str, str]:
 
 
 def _assert_one_line_error(result, *fragments: str) -> None:
-    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
+    assert "Traceback" not in result.stderr and "Traceback" not in (result.stdout or "")
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("error: ")
@@ -63,9 +65,10 @@ def test_bad_parameters_give_one_line_and_exit_2_without_a_run(tmp_path, args, f
 def test_bad_data_file_gives_one_line_and_exit_2(tmp_path):
     broken = tmp_path / "digits.npz"
     broken.write_bytes(b"\x00" * 100)
-    result = run_cli(["train", "--dataset", str(broken)], cwd=tmp_path, timeout=120, **_store(tmp_path))
-    assert result.returncode == 2
+    result = CliRunner().invoke(cli, ["train", "--dataset", str(broken)], env=_store(tmp_path) | {"MLFLOW_RUN_ID": ""})
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit)  # nothing else escaped
     _assert_one_line_error(result, str(broken), "not an .npz")
+    assert not (tmp_path / "mlflow.db").exists()
 
 
 def test_nan_loss_exits_1_with_one_line_and_a_failed_run(tmp_path):
