@@ -181,7 +181,7 @@ class TrackingServer:
         backend_store_uri: runs, users and permissions; default: SQLite in root.
         host: the interface to listen on.
         port: the port; default: a free one.
-        workers: server worker processes.
+        workers: server worker processes (1: see MLFLOW_WORKERS in the start script).
         startup_timeout: seconds to wait for `/health` before giving up.
         script: the start script (the one the compose `mlflow` service runs).
     """
@@ -192,7 +192,7 @@ class TrackingServer:
         backend_store_uri: str | None = None,
         host: str = "127.0.0.1",
         port: int | None = None,
-        workers: int = 2,
+        workers: int = 1,
         startup_timeout: float = 120.0,
         script: Path = SERVER_SCRIPT,
     ) -> None:
