@@ -131,6 +131,7 @@ def main() -> None:
     parser.add_argument("--dataset", required=True, help="an .npz or IDX directory (e.g. ../shared/data/fashion-mnist)")
     parser.add_argument("--epochs", type=int, nargs="+", default=[5, 20])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1, help="discarded runs of each variant first (cold caches)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--output", type=Path, help="also write the markdown table here")
     args = parser.parse_args()
@@ -145,6 +146,9 @@ def main() -> None:
         with contextlib.ExitStack() as stack:
             server_env = base_env | stack.enter_context(tracking_server(workdir)) if "server" in args.variants else {}
             envs = {"plain": base_env, "local": local_env, "server": server_env, "autolog": local_env}
+            for _ in range(args.warmup):
+                for variant in args.variants:
+                    measure(command_for(variant, min(args.epochs), dataset), envs[variant], workdir)
             for repeat in range(args.repeats):
                 for epochs in args.epochs:
                     for variant in args.variants:
@@ -153,8 +157,8 @@ def main() -> None:
                         print(f"repeat {repeat + 1} epochs {epochs} {variant}: "
                               + ", ".join(f"{k}={v:.2f}" for k, v in sample.items()), flush=True)
     report = (
-        f"Machine: {machine()}\n\nDataset: {args.dataset}; {args.repeats} repetitions, variants alternating; "
-        f"medians (min-max).\n\n{table(results, args.epochs)}\n"
+        f"Machine: {machine()}\n\nDataset: {args.dataset}; {args.warmup} discarded warm-up run(s) of each variant, "
+        f"then {args.repeats} repetitions, variants alternating; medians (min-max).\n\n{table(results, args.epochs)}\n"
     )
     print("\n" + report)
     if args.output:
