@@ -1,6 +1,33 @@
-"""`python -m mlflow_project ...`"""
+"""`python -m mlflow_project ...` and the `mnist-pipeline` console script."""
+
+import logging
+import os
+import sys
 
 from mlflow_project.cli import cli
 
+
+def main() -> None:
+    """Runs the CLI, then leaves the process at once.
+
+    When a command returns, its run is ended, its records delivered and its files closed; what is
+    left is the interpreter's teardown of TensorFlow and MLflow, which takes 1-2 s here (measured:
+    2.2 s after the last line, against 1.2 s for a plain Keras script). `os._exit` skips it.
+    """
+    try:
+        cli.main()
+        code = 0
+    except SystemExit as exit_request:
+        code = exit_request.code
+    if not isinstance(code, int):
+        if code is not None:
+            print(code, file=sys.stderr)
+        code = 0 if code is None else 1
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    cli()
+    main()
