@@ -142,8 +142,7 @@ def _read_idx(path: Path, key: str) -> np.ndarray:
             f"has no {path.name}; an IDX directory needs {', '.join(IDX_FILES.values())}",
         )
     try:
-        with gzip.open(path, "rb") as stream:
-            raw = stream.read()
+        raw = gzip.decompress(path.read_bytes())  # one call: zlib releases the GIL throughout
     except (OSError, EOFError, zlib.error) as error:
         raise DataError(str(path), f"is not a valid gzip file, truncated or corrupt ({error})") from None
     is_images = key.startswith("x_")
@@ -223,5 +222,7 @@ def _normalize_images(images: np.ndarray) -> np.ndarray:
     flat = images.reshape(len(images), NUM_PIXELS)
     if flat.dtype.kind == "f" and flat.max() <= 1.0:
         return flat.astype(np.float32, copy=False)
-    return flat.astype(np.float32) / np.float32(255.0)
+    normalized = flat.astype(np.float32)
+    normalized /= np.float32(255.0)
+    return normalized
 
