@@ -1,6 +1,7 @@
 """The two reference trainings of the overhead benchmark, as standalone scripts.
 
     python bench/keras_baselines.py plain   EPOCHS DATASET   # plain Keras, the seed's callbacks
+    python bench/keras_baselines.py plain8  EPOCHS DATASET   # the same, 8 batches per call, as our pipeline
     python bench/keras_baselines.py autolog EPOCHS DATASET   # the same under mlflow.tensorflow.autolog()
 
 Both train the seed's model with the seed's callbacks (best checkpoint, early stopping, LR on plateau,
@@ -32,7 +33,8 @@ def main(variant: str, epochs: int, dataset_path: str) -> None:
         mlflow.set_experiment("bench-autolog")
         mlflow.tensorflow.autolog(checkpoint=True, checkpoint_monitor="val_accuracy", checkpoint_mode="max")
     keras.utils.set_random_seed(config.seed)
-    model = build_model(config.layer_sizes, config.dropout, config.learning_rate)
+    steps_per_execution = config.steps_per_execution if variant == "plain8" else 1
+    model = build_model(config.layer_sizes, config.dropout, config.learning_rate, steps_per_execution)
     with tempfile.TemporaryDirectory() as tmp:
         best = os.path.join(tmp, "best_model.keras")
         callbacks = [

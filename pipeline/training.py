@@ -184,10 +184,19 @@ def _train_as_worker(config: TrainingConfig, plan: DistributionPlan, peer_timeou
 
 
 def _build_model(config: TrainingConfig, distribution: Distribution) -> keras.Model:
-    """The seeded, compiled model, its variables placed by the strategy."""
+    """The seeded, compiled model, its variables placed by the strategy.
+
+    Under a strategy it runs one batch per call: Keras 3.15 cannot run several batches per call on
+    a distributed dataset (its loop asks the distributed iterator for the next batch inside the
+    compiled call, which fails)."""
     keras.utils.set_random_seed(config.seed)
+    steps_per_execution = config.steps_per_execution
+    if distribution.strategy is not None and steps_per_execution > 1:
+        logger.info("strategy=%s runs one batch per call (steps_per_execution=%d does not apply)",
+                    config.strategy, steps_per_execution)
+        steps_per_execution = 1
     with distribution.scope():
-        return build_model(config.layer_sizes, config.dropout, config.learning_rate)
+        return build_model(config.layer_sizes, config.dropout, config.learning_rate, steps_per_execution)
 
 
 def _fit(

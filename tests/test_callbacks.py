@@ -35,9 +35,21 @@ def data():
     return split_validation(dataset.x_train, dataset.y_train, 0.2)
 
 
-def _model(learning_rate: float = 0.001) -> keras.Model:
+def _model(learning_rate: float = 0.001, steps_per_execution: int = 1) -> keras.Model:
     keras.utils.set_random_seed(7)
-    return build_model((64,), 0.2, learning_rate)
+    return build_model((64,), 0.2, learning_rate, steps_per_execution)
+
+
+def test_several_batches_per_call_train_exactly_as_one(data):
+    """steps_per_execution only changes how often Python is called: the same weights and metrics."""
+    x, y, x_val, y_val = data
+    histories = []
+    for steps in (1, 8):
+        history = _model(steps_per_execution=steps).fit(
+            x, y, batch_size=32, validation_data=(x_val, y_val), epochs=3, verbose=0
+        )
+        histories.append(history.history)
+    assert histories[0] == histories[1]
 
 
 def test_target_accuracy_stop_stops_at_the_first_epoch_reaching_the_target(data):
@@ -71,6 +83,17 @@ def test_batch_timing_adds_timing_metrics_to_the_epoch_logs(data):
     assert timing.nan_at is None
 
 
+def test_batch_timing_shares_a_call_among_its_batches(data):
+    x, y, x_val, y_val = data
+    timing = BatchTiming(batch_size=100, num_samples=len(x))
+    history = _model(steps_per_execution=5).fit(
+        x, y, batch_size=100, validation_data=(x_val, y_val), epochs=1, callbacks=[timing], verbose=0
+    )
+    assert len(timing._batch_seconds) == 12  # calls of 5, 5 and 2 batches
+    train_seconds = history.history[names.BATCH_MS_MEAN][0] * 12 / 1000
+    assert history.history[names.SAMPLES_PER_SECOND][0] == pytest.approx(len(x) / train_seconds, rel=1e-6)
+
+
 def test_nan_guard_stops_within_the_batch(data):
     x, y, x_val, y_val = data
     timing = BatchTiming(batch_size=32, num_samples=len(x))
@@ -82,6 +105,20 @@ def test_nan_guard_stops_within_the_batch(data):
     assert epoch == 0 and batch < len(x) // 32 - 1
     # no batch ran after the one with the NaN loss, and no further epoch
     assert len(timing._batch_seconds) == batch + 1
+    assert len(history.history["loss"]) == 1
+    assert np.isnan(history.history["val_accuracy"][0])
+
+
+def test_nan_guard_stops_at_the_end_of_the_call_with_several_batches_per_call(data):
+    x, y, x_val, y_val = data
+    timing = BatchTiming(batch_size=32, num_samples=len(x))
+    history = _model(learning_rate=1e30, steps_per_execution=8).fit(
+        x, y, batch_size=32, validation_data=(x_val, y_val), epochs=5, callbacks=[timing], verbose=0
+    )
+    epoch, batch = timing.nan_at
+    # Keras reports the call's last batch; the guard stops before the next call
+    assert epoch == 0 and batch % 8 == 7 and batch < len(x) // 32 - 1
+    assert len(timing._batch_seconds) == batch + 1  # every batch of the calls that ran is timed
     assert len(history.history["loss"]) == 1
     assert np.isnan(history.history["val_accuracy"][0])
 

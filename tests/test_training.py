@@ -216,6 +216,7 @@ def test_all_parameters_reach_the_run(sqlite_store):
         "epochs": "2", "batch_size": "50", "learning_rate": "0.002", "hidden_units": "32,16,8", "dropout": "0.1",
         "validation_split": "0.25", "es_patience": "4", "lr_factor": "0.3", "lr_patience": "3", "min_lr": "1e-05",
         "target_accuracy": "0.99", "seed": "7", "dataset": str(MNIST_SMALL), "strategy": "default",
+        "steps_per_execution": "4",
     }
     assert set(values) == {spec.name for spec in TRAINING_PARAMETERS}
     result = run_training(TrainingConfig.from_values(values), experiment_name="params")

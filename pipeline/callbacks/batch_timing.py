@@ -21,17 +21,22 @@ class BatchTiming(keras.callbacks.Callback):
     `epoch_seconds` (epoch start to end, validation included), `batch_ms_mean`, `batch_ms_p95`
     and `samples_per_second` (training examples over the time spent in training batches).
 
-    The guard checks the loss after every batch: a non-finite value sets `stop_training`, which
-    Keras honours before the next batch, so a diverged model never trains on. That epoch's
-    `val_accuracy` is then set to NaN in the logs, so that no later callback (the best-model
-    checkpoint in particular) can take the diverged weights for an improvement.
+    The guard checks the loss whenever Keras hands control back: after every batch, or, with a
+    model compiled with `steps_per_execution=N`, after every N batches (Keras calls batch-level
+    callbacks once per compiled call, with the index of its last batch). The epoch's running loss
+    stays non-finite once one batch's loss was, so the guard sees it at the end of that call. A
+    non-finite value sets `stop_training`, which Keras honours before the next call, so a diverged
+    model never trains on. That epoch's `val_accuracy` is then set to NaN in the logs, so that no
+    later callback (the best-model checkpoint in particular) can take the diverged weights for an
+    improvement. Batch times are the call's time shared evenly among its batches.
 
     Args:
         batch_size: examples per batch, to turn batch counts into samples per second.
         num_samples: training examples per epoch.
 
     Attributes:
-        nan_at: `(epoch, batch)` where the loss first became non-finite, or None.
+        nan_at: `(epoch, batch)`: the last batch of the call after which the loss was first found
+            non-finite (the batch itself when batches are run one per call), or None.
     """
 
     def __init__(self, batch_size: int, num_samples: int) -> None:
@@ -42,6 +47,7 @@ class BatchTiming(keras.callbacks.Callback):
         self._epoch = 0
         self._epoch_start = 0.0
         self._batch_start = 0.0
+        self._first_batch = 0
         self._batch_seconds: list[float] = []
 
     def on_train_begin(self, logs=None) -> None:
@@ -53,14 +59,20 @@ class BatchTiming(keras.callbacks.Callback):
         self._batch_seconds = []
 
     def on_train_batch_begin(self, batch: int, logs=None) -> None:
+        self._first_batch = batch
         self._batch_start = time.perf_counter()
 
     def on_train_batch_end(self, batch: int, logs=None) -> None:
-        self._batch_seconds.append(time.perf_counter() - self._batch_start)
+        steps = (self.params or {}).get("steps")
+        if steps:  # Keras gives an epoch's last call a full call's end index even when it runs fewer
+            batch = min(batch, steps - 1)
+        batches = max(1, batch - self._first_batch + 1)
+        self._batch_seconds.extend([(time.perf_counter() - self._batch_start) / batches] * batches)
         loss = (logs or {}).get("loss")
         if loss is not None and not math.isfinite(loss):
             self.nan_at = (self._epoch, batch)
-            logger.error("Loss is %s at epoch %d, batch %d; stopping.", loss, self._epoch + 1, batch)
+            where = f"batch {batch}" if batches == 1 else f"batches {self._first_batch}-{batch}"
+            logger.error("Loss is %s at epoch %d, %s; stopping.", loss, self._epoch + 1, where)
             self.model.stop_training = True
 
     def on_epoch_end(self, epoch: int, logs=None) -> None:
