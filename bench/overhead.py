@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import os
 import platform
 import re
@@ -140,6 +141,8 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--output", type=Path, help="also write the markdown table here")
     args = parser.parse_args()
+    if "autolog" in args.variants and importlib.util.find_spec("tensorboard") is None:
+        parser.error("the autolog variant needs tensorboard (MLflow's autolog imports it): pip install tensorboard")
     dataset = str(Path(args.dataset).resolve())
     results: dict[tuple[str, int], list[dict[str, float]]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
