@@ -20,7 +20,6 @@ and never touch the tracking store (see `pipeline.distribution`).
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import dataclasses
 import errno
@@ -43,12 +42,13 @@ from mlflow.types import Schema, TensorSpec
 
 from pipeline import constants as names
 from pipeline import reporting
-from pipeline.callbacks import MlflowLogger, TrainingCallbacks, build_callbacks
+from pipeline.callbacks import TrainingCallbacks, build_callbacks
 from pipeline.config import TrainingConfig
 from pipeline.data import NUM_CLASSES, NUM_PIXELS, ImageDataset, load_dataset, split_validation
 from pipeline.distribution import PEER_TIMEOUT_SECONDS, Distribution, DistributionPlan, plan_distribution
 from pipeline.errors import LocalStorageError, RecordingError, TrainingDiverged
 from pipeline.model import build_model, model_summary
+from pipeline.plot_process import PlotProcess
 from pipeline.recorder import RunRecorder, is_transient
 from pipeline.resume import ResumePoint, RunNotResumable, find_resume_point, resend_missing_metrics
 from pipeline.tracking import check_tracking_store
@@ -382,21 +382,27 @@ def _evaluate_and_report(
 ) -> tuple[float, float, Path | None]:
     """Evaluates the best checkpoint on the test split (as the seed does) and records the results.
 
-    One prediction pass gives the loss, the accuracy and the confusion matrix. The plots are drawn on
-    a second thread while this one logs the model: the two are the bulk of the time after `fit`.
-    Returns test loss, test accuracy, and a local MLflow model directory when the tracking store
-    could not take the model (None when it is logged in the run)."""
-    best_model = keras.models.load_model(callbacks.checkpoint.filepath)
-    probabilities = best_model.predict(dataset.x_test, batch_size=1024, verbose=0)
-    test_loss, test_accuracy = categorical_loss_and_accuracy(dataset.y_test, probabilities)
-    counts = reporting.confusion_matrix(dataset.y_test.argmax(axis=1), probabilities.argmax(axis=1))
-    recorder.log_metrics({names.TEST_LOSS: test_loss, names.TEST_ACCURACY: test_accuracy}, step=0)
-    recorder.log_json(reporting.classification_report(counts), names.CLASSIFICATION_REPORT_FILE)
-    logger.info("Test accuracy of the best checkpoint: %.4f (loss %.4f)", test_accuracy, test_loss)
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="plots") as plotter:
-        plots = plotter.submit(_plot, recorder, callbacks.mlflow_logger, counts, workdir)
+    One prediction pass gives the loss, the accuracy and the confusion matrix. The plots are drawn by
+    a PlotProcess on the other core meanwhile: the training curves while the checkpoint is
+    evaluated, the confusion matrix while the model is logged. Returns test loss, test accuracy,
+    and a local MLflow model directory when the tracking store could not take the model (None when
+    it is logged in the run)."""
+    mlflow_logger = callbacks.mlflow_logger
+    curves, matrix = workdir / names.TRAINING_CURVES_FILE, workdir / names.CONFUSION_MATRIX_FILE
+    with PlotProcess() as plotter:
+        best_epoch = mlflow_logger.best["epoch"] if mlflow_logger.best else None
+        plotter.submit("plot_training_curves", mlflow_logger.history, mlflow_logger.lr_changes, best_epoch, curves)
+        best_model = keras.models.load_model(callbacks.checkpoint.filepath)
+        probabilities = best_model.predict(dataset.x_test, batch_size=1024, verbose=0)
+        test_loss, test_accuracy = categorical_loss_and_accuracy(dataset.y_test, probabilities)
+        counts = reporting.confusion_matrix(dataset.y_test.argmax(axis=1), probabilities.argmax(axis=1))
+        recorder.log_metrics({names.TEST_LOSS: test_loss, names.TEST_ACCURACY: test_accuracy}, step=0)
+        recorder.log_json(reporting.classification_report(counts), names.CLASSIFICATION_REPORT_FILE)
+        logger.info("Test accuracy of the best checkpoint: %.4f (loss %.4f)", test_accuracy, test_loss)
+        plotter.submit("plot_confusion_matrix", counts, matrix)
         local_model = _log_model(recorder, best_model, dataset.x_test[:5], workdir, deadline)
-        plots.result()
+    recorder.log_file(curves, names.PLOTS_DIR)
+    recorder.log_file(matrix, names.PLOTS_DIR)
     return test_loss, test_accuracy, local_model
 
 
@@ -408,16 +414,6 @@ def categorical_loss_and_accuracy(one_hot: np.ndarray, probabilities: np.ndarray
     loss = float(np.mean(-np.sum(one_hot * np.log(clipped), axis=1)))
     accuracy = float(np.mean(one_hot.argmax(axis=1) == probabilities.argmax(axis=1)))
     return loss, accuracy
-
-
-def _plot(recorder: RunRecorder, mlflow_logger: MlflowLogger, counts: np.ndarray, workdir: Path) -> None:
-    curves = workdir / names.TRAINING_CURVES_FILE
-    best_epoch = mlflow_logger.best["epoch"] if mlflow_logger.best else None
-    reporting.plot_training_curves(mlflow_logger.history, mlflow_logger.lr_changes, best_epoch, curves)
-    recorder.log_file(curves, names.PLOTS_DIR)
-    matrix = workdir / names.CONFUSION_MATRIX_FILE
-    reporting.plot_confusion_matrix(counts, matrix)
-    recorder.log_file(matrix, names.PLOTS_DIR)
 
 
 def _log_model(
