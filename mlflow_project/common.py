@@ -8,11 +8,14 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from pipeline.config import ParameterSpec
+
+if TYPE_CHECKING:
+    from pipeline.runs import Workspace
 
 # TensorFlow's C++ start-up chatter and MLflow's INFO lines (creating tables, experiments) are not
 # for users of the CLI; set before anything imports TensorFlow or MLflow. Users can override both.
@@ -83,10 +86,30 @@ def experiment_option(help_text: str) -> Callable[[Callable[..., Any]], Callable
     return click.option("--experiment-name", default=None, help=help_text)
 
 
-CURRENT_EXPERIMENT_HELP = (
+_CURRENT_EXPERIMENT_HELP = (
     "Experiment to act on (default: the current one: MLFLOW_EXPERIMENT_ID, set by `mlflow run`, "
     "else MLFLOW_EXPERIMENT_NAME, else MLflow's 'Default')."
 )
+
+
+def experiment_command(name: str, specs: Sequence[ParameterSpec]) -> Callable[[Callable[..., Any]], click.Command]:
+    """A command that acts on an experiment's training runs (`register`, `compare`): its parameters
+    as options, and `--experiment-name`."""
+
+    def decorate(function: Callable[..., Any]) -> click.Command:
+        return click.command(name)(parameter_options(specs)(experiment_option(_CURRENT_EXPERIMENT_HELP)(function)))
+
+    return decorate
+
+
+def open_experiment(
+    specs: Sequence[ParameterSpec], values: dict[str, Any], run_type: str, experiment_name: str | None
+) -> tuple[dict[str, Any], Workspace]:
+    """An experiment command's parsed parameters, and its workspace (`pipeline.runs.open_workspace`)."""
+    from pipeline.config import parse_parameters
+    from pipeline.runs import open_workspace
+
+    return parse_parameters(specs, given(values)), open_workspace(run_type, experiment_name)
 
 
 def given(values: dict[str, Any]) -> dict[str, Any]:
@@ -110,6 +133,7 @@ def one_line_errors() -> Iterator[None]:
         TrackingUnavailable,
         TrainingDiverged,
         UserInputError,
+        first_line,
     )
 
     try:
@@ -122,8 +146,7 @@ def one_line_errors() -> Iterator[None]:
         sys.exit(error.exit_code)
     except MlflowException as error:  # the tracking store failed in a way the pipeline does not handle
         _fail_project_run()
-        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
-        click.echo(f"error: the tracking store failed: {first_line}", err=True)
+        click.echo(f"error: the tracking store failed: {first_line(error, 300)}", err=True)
         sys.exit(1)
 
 

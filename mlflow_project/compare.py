@@ -6,32 +6,21 @@ from pathlib import Path
 
 import click
 
-from mlflow_project.common import (
-    CURRENT_EXPERIMENT_HELP,
-    configure_console_logging,
-    experiment_option,
-    given,
-    one_line_errors,
-    parameter_options,
-)
+from mlflow_project.common import configure_console_logging, experiment_command, one_line_errors, open_experiment
 from pipeline.config import COMPARE_PARAMETERS
 
 
-@click.command("compare")
-@parameter_options(COMPARE_PARAMETERS)
-@experiment_option(CURRENT_EXPERIMENT_HELP)
+@experiment_command("compare", COMPARE_PARAMETERS)
 def compare(experiment_name: str | None, **values: str | None) -> None:
     """Compare the experiment's best training runs: table (CSV), overlay plot (PNG), UI compare link."""
     configure_console_logging()
     with one_line_errors():
         from pipeline import comparison
         from pipeline import constants as names
-        from pipeline.config import parse_parameters
-        from pipeline.runs import Ranking, open_workspace
+        from pipeline.runs import Ranking
         from pipeline.tracking import is_server_uri
 
-        options = parse_parameters(COMPARE_PARAMETERS, given(values))
-        workspace = open_workspace(names.RUN_TYPE_COMPARISON, experiment_name)
+        options, workspace = open_experiment(COMPARE_PARAMETERS, values, names.RUN_TYPE_COMPARISON, experiment_name)
         client = workspace.client
         result = comparison.compare_runs(
             client, workspace.experiment, options["filter"], options["top"], Ranking.from_options(options)

@@ -6,34 +6,23 @@ from typing import TYPE_CHECKING
 
 import click
 
-from mlflow_project.common import (
-    CURRENT_EXPERIMENT_HELP,
-    configure_console_logging,
-    experiment_option,
-    given,
-    one_line_errors,
-    parameter_options,
-)
+from mlflow_project.common import configure_console_logging, experiment_command, one_line_errors, open_experiment
 from pipeline.config import REGISTER_PARAMETERS
 
 if TYPE_CHECKING:
     from pipeline.registry import Registration
 
 
-@click.command("register")
-@parameter_options(REGISTER_PARAMETERS)
-@experiment_option(CURRENT_EXPERIMENT_HELP)
+@experiment_command("register", REGISTER_PARAMETERS)
 def register(experiment_name: str | None, **values: str | None) -> None:
     """Register the best finished training run's model; move the champion alias only if it beats it."""
     configure_console_logging()
     with one_line_errors():
         from pipeline import constants as names
-        from pipeline.config import parse_parameters
         from pipeline.registry import record_registration, register_best_run
-        from pipeline.runs import Ranking, open_workspace
+        from pipeline.runs import Ranking
 
-        options = parse_parameters(REGISTER_PARAMETERS, given(values))
-        workspace = open_workspace(names.RUN_TYPE_REGISTRATION, experiment_name)
+        options, workspace = open_experiment(REGISTER_PARAMETERS, values, names.RUN_TYPE_REGISTRATION, experiment_name)
         registration = register_best_run(
             workspace.client, workspace.experiment.experiment_id, options["model_name"],
             Ranking.from_options(options), dry_run=options["dry_run"],

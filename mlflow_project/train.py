@@ -8,6 +8,7 @@ import click
 
 from mlflow_project.common import (
     configure_console_logging,
+    experiment_option,
     given,
     import_tensorflow_quietly,
     one_line_errors,
@@ -18,11 +19,9 @@ from pipeline.config import TRAINING_PARAMETERS, TRAINING_RUN_OPTIONS
 
 @click.command("train")
 @parameter_options(TRAINING_PARAMETERS + TRAINING_RUN_OPTIONS)
-@click.option(
-    "--experiment-name",
-    default=None,
-    help="Experiment of a new run (default: MLFLOW_EXPERIMENT_NAME, else MLflow's 'Default'). "
-    "Under `mlflow run`, the run MLflow created is used.",
+@experiment_option(
+    "Experiment of a new run (default: MLFLOW_EXPERIMENT_NAME, else MLflow's 'Default'). "
+    "Under `mlflow run`, the run MLflow created is used."
 )
 @click.option(
     "--run-id",
