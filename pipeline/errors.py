@@ -87,3 +87,9 @@ class ClusterUnavailable(Exception):
     """Another worker of a multi-worker training cannot be reached, or was lost. Exit status 1."""
 
     exit_code = 1
+
+
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """The first line of an error's message (its type's name when it has none), for a log line."""
+    lines = str(error).strip().splitlines()
+    return (lines[0] if lines else type(error).__name__)[:limit]

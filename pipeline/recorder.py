@@ -29,7 +29,7 @@ from mlflow.entities import Metric, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from pipeline.errors import RecordingError
+from pipeline.errors import RecordingError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -309,12 +309,11 @@ class RunRecorder:
                         self._pending.extendleft(reversed(record.split()))
                         self._delivering = False
                     continue
-                logger.error("Tracking store rejected %s: %s", record.describe(), _first_line(error))
+                logger.error("Tracking store rejected %s: %s", record.describe(), first_line(error))
                 with self._condition:
-                    self._failures.append(f"{record.describe()} ({_first_line(error)})")
-            else:
-                pause = self._retry_interval
-                self._note_recovery()
+                    self._failures.append(f"{record.describe()} ({first_line(error)})")
+            pause = self._retry_interval
+            self._note_recovery()  # delivered or rejected: either way the store answered
             with self._condition:
                 self._pending.popleft()
                 self._delivering = False
@@ -326,7 +325,7 @@ class RunRecorder:
         if self._outage_since is None:
             self._outage_since = time.monotonic()
             logger.warning(
-                "Tracking store unreachable (%s); training goes on, records are kept", _first_line(error)
+                "Tracking store unreachable (%s); training goes on, records are kept", first_line(error)
             )
 
     def _note_recovery(self) -> None:
@@ -345,11 +344,6 @@ class RunRecorder:
                 record.writer(record.staged_path)
                 record.writer = None
             self.client.log_artifact(self.run_id, str(record.staged_path), record.artifact_dir)
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return (text[0] if text else type(error).__name__)[:200]
 
 
 def _summarize(items: list[str], limit: int = 5) -> str:

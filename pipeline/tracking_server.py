@@ -38,7 +38,7 @@ from types import TracebackType
 
 import requests
 
-from pipeline.errors import TrackingServerError
+from pipeline.errors import TrackingServerError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -152,9 +152,8 @@ def local_postgres_database(database: str, host: str = "127.0.0.1", port: int = 
     try:
         connection = psycopg2.connect(host=host, port=port, user=user, dbname="postgres", connect_timeout=5)
     except psycopg2.Error as error:
-        first_line = str(error).strip().splitlines()[0]
         raise TrackingServerError(
-            f"PostgreSQL on {host}:{port} refused user {user} ({first_line}); set PGUSER/PGPASSWORD "
+            f"PostgreSQL on {host}:{port} refused user {user} ({first_line(error, 1000)}); set PGUSER/PGPASSWORD "
             "or pass a backend store URI"
         ) from None
     connection.autocommit = True
@@ -275,7 +274,6 @@ class TrackingServer:
         if not self.script.is_file():
             raise TrackingServerError(f"the server start script {self.script} is missing")
         self.artifacts_dir.mkdir(parents=True, exist_ok=True)
-        self._credentials = AdminCredentials.load_or_create(self.credentials_path)
         if self.port is None:
             self.port = _free_port(self.host)
         self._scratch_dir = Path(tempfile.mkdtemp(prefix="mlflow-server-"))

@@ -46,7 +46,7 @@ from pipeline.callbacks import TrainingCallbacks, build_callbacks
 from pipeline.config import TrainingConfig
 from pipeline.data import NUM_CLASSES, NUM_PIXELS, ImageDataset, load_dataset, split_validation
 from pipeline.distribution import PEER_TIMEOUT_SECONDS, Distribution, DistributionPlan, plan_distribution
-from pipeline.errors import LocalStorageError, RecordingError, TrainingDiverged
+from pipeline.errors import LocalStorageError, RecordingError, TrainingDiverged, first_line
 from pipeline.model import build_model, model_summary
 from pipeline.plot_process import PlotProcess
 from pipeline.recorder import RunRecorder, is_transient
@@ -60,7 +60,9 @@ FLUSH_TIMEOUT_SECONDS = 120.0
 # Pause between attempts to log the model while the store does not answer.
 MODEL_RETRY_SECONDS = 2.0
 # OS errors that mean "the run's local files cannot be written", reported as LocalStorageError.
-LOCAL_STORAGE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
+LOCAL_STORAGE_ERRORS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
+)
 
 MODEL_SIGNATURE = ModelSignature(
     inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, NUM_PIXELS))]),
@@ -147,16 +149,11 @@ def run_training(
     distribution = plan.start(config, dataset.digest, peer_timeout)
     if experiment_name and not run_id:
         mlflow.set_experiment(experiment_name)
-    with _local_workdir() as workdir, _mlflow_run(run_id, parent_run_id) as run:
-        try:
-            return _train_in_run(
-                client, run, config, dataset, (x_train, y_train, x_val, y_val), workdir, resume, flush_timeout,
-                rescue_dir or default_rescue_dir(), distribution,
-            )
-        except OSError as error:
-            if error.errno not in LOCAL_STORAGE_ERRORS:
-                raise
-            raise _local_storage_error(workdir, error) from None
+    with _local_workdir() as workdir, _mlflow_run(run_id, parent_run_id) as run, _local_storage_errors(workdir):
+        return _train_in_run(
+            client, run, config, dataset, (x_train, y_train, x_val, y_val), workdir, resume, flush_timeout,
+            rescue_dir or default_rescue_dir(), distribution,
+        )
 
 
 def _train_as_worker(config: TrainingConfig, plan: DistributionPlan, peer_timeout: float) -> WorkerResult:
@@ -165,18 +162,12 @@ def _train_as_worker(config: TrainingConfig, plan: DistributionPlan, peer_timeou
     dataset = load_dataset(config.dataset)
     splits = split_validation(dataset.x_train, dataset.y_train, config.validation_split)
     distribution = plan.start(config, dataset.digest, peer_timeout)
-    with _local_workdir() as workdir:
-        try:
-            model = _build_model(config, distribution)
-            callbacks = build_callbacks(
-                config, workdir, None, len(splits[0]), strategy=distribution.strategy,
-                num_workers=distribution.num_workers,
-            )
-            history = _fit(model, config, distribution, splits, callbacks, initial_epoch=0)
-        except OSError as error:
-            if error.errno not in LOCAL_STORAGE_ERRORS:
-                raise
-            raise _local_storage_error(workdir, error) from None
+    with _local_workdir() as workdir, _local_storage_errors(workdir):
+        model = _build_model(config, distribution)
+        callbacks = build_callbacks(
+            config, workdir, None, len(splits[0]), strategy=distribution.strategy, num_workers=distribution.num_workers
+        )
+        history = _fit(model, config, distribution, splits, callbacks, initial_epoch=0)
     if callbacks.batch_timing.nan_at is not None:
         epoch, batch = callbacks.batch_timing.nan_at
         raise TrainingDiverged(f"training diverged: the loss became NaN/inf at epoch {epoch} batch {batch}")
@@ -219,11 +210,18 @@ def _fit(
         )
 
 
-def _local_storage_error(workdir: Path, error: OSError) -> LocalStorageError:
-    return LocalStorageError(
-        f"cannot write the run's local files in {workdir} ({error.strerror or error}); "
-        "free disk space or point TMPDIR at a writable disk"
-    )
+@contextlib.contextmanager
+def _local_storage_errors(workdir: Path) -> Iterator[None]:
+    """Disk errors on the run's local files (see LOCAL_STORAGE_ERRORS) become one LocalStorageError."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno not in LOCAL_STORAGE_ERRORS:
+            raise
+        raise LocalStorageError(
+            f"cannot write the run's local files in {workdir} ({error.strerror or error}); "
+            "free disk space or point TMPDIR at a writable disk"
+        ) from None
 
 
 def _train_in_run(
@@ -277,7 +275,7 @@ def _train_in_run(
         experiment_id=run.info.experiment_id,
         stop_reason=mlflow_logger.stop_reason or names.STOP_COMPLETED,
         epochs_completed=len(mlflow_logger.history),
-        best_epoch=mlflow_logger.best["epoch"] if mlflow_logger.best else None,
+        best_epoch=mlflow_logger.best_epoch,
         test_loss=test_loss,
         test_accuracy=test_accuracy,
     )
@@ -390,8 +388,9 @@ def _evaluate_and_report(
     mlflow_logger = callbacks.mlflow_logger
     curves, matrix = workdir / names.TRAINING_CURVES_FILE, workdir / names.CONFUSION_MATRIX_FILE
     with PlotProcess() as plotter:
-        best_epoch = mlflow_logger.best["epoch"] if mlflow_logger.best else None
-        plotter.submit("plot_training_curves", mlflow_logger.history, mlflow_logger.lr_changes, best_epoch, curves)
+        plotter.submit(
+            "plot_training_curves", mlflow_logger.history, mlflow_logger.lr_changes, mlflow_logger.best_epoch, curves
+        )
         best_model = keras.models.load_model(callbacks.checkpoint.filepath)
         probabilities = best_model.predict(dataset.x_test, batch_size=1024, verbose=0)
         test_loss, test_accuracy = categorical_loss_and_accuracy(dataset.y_test, probabilities)
@@ -429,7 +428,7 @@ def _log_model(
     }
     while True:
         if recorder.in_outage:  # the backlog first: when it is delivered, the store is back
-            recorder.wait_until_delivered(max(0.0, deadline - time.monotonic()))
+            recorder.wait_until_delivered(_remaining(deadline))
         if not recorder.in_outage:
             try:
                 mlflow.tensorflow.log_model(model, name=names.MODEL_NAME, **options)
@@ -437,14 +436,19 @@ def _log_model(
             except Exception as error:  # noqa: BLE001 - only an unreachable store is handled here
                 if not is_transient(error):
                     raise
-                logger.warning("Could not log the model yet (%s)", str(error).splitlines()[0][:160])
+                logger.warning("Could not log the model yet (%s)", first_line(error, 160))
         if time.monotonic() >= deadline:
             break
-        time.sleep(min(MODEL_RETRY_SECONDS, max(0.0, deadline - time.monotonic())))
+        time.sleep(min(MODEL_RETRY_SECONDS, _remaining(deadline)))
     logger.warning("The tracking store did not come back in time; keeping the model locally")
     local = workdir / names.MODEL_NAME
     mlflow.tensorflow.save_model(model, str(local), **options)
     return local
+
+
+def _remaining(deadline: float) -> float:
+    """Seconds left until `deadline` (time.monotonic()), never negative."""
+    return max(0.0, deadline - time.monotonic())
 
 
 def _finish_recording(
@@ -453,7 +457,7 @@ def _finish_recording(
     """Waits for every record to reach the store. When the store does not come back in time, keeps
     local copies of the best checkpoint, the model and the unsent records, and raises RecordingError."""
     try:
-        recorder.close(timeout=max(0.0, deadline - time.monotonic()))
+        recorder.close(timeout=_remaining(deadline))
         if local_model is not None:
             raise RecordingError(f"the model could not be logged as {names.MODEL_NAME}")
     except RecordingError as error:
@@ -486,7 +490,7 @@ def _mlflow_run(run_id: str | None, parent_run_id: str | None = None) -> Iterato
         try:
             mlflow.end_run(status)
         except Exception as error:  # noqa: BLE001 - the store may be the thing that failed
-            logger.warning("Could not mark run %s %s: %s", run.info.run_id, status, str(error).splitlines()[0][:160])
+            logger.warning("Could not mark run %s %s: %s", run.info.run_id, status, first_line(error, 160))
 
 
 def _write(path: Path, text: str) -> Path:

@@ -12,7 +12,6 @@ and uploaded as one artifact, so it is replaced whole or not at all.
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 from pathlib import Path
 from typing import Any
@@ -68,9 +67,8 @@ class TrainingState:
             "csv_log": self.csv_log,
         }
         arrays["header"] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
-        buffer = io.BytesIO()
-        np.savez(buffer, **arrays)
-        Path(path).write_bytes(buffer.getvalue())
+        with open(path, "wb") as stream:  # a file object: np.savez adds no ".npz" to the name
+            np.savez(stream, **arrays)
 
     @classmethod
     def load(cls, path: Path) -> TrainingState:

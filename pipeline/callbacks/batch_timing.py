@@ -48,10 +48,12 @@ class BatchTiming(keras.callbacks.Callback):
         self._epoch_start = 0.0
         self._batch_start = 0.0
         self._first_batch = 0
+        self._steps: int | None = None
         self._batch_seconds: list[float] = []
 
     def on_train_begin(self, logs=None) -> None:
         self.nan_at = None
+        self._steps = (self.params or {}).get("steps")
 
     def on_epoch_begin(self, epoch: int, logs=None) -> None:
         self._epoch = epoch
@@ -63,9 +65,8 @@ class BatchTiming(keras.callbacks.Callback):
         self._batch_start = time.perf_counter()
 
     def on_train_batch_end(self, batch: int, logs=None) -> None:
-        steps = (self.params or {}).get("steps")
-        if steps:  # Keras gives an epoch's last call a full call's end index even when it runs fewer
-            batch = min(batch, steps - 1)
+        if self._steps:  # Keras gives an epoch's last call a full call's end index even when it runs fewer
+            batch = min(batch, self._steps - 1)
         batches = max(1, batch - self._first_batch + 1)
         self._batch_seconds.extend([(time.perf_counter() - self._batch_start) / batches] * batches)
         loss = (logs or {}).get("loss")

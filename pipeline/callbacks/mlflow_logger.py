@@ -24,6 +24,8 @@ from pipeline.training_state import (
 logger = logging.getLogger(__name__)
 
 LR_CHANGE_CAUSE = "ReduceLROnPlateau(val_loss)"
+# What an epoch records of its logs (the slowest worker only under a multi-worker strategy).
+RECORDED_METRICS = (*names.EPOCH_METRICS, names.SLOWEST_WORKER_EPOCH_SECONDS)
 # The counters of the Keras callbacks that a resumed training must get back.
 EARLY_STOPPING_FIELDS = ("wait", "best", "best_epoch", "stopped_epoch")
 REDUCE_LR_FIELDS = ("wait", "best", "cooldown_counter")
@@ -97,6 +99,11 @@ class MlflowLogger(keras.callbacks.Callback):
         self._best_checkpoint_bytes: bytes | None = None
         self._epoch_lr = 0.0
 
+    @property
+    def best_epoch(self) -> int | None:
+        """The epoch of the best checkpoint, or None before there is one."""
+        return self.best["epoch"] if self.best else None
+
     def on_train_begin(self, logs=None) -> None:
         if self.resume_from is not None:
             self._restore(self.resume_from)
@@ -111,8 +118,7 @@ class MlflowLogger(keras.callbacks.Callback):
         if self.batch_timing.nan_at is not None:
             self.stop_reason = names.STOP_NAN_LOSS
             return  # the epoch did not complete: nothing of it is recorded, not even its state
-        recorded = (*names.EPOCH_METRICS, names.SLOWEST_WORKER_EPOCH_SECONDS)
-        metrics = {key: float(logs[key]) for key in recorded if key in logs}
+        metrics = {key: float(logs[key]) for key in RECORDED_METRICS if key in logs}
         metrics[names.LEARNING_RATE] = self._epoch_lr
         tags: dict[str, object] = {}
 
@@ -165,7 +171,10 @@ class MlflowLogger(keras.callbacks.Callback):
         return names.STOP_COMPLETED
 
     def _upload_best_checkpoint(self) -> None:
-        self.recorder.log_file(Path(self.checkpoint.filepath), names.CHECKPOINT_DIR)
+        """Uploads the best checkpoint from the bytes already read (written out by the recorder's thread)."""
+        data = self._best_checkpoint_bytes
+        artifact_file = f"{names.CHECKPOINT_DIR}/{names.BEST_MODEL_FILE}"
+        self.recorder.log_written(lambda path: path.write_bytes(data), artifact_file)
         self.recorder.log_json(self.best, f"{names.CHECKPOINT_DIR}/{names.BEST_MODEL_INFO_FILE}")
 
     def _capture(self, epoch: int) -> TrainingState:
