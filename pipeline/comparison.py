@@ -9,9 +9,7 @@ sweep or registration takes for a training run.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 from pathlib import Path
 
 from mlflow.entities import Experiment, Run, RunTag
@@ -19,13 +17,13 @@ from mlflow.tracking import MlflowClient
 
 from pipeline import constants as names
 from pipeline import reporting
-from pipeline.config import SWEEP_GRID_SEPARATORS
+from pipeline.config import SWEEP_GRID_PARAMETERS
 from pipeline.errors import ParameterError, RunSelectionError
 from pipeline.runs import Ranking, training_runs
 from pipeline.tracking import compare_runs_url
 
 # The parameters a sweep varies are the ones worth seeing side by side.
-KEY_PARAMETERS = tuple(SWEEP_GRID_SEPARATORS)
+KEY_PARAMETERS = SWEEP_GRID_PARAMETERS
 FINAL_METRICS = (
     names.TEST_ACCURACY,
     names.TEST_LOSS,
@@ -66,11 +64,7 @@ class Comparison:
         return reporting.text_table(COLUMNS, shown, rounded=rounded)
 
     def table_csv(self) -> str:
-        stream = io.StringIO()
-        writer = csv.DictWriter(stream, fieldnames=COLUMNS, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(self.rows)
-        return stream.getvalue()
+        return reporting.csv_table(COLUMNS, self.rows)
 
 
 def compare_runs(
@@ -156,8 +150,7 @@ def log_comparison(
             tags={names.TAG_RUN_TYPE: names.RUN_TYPE_COMPARISON},
         ).info.run_id
     try:
-        client.log_batch(run_id, tags=[
-            RunTag(names.TAG_RUN_TYPE, names.RUN_TYPE_COMPARISON),
+        client.log_batch(run_id, tags=[  # run_type is set: by create_run above, or by open_workspace
             RunTag(names.TAG_COMPARED_RUNS, ",".join(comparison.run_ids)),
             RunTag(names.TAG_COMPARE_URL, comparison.url),
         ])

@@ -196,6 +196,7 @@ SWEEP_GRID_SEPARATORS: dict[str, str] = {
     "batch_size": ",",
     "epochs": ",",
 }
+SWEEP_GRID_PARAMETERS = tuple(SWEEP_GRID_SEPARATORS)
 
 
 def grid_values(spec: ParameterSpec, text: str) -> tuple[Any, ...]:

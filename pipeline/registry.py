@@ -36,7 +36,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline import constants as names
 from pipeline.errors import RecordingError, RunSelectionError
-from pipeline.runs import Ranking, best_registrable_run, logged_models_by_run
+from pipeline.runs import Ranking, all_pages, best_registrable_run, logged_models_by_run
 
 logger = logging.getLogger(__name__)
 
@@ -88,8 +88,7 @@ class Registration:
 
 def record_registration(client: MlflowClient, run_id: str, registration: Registration) -> None:
     """Tags a registration run (the one `mlflow run -e register` created) with what it decided."""
-    tags = {
-        names.TAG_RUN_TYPE: names.RUN_TYPE_REGISTRATION,
+    tags = {  # its run_type is already set (pipeline.runs.open_workspace)
         names.TAG_REGISTERED_MODEL: registration.model_name,
         names.TAG_REGISTERED_VERSION: registration.version,
         names.TAG_REGISTERED_RUN_ID: registration.run_id,
@@ -109,16 +108,11 @@ def register_best_run(
         RecordingError: concurrent writers kept the champion from settling.
     """
     run, model_id = best_registrable_run(client, client.get_experiment(experiment_id), ranking)
-    return register_run(client, run.info.run_id, model_name, ranking, dry_run=dry_run, model_id=model_id)
+    return _register(client, run, model_id, model_name, ranking, dry_run)
 
 
 def register_run(
-    client: MlflowClient,
-    run_id: str,
-    model_name: str,
-    ranking: Ranking | None = None,
-    dry_run: bool = False,
-    model_id: str | None = None,
+    client: MlflowClient, run_id: str, model_name: str, ranking: Ranking | None = None, dry_run: bool = False
 ) -> Registration:
     """Registers one run's logged model under `model_name`, then applies the champion rule.
 
@@ -128,17 +122,22 @@ def register_run(
         model_name: the registered model; created if missing.
         ranking: what makes a version better (default: higher test_accuracy).
         dry_run: decide only; write nothing.
-        model_id: the run's logged model, when the caller already knows it.
 
     Raises:
         RunSelectionError: the run has no logged model.
         RecordingError: concurrent writers kept the champion from settling.
     """
-    ranking = ranking or Ranking()
     run = client.get_run(run_id)
-    model_id = model_id or logged_models_by_run(client, run.info.experiment_id).get(run_id)
+    model_id = logged_models_by_run(client, run.info.experiment_id, run_id).get(run_id)
     if model_id is None:
         raise RunSelectionError(f"run {run_id} has no logged model '{names.MODEL_NAME}' to register")
+    return _register(client, run, model_id, model_name, ranking or Ranking(), dry_run)
+
+
+def _register(
+    client: MlflowClient, run: Run, model_id: str, model_name: str, ranking: Ranking, dry_run: bool
+) -> Registration:
+    """register_run for a run whose logged model is known."""
     if dry_run:
         return _plan(client, model_name, run, ranking)
     _create_registered_model(client, model_name)
@@ -150,12 +149,15 @@ def register_run(
 
 def _plan(client: MlflowClient, model_name: str, run: Run, ranking: Ranking) -> Registration:
     """The decision register_run would take, computed without writing."""
-    if not _model_exists(client, model_name):
+    try:
+        previous = _champion_version(client, model_name)
+    except MlflowException as error:
+        if error.error_code != ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+            raise
         version, previous, candidates = NEW_VERSION, None, []
     else:
         existing = _versions_of_run(client, model_name, run.info.run_id)
         version = str(existing[0].version) if existing else NEW_VERSION
-        previous = _champion_version(client, model_name)
         candidates = _champion_candidates(client, model_name, ranking)
     if version == NEW_VERSION and ranking.has_metric(run):
         candidates = sorted(candidates + [(NEW_VERSION, run)], key=lambda candidate: ranking.key(candidate[1]))
@@ -207,16 +209,6 @@ def _outcome(
     )
 
 
-def _model_exists(client: MlflowClient, model_name: str) -> bool:
-    try:
-        client.get_registered_model(model_name)
-    except MlflowException as error:
-        if error.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
-            return False
-        raise
-    return True
-
-
 def _champion_version(client: MlflowClient, model_name: str) -> str | None:
     """The version the alias points at, as text (stores answer with int or str versions)."""
     version = client.get_registered_model(model_name).aliases.get(names.CHAMPION_ALIAS)
@@ -250,14 +242,7 @@ def _versions_of_run(client: MlflowClient, model_name: str, run_id: str) -> list
 
 
 def _all_versions(client: MlflowClient, model_name: str) -> list[ModelVersion]:
-    found: list[ModelVersion] = []
-    page_token = None
-    while True:
-        page = client.search_model_versions(f"name = '{model_name}'", page_token=page_token)
-        found.extend(page)
-        if not page.token:
-            return found
-        page_token = page.token
+    return list(all_pages(lambda token: client.search_model_versions(f"name = '{model_name}'", page_token=token)))
 
 
 def _version_tags(run: Run) -> dict[str, str]:

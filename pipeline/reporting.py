@@ -6,7 +6,9 @@ matplotlib is imported inside the plotting functions, never on the training path
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import csv
+import io
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +70,15 @@ def text_table(columns: Sequence[str], rows: Sequence[Mapping[str, str]], rounde
     lines = ["  ".join(column.ljust(widths[column]) for column in columns)]
     lines += ["  ".join(row[column].ljust(widths[column]) for column in columns) for row in rows]
     return "\n".join(line.rstrip() for line in lines)
+
+
+def csv_table(columns: Sequence[str], rows: Iterable[Mapping[str, str]]) -> str:
+    """Rows as CSV text under a header line, for a table artifact."""
+    stream = io.StringIO()
+    writer = csv.DictWriter(stream, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return stream.getvalue()
 
 
 def _figure(width: float, height: float, **margins: float):

@@ -11,19 +11,22 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Iterable, Iterator, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, TypeVar
 
 from mlflow.entities import Experiment, LoggedModelStatus, Run, ViewType
 from mlflow.environment_variables import MLFLOW_EXPERIMENT_ID, MLFLOW_EXPERIMENT_NAME, MLFLOW_RUN_ID
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, ErrorCode
+from mlflow.store.entities.paged_list import PagedList
 from mlflow.tracking import MlflowClient
 
 from pipeline import constants as names
 from pipeline.config import COMPARE_PARAMETERS
 from pipeline.errors import ParameterError, RunSelectionError
 from pipeline.tracking import check_tracking_store
+
+T = TypeVar("T")
 
 DEFAULT_EXPERIMENT_ID = "0"
 TRAINING_RUNS_FILTER = f"tags.{names.TAG_RUN_TYPE} = '{names.RUN_TYPE_TRAINING}'"
@@ -119,33 +122,35 @@ def training_runs(
         raise ParameterError("filter", filter_string, filter_spec.allowed) from None
 
 
-def _search_runs(client: MlflowClient, experiment_id: str, filter_string: str) -> Iterator[Run]:
+def all_pages(search: Callable[[str | None], PagedList[T]]) -> Iterator[T]:
+    """Every result of an MLflow search, page after page: `search(page_token)` returns one page."""
     page_token = None
     while True:
-        page = client.search_runs(
-            [experiment_id], filter_string, run_view_type=ViewType.ACTIVE_ONLY, max_results=1000,
-            page_token=page_token,
-        )
+        page = search(page_token)
         yield from page
         if not page.token:
             return
         page_token = page.token
 
 
-def logged_models_by_run(client: MlflowClient, experiment_id: str) -> dict[str, str]:
-    """run id -> id of the READY logged model `model` it produced (MLflow 3 LoggedModels)."""
+def _search_runs(client: MlflowClient, experiment_id: str, filter_string: str) -> Iterator[Run]:
+    return all_pages(lambda token: client.search_runs(
+        [experiment_id], filter_string, run_view_type=ViewType.ACTIVE_ONLY, max_results=1000, page_token=token
+    ))
+
+
+def logged_models_by_run(client: MlflowClient, experiment_id: str, run_id: str | None = None) -> dict[str, str]:
+    """run id -> id of the READY logged model `model` it produced (MLflow 3 LoggedModels); only
+    `run_id`'s when given."""
+    filter_string = f"name = '{names.MODEL_NAME}'" + (f" and source_run_id = '{run_id}'" if run_id else "")
     found: dict[str, str] = {}
-    page_token = None
-    while True:
-        page = client.search_logged_models(
-            [experiment_id], filter_string=f"name = '{names.MODEL_NAME}'", page_token=page_token
-        )
-        for model in page:
-            if model.source_run_id and model.status == LoggedModelStatus.READY:
-                found.setdefault(model.source_run_id, model.model_id)
-        if not page.token:
-            return found
-        page_token = page.token
+    models = all_pages(lambda token: client.search_logged_models(
+        [experiment_id], filter_string=filter_string, page_token=token
+    ))
+    for model in models:
+        if model.source_run_id and model.status == LoggedModelStatus.READY:
+            found.setdefault(model.source_run_id, model.model_id)
+    return found
 
 
 def best_registrable_run(client: MlflowClient, experiment: Experiment, ranking: Ranking) -> tuple[Run, str]:

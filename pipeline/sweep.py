@@ -10,9 +10,7 @@ trials; it is tagged `run_type=sweep`, so it is never taken for a training run.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import logging
 import os
 import tempfile
@@ -28,15 +26,15 @@ from mlflow.utils.time import get_current_time_millis
 
 from pipeline import constants as names
 from pipeline import reporting
-from pipeline.config import SWEEP_GRID_SEPARATORS, TrainingConfig
-from pipeline.errors import TrackingUnavailable, UserInputError
+from pipeline.config import SWEEP_GRID_PARAMETERS, TrainingConfig
+from pipeline.errors import TrackingUnavailable, UserInputError, first_line
 from pipeline.runs import DEFAULT_EXPERIMENT_ID, Ranking
 from pipeline.tracking import check_tracking_store
 from pipeline.training import run_training
 
 logger = logging.getLogger(__name__)
 
-GRID_PARAMETERS = tuple(SWEEP_GRID_SEPARATORS)
+GRID_PARAMETERS = SWEEP_GRID_PARAMETERS
 TRIAL_COLUMNS = ("trial", "run_id", "status", *GRID_PARAMETERS, names.TEST_ACCURACY, names.TEST_LOSS, "error")
 
 
@@ -97,11 +95,7 @@ class SweepResult:
         return reporting.text_table(TRIAL_COLUMNS, rows, rounded=(names.TEST_ACCURACY, names.TEST_LOSS))
 
     def table_csv(self) -> str:
-        stream = io.StringIO()
-        writer = csv.DictWriter(stream, fieldnames=TRIAL_COLUMNS, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(trial.row() for trial in self.trials)
-        return stream.getvalue()
+        return reporting.csv_table(TRIAL_COLUMNS, (trial.row() for trial in self.trials))
 
 
 def run_sweep(
@@ -125,9 +119,10 @@ def run_sweep(
     """
     check_tracking_store()
     client = MlflowClient()
-    experiment, parent_run_id = _parent_run(client, experiment_name, os.environ.pop(MLFLOW_RUN_ID.name, None))
+    experiment, parent = _parent_run(client, experiment_name, os.environ.pop(MLFLOW_RUN_ID.name, None))
+    parent_run_id = parent.info.run_id
     try:
-        existing = client.get_run(parent_run_id).data.params
+        existing = parent.data.params
         client.log_batch(
             parent_run_id,
             params=[Param(key, value) for key, value in sweep_params.items() if key not in existing],
@@ -156,21 +151,21 @@ def _end_parent(client: MlflowClient, parent_run_id: str, status: str) -> None:
     try:
         client.set_terminated(parent_run_id, status)
     except Exception as error:  # noqa: BLE001 - the store may be the thing that failed
-        logger.warning("Could not mark sweep run %s %s: %s", parent_run_id, status, str(error).splitlines()[0][:160])
+        logger.warning("Could not mark sweep run %s %s: %s", parent_run_id, status, first_line(error, 160))
 
 
 def _parent_run(
     client: MlflowClient, experiment_name: str | None, project_run_id: str | None
-) -> tuple[Experiment, str]:
+) -> tuple[Experiment, Run]:
     """The sweep's experiment and parent run: the run `mlflow run` created, or a new one."""
     if project_run_id:
         run = client.get_run(project_run_id)
-        return client.get_experiment(run.info.experiment_id), project_run_id
+        return client.get_experiment(run.info.experiment_id), run
     name = experiment_name or MLFLOW_EXPERIMENT_NAME.get()
     experiment = mlflow.set_experiment(name) if name else client.get_experiment(DEFAULT_EXPERIMENT_ID)
     run = client.create_run(experiment.experiment_id, run_name="sweep",
                             tags={names.TAG_RUN_TYPE: names.RUN_TYPE_SWEEP})
-    return experiment, run.info.run_id
+    return experiment, run
 
 
 def _run_trial(
@@ -191,7 +186,7 @@ def _run_trial(
         last = mlflow.last_active_run()
         started = last is not None and (before is None or last.info.run_id != before.info.run_id)
         run_id = last.info.run_id if started else None
-        if run_id and client.get_run(run_id).info.status == "RUNNING":
+        if started and last.info.status == "RUNNING":  # last_active_run() read it after its end
             client.set_terminated(run_id, "FAILED")
     if run_id is None:
         return Trial(number, config, None, error)

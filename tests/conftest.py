@@ -3,6 +3,7 @@ and a real MLflow tracking server process (auth on, artifacts proxied)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import uuid
@@ -18,19 +19,38 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 POSTGRES_ADMIN_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres connect_timeout=3"
 
 
-@pytest.fixture
-def sqlite_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    """A fresh SQLite tracking store; the test runs in tmp_path so MLflow's ./mlruns lands there."""
+@contextlib.contextmanager
+def _tracking_store(uri: str, environment: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """`uri` as this process's tracking store for one test (with `environment` set), reset after it."""
     import mlflow
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
     mlflow.set_tracking_uri(uri)
-    yield uri
+    yield
     while mlflow.active_run():
         mlflow.end_run()
     mlflow.set_tracking_uri(None)
+
+
+def drop_database(name: str) -> None:
+    """Drops a PostgreSQL database of the tests, even while connections to it are open."""
+    import psycopg2
+
+    admin = psycopg2.connect(POSTGRES_ADMIN_DSN)
+    admin.autocommit = True
+    with admin.cursor() as cursor:
+        cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    admin.close()
+
+
+@pytest.fixture
+def sqlite_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A fresh SQLite tracking store; the test runs in tmp_path so MLflow's ./mlruns lands there."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.chdir(tmp_path)
+    with _tracking_store(uri, {"MLFLOW_TRACKING_URI": uri}, monkeypatch):
+        yield uri
 
 
 def _postgres_available() -> bool:
@@ -51,7 +71,6 @@ def database_uri() -> Iterator[str]:
         directory = Path(os.environ.get("TMPDIR", "/tmp")) / f"mnist-tests-{uuid.uuid4().hex[:8]}"
         directory.mkdir(parents=True)
         print("\nNOTICE: no PostgreSQL on 127.0.0.1:5432; backend-store tests use SQLite instead")
-        os.environ["MNIST_TESTS_BACKEND"] = "sqlite"
         yield f"sqlite:///{directory / 'backend.db'}"
         shutil.rmtree(directory, ignore_errors=True)
         return
@@ -62,13 +81,11 @@ def database_uri() -> Iterator[str]:
     admin.autocommit = True
     with admin.cursor() as cursor:
         cursor.execute(f'CREATE DATABASE "{name}"')
-    os.environ["MNIST_TESTS_BACKEND"] = "postgresql"
+    admin.close()
     try:
         yield f"postgresql+psycopg2://postgres@127.0.0.1:5432/{name}"
     finally:
-        with admin.cursor() as cursor:
-            cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
+        drop_database(name)
 
 
 def pytest_report_header(config: pytest.Config) -> str:
@@ -77,17 +94,11 @@ def pytest_report_header(config: pytest.Config) -> str:
 
 
 @pytest.fixture
-def postgres_store(database_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+def postgres_store(database_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """The session's PostgreSQL database as the tracking store of one test."""
-    import mlflow
-
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", database_uri)
-    mlflow.set_tracking_uri(database_uri)
-    yield database_uri
-    while mlflow.active_run():
-        mlflow.end_run()
-    mlflow.set_tracking_uri(None)
+    with _tracking_store(database_uri, {"MLFLOW_TRACKING_URI": database_uri}, monkeypatch):
+        yield database_uri
 
 
 @pytest.fixture(scope="session")
@@ -112,17 +123,11 @@ def tracking_server(database_uri: str, tmp_path_factory: pytest.TempPathFactory)
 
 
 @pytest.fixture
-def server_store(tracking_server: TrackingServer, monkeypatch: pytest.MonkeyPatch) -> TrackingServer:
+def server_store(tracking_server: TrackingServer, monkeypatch: pytest.MonkeyPatch) -> Iterator[TrackingServer]:
     """The session's tracking server as the store of one test: URI and admin credentials set in this
-    process (MLflow reads MLFLOW_TRACKING_USERNAME / _PASSWORD at each request)."""
-    import mlflow
-
-    if not tracking_server.running:
-        tracking_server.start()
-    for name, value in tracking_server.client_environment().items():
-        monkeypatch.setenv(name, value)
-    mlflow.set_tracking_uri(tracking_server.uri)
-    yield tracking_server
-    while mlflow.active_run():
-        mlflow.end_run()
-    mlflow.set_tracking_uri(None)
+    process (MLflow reads MLFLOW_TRACKING_USERNAME / _PASSWORD at each request). It is running
+    again after the test, whatever the test did to it."""
+    tracking_server.start()  # does nothing when it runs
+    with _tracking_store(tracking_server.uri, tracking_server.client_environment(), monkeypatch):
+        yield tracking_server
+    tracking_server.start()

@@ -38,16 +38,6 @@ def run_cli(args: list[str], cwd: Path, timeout: float = 300, **env: str) -> sub
     )
 
 
-def new_experiment(client, name: str, artifact_dir: Path) -> str:
-    """Creates an experiment for a test and returns its id. With a local store (a database, SQLite)
-    its artifacts go under `artifact_dir`, so that every process finds them; a tracking server
-    keeps its own artifact store."""
-    from pipeline.tracking import is_server_uri
-
-    location = None if is_server_uri(client.tracking_uri) else artifact_dir.as_uri()
-    return client.create_experiment(name, artifact_location=location)
-
-
 def mlflow_project_run(
     entry_point: str,
     params: dict[str, str],

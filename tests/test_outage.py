@@ -81,16 +81,9 @@ def _assert_every_epoch_once(client: MlflowClient, run_id: str, epochs: int) -> 
 
 
 @pytest.fixture
-def server(tracking_server: TrackingServer, monkeypatch: pytest.MonkeyPatch) -> TrackingServer:
-    """The session's server, with this process signed in, running again after the test whatever the
-    test did to it."""
-    if not tracking_server.running:
-        tracking_server.start()
-    for key, value in tracking_server.client_environment().items():
-        monkeypatch.setenv(key, value)
-    yield tracking_server
-    if not tracking_server.running:
-        tracking_server.start()
+def server(server_store: TrackingServer) -> TrackingServer:
+    """The session's server, with this process signed in (running again after the test)."""
+    return server_store
 
 
 def test_server_stopped_and_restarted_mid_run_loses_nothing(server, tmp_path):
@@ -174,8 +167,7 @@ class _SlowProxyHandler(socketserver.BaseRequestHandler):
 
 
 def test_no_metric_is_lost_under_a_slow_server(server, tmp_path):
-    port = int(server.uri.rsplit(":", 1)[1])
-    with _SlowProxy(("127.0.0.1", port), delay=0.15) as proxy:
+    with _SlowProxy((server.host, server.port), delay=0.15) as proxy:
         threading.Thread(target=proxy.serve_forever, daemon=True).start()
         env = server.client_environment() | {"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{proxy.server_address[1]}"}
         training = TrainingProcess(env, tmp_path, *_args(epochs="4", batch_size="64"))

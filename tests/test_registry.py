@@ -12,7 +12,6 @@ import dataclasses
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -34,7 +33,7 @@ from pipeline.errors import ParameterError, RunSelectionError, TrainingDiverged
 from pipeline.registry import NEW_VERSION, register_best_run, register_run
 from pipeline.runs import Ranking, resolve_experiment, training_runs
 from pipeline.training import run_training
-from tests.helpers import MNIST_SMALL, mlflow_project_run, new_experiment, project_env, run_cli
+from tests.helpers import MNIST_SMALL, free_ports, mlflow_project_run, project_env, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -98,7 +97,7 @@ def _config(**values: str) -> TrainingConfig:
 @pytest.fixture(scope="module")
 def trained(store: Store) -> TrainedRuns:
     name = _model_name("selection")
-    experiment_id = new_experiment(store.client, name, store.workdir / "artifacts")
+    experiment_id = store.client.create_experiment(name)
     configs = (
         _config(hidden_units="32", epochs="2", learning_rate="0.003"),
         _config(hidden_units="16", epochs="1", learning_rate="0.001"),
@@ -201,7 +200,7 @@ def test_dry_run_shows_the_decision_and_writes_nothing(store, trained):
 
 def test_ranking_breaks_ties_by_lower_test_loss_then_the_earlier_run(store, tmp_path):
     client = store.client
-    experiment_id = new_experiment(client, _model_name("ties"), tmp_path)
+    experiment_id = client.create_experiment(_model_name("ties"))
 
     def run(accuracy: float, loss: float) -> str:
         created = client.create_run(experiment_id, tags={names.TAG_RUN_TYPE: names.RUN_TYPE_TRAINING})
@@ -240,13 +239,13 @@ def _assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str)
 
 def test_register_with_nothing_to_register_exits_2_in_one_line(store, tmp_path):
     empty = _model_name("empty")
-    new_experiment(store.client, empty, tmp_path)
+    store.client.create_experiment(empty)
     result = run_cli(["register", "--experiment-name", empty], cwd=tmp_path, timeout=120,
                      **store.env)
     _assert_one_line_error(result, f"experiment {empty!r} has no finished training run")
 
     model_less = _model_name("model-less")
-    experiment_id = new_experiment(store.client, model_less, tmp_path)
+    experiment_id = store.client.create_experiment(model_less)
     run = store.client.create_run(experiment_id, tags={names.TAG_RUN_TYPE: names.RUN_TYPE_TRAINING})
     store.client.set_terminated(run.info.run_id, "FINISHED")
     with pytest.raises(RunSelectionError, match="none of the 1 finished training runs .* has a logged model 'model'"):
@@ -416,7 +415,7 @@ def test_compare_filters_runs_and_refuses_a_bad_filter(store, trained):
 def test_mlflow_run_main_registers_the_run_it_trained(store):
     client, model_name = store.client, _model_name("trained-as")
     experiment = _model_name("register-as")
-    new_experiment(client, experiment, store.workdir / "register-as")
+    client.create_experiment(experiment)
     result = mlflow_project_run(
         "main", {"epochs": "1", "hidden_units": "16", "dataset": str(MNIST_SMALL), "register_as": model_name},
         experiment, store.workdir, store.env,
@@ -438,15 +437,9 @@ def test_mlflow_run_main_registers_the_run_it_trained(store):
 _LOCAL = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def test_the_champion_serves_with_the_runs_test_accuracy(store, trained, project_registration, tmp_path):
     assert project_registration.returncode == 0, project_registration.stderr[-3000:]
-    port = _free_port()
+    [port] = free_ports(1)
     server = subprocess.Popen(
         ["mlflow", "models", "serve", "-m", "models:/mnist-mlp@champion", "--env-manager", "local",
          "-p", str(port)],

@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline import constants as names
 from pipeline.config import TrainingConfig
-from tests.helpers import MNIST_SMALL, mlflow_project_run, new_experiment, run_cli
+from tests.helpers import MNIST_SMALL, mlflow_project_run, run_cli
 from tests.test_training import assert_run_contract
 
 pytestmark = pytest.mark.slow
@@ -23,7 +23,7 @@ def test_sweep_runs_every_trial_as_a_child_and_goes_on_after_a_failure(shared_tr
         monkeypatch.setenv(name, value)
     client = MlflowClient(uri)
     experiment = f"sweep-{uuid.uuid4().hex[:8]}"
-    experiment_id = new_experiment(client, experiment, tmp_path / "artifacts")
+    experiment_id = client.create_experiment(experiment)
     # 2 x 2 grid; learning_rate=1e30 makes the loss NaN at once, so its trials fail for real.
     grid = {"learning_rate": "1e30,0.002", "dropout": "0.1,0.2"}
     fixed = {"epochs": "2", "dataset": str(MNIST_SMALL), "lr_patience": "1"}

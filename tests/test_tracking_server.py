@@ -26,28 +26,18 @@ from pipeline import constants as names
 from pipeline.config import TrainingConfig
 from pipeline.tracking import CREDENTIAL_VARIABLES
 from pipeline.tracking_server import SERVER_SCRIPT, AdminCredentials, TrackingServer, choose_backend_store
-from tests.conftest import POSTGRES_ADMIN_DSN
-from tests.helpers import MNIST_SMALL, PROJECT_DIR, live_processes_in_group, project_env, run_cli
+from tests.conftest import drop_database
+from tests.helpers import MNIST_SMALL, live_processes_in_group, mlflow_project_run, project_env, run_cli
 from tests.test_training import EXPECTED_ARTIFACTS, assert_run_contract
 
 TRAINED_VALUES = {"epochs": "2", "dataset": str(MNIST_SMALL), "lr_patience": "1"}
 EXPERIMENT = "team-server"
 
 
-def mlflow_run(server: TrackingServer, workdir: Path, *params: str, **environment: str):
+def mlflow_run(server: TrackingServer, workdir: Path, params: dict[str, str], **environment: str):
     """`mlflow run . --env-manager local` against the server, as a user runs it; returns (result, seconds)."""
-    args = ["mlflow", "run", str(PROJECT_DIR), "--env-manager", "local", "--experiment-name", EXPERIMENT]
-    for param in params:
-        args += ["-P", param]
     started = time.monotonic()
-    result = subprocess.run(
-        args,
-        cwd=workdir,
-        env=project_env(**(server.client_environment() | environment)),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = mlflow_project_run("main", params, EXPERIMENT, workdir, server.client_environment() | environment)
     return result, time.monotonic() - started
 
 
@@ -55,7 +45,7 @@ def mlflow_run(server: TrackingServer, workdir: Path, *params: str, **environmen
 def trained_run(tracking_server: TrackingServer, tmp_path_factory: pytest.TempPathFactory) -> str:
     """The id of one training run made by `mlflow run` against the server, shared by the tests that read it."""
     workdir = tmp_path_factory.mktemp("mlflow-run")
-    result, _ = mlflow_run(tracking_server, workdir, *(f"{name}={value}" for name, value in TRAINED_VALUES.items()))
+    result, _ = mlflow_run(tracking_server, workdir, TRAINED_VALUES)
     assert result.returncode == 0, result.stderr[-3000:]
     assert os.listdir(workdir) == [], "the client kept something locally: artifacts must go through the server"
     [run_id] = re.findall(r"^Run (\w+): test_accuracy=", result.stdout, flags=re.MULTILINE)
@@ -113,7 +103,8 @@ def test_training_with_a_wrong_password_fails_fast_in_one_line(server_store, tmp
 def test_mlflow_run_with_a_wrong_password_fails_within_30_seconds(server_store, tmp_path):
     before = len(MlflowClient().search_runs(experiment_ids=_all_experiment_ids()))
     result, seconds = mlflow_run(
-        server_store, tmp_path, "epochs=1", f"dataset={MNIST_SMALL}", MLFLOW_TRACKING_PASSWORD="not-the-password"
+        server_store, tmp_path, {"epochs": "1", "dataset": str(MNIST_SMALL)},
+        MLFLOW_TRACKING_PASSWORD="not-the-password",
     )
     assert result.returncode != 0
     assert seconds < 30
@@ -276,21 +267,15 @@ def test_backend_store_is_the_given_uri_else_local_postgres_else_sqlite(tmp_path
 
     database = f"mnist_choice_{uuid.uuid4().hex[:8]}"
     chosen = choose_backend_store(tmp_path, database=database)
-    if os.environ.get("MNIST_TESTS_BACKEND") == "sqlite":  # no PostgreSQL on this machine
+    if database_uri.startswith("sqlite:"):  # no PostgreSQL on this machine
         assert chosen.uri.startswith("sqlite:///")
         return
-    import psycopg2
-
     try:
         assert chosen.uri == f"postgresql+psycopg2://postgres@127.0.0.1:5432/{database}"
         assert chosen.description == f"PostgreSQL database {database} on 127.0.0.1:5432"
         assert choose_backend_store(tmp_path, database=database) == chosen  # found, not created twice
     finally:
-        admin = psycopg2.connect(POSTGRES_ADMIN_DSN)
-        admin.autocommit = True
-        with admin.cursor() as cursor:
-            cursor.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
-        admin.close()
+        drop_database(database)
 
 
 @pytest.mark.parametrize(
