@@ -11,13 +11,15 @@ import keras
 import mlflow
 import numpy as np
 import pytest
+from mlflow.models import Model, validate_serving_input
 from mlflow.tracking import MlflowClient
 
 from pipeline import constants as names
 from pipeline.config import TRAINING_PARAMETERS, TrainingConfig
 from pipeline.data import load_dataset
 from pipeline.errors import DataError, TrainingDiverged
-from pipeline.training import run_training
+from pipeline.model import build_model
+from pipeline.training import predict_probabilities, run_training
 from tests.helpers import MNIST_SMALL
 
 DERIVED_PARAMS = {
@@ -135,6 +137,13 @@ def assert_run_contract(
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
     np.testing.assert_allclose(probabilities, checkpoint.predict(dataset.x_test, verbose=0), atol=1e-6)
     assert model.metadata.signature.inputs.to_dict()[0]["tensor-spec"]["shape"] == (-1, 784)
+    # MLflow's serving check of the input example, which the run skips to save time
+    model_dir = mlflow.artifacts.download_artifacts(f"runs:/{run_id}/model", dst_path=str(local / "model"))
+    serving_input = Model.load(model_dir).get_serving_input(model_dir)
+    assert serving_input is not None
+    served = np.asarray(validate_serving_input(model_dir, serving_input))
+    assert served.shape == (5, 10)
+    np.testing.assert_allclose(served, checkpoint.predict(dataset.x_test[:5], verbose=0), atol=1e-6)
 
 
 def test_run_records_the_whole_contract_in_sqlite(sqlite_store, tmp_path):
@@ -224,3 +233,11 @@ def test_all_parameters_reach_the_run(sqlite_store):
     assert {key: run.data.params[key] for key in values} == values
     assert run.data.params[names.PARAM_TRAIN_SIZE] == "1125"
     assert run.data.params[names.PARAM_STEPS_PER_EPOCH] == "23"
+
+
+def test_predict_probabilities_in_chunks_equal_keras_predict():
+    model = build_model((16,), dropout=0.5, learning_rate=1e-3)
+    images = load_dataset(str(MNIST_SMALL)).x_test[:23]
+    expected = model.predict(images, verbose=0)
+    np.testing.assert_allclose(predict_probabilities(model, images, chunk=7), expected, atol=1e-6)
+    assert predict_probabilities(model, images[:0]).shape == (0, 10)
