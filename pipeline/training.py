@@ -86,7 +86,9 @@ def _save_tensorflow_model(path: str, mlflow_model: mlflow.models.Model, validat
 # loads the model it just saved and predicts its input example: 0.5 s of every run, for a model
 # whose input is fixed by MODEL_SIGNATURE. The tests run the same check on the logged model
 # (`mlflow.models.validate_serving_input`).
-TENSORFLOW_FLAVOR = types.SimpleNamespace(__name__="mlflow.tensorflow", save_model=_save_tensorflow_model)
+TENSORFLOW_FLAVOR_WITHOUT_SERVING_CHECK = types.SimpleNamespace(
+    __name__="mlflow.tensorflow", save_model=_save_tensorflow_model
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -460,9 +462,8 @@ def _log_model(
         if not recorder.in_outage:
             try:
                 mlflow.models.Model.log(
-                    artifact_path=None, name=names.MODEL_NAME, flavor=TENSORFLOW_FLAVOR, model=model,
-                    validate_serving_input=False,
-                    **options,
+                    artifact_path=None, name=names.MODEL_NAME, flavor=TENSORFLOW_FLAVOR_WITHOUT_SERVING_CHECK,
+                    model=model, validate_serving_input=False, **options,
                 )
                 return None
             except Exception as error:  # noqa: BLE001 - only an unreachable store is handled here

@@ -5,6 +5,9 @@ from __future__ import annotations
 import csv
 import json
 import os
+import subprocess
+import sys
+from importlib import metadata
 from pathlib import Path
 
 import keras
@@ -19,8 +22,8 @@ from pipeline.config import TRAINING_PARAMETERS, TrainingConfig
 from pipeline.data import load_dataset
 from pipeline.errors import DataError, TrainingDiverged
 from pipeline.model import build_model
-from pipeline.training import predict_probabilities, run_training
-from tests.helpers import MNIST_SMALL
+from pipeline.training import MODEL_REQUIREMENTS, predict_probabilities, run_training
+from tests.helpers import MNIST_SMALL, project_env
 
 DERIVED_PARAMS = {
     names.PARAM_TOTAL_PARAMETERS: str(784 * 128 + 128 + 128 * 64 + 64 + 64 * 10 + 10),
@@ -144,6 +147,9 @@ def assert_run_contract(
     served = np.asarray(validate_serving_input(model_dir, serving_input))
     assert served.shape == (5, 10)
     np.testing.assert_allclose(served, checkpoint.predict(dataset.x_test[:5], verbose=0), atol=1e-6)
+    # requirements pinned to what trained the model, not inferred (inference adds every imported package)
+    requirements = set(Path(model_dir, "requirements.txt").read_text().split())
+    assert requirements == {f"{package}=={metadata.version(package)}" for package in MODEL_REQUIREMENTS}
 
 
 def test_run_records_the_whole_contract_in_sqlite(sqlite_store, tmp_path):
@@ -241,3 +247,31 @@ def test_predict_probabilities_in_chunks_equal_keras_predict():
     expected = model.predict(images, verbose=0)
     np.testing.assert_allclose(predict_probabilities(model, images, chunk=7), expected, atol=1e-6)
     assert predict_probabilities(model, images[:0]).shape == (0, 10)
+
+
+def test_training_runs_in_a_process_that_cannot_import_matplotlib(tmp_path):
+    """The plots are drawn by a child process (PlotProcess): the training process never needs matplotlib.
+
+    (Keras 3 itself imports matplotlib.pyplot when it is installed, so "not in sys.modules" cannot be
+    asserted; here matplotlib is made unimportable in the training process instead, and Keras does
+    without it.)"""
+    code = (
+        "import sys\n"
+        "sys.modules['matplotlib'] = None  # any import of matplotlib now raises ImportError\n"
+        "from pipeline.config import TrainingConfig\n"
+        "from pipeline.training import run_training\n"
+        f"result = run_training(TrainingConfig.from_values({{'dataset': {str(MNIST_SMALL)!r}, 'epochs': '2'}}), "
+        "experiment_name='no-matplotlib')\n"
+        "print(result.run_id)\n"
+    )
+    tracking_uri = f"sqlite:///{tmp_path}/mlflow.db"
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        env=project_env(MLFLOW_TRACKING_URI=tracking_uri),
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    run_id = done.stdout.strip().splitlines()[-1]
+    client = MlflowClient(tracking_uri)
+    assert client.get_run(run_id).info.status == "FINISHED"
+    plots = {item.path for item in client.list_artifacts(run_id, names.PLOTS_DIR)}
+    assert plots == {f"{names.PLOTS_DIR}/{plot}" for plot in (names.TRAINING_CURVES_FILE, names.CONFUSION_MATRIX_FILE)}
