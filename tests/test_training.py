@@ -249,6 +249,7 @@ def test_predict_probabilities_in_chunks_equal_keras_predict():
     assert predict_probabilities(model, images[:0]).shape == (0, 10)
 
 
+@pytest.mark.slow
 def test_training_runs_in_a_process_that_cannot_import_matplotlib(tmp_path):
     """The plots are drawn by a child process (PlotProcess): the training process never needs matplotlib.
 
