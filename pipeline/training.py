@@ -84,8 +84,8 @@ def _save_tensorflow_model(path: str, mlflow_model: mlflow.models.Model, validat
 # mlflow.tensorflow as a flavor for `mlflow.models.Model.log`, so that the model can be logged with
 # validate_serving_input=False (which `mlflow.tensorflow.log_model` cannot pass on). MLflow's check
 # loads the model it just saved and predicts its input example: 0.5 s of every run, for a model
-# whose input is fixed by MODEL_SIGNATURE. The tests run the same check on the logged model
-# (`mlflow.models.validate_serving_input`).
+# whose input is fixed by MODEL_SIGNATURE. The tests serve the logged model's input example instead
+# (`mlflow.models.predict`, tests/test_training.py).
 TENSORFLOW_FLAVOR_WITHOUT_SERVING_CHECK = types.SimpleNamespace(
     __name__="mlflow.tensorflow", save_model=_save_tensorflow_model
 )
