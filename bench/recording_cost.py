@@ -3,7 +3,7 @@
     .venv/bin/python bench/recording_cost.py --dataset ../shared/data/fashion-mnist --epochs 20 --store both
 
 `bench/overhead.py` compares whole fit times of separate processes; on a shared 2-core machine those
-vary by up to 15% from run to run, more than the 3% the recording may cost. This script trains once
+vary by up to a third from run to run, more than the 3% the recording may cost. This script trains once
 per store in this process and adds up, during `fit` only:
 
 - callbacks: wall time spent in the hooks of the callbacks plain Keras does not have (TargetAccuracyStop,
