@@ -28,6 +28,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from unittest import mock
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT_DIR))
@@ -121,17 +122,8 @@ def measure(store: str, epochs: int, dataset: str, workdir: Path) -> CostMeter:
             environment = server.client_environment()
         else:
             environment = {"MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'local.db'}"}
-        saved = {key: os.environ.get(key) for key in environment}
-        os.environ.update(environment)
-        try:
-            with meter.instrumented():
-                training.run_training(config, experiment_name="recording-cost")
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
+        with mock.patch.dict(os.environ, environment), meter.instrumented():
+            training.run_training(config, experiment_name="recording-cost")
     return meter
 
 

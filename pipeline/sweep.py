@@ -34,8 +34,7 @@ from pipeline.training import run_training
 
 logger = logging.getLogger(__name__)
 
-GRID_PARAMETERS = SWEEP_GRID_PARAMETERS
-TRIAL_COLUMNS = ("trial", "run_id", "status", *GRID_PARAMETERS, names.TEST_ACCURACY, names.TEST_LOSS, "error")
+TRIAL_COLUMNS = ("trial", "run_id", "status", *SWEEP_GRID_PARAMETERS, names.TEST_ACCURACY, names.TEST_LOSS, "error")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +63,7 @@ class Trial:
             "trial": str(self.number),
             "run_id": self.run.info.run_id if self.run else "",
             "status": self.run.info.status if self.run else "FAILED",
-            **{name: str(getattr(self.config, name)) for name in GRID_PARAMETERS},
+            **{name: str(getattr(self.config, name)) for name in SWEEP_GRID_PARAMETERS},
             **{name: repr(metrics[name]) if name in metrics else "" for name in (names.TEST_ACCURACY, names.TEST_LOSS)},
             "error": self.error,
         }
@@ -171,7 +170,7 @@ def _parent_run(
 def _run_trial(
     client: MlflowClient, number: int, config: TrainingConfig, total: int, parent_run_id: str, experiment_name: str
 ) -> Trial:
-    settings = ", ".join(f"{name}={getattr(config, name)}" for name in GRID_PARAMETERS)
+    settings = ", ".join(f"{name}={getattr(config, name)}" for name in SWEEP_GRID_PARAMETERS)
     logger.info("Trial %d/%d: %s", number, total, settings)
     keras.backend.clear_session()  # each trial starts from a fresh Keras state, as a run of its own does
     before = mlflow.last_active_run()

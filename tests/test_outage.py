@@ -19,7 +19,6 @@ from mlflow.tracking import MlflowClient
 from pipeline import constants as names
 from pipeline.registry import register_best_run
 from pipeline.runs import Ranking
-from pipeline.tracking_server import TrackingServer
 from tests.helpers import MNIST_SMALL, project_env
 
 pytestmark = pytest.mark.slow
@@ -80,38 +79,32 @@ def _assert_every_epoch_once(client: MlflowClient, run_id: str, epochs: int) -> 
     assert names.TEST_ACCURACY in run.data.metrics
 
 
-@pytest.fixture
-def server(server_store: TrackingServer) -> TrackingServer:
-    """The session's server, with this process signed in (running again after the test)."""
-    return server_store
-
-
-def test_server_stopped_and_restarted_mid_run_loses_nothing(server, tmp_path):
+def test_server_stopped_and_restarted_mid_run_loses_nothing(server_store, tmp_path):
     epochs = 30
-    training = TrainingProcess(server.client_environment(), tmp_path, *_args(epochs=str(epochs), batch_size="16"))
+    training = TrainingProcess(server_store.client_environment(), tmp_path, *_args(epochs=str(epochs), batch_size="16"))
     training.wait_for_epochs(3)
-    server.stop()
+    server_store.stop()
     down_at = training.epochs_printed
     training.wait_for_epochs(down_at + 4)  # training goes on while the server is down
-    server.start()
+    server_store.start()
     code, stderr = training.finish()
     assert code == 0, stderr
     assert training.epochs_printed == epochs
     console = training.lines + stderr.splitlines()
     assert any("Tracking store unreachable" in line for line in console)  # the outage was noticed...
     assert any("reachable again" in line for line in console)
-    client = MlflowClient(server.uri)
+    client = MlflowClient(server_store.uri)
     _assert_every_epoch_once(client, training.run_id, epochs)  # ...and nothing was lost or doubled
     assert client.get_run(training.run_id).data.tags[names.TAG_STOP_REASON] == names.STOP_COMPLETED
 
 
-def test_server_never_back_finishes_training_and_keeps_local_copies(server, tmp_path):
+def test_server_never_back_finishes_training_and_keeps_local_copies(server_store, tmp_path):
     training = TrainingProcess(
-        server.client_environment() | {"MNIST_PIPELINE_FLUSH_TIMEOUT": "5", "HOME": str(tmp_path)},
+        server_store.client_environment() | {"MNIST_PIPELINE_FLUSH_TIMEOUT": "5", "HOME": str(tmp_path)},
         tmp_path, *_args(epochs="12", batch_size="32"),
     )
     training.wait_for_epochs(2)
-    server.stop()
+    server_store.stop()
     started = time.monotonic()
     code, stderr = training.finish()
     assert code == 1
@@ -166,26 +159,26 @@ class _SlowProxyHandler(socketserver.BaseRequestHandler):
         upstream.close()
 
 
-def test_no_metric_is_lost_under_a_slow_server(server, tmp_path):
-    with _SlowProxy((server.host, server.port), delay=0.15) as proxy:
+def test_no_metric_is_lost_under_a_slow_server(server_store, tmp_path):
+    with _SlowProxy((server_store.host, server_store.port), delay=0.15) as proxy:
         threading.Thread(target=proxy.serve_forever, daemon=True).start()
-        env = server.client_environment() | {"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{proxy.server_address[1]}"}
+        env = server_store.client_environment() | {"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{proxy.server_address[1]}"}
         training = TrainingProcess(env, tmp_path, *_args(epochs="4", batch_size="64"))
         code, stderr = training.finish()
         proxy.shutdown()
     assert code == 0, stderr
-    _assert_every_epoch_once(MlflowClient(server.uri), training.run_id, 4)
+    _assert_every_epoch_once(MlflowClient(server_store.uri), training.run_id, 4)
 
 
-def test_four_trainings_at_once_and_a_concurrent_register(server, tmp_path):
-    client = MlflowClient(server.uri)
+def test_four_trainings_at_once_and_a_concurrent_register(server_store, tmp_path):
+    client = MlflowClient(server_store.uri)
     experiment = f"load-{time.time_ns()}"
     configs = [
         {"hidden_units": units, "seed": seed, "epochs": str(epochs)}
         for units, seed, epochs in (("16", "1", "2"), ("32", "2", "3"), ("48", "3", "2"), ("64", "4", "3"))
     ]
     trainings = [
-        TrainingProcess(server.client_environment(), tmp_path, *_args(**config), "--experiment-name", experiment)
+        TrainingProcess(server_store.client_environment(), tmp_path, *_args(**config), "--experiment-name", experiment)
         for config in configs
     ]
     results = [training.finish() for training in trainings]
@@ -202,7 +195,7 @@ def test_four_trainings_at_once_and_a_concurrent_register(server, tmp_path):
     registrations = [None] * 3
 
     def register(index: int) -> None:
-        registrations[index] = register_best_run(MlflowClient(server.uri), experiment_id, model_name, Ranking())
+        registrations[index] = register_best_run(MlflowClient(server_store.uri), experiment_id, model_name, Ranking())
 
     threads = [threading.Thread(target=register, args=(index,)) for index in range(3)]
     for thread in threads:
@@ -214,13 +207,13 @@ def test_four_trainings_at_once_and_a_concurrent_register(server, tmp_path):
     assert client.get_registered_model(model_name).aliases == {names.CHAMPION_ALIAS: versions[0].version}
 
     # No secret anywhere a run recorded: params, tags, metrics' names, artifacts, console output.
-    password = server.password
+    password = server_store.password
     for training, (_, stderr) in zip(trainings, results, strict=True):
         run = client.get_run(training.run_id)
         recorded = json.dumps([run.data.params, run.data.tags, list(run.data.metrics)])
         assert password not in recorded
         assert password not in "\n".join(training.lines) + stderr
     # every stored artifact of every run, the logged models' files included
-    for path in server.artifacts_dir.rglob("*"):
+    for path in server_store.artifacts_dir.rglob("*"):
         if path.is_file():
             assert password.encode() not in path.read_bytes(), path
