@@ -16,7 +16,11 @@ from pipeline.tracking_server import TrackingServer
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-POSTGRES_ADMIN_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres connect_timeout=3"
+POSTGRES_HOST = "127.0.0.1"
+POSTGRES_PORT = 5432
+POSTGRES_ADMIN_DSN = f"host={POSTGRES_HOST} port={POSTGRES_PORT} user=postgres dbname=postgres connect_timeout=3"
+# Set to 1 on a machine without PostgreSQL: the backend-store tests then use SQLite (CI never sets it).
+WITHOUT_POSTGRES = "MNIST_TESTS_WITHOUT_POSTGRES"
 
 
 @contextlib.contextmanager
@@ -44,6 +48,21 @@ def drop_database(name: str) -> None:
     admin.close()
 
 
+# What MLflow and the pipeline write into a working directory by default (git ignores them): a test
+# that leaves one in the project directory ran something in the wrong place.
+_DEFAULT_OUTPUTS = ("mlruns", "mlartifacts", "mlflow.db", "comparison", "mlflow-server")
+
+
+@pytest.fixture(autouse=True)
+def _nothing_written_into_the_project() -> Iterator[None]:
+    """Fails the test after which a default store or output appeared in the project directory."""
+    project = Path(__file__).resolve().parents[1]
+    before = {name for name in _DEFAULT_OUTPUTS if (project / name).exists()}
+    yield
+    appeared = sorted(name for name in _DEFAULT_OUTPUTS if (project / name).exists() and name not in before)
+    assert not appeared, f"written into the project directory {project}: {appeared} (run it in tmp_path)"
+
+
 @pytest.fixture
 def sqlite_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """A fresh SQLite tracking store; the test runs in tmp_path so MLflow's ./mlruns lands there."""
@@ -53,24 +72,35 @@ def sqlite_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[st
         yield uri
 
 
-def _postgres_available() -> bool:
-    try:
-        import psycopg2
+def _without_postgres() -> bool:
+    """Whoever runs the tests said there is no PostgreSQL here (never set in CI)."""
+    return os.environ.get(WITHOUT_POSTGRES) == "1"
 
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Stops the session before any test when PostgreSQL does not answer: the backend-store tests
+    must never quietly run on SQLite instead."""
+    if _without_postgres():
+        return
+    import psycopg2
+
+    try:
         psycopg2.connect(POSTGRES_ADMIN_DSN).close()
-        return True
-    except Exception:  # noqa: BLE001 - any failure means: no PostgreSQL here
-        return False
+    except psycopg2.Error as error:
+        reason = " ".join(str(error).split())
+        raise pytest.UsageError(
+            f"PostgreSQL on {POSTGRES_HOST}:{POSTGRES_PORT} (user postgres) is unreachable ({reason}); the "
+            f"backend-store tests need it: start it, or set {WITHOUT_POSTGRES}=1 to run them on SQLite instead"
+        ) from None
 
 
 @pytest.fixture(scope="session")
 def database_uri() -> Iterator[str]:
-    """A fresh PostgreSQL database for this test session (dropped afterwards), or, on a machine
-    without PostgreSQL on 127.0.0.1:5432, a SQLite file, with a notice in the test report."""
-    if not _postgres_available():
+    """A fresh PostgreSQL database for this test session (dropped afterwards); a SQLite file only
+    when MNIST_TESTS_WITHOUT_POSTGRES=1 (the report header says so)."""
+    if _without_postgres():
         directory = Path(os.environ.get("TMPDIR", "/tmp")) / f"mnist-tests-{uuid.uuid4().hex[:8]}"
         directory.mkdir(parents=True)
-        print("\nNOTICE: no PostgreSQL on 127.0.0.1:5432; backend-store tests use SQLite instead")
         yield f"sqlite:///{directory / 'backend.db'}"
         shutil.rmtree(directory, ignore_errors=True)
         return
@@ -83,14 +113,15 @@ def database_uri() -> Iterator[str]:
         cursor.execute(f'CREATE DATABASE "{name}"')
     admin.close()
     try:
-        yield f"postgresql+psycopg2://postgres@127.0.0.1:5432/{name}"
+        yield f"postgresql+psycopg2://postgres@{POSTGRES_HOST}:{POSTGRES_PORT}/{name}"
     finally:
         drop_database(name)
 
 
 def pytest_report_header(config: pytest.Config) -> str:
-    where = "PostgreSQL on 127.0.0.1:5432" if _postgres_available() else "SQLite (no PostgreSQL found)"
-    return f"backend-store tests use: {where}"
+    if _without_postgres():
+        return f"backend-store tests use: SQLite ({WITHOUT_POSTGRES}=1: PostgreSQL is NOT tested)"
+    return f"backend-store tests use: PostgreSQL on {POSTGRES_HOST}:{POSTGRES_PORT} (a fresh database per session)"
 
 
 @pytest.fixture
