@@ -1,11 +1,14 @@
 """`server`: the team's tracking server on this machine, without Docker, until Ctrl-C.
 
 It starts the same script as the compose `mlflow` service (see pipeline/tracking_server.py), prints
-what to export, and stops the server's whole process group on Ctrl-C or SIGTERM.
+what to export, and stops the server's whole process group on Ctrl-C or SIGTERM. The first of them
+starts the stop; later ones are ignored, so pressing Ctrl-C again cannot cut the stop short (it is
+bounded: SIGTERM, then SIGKILL after 30 s) and leave the server running.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from pathlib import Path
@@ -41,30 +44,49 @@ def server(root: Path, backend_store_uri: str | None, database: str, host: str, 
         backend = choose_backend_store(root, backend_store_uri, database)
         click.echo(f"Backend store: {backend.description}")
         tracking_server = TrackingServer(root, backend.uri, host=host, port=port)
-        signal.signal(signal.SIGTERM, _interrupt)
+        ctrl_c_stops = _stop_on_first_signal()
         try:
             with tracking_server:
-                _announce(tracking_server)
+                _announce(tracking_server, ctrl_c_stops)
                 _wait_while_running(tracking_server)
         except KeyboardInterrupt:
             click.echo("Stopped.")
 
 
-def _announce(tracking_server: TrackingServer) -> None:
+def _stop_on_first_signal() -> bool:
+    """The first SIGINT or SIGTERM raises KeyboardInterrupt (which stops the server), any later one is
+    ignored. Returns whether Ctrl-C reaches this process: not when it was started with SIGINT ignored,
+    as a background job of a non-interactive shell is (Ctrl-C at that terminal is not meant for it)."""
+    stopping = False
+
+    def interrupt(signal_number: int, frame: object) -> None:
+        nonlocal stopping
+        if not stopping:
+            stopping = True
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        return False
+    signal.signal(signal.SIGINT, interrupt)
+    return True
+
+
+def _announce(tracking_server: TrackingServer, ctrl_c_stops: bool) -> None:
     click.echo(f"Artifacts:     {tracking_server.artifacts_dir} (clients use mlflow-artifacts:/ through the server)")
     click.echo(f"Server log:    {tracking_server.log_path}")
     click.echo(f"UI:            {tracking_server.uri} (sign in as {tracking_server.username})")
     click.echo("\nIn the shell you train from:")
     for name, value in tracking_server.client_environment().items():
         click.echo(f"  export {name}={value}")
-    click.echo("  mlflow run . -P epochs=20\n\nCtrl-C stops the server.")
+    click.echo("  mlflow run . -P epochs=20\n")
+    if ctrl_c_stops:
+        click.echo("Ctrl-C stops the server.")
+    else:
+        click.echo(f"Started with Ctrl-C ignored (a background job): `kill {os.getpid()}` stops the server.")
 
 
 def _wait_while_running(tracking_server: TrackingServer) -> None:
     while tracking_server.running:
         time.sleep(0.5)
     raise TrackingServerError(f"the MLflow server exited on its own; see {tracking_server.log_path}")
-
-
-def _interrupt(signal_number: int, frame: object) -> None:
-    raise KeyboardInterrupt

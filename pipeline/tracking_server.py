@@ -14,7 +14,11 @@ again (the same object, or a new one on the same root) finds the same runs, arti
 
 `mlflow server` spawns uvicorn workers (and, when MLFLOW_SERVER_ENABLE_JOB_EXECUTION=true, a job
 runner and huey consumers); the script is started in its own session and stopping kills that whole
-process group, so nothing is left running.
+process group, so nothing is left running. Being in its own session, the group never sees a Ctrl-C
+meant for the caller: only stop() ends it. So a Ctrl-C (or SIGTERM) arriving while the server is being
+started or stopped is held until that step is over, never let to cut it short (a server started but
+not yet recorded would run on unowned; a stop cut short would leave the group running, or a
+`subprocess` lock held that makes the next wait time out).
 """
 
 from __future__ import annotations
@@ -32,7 +36,9 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 
@@ -239,7 +245,7 @@ class TrackingServer:
 
     @property
     def running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
+        return self._process is not None and _poll(self._process) is None
 
     def client_environment(self) -> dict[str, str]:
         """The variables a client (mlflow run, our CLI, MlflowClient) needs to use this server."""
@@ -283,19 +289,20 @@ class TrackingServer:
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
             "TMPDIR": str(self._scratch_dir),
         }
-        with open(self.log_path, "ab") as log:
-            log.write(f"--- starting {self.uri} on {_redacted(self.backend_store_uri)}\n".encode())
-            log.flush()
-            self._process = subprocess.Popen(
-                ["bash", str(self.script)],
-                env=environment,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        logger.info("starting MLflow server at %s (process group %s)", self.uri, self._process.pid)
         try:
+            # Until self._process records it, a Ctrl-C would leave the new server running unowned.
+            with open(self.log_path, "ab") as log, _signals_held():
+                log.write(f"--- starting {self.uri} on {_redacted(self.backend_store_uri)}\n".encode())
+                log.flush()
+                self._process = subprocess.Popen(
+                    ["bash", str(self.script)],
+                    env=environment,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            logger.info("starting MLflow server at %s (process group %s)", self.uri, self._process.pid)
             self._wait_until_healthy()
             self._check_admin_credentials()
         except BaseException:
@@ -306,20 +313,24 @@ class TrackingServer:
     def stop(self, timeout: float = 30.0) -> None:
         """Stops the server's whole process group (uvicorn workers, job runner, huey consumers) and waits for it.
 
+        A Ctrl-C or SIGTERM arriving meanwhile takes effect once the group is gone (at most
+        2 x `timeout`), so a second Ctrl-C never leaves the server running.
+
         Args:
             timeout: seconds to wait after SIGTERM before the group gets SIGKILL.
         """
-        process, self._process = self._process, None
-        if process is not None:
-            group = process.pid
-            _signal_group(group, signal.SIGTERM)
-            if not _wait_for_group(process, group, timeout):
-                logger.warning("MLflow server group %s ignored SIGTERM for %.0f s; killing it", group, timeout)
-                _signal_group(group, signal.SIGKILL)
-                _wait_for_group(process, group, timeout)
-        if self._scratch_dir is not None:
-            shutil.rmtree(self._scratch_dir, ignore_errors=True)
-            self._scratch_dir = None
+        with _signals_held():
+            process, self._process = self._process, None
+            if process is not None:
+                group = process.pid
+                _signal_group(group, signal.SIGTERM)
+                if not _wait_for_group(process, group, timeout):
+                    logger.warning("MLflow server group %s ignored SIGTERM for %.0f s; killing it", group, timeout)
+                    _signal_group(group, signal.SIGKILL)
+                    _wait_for_group(process, group, timeout)
+            if self._scratch_dir is not None:
+                shutil.rmtree(self._scratch_dir, ignore_errors=True)
+                self._scratch_dir = None
 
     def restart(self) -> TrackingServer:
         """Stops the server and starts it again on the same port, database and artifact directory."""
@@ -345,7 +356,7 @@ class TrackingServer:
     def _wait_until_healthy(self) -> None:
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
-            status = self._process.poll()
+            status = _poll(self._process)
             if status is not None:
                 raise TrackingServerError(
                     f"the MLflow server exited with status {status} before answering /health: "
@@ -380,6 +391,41 @@ class TrackingServer:
                 f"the server answered HTTP {response.status_code} when asked for its admin user; "
                 f"see {self.log_path}"
             )
+
+
+_HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Holds SIGINT and SIGTERM while the block runs; one that arrived is delivered (to the handler
+    that was in place) when it ends. In the main thread only: Python runs signal handlers there, so
+    elsewhere nothing can interrupt the block anyway. Ignored signals stay ignored."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    arrived: list[int] = []
+    previous = {}
+    try:
+        for number in _HELD_SIGNALS:
+            handler = signal.getsignal(number)
+            if handler is None or handler == signal.SIG_IGN:  # not set from Python, or ignored: leave it
+                continue
+            previous[number] = handler
+            signal.signal(number, lambda received, _frame: arrived.append(received))
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        if arrived:
+            signal.raise_signal(arrived[0])
+
+
+def _poll(process: subprocess.Popen) -> int | None:
+    """process.poll(), not interruptible: a KeyboardInterrupt raised inside Popen.poll() can leave its
+    internal wait lock held, and every later wait() then times out (60 s for stop())."""
+    with _signals_held():
+        return process.poll()
 
 
 def _free_port(host: str) -> int:

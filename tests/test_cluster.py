@@ -115,7 +115,9 @@ def test_a_peer_that_never_answers_is_named_within_the_deadline():
     started = time.monotonic()
     with pytest.raises(ClusterUnavailable) as raised:
         wait_for_peers(_cluster(tf_config(ports, 0)), timeout=1.5)
-    assert 1.5 <= time.monotonic() - started < 6
+    # It gives up at the deadline (a refused connection answers at once); the slack is for a loaded
+    # machine, and still fails a wait that ignores the deadline (the CLI's default is 120 s).
+    assert 1.5 <= time.monotonic() - started < 1.5 + 10
     message = str(raised.value)
     assert f"worker 1 (127.0.0.1:{ports[1]}) did not answer within 1.5 s" in message and "\n" not in message
 

@@ -4,6 +4,7 @@ real `mlflow run` processes and real data."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import re
@@ -22,10 +23,17 @@ import pytest
 import requests
 from mlflow.tracking import MlflowClient
 
+from mlflow_project.server import _announce
 from pipeline import constants as names
 from pipeline.config import TrainingConfig
 from pipeline.tracking import CREDENTIAL_VARIABLES
-from pipeline.tracking_server import SERVER_SCRIPT, AdminCredentials, TrackingServer, choose_backend_store
+from pipeline.tracking_server import (
+    SERVER_SCRIPT,
+    AdminCredentials,
+    TrackingServer,
+    _signals_held,
+    choose_backend_store,
+)
 from tests.conftest import drop_database
 from tests.helpers import MNIST_SMALL, live_processes_in_group, mlflow_project_run, project_env, run_cli
 from tests.test_training import EXPECTED_ARTIFACTS, assert_run_contract
@@ -53,6 +61,7 @@ def trained_run(tracking_server: TrackingServer, tmp_path_factory: pytest.TempPa
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # the shared `mlflow run` training may run in its set-up
 def test_mlflow_run_against_the_server_records_the_whole_contract(server_store, trained_run, tmp_path):
     client = MlflowClient()
     run = client.get_run(trained_run)
@@ -81,17 +90,36 @@ def test_the_api_refuses_requests_without_the_right_credentials(tracking_server)
     assert requests.get(f"{tracking_server.uri}/health", timeout=30).status_code == 200
 
 
+# README: a server that refuses the credentials fails the command in one line before any training,
+# after one request with a 10 s timeout (pipeline.tracking.check_tracking_store).
+CHECK_TIMEOUT = 10
+SLACK = 20  # for a loaded machine
+
+
+def _start_up_seconds(cwd: Path) -> float:
+    """How long starting Python and importing MLflow and TensorFlow takes on this machine right now:
+    what a command does before it asks the server, measured so that the bound is on the rest."""
+    started = time.monotonic()
+    subprocess.run(
+        [sys.executable, "-c", "import mlflow, tensorflow"], cwd=cwd, env=project_env(), check=True,
+        capture_output=True, timeout=300,
+    )
+    return time.monotonic() - started
+
+
 @pytest.mark.slow
 def test_training_with_a_wrong_password_fails_fast_in_one_line(server_store, tmp_path):
     experiment = f"wrong-password-{uuid.uuid4().hex[:6]}"
+    start_up = _start_up_seconds(tmp_path)
     started = time.monotonic()
     result = run_cli(
         ["train", "--epochs", "1", "--dataset", str(MNIST_SMALL), "--experiment-name", experiment],
         cwd=tmp_path,
-        timeout=60,
+        timeout=300,
         **(server_store.client_environment() | {"MLFLOW_TRACKING_PASSWORD": "not-the-password"}),
     )
-    assert time.monotonic() - started < 30
+    assert time.monotonic() - started < start_up + CHECK_TIMEOUT + SLACK, start_up
+    assert "Epoch" not in result.stdout  # before any training
     assert result.returncode == 1
     assert result.stderr.splitlines() == [
         f"error: tracking server {server_store.uri} refused the credentials (HTTP 401); check {CREDENTIAL_VARIABLES}"
@@ -100,14 +128,16 @@ def test_training_with_a_wrong_password_fails_fast_in_one_line(server_store, tmp
 
 
 @pytest.mark.slow
-def test_mlflow_run_with_a_wrong_password_fails_within_30_seconds(server_store, tmp_path):
+def test_mlflow_run_with_a_wrong_password_fails_before_any_training(server_store, tmp_path):
     before = len(MlflowClient().search_runs(experiment_ids=_all_experiment_ids()))
+    start_up = _start_up_seconds(tmp_path)
     result, seconds = mlflow_run(
         server_store, tmp_path, {"epochs": "1", "dataset": str(MNIST_SMALL)},
         MLFLOW_TRACKING_PASSWORD="not-the-password",
     )
     assert result.returncode != 0
-    assert seconds < 30
+    assert seconds < start_up + CHECK_TIMEOUT + SLACK, start_up
+    assert "Epoch" not in result.stdout
     assert "401" in result.stderr
     assert len(MlflowClient().search_runs(experiment_ids=_all_experiment_ids())) == before
 
@@ -143,6 +173,7 @@ def _files(list_artifacts: Callable[[str | None], list], path: str | None = None
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # the shared `mlflow run` training may run in its set-up
 def test_runs_metrics_and_artifacts_survive_a_restart(server_store, trained_run, tmp_path):
     client = MlflowClient()
     before = _snapshot(client, trained_run, tmp_path / "before")
@@ -169,12 +200,21 @@ def _answers(uri: str) -> bool:
     return True
 
 
+# A terminal gives its foreground command SIGINT at its default action. pytest itself may run with
+# SIGINT ignored (a CI job started in the background by a non-interactive shell), which its children
+# inherit: the server command is started through this exec, as a terminal would start it.
+_AS_IN_A_TERMINAL = (
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execv(sys.executable, sys.argv[1:])"
+)
+
+
 @pytest.mark.slow
+@pytest.mark.timeout(400)
 def test_server_command_prints_what_to_export_and_stops_cleanly_on_ctrl_c(tmp_path):
     database = tmp_path / "store.db"
     command = subprocess.Popen(
-        [sys.executable, "-m", "mlflow_project", "server", "--root", str(tmp_path / "root"),
-         "--backend-store-uri", f"sqlite:///{database}"],
+        [sys.executable, "-c", _AS_IN_A_TERMINAL, sys.executable, "-m", "mlflow_project", "server",
+         "--root", str(tmp_path / "root"), "--backend-store-uri", f"sqlite:///{database}"],
         cwd=tmp_path,
         env=project_env(),
         stdout=subprocess.PIPE,
@@ -182,25 +222,68 @@ def test_server_command_prints_what_to_export_and_stops_cleanly_on_ctrl_c(tmp_pa
         text=True,
     )
     lines = _lines_of(command)
+    group = None
     try:
-        output = _read_until(lines, "Ctrl-C stops the server.", timeout=120)
+        output = _read_until(lines, "stops the server", timeout=180)
+        [group] = [int(found) for found in re.findall(r"process group (\d+)", output)]
+        assert output.splitlines()[-1] == "Ctrl-C stops the server.", output
         exported = dict(re.findall(r"^  export (MLFLOW_TRACKING_\w+)=(\S+)$", output, flags=re.MULTILINE))
         assert set(exported) == {"MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"}
         assert f"Backend store: sqlite:///{database} (given)" in output
-        [group] = re.findall(r"process group (\d+)", output)
         search = f"{exported['MLFLOW_TRACKING_URI']}/api/2.0/mlflow/experiments/search"
         credentials = (exported["MLFLOW_TRACKING_USERNAME"], exported["MLFLOW_TRACKING_PASSWORD"])
         assert requests.get(search, params={"max_results": 1}, auth=credentials, timeout=30).status_code == 200
         assert requests.get(search, params={"max_results": 1}, timeout=30).status_code == 401
+        assert len(live_processes_in_group(group)) > 1  # mlflow server and uvicorn
+        # Ctrl-C, and again while the server stops (as an impatient user does): the second one must
+        # not cut the stop short. The stop is bounded (SIGTERM, SIGKILL after 30 s); the slack is for load.
         command.send_signal(signal.SIGINT)
-        assert command.wait(timeout=60) == 0
+        time.sleep(0.1)
+        command.send_signal(signal.SIGINT)
+        assert command.wait(timeout=150) == 0
+        assert live_processes_in_group(group) == []  # gone when the command returns, not later
     finally:
-        if command.poll() is None:
-            command.kill()
-    assert "Stopped." in _read_until(lines, None, timeout=5)
-    assert live_processes_in_group(int(group)) == []
+        _stop_for_good(command, group)
+    rest = _read_until(lines, None, timeout=30)
+    assert rest.splitlines()[-1:] == ["Stopped."], rest
+    assert "killing it" not in rest and "Traceback" not in rest  # stopped by SIGTERM, in time
     assert database.exists()
     assert (tmp_path / "root" / "admin-credentials.json").stat().st_mode & 0o077 == 0
+
+
+def _stop_for_good(command: subprocess.Popen, group: int | None) -> None:
+    """After a failed test: the command and the server group it started (in its own session) are gone."""
+    if command.poll() is None:
+        command.terminate()  # the command stops its server group on SIGTERM
+        try:
+            command.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            command.kill()
+            command.wait(timeout=30)
+    if group is not None and live_processes_in_group(group):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(group, signal.SIGKILL)
+
+
+def test_a_signal_while_the_server_starts_or_stops_takes_effect_once_that_step_is_over():
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # whatever pytest inherited
+    steps = []
+    try:
+        with pytest.raises(KeyboardInterrupt), _signals_held():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.2)  # a Ctrl-C not held would interrupt this sleep
+            steps.append("step finished")
+        assert steps == ["step finished"]
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def test_the_server_command_started_with_ctrl_c_ignored_says_how_to_stop_it(tmp_path, capsys):
+    server = TrackingServer(tmp_path, port=5000)
+    _announce(server, ctrl_c_stops=False)
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last == f"Started with Ctrl-C ignored (a background job): `kill {os.getpid()}` stops the server."
 
 
 def _lines_of(process: subprocess.Popen) -> queue.Queue:
