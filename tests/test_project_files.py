@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import tomllib
 
 import pytest
@@ -88,11 +89,45 @@ def test_dependency_ranges_admit_the_versions_we_build_on():
         assert ranges[package].contains(version), f"{package} {ranges[package]} excludes {version}"
 
 
-def test_readme_documents_every_parameter_metric_artifact_and_tag():
-    readme = (PROJECT_DIR / "README.md").read_text()
+def _names_to_document() -> list[str]:
+    """Every parameter of every entry point, and every metric, artifact, tag and value a run records."""
     specs = {spec.name for _, entry_point_specs in ENTRY_POINTS.values() for spec in entry_point_specs}
-    documented = sorted(specs) + [
+    return sorted(specs) + [
         value for name, value in vars(constants).items() if name.isupper() and isinstance(value, str)
     ] + list(constants.EPOCH_METRICS)
-    missing = [name for name in documented if f"`{name}`" not in readme and name not in readme]
-    assert not missing, f"README does not mention: {missing}"
+
+
+_CODE_BLOCK = re.compile(r"^```.*?^```", re.S | re.M)
+_CODE_SPAN = re.compile(r"`([^`\n]+)`")
+# A name's characters; anything else (`/`, `:`, `<`, `=`, space, ...) separates two names in a code span.
+_TOKEN = re.compile(r"[A-Za-z0-9_.\-]+")
+
+
+def _code_tokens(readme: str) -> set[str]:
+    """The whole names written in the README's inline code spans (`...`), outside code blocks:
+    `checkpoints/best_model.keras` gives checkpoints and best_model.keras; `best_<metric>` gives best_."""
+    prose = _CODE_BLOCK.sub("", readme)
+    return {token for span in _CODE_SPAN.findall(prose) for token in _TOKEN.findall(span)}
+
+
+def undocumented_names(readme: str) -> list[str]:
+    """The names of _names_to_document() that `readme` never writes as a whole name in code (`name`)."""
+    tokens = _code_tokens(readme)
+    return [name for name in _names_to_document() if name not in tokens]
+
+
+def test_readme_documents_every_parameter_metric_artifact_and_tag():
+    missing = undocumented_names((PROJECT_DIR / "README.md").read_text())
+    assert not missing, f"README does not document (as `name`): {missing}"
+
+
+@pytest.mark.parametrize("name", ["model", "best_", "loss", "epochs", "champion"])
+def test_the_readme_check_notices_a_name_whose_documentation_is_removed(name):
+    """On a copy of the README in which `name` is no longer written in code, the check reports it, even
+    though the word still occurs in the prose or inside longer names (model_summary.txt, val_loss)."""
+    readme = (PROJECT_DIR / "README.md").read_text()
+    assert name not in undocumented_names(readme)
+    token = re.compile(rf"(?<![A-Za-z0-9_.\-]){re.escape(name)}(?![A-Za-z0-9_.\-])")
+    removed = _CODE_SPAN.sub(lambda span: "`" + token.sub("X", span.group(1)) + "`", readme)
+    assert name in removed  # still a substring of the text
+    assert name in undocumented_names(removed)

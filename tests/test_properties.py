@@ -1,10 +1,18 @@
 """Property-based: whatever a user types for any parameter, the answer is one line and exit 2 or a
-valid config, never a traceback and never a run."""
+valid config, never a traceback and never a run.
+
+What is valid is written down here a second time, from the README's parameter tables, and not taken
+from `ParameterSpec.parse`: a wrong rule in pipeline/config.py (a bound off by one, a missing check)
+makes these tests fail instead of agreeing with it.
+"""
 
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Callable
 
+import pytest
 from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -14,16 +22,151 @@ from mlflow_project.mlproject import ENTRY_POINTS
 from pipeline.config import ParameterSpec
 from pipeline.errors import ParameterError
 
+# -- the rules, from the README ------------------------------------------------------------------
+# Numbers are read as Python reads decimal literals (int() / float(), surrounding blanks allowed):
+# the README does not define a syntax of its own. Everything else below is the README's tables.
+
+_INVALID = object()
+
+
+def _int(raw: str) -> object:
+    try:
+        return int(raw.strip())
+    except ValueError:
+        return _INVALID
+
+
+def _float(raw: str) -> object:
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        return _INVALID
+    return value if math.isfinite(value) else _INVALID
+
+
+def _int_where(condition: Callable[[int], bool]) -> Callable[[str], object]:
+    def rule(raw: str) -> object:
+        value = _int(raw)
+        return value if value is not _INVALID and condition(value) else _INVALID
+
+    return rule
+
+
+def _float_where(condition: Callable[[float], bool]) -> Callable[[str], object]:
+    def rule(raw: str) -> object:
+        value = _float(raw)
+        return value if value is not _INVALID and condition(value) else _INVALID
+
+    return rule
+
+
+def _text_where(condition: Callable[[str], bool]) -> Callable[[str], object]:
+    return lambda raw: raw if condition(raw) else _INVALID
+
+
+def _boolean(raw: str) -> object:
+    # `true` or `false`; read leniently: any case, blanks around.
+    return {"true": True, "false": False}.get(raw.strip().lower(), _INVALID)
+
+
+def _hidden_units(text: str) -> bool:
+    # comma-separated positive ints, at least one hidden layer (in decimal digits: no sign, no leading 0)
+    return all(re.fullmatch(r"[1-9]\d*", part.strip()) for part in text.split(","))
+
+
+_NAME_CHARACTERS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+
+
+def _model_name(text: str) -> bool:
+    # letters, digits, `.`, `_`, `-` (and, which the README does not say, beginning with a letter or digit)
+    return bool(text) and set(text) <= _NAME_CHARACTERS and text[0] not in "._-"
+
+
+def _metric_name(text: str) -> bool:
+    # a metric name as MLflow spells them: letters, digits, `_ . / -`, words separated by single spaces
+    words = text.split(" ")
+    return all(word and set(word) <= _NAME_CHARACTERS | {"/"} for word in words)
+
+
+def _not_blank(text: str) -> bool:
+    return bool(text.strip())
+
+
+TRAINING_RULES: dict[str, Callable[[str], object]] = {
+    "epochs": _int_where(lambda v: v >= 1),
+    "batch_size": _int_where(lambda v: v >= 1),
+    "learning_rate": _float_where(lambda v: v > 0),
+    "hidden_units": _text_where(_hidden_units),
+    "dropout": _float_where(lambda v: 0 <= v < 1),
+    "validation_split": _float_where(lambda v: 0 < v < 1),
+    # mnist, fashion_mnist, a path or a directory: any name; the data itself is checked when it is loaded
+    "dataset": _text_where(_not_blank),
+    "es_patience": _int_where(lambda v: v >= 0),
+    "lr_factor": _float_where(lambda v: 0 < v < 1),
+    "lr_patience": _int_where(lambda v: v >= 0),
+    "min_lr": _float_where(lambda v: v >= 0),
+    "target_accuracy": _float_where(lambda v: 0 <= v <= 1),
+    "seed": _int_where(lambda v: 0 <= v < 2**32),  # what NumPy takes as a seed (the README gives no range)
+    "steps_per_execution": _int_where(lambda v: v >= 1),
+    "strategy": _text_where(lambda v: v in ("default", "mirrored", "multi_worker")),
+}
+RANKING_RULES: dict[str, Callable[[str], object]] = {
+    "metric": _text_where(_metric_name),
+    "mode": _text_where(lambda v: v in ("max", "min")),
+}
+# A sweep's grids: values separated by `,` (hidden_units: architectures separated by `;`), each allowed.
+SWEEP_SEPARATORS = {"learning_rate": ",", "hidden_units": ";", "dropout": ",", "batch_size": ",", "epochs": ","}
+
+
+def _grid(name: str) -> Callable[[str], object]:
+    single, separator = TRAINING_RULES[name], SWEEP_SEPARATORS[name]
+    return _text_where(lambda text: all(single(part.strip()) is not _INVALID for part in text.split(separator)))
+
+
+RULES: dict[str, dict[str, Callable[[str], object]]] = {
+    "main": TRAINING_RULES | {"register_as": _text_where(lambda v: v == "" or _model_name(v))},
+    "register": {"model_name": _text_where(_model_name), **RANKING_RULES, "dry_run": _boolean},
+    "compare": {
+        "filter": _text_where(lambda v: True),  # an MLflow search filter: MLflow checks it when searching
+        "top": _int_where(lambda v: v >= 1),
+        **RANKING_RULES,
+        "output_dir": _text_where(_not_blank),
+        "log_run": _boolean,
+    },
+    "sweep": TRAINING_RULES | {name: _grid(name) for name in SWEEP_SEPARATORS} | {
+        # a sweep runs its trials in one process: it cannot be one worker of a cluster (not in the README)
+        "strategy": _text_where(lambda v: v in ("default", "mirrored")),
+    } | RANKING_RULES,
+}
+
+
+def expected(entry_point: str, name: str, raw: str) -> object:
+    """The value `raw` must give for parameter `name` of `entry_point`, or _INVALID."""
+    return RULES[entry_point][name](raw)
+
+
+# -- values users may type -------------------------------------------------------------------------
+
 _ANY_TEXT = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=12)
 _NUMBERS = st.one_of(
     st.integers(min_value=-(2**40), max_value=2**40).map(str),
     st.floats(allow_nan=True, allow_infinity=True).map(repr),
     st.sampled_from(["nan", "inf", "-inf", "1e309", "0x10", "1_000", " 3 ", "", "1.", ".5", "+2"]),
 )
-RAW_VALUES = st.one_of(_ANY_TEXT, _NUMBERS)
+# The edges of the rules above, where a wrong bound shows.
+_EDGES = st.sampled_from([
+    "0", "1", "-1", "0.0", "1.0", "-0.0", "-0", "1e-300", "0.999999", "1.000001", "2", "4294967295", "4294967296",
+    "128,64", "128, 64", "64", "0", "01", "128,", ",64", "128,,64", "128,-64", "128,64;256", "64;", "128;0",
+    "0.001,0.01", "0.001,0", "0.1, 0.5", "1,2", "1,0", "32,64",
+    "default", "mirrored", "multi_worker", "Mirrored", "max", "min", "MAX", "true", "false", "True", " false ",
+    "yes", "mnist-mlp", "my.model_2", "-model", ".model", "a/b", "my model", "test_accuracy", "test loss",
+    "test  loss", " test_loss", "a:b", "val/accuracy", " ", "\t", "mnist-mlp\n", "test_loss\n", "mirrored\n",
+])
+RAW_VALUES = st.one_of(_ANY_TEXT, _NUMBERS, _EDGES)
 
 
 def _accepts(spec: ParameterSpec, raw: str) -> bool:
+    """Whether the product accepts `raw`; a refusal must be one line naming the parameter."""
     try:
         spec.parse(raw)
         return True
@@ -32,10 +175,10 @@ def _accepts(spec: ParameterSpec, raw: str) -> bool:
         return False
 
 
-def _cases(specs: tuple[ParameterSpec, ...]):
-    """Raw values for a random subset of the parameters, at least one of them invalid."""
+def _cases(entry_point: str, specs: tuple[ParameterSpec, ...]):
+    """Raw values for a random subset of the parameters, at least one of them invalid by the README."""
     return st.fixed_dictionaries({}, optional={spec.name: RAW_VALUES for spec in specs}).filter(
-        lambda values: any(not _accepts(_spec(specs, name), raw) for name, raw in values.items())
+        lambda values: any(expected(entry_point, name, raw) is _INVALID for name, raw in values.items())
     )
 
 
@@ -43,13 +186,16 @@ def _spec(specs: tuple[ParameterSpec, ...], name: str) -> ParameterSpec:
     return next(spec for spec in specs if spec.name == name)
 
 
-def _check_entry_point(command: str, specs: tuple[ParameterSpec, ...], values: dict[str, str], store_dir) -> None:
+def _check_entry_point(
+    entry_point: str, specs: tuple[ParameterSpec, ...], values: dict[str, str], store_dir
+) -> None:
+    command = ENTRY_POINTS[entry_point][0]
     args = [command]
     for name, raw in values.items():
         args += [_spec(specs, name).cli_flag, raw]
     uri = f"sqlite:///{store_dir / 'mlflow.db'}"
     result = CliRunner().invoke(cli, args, env={"MLFLOW_TRACKING_URI": uri, "MLFLOW_RUN_ID": ""})
-    invalid = [name for name, raw in values.items() if not _accepts(_spec(specs, name), raw)]
+    invalid = [name for name, raw in values.items() if expected(entry_point, name, raw) is _INVALID]
     assert result.exit_code == 2, (args, result.output, result.exception)
     assert isinstance(result.exception, SystemExit)  # no other exception escaped: no traceback
     lines = [line for line in result.stderr.splitlines() if line.strip()]
@@ -59,25 +205,87 @@ def _check_entry_point(command: str, specs: tuple[ParameterSpec, ...], values: d
     assert not (store_dir / "mlflow.db").exists()  # no run (not even a store) was created
 
 
+def test_the_rules_here_cover_every_parameter_of_every_entry_point():
+    assert {entry_point: sorted(RULES[entry_point]) for entry_point in RULES} == {
+        entry_point: sorted(spec.name for spec in specs) for entry_point, (_, specs) in ENTRY_POINTS.items()
+    }
+
+
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_every_entry_point_answers_bad_values_in_one_line_with_exit_2(data, tmp_path):
     entry_point = data.draw(st.sampled_from(sorted(ENTRY_POINTS)), label="entry point")
-    command, specs = ENTRY_POINTS[entry_point]
-    values = data.draw(_cases(tuple(specs)), label="values")
-    _check_entry_point(command, tuple(specs), values, tmp_path)
+    specs = tuple(ENTRY_POINTS[entry_point][1])
+    values = data.draw(_cases(entry_point, specs), label="values")
+    _check_entry_point(entry_point, specs, values, tmp_path)
 
 
 @settings(max_examples=300, deadline=None)
 @given(data=st.data())
-def test_accepted_values_are_in_range_and_round_trip(data):
-    for _, specs in ENTRY_POINTS.values():
+def test_a_value_is_accepted_exactly_when_the_readme_allows_it_and_round_trips(data):
+    for entry_point, (_, specs) in ENTRY_POINTS.items():
         for spec in specs:
-            raw = data.draw(RAW_VALUES, label=spec.name)
-            if not _accepts(spec, raw):
+            raw = data.draw(RAW_VALUES, label=f"{entry_point}.{spec.name}")
+            want = expected(entry_point, spec.name, raw)
+            assert _accepts(spec, raw) == (want is not _INVALID), (entry_point, spec.name, raw)
+            if want is _INVALID:
                 continue
             value = spec.parse(raw)
-            assert isinstance(value, spec.kind) and spec.check(value)
-            if spec.kind is float:
-                assert math.isfinite(value)
-            assert spec.parse(str(value)) == value
+            assert value == want and type(value) is type(want), (entry_point, spec.name, raw, value, want)
+            assert spec.parse(str(value).lower() if isinstance(value, bool) else str(value)) == value
+
+
+# The README's bounds, one value on each side of each (entry point, parameter, value, allowed?).
+README_EDGES = [
+    ("main", "epochs", "1", True), ("main", "epochs", "0", False),
+    ("main", "batch_size", "1", True), ("main", "batch_size", "0", False),
+    ("main", "learning_rate", "1e-9", True), ("main", "learning_rate", "0", False),
+    ("main", "learning_rate", "nan", False), ("main", "learning_rate", "inf", False),
+    ("main", "hidden_units", "128,64", True), ("main", "hidden_units", "256", True),
+    ("main", "hidden_units", "128,0", False), ("main", "hidden_units", "128,", False),
+    ("main", "hidden_units", "", False),
+    ("main", "dropout", "0", True), ("main", "dropout", "0.999", True), ("main", "dropout", "1", False),
+    ("main", "dropout", "-0.1", False),
+    ("main", "validation_split", "0.01", True), ("main", "validation_split", "0", False),
+    ("main", "validation_split", "1", False),
+    ("main", "dataset", "mnist", True), ("main", "dataset", "fashion_mnist", True), ("main", "dataset", "", False),
+    ("main", "es_patience", "0", True), ("main", "es_patience", "-1", False),
+    ("main", "lr_factor", "0.5", True), ("main", "lr_factor", "0", False), ("main", "lr_factor", "1", False),
+    ("main", "lr_patience", "0", True), ("main", "lr_patience", "-1", False),
+    ("main", "min_lr", "0", True), ("main", "min_lr", "-1e-9", False),
+    ("main", "target_accuracy", "0", True), ("main", "target_accuracy", "1", True),
+    ("main", "target_accuracy", "1.0001", False), ("main", "target_accuracy", "-0.1", False),
+    ("main", "seed", "0", True), ("main", "seed", "4294967295", True), ("main", "seed", "4294967296", False),
+    ("main", "seed", "-1", False),
+    ("main", "steps_per_execution", "1", True), ("main", "steps_per_execution", "0", False),
+    ("main", "strategy", "default", True), ("main", "strategy", "mirrored", True),
+    ("main", "strategy", "multi_worker", True), ("main", "strategy", "parameter_server", False),
+    ("main", "register_as", "", True), ("main", "register_as", "mnist-mlp", True),
+    ("main", "register_as", "mnist mlp", False), ("main", "register_as", "mnist-mlp\n", False),
+    ("register", "model_name", "mnist-mlp.v2_1", True), ("register", "model_name", "a/b", False),
+    ("register", "model_name", "", False), ("register", "model_name", "mnist-mlp\n", False),
+    ("register", "metric", "test_loss", True), ("register", "metric", "", False),
+    ("register", "metric", "test_loss\n", False),
+    ("register", "mode", "max", True), ("register", "mode", "min", True), ("register", "mode", "mean", False),
+    ("register", "dry_run", "true", True), ("register", "dry_run", "false", True),
+    ("register", "dry_run", "yes", False),
+    ("compare", "filter", "", True), ("compare", "filter", "params.dropout = '0.2'", True),
+    ("compare", "top", "1", True), ("compare", "top", "0", False),
+    ("compare", "output_dir", "comparison", True), ("compare", "output_dir", "", False),
+    ("compare", "log_run", "true", True), ("compare", "log_run", "1", False),
+    ("sweep", "learning_rate", "0.0003,0.001,0.003", True), ("sweep", "learning_rate", "0.001,0", False),
+    ("sweep", "learning_rate", "0.001,", False),
+    ("sweep", "hidden_units", "128,64;256", True), ("sweep", "hidden_units", "128,64;0", False),
+    ("sweep", "dropout", "0,0.5", True), ("sweep", "dropout", "0.2,1", False),
+    ("sweep", "batch_size", "32,128", True), ("sweep", "batch_size", "32,0", False),
+    ("sweep", "epochs", "1,3", True), ("sweep", "epochs", "3,0", False),
+    ("sweep", "seed", "7", True), ("sweep", "seed", "1,2", False),  # not a grid: one value
+    ("sweep", "strategy", "mirrored", True), ("sweep", "strategy", "multi_worker", False),
+]
+
+
+@pytest.mark.parametrize(("entry_point", "name", "raw", "allowed"), README_EDGES)
+def test_the_readme_bounds(entry_point, name, raw, allowed):
+    assert (expected(entry_point, name, raw) is not _INVALID) == allowed  # the rules above say so too
+    specs = tuple(ENTRY_POINTS[entry_point][1])
+    assert _accepts(_spec(specs, name), raw) == allowed
