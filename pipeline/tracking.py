@@ -2,17 +2,22 @@
 
 MLflow's REST client retries an unreachable server for minutes and reports a wrong password deep
 inside a traceback; `check_tracking_store` asks the server once, with a short timeout, before any
-work starts, and says in one line what is wrong and what to check.
+work starts, and says in one line what is wrong and what to check. For a SQLite store it creates the
+database, one process at a time (see `prepare_sqlite_store`).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 from collections.abc import Sequence
+from pathlib import Path
 from urllib.parse import urlencode
 
 import mlflow
 from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
 from mlflow.utils.credentials import get_default_host_creds
 from mlflow.utils.rest_utils import http_request
 
@@ -27,16 +32,21 @@ def is_server_uri(uri: str) -> bool:
     return uri.startswith(("http://", "https://"))
 
 
-def check_tracking_store(uri: str | None = None, timeout: float = 10.0) -> None:
+def check_tracking_store(uri: str | None = None, timeout: float = 10.0, open_sqlite: bool = True) -> None:
     """Raises TrackingUnavailable when the tracking server does not answer or refuses us.
 
-    Local stores (SQLite, PostgreSQL URIs, files) are not checked here: they fail at once anyway.
+    Other local stores (PostgreSQL URIs, files) are not checked here: they fail at once anyway. A
+    SQLite store is opened here (`prepare_sqlite_store`), and created if it is new, one process at a time.
 
     Args:
         uri: the tracking URI; by default MLflow's current one (MLFLOW_TRACKING_URI).
         timeout: seconds to wait for the one request (no retries).
+        open_sqlite: False for a caller that validates its input first, and calls `prepare_sqlite_store`
+            itself before it uses the store (bad input must not leave a new store behind).
     """
     uri = uri or mlflow.get_tracking_uri()
+    if open_sqlite:
+        prepare_sqlite_store(uri)
     if not is_server_uri(uri):
         return
     try:
@@ -65,6 +75,34 @@ def check_tracking_store(uri: str | None = None, timeout: float = 10.0) -> None:
             f"tracking server {uri} answered HTTP {response.status_code} to a simple query; "
             "check that MLFLOW_TRACKING_URI points at an MLflow tracking server"
         )
+
+
+def prepare_sqlite_store(uri: str) -> None:
+    """Opens the SQLite store at `uri` (any other URI: does nothing), creating its tables if it is new,
+    while holding an exclusive lock (flock) on the database's directory.
+
+    MLflow creates a new database's tables and runs its migrations in every process that opens it
+    first; processes doing so at once (trainings started together on a new store) break each
+    other's migrations (alembic's "Online migration expected to match one row ... 0 found", "table
+    _alembic_tmp_params already exists"). With the lock, the first process creates the store and the
+    others find it complete. A directory that cannot be opened is left for MLflow to report.
+    """
+    from sqlalchemy.engine import make_url
+
+    if not uri.startswith("sqlite:"):
+        return
+    database = make_url(uri).database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return
+    try:
+        directory = os.open(Path(database).resolve().parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        fcntl.flock(directory, fcntl.LOCK_EX)
+        MlflowClient(uri).search_experiments(max_results=1)  # creates the tables if they are missing
+    finally:
+        os.close(directory)  # releases the lock
 
 
 def _connection_failure(text: str, timeout: float) -> str:

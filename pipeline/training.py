@@ -52,7 +52,7 @@ from pipeline.model import build_model, model_summary
 from pipeline.plot_process import PlotProcess
 from pipeline.recorder import RunRecorder, is_transient
 from pipeline.resume import ResumePoint, RunNotResumable, find_resume_point, resend_missing_metrics
-from pipeline.tracking import check_tracking_store
+from pipeline.tracking import check_tracking_store, prepare_sqlite_store
 
 logger = logging.getLogger(__name__)
 
@@ -149,8 +149,9 @@ def run_training(
     plan = plan_distribution(config.strategy, os.environ)
     if not plan.is_chief:
         return _train_as_worker(config, plan, peer_timeout)
-    check_tracking_store()
+    check_tracking_store(open_sqlite=False)
     dataset = load_dataset(config.dataset)  # bad data fails before the store is touched
+    prepare_sqlite_store(mlflow.get_tracking_uri())  # a new SQLite store is created one process at a time
     client = MlflowClient()
     run_id = run_id or os.environ.get(MLFLOW_RUN_ID.name) or None
     resume = find_resume_point(client, run_id, config) if run_id else None
@@ -168,7 +169,7 @@ def run_training(
     distribution = plan.start(config, dataset.digest, peer_timeout)
     if experiment_name and not run_id:
         mlflow.set_experiment(experiment_name)
-    with _local_workdir() as workdir, _mlflow_run(run_id, parent_run_id) as run, _local_storage_errors(workdir):
+    with _mlflow_run(run_id, parent_run_id) as run, _local_workdir() as workdir, _local_storage_errors(workdir):
         return _train_in_run(
             client, run, config, dataset, (x_train, y_train, x_val, y_val), workdir, resume, flush_timeout,
             rescue_dir or default_rescue_dir(), distribution,
@@ -307,13 +308,16 @@ def default_rescue_dir() -> Path:
 
 @contextlib.contextmanager
 def _local_workdir() -> Iterator[Path]:
-    """The run's private temporary directory (checkpoints, CSV log, plots, upload staging)."""
+    """The run's private temporary directory (checkpoints, CSV log, plots, upload staging), in TMPDIR
+    when it is set: Python's `tempfile` quietly falls back to /tmp when TMPDIR cannot be written, which
+    would put the run's files on a disk the user did not choose."""
+    root = os.environ.get("TMPDIR") or tempfile.gettempdir()
     try:
-        directory = tempfile.TemporaryDirectory(prefix="mnist-run-")
+        directory = tempfile.TemporaryDirectory(prefix="mnist-run-", dir=root)
     except OSError as error:
         raise LocalStorageError(
-            f"cannot create a temporary directory in {tempfile.gettempdir()} ({error.strerror or error}); "
-            "point TMPDIR at a writable disk"
+            f"cannot write the run's local files in {root} ({error.strerror or error}); "
+            "free disk space or point TMPDIR at a writable disk"
         ) from None
     with directory as path:
         yield Path(path)

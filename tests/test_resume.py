@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,13 +14,14 @@ import time
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline import constants as names
 from pipeline.config import TrainingConfig
+from pipeline.data import load_dataset
 from pipeline.errors import TrainingDiverged
-from pipeline.resume import RunNotResumable
 from pipeline.training import run_training
 from tests.helpers import MNIST_SMALL, PROJECT_DIR, project_env, run_cli
 
@@ -91,9 +93,8 @@ def _assert_exactly_once(client: MlflowClient, run_id: str, tmp: Path) -> None:
     assert mlflow.pyfunc.load_model(f"runs:/{run_id}/model") is not None
 
 
-def test_sigkilled_training_resumes_twice_and_records_every_epoch_once(tmp_path, monkeypatch):
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+def test_sigkilled_training_resumes_twice_and_records_every_epoch_once(sqlite_store, tmp_path):
+    store = sqlite_store
     client = MlflowClient(store)
 
     run_id = _kill_after_epochs(_start_training(store, tmp_path), client, at_least=3)
@@ -129,14 +130,63 @@ def diverged_run(sqlite_store) -> str:
     return run.info.run_id
 
 
-def test_resume_with_other_parameters_is_refused_naming_them(diverged_run):
-    config = TrainingConfig.from_values(PARAMS | {"learning_rate": "0.001", "epochs": "5"})
-    with pytest.raises(RunNotResumable) as refused:
-        run_training(config, run_id=diverged_run)
-    message = str(refused.value)
+def _one_line_error(result: subprocess.CompletedProcess) -> str:
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-3000:]
+    return lines[0]
+
+
+def _snapshot(client: MlflowClient, run_id: str) -> tuple:
+    """What a refused resume must leave as it was: status, params, tags, and every metric's history."""
+    run = client.get_run(run_id)
+    histories = {key: [(m.step, m.value) for m in client.get_metric_history(run_id, key)] for key in run.data.metrics}
+    return run.info.status, run.data.params, run.data.tags, histories
+
+
+def test_resume_with_other_parameters_is_refused_naming_them(diverged_run, tmp_path):
+    client = MlflowClient()
+    before = _snapshot(client, diverged_run)
+    result = run_cli(
+        ["train", "--run-id", diverged_run, *_cli_args(learning_rate="0.001", epochs="5")], cwd=tmp_path,
+        MLFLOW_TRACKING_URI=os.environ["MLFLOW_TRACKING_URI"], timeout=120,
+    )
+    assert result.returncode == 2
+    message = _one_line_error(result)
+    assert message.startswith(f"error: run {diverged_run} was trained with other parameters; ")
     assert "epochs 12 -> 5" in message and "learning_rate 1e+30 -> 0.001" in message
-    assert "dropout" not in message and "\n" not in message
-    assert MlflowClient().get_run(diverged_run).info.status == "FAILED"  # untouched
+    assert "dropout" not in message
+    assert _snapshot(client, diverged_run) == before  # untouched (FAILED, as it was)
+    assert before[0] == "FAILED"
+
+
+def test_resume_with_other_data_is_refused_and_leaves_the_run_as_it_was(sqlite_store, tmp_path):
+    data = tmp_path / "digits.npz"
+    shutil.copyfile(MNIST_SMALL, data)
+    params = PARAMS | {"dataset": str(data), "learning_rate": "1e30"}
+    with pytest.raises(TrainingDiverged):
+        run_training(TrainingConfig.from_values(params), experiment_name="other-data")
+    client = MlflowClient()
+    [run] = client.search_runs([mlflow.get_experiment_by_name("other-data").experiment_id])
+    run_id, trained_on = run.info.run_id, run.data.tags[names.TAG_DATASET_DIGEST]
+    # The same path and parameters, other contents: the training images in reverse order.
+    with np.load(MNIST_SMALL) as arrays:
+        contents = {key: arrays[key] for key in arrays.files}
+    contents["x_train"], contents["y_train"] = contents["x_train"][::-1], contents["y_train"][::-1]
+    np.savez(data, **contents)
+    now = load_dataset(str(data))
+    assert now.digest != trained_on
+    before = _snapshot(client, run_id)
+    result = run_cli(
+        ["train", "--run-id", run_id, *_cli_args(dataset=str(data), learning_rate="1e30")], cwd=tmp_path,
+        MLFLOW_TRACKING_URI=os.environ["MLFLOW_TRACKING_URI"], timeout=120,
+    )
+    assert result.returncode == 2
+    assert _one_line_error(result) == (
+        f"error: run {run_id} was trained on other data (digest {trained_on}, now {now.digest} from {now.source})"
+    )
+    assert _snapshot(client, run_id) == before
+    assert before[0] == "FAILED" and before[3]  # a failed run with metrics, left as it was
 
 
 def test_finished_run_is_refused_not_retrained(sqlite_store, tmp_path):
