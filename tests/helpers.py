@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
@@ -88,3 +90,17 @@ def tf_config(ports: list[int], index: int) -> str:
     """The TF_CONFIG of worker `index` in a cluster of workers on 127.0.0.1 at `ports`."""
     workers = [f"127.0.0.1:{port}" for port in ports]
     return json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}})
+
+
+def stdout_lines(process: subprocess.Popen) -> queue.Queue:
+    """The lines `process` prints, read by a thread into a queue (None once its stdout ends), so that a
+    test can wait for a line with a timeout; the process' stdout must not be read elsewhere."""
+    lines: queue.Queue = queue.Queue()
+
+    def pump() -> None:
+        for line in process.stdout:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    return lines

@@ -7,7 +7,6 @@ import json
 import queue
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from pipeline.config import TrainingConfig
 from pipeline.data import load_dataset
 from pipeline.resume import RunNotResumable
 from pipeline.training import run_training
-from tests.helpers import MNIST_SMALL, free_ports, project_env, tf_config
+from tests.helpers import MNIST_SMALL, free_ports, project_env, stdout_lines, tf_config
 from tests.test_training import CALLBACKS, assert_run_contract, small_config
 
 EPOCHS = "3"
@@ -121,14 +120,7 @@ def _wait_for_line(process: subprocess.Popen, prefix: str, timeout: float) -> No
     """Returns once the process printed a line starting with `prefix`; fails after `timeout` seconds or
     when its output ends first. Its stdout is read in a thread (also afterwards, so it never blocks on
     a full pipe); the process' stdout must not be read elsewhere."""
-    lines: queue.Queue = queue.Queue()
-
-    def pump() -> None:
-        for line in process.stdout:
-            lines.put(line)
-        lines.put(None)
-
-    threading.Thread(target=pump, daemon=True).start()
+    lines = stdout_lines(process)
     deadline = time.monotonic() + timeout
     seen: list[str] = []
     while True:

@@ -11,7 +11,6 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -35,7 +34,14 @@ from pipeline.tracking_server import (
     choose_backend_store,
 )
 from tests.conftest import drop_database
-from tests.helpers import MNIST_SMALL, live_processes_in_group, mlflow_project_run, project_env, run_cli
+from tests.helpers import (
+    MNIST_SMALL,
+    live_processes_in_group,
+    mlflow_project_run,
+    project_env,
+    run_cli,
+    stdout_lines,
+)
 from tests.test_training import EXPECTED_ARTIFACTS, assert_run_contract
 
 TRAINED_VALUES = {"epochs": "2", "dataset": str(MNIST_SMALL), "lr_patience": "1"}
@@ -221,7 +227,7 @@ def test_server_command_prints_what_to_export_and_stops_cleanly_on_ctrl_c(tmp_pa
         stderr=subprocess.STDOUT,
         text=True,
     )
-    lines = _lines_of(command)
+    lines = stdout_lines(command)
     group = None
     try:
         output = _read_until(lines, "stops the server", timeout=180)
@@ -284,18 +290,6 @@ def test_the_server_command_started_with_ctrl_c_ignored_says_how_to_stop_it(tmp_
     _announce(server, ctrl_c_stops=False)
     last = capsys.readouterr().out.splitlines()[-1]
     assert last == f"Started with Ctrl-C ignored (a background job): `kill {os.getpid()}` stops the server."
-
-
-def _lines_of(process: subprocess.Popen) -> queue.Queue:
-    lines: queue.Queue = queue.Queue()
-
-    def pump() -> None:
-        for line in process.stdout:
-            lines.put(line)
-        lines.put(None)
-
-    threading.Thread(target=pump, daemon=True).start()
-    return lines
 
 
 def _read_until(lines: queue.Queue, marker: str | None, timeout: float) -> str:
