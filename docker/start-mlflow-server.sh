@@ -72,7 +72,7 @@ exec mlflow server \
     --backend-store-uri "$MLFLOW_BACKEND_STORE_URI" \
     --artifacts-destination "$MLFLOW_ARTIFACTS_DESTINATION" \
     --serve-artifacts \
-    --app-name basic-auth \
+    --app-name proxied-basic-auth \
     --host "${MLFLOW_HOST:-127.0.0.1}" \
     --port "${MLFLOW_PORT:-5000}" \
     --workers "${MLFLOW_WORKERS:-1}"

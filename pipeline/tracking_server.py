@@ -87,6 +87,20 @@ class AdminCredentials:
 
 
 @dataclasses.dataclass(frozen=True)
+class ArtifactStore:
+    """Where a server keeps the artifacts it proxies, when not in a directory of its root.
+
+    Args:
+        destination: what `mlflow server --artifacts-destination` gets, e.g. `s3://mlflow/`.
+        environment: what the server needs to reach it (MLFLOW_S3_ENDPOINT_URL, AWS_ACCESS_KEY_ID,
+            AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION); given to the server process only, never to clients.
+    """
+
+    destination: str
+    environment: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
 class BackendStore:
     """Where a server keeps runs, metrics, params, users and permissions.
 
@@ -189,6 +203,7 @@ class TrackingServer:
         workers: server worker processes (1: see MLFLOW_WORKERS in the start script).
         startup_timeout: seconds to wait for `/health` before giving up.
         script: the start script (the one the compose `mlflow` service runs).
+        artifact_store: where artifacts are kept; default: the directory `artifacts` in root.
     """
 
     def __init__(
@@ -200,6 +215,7 @@ class TrackingServer:
         workers: int = 1,
         startup_timeout: float = 120.0,
         script: Path = SERVER_SCRIPT,
+        artifact_store: ArtifactStore | None = None,
     ) -> None:
         self.root = Path(root).resolve()
         self.backend_store_uri = backend_store_uri or f"sqlite:///{self.root / SQLITE_FILE}"
@@ -208,6 +224,7 @@ class TrackingServer:
         self.workers = workers
         self.startup_timeout = startup_timeout
         self.script = script
+        self.artifact_store = artifact_store or ArtifactStore(str(self.root / ARTIFACTS_DIR))
         self._credentials: AdminCredentials | None = None
         self._process: subprocess.Popen | None = None
         self._scratch_dir: Path | None = None
@@ -258,9 +275,9 @@ class TrackingServer:
     def server_environment(self) -> dict[str, str]:
         """The settings the start script reads (see docker/start-mlflow-server.sh)."""
         credentials = self._admin()
-        return {
+        return self.artifact_store.environment | {
             "MLFLOW_BACKEND_STORE_URI": self.backend_store_uri,
-            "MLFLOW_ARTIFACTS_DESTINATION": str(self.artifacts_dir),
+            "MLFLOW_ARTIFACTS_DESTINATION": self.artifact_store.destination,
             "MLFLOW_AUTH_ADMIN_USERNAME": credentials.username,
             "MLFLOW_AUTH_ADMIN_PASSWORD": credentials.password,
             "MLFLOW_FLASK_SERVER_SECRET_KEY": credentials.flask_secret_key,

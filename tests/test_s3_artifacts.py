@@ -1,0 +1,152 @@
+"""The team server with an S3 artifact store, without Docker: moto's S3 server on loopback (as MLflow's
+own tests use it), the bucket job, a training through the server, and model loads by a client that
+has default settings and none of the store's keys, in seconds.
+
+The compose stack keeps its artifacts in S3 behind the server; a host client once could not load any
+model from it (presigned URLs on the compose-internal store host) or waited minutes (`runs:/`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import boto3
+import pytest
+import requests
+
+from pipeline import constants as names
+from pipeline.tracking_server import ArtifactStore, TrackingServer
+from tests.helpers import MNIST_SMALL, PROJECT_DIR, free_ports, project_env, run_cli
+
+pytestmark = pytest.mark.slow
+
+BUCKET = "mlflow-artifacts"
+# A client process loading a model: Python, TensorFlow and MLflow start-up included; minutes when broken.
+LOAD_SECONDS = 60
+LOAD_AND_PREDICT = """
+import sys, numpy as np, mlflow
+probabilities = mlflow.pyfunc.load_model(sys.argv[1]).predict(np.zeros((3, 784), np.float32))
+print("shape", probabilities.shape, "sums", np.round(probabilities.sum(axis=1), 4).tolist())
+"""
+
+
+@pytest.fixture(scope="module")
+def s3_settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """A real S3 API on 127.0.0.1 (moto's server, in memory), and the settings only the server gets."""
+    [port] = free_ports(1)
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    with open(log, "wb") as output:
+        moto = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=output, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            requests.get(f"{endpoint}/moto-api/", timeout=2)
+            break
+        except requests.ConnectionError:
+            assert moto.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.3)
+    try:
+        yield {
+            "MLFLOW_S3_ENDPOINT_URL": endpoint,
+            "AWS_ACCESS_KEY_ID": secrets.token_hex(8),
+            "AWS_SECRET_ACCESS_KEY": secrets.token_hex(16),
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+    finally:
+        os.killpg(moto.pid, signal.SIGTERM)
+        moto.wait(timeout=30)
+
+
+def _create_bucket(s3_settings: dict[str, str]) -> subprocess.CompletedProcess:
+    """docker/create-bucket.py, as the compose `create-bucket` job runs it."""
+    return subprocess.run(
+        [sys.executable, str(PROJECT_DIR / "docker" / "create-bucket.py")],
+        env=os.environ | s3_settings | {"S3_BUCKET": BUCKET}, capture_output=True, text=True, timeout=120,
+    )
+
+
+@pytest.fixture(scope="module")
+def s3_server(s3_settings: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[TrackingServer]:
+    created = _create_bucket(s3_settings)
+    assert created.returncode == 0 and created.stdout.strip() == f"bucket {BUCKET} created", created.stderr
+    root = tmp_path_factory.mktemp("s3-server")
+    with TrackingServer(root, artifact_store=ArtifactStore(f"s3://{BUCKET}/", s3_settings)) as server:
+        yield server
+
+
+def test_the_bucket_job_finds_an_existing_bucket_and_does_nothing(s3_server, s3_settings):
+    again = _create_bucket(s3_settings)
+    assert again.returncode == 0 and again.stdout.strip() == f"bucket {BUCKET} exists", again.stderr
+
+
+def test_the_server_advertises_no_transfers_that_bypass_it(s3_server):
+    """With these off, every MLflow client downloads and uploads through the server (default settings)."""
+    info = requests.get(
+        f"{s3_server.uri}/api/3.0/mlflow/server-info", auth=(s3_server.username, s3_server.password), timeout=10
+    ).json()
+    assert info["multipart_downloads_enabled"] is False and info["multipart_uploads_enabled"] is False, info
+
+
+def _load_and_predict(model_uri: str, server: TrackingServer, cwd: Path) -> tuple[str, float]:
+    """Loads `model_uri` in a new client process with default settings and no store keys."""
+    environment = project_env(**server.client_environment())
+    assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_S3_ENDPOINT_URL"} & set(environment)
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-c", LOAD_AND_PREDICT, model_uri], cwd=cwd, env=environment, capture_output=True,
+        text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout, time.monotonic() - started
+
+
+def test_a_training_stores_its_artifacts_in_the_bucket_and_any_client_loads_the_model_in_seconds(
+    s3_server, s3_settings, tmp_path
+):
+    experiment = "s3-artifacts"
+    ui_url = "http://ui.example:8080"  # what people open, as the compose trainer is given it
+    trained = run_cli(
+        ["train", "--epochs", "1", "--dataset", str(MNIST_SMALL), "--hidden-units", "32",
+         "--experiment-name", experiment], cwd=tmp_path, **s3_server.client_environment(),
+        MNIST_PIPELINE_UI_URL=ui_url,
+    )
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    run_id = re.search(r"^Run (\w+):", trained.stdout, re.MULTILINE).group(1)
+    assert re.search(rf"^View it at {ui_url}/#/experiments/\d+/runs/{run_id}$", trained.stdout, re.MULTILINE)
+    model_id = re.search(r"^Model: models:/(m-\w+)$", trained.stdout, re.MULTILINE).group(1)
+
+    s3 = boto3.client(
+        "s3", endpoint_url=s3_settings["MLFLOW_S3_ENDPOINT_URL"], aws_access_key_id=s3_settings["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=s3_settings["AWS_SECRET_ACCESS_KEY"], region_name=s3_settings["AWS_DEFAULT_REGION"],
+    )
+    keys = [item["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET)
+            for item in page.get("Contents", [])]
+    assert any(key.endswith(f"{run_id}/artifacts/{names.CHECKPOINT_DIR}/{names.BEST_MODEL_FILE}") for key in keys)
+    assert any(key.endswith(f"models/{model_id}/artifacts/MLmodel") for key in keys), keys
+
+    output, seconds = _load_and_predict(f"models:/{model_id}", s3_server, tmp_path)
+    assert "shape (3, 10) sums [1.0, 1.0, 1.0]" in output and seconds < LOAD_SECONDS, (output, seconds)
+
+    registered = run_cli(
+        ["register", "--model-name", "s3-mlp", "--experiment-name", experiment], cwd=tmp_path,
+        **s3_server.client_environment(),
+    )
+    assert registered.returncode == 0, registered.stderr[-3000:]
+    assert "models:/s3-mlp@champion" in registered.stdout
+    output, seconds = _load_and_predict("models:/s3-mlp@champion", s3_server, tmp_path)
+    assert "shape (3, 10) sums [1.0, 1.0, 1.0]" in output and seconds < LOAD_SECONDS, (output, seconds)
+
+    # every byte went through the server: no client was handed a presigned URL on the store
+    assert "/mlflow-artifacts/presigned/" not in s3_server.log_path.read_text()
