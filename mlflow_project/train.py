@@ -58,15 +58,19 @@ def train(experiment_name: str | None, run_id: str | None, **values: str | None)
         f"Run {result.run_id}: test_accuracy={result.test_accuracy:.4f} test_loss={result.test_loss:.4f} "
         f"after {result.epochs_completed} epochs ({result.stop_reason}), best epoch {result.best_epoch}"
     )
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.runs import logged_models_by_run
     from pipeline.tracking import run_ui_url
 
+    model_id = logged_models_by_run(MlflowClient(), result.experiment_id, result.run_id).get(result.run_id)
+    if model_id:  # the fast URI: runs:/ID/model first probes a run artifact that MLflow 3 no longer writes
+        click.echo(f"Model: models:/{model_id}")
     ui_url = run_ui_url(result.experiment_id, result.run_id)
     if ui_url:
         click.echo(f"View it at {ui_url}")
     if run_options["register_as"]:
         with one_line_errors():
-            from mlflow.tracking import MlflowClient
-
             from mlflow_project.register import echo_registration
             from pipeline.registry import register_run
 

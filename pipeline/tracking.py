@@ -26,6 +26,9 @@ from pipeline.errors import TrackingUnavailable
 CREDENTIAL_VARIABLES = "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD"
 # Where `mlflow ui` serves a local store (SQLite, PostgreSQL, files) by default.
 LOCAL_UI_URL = "http://127.0.0.1:5000"
+# The UI's address for people when it is not the tracking URI: a trainer inside the compose network
+# reaches the server as http://mlflow:5000, which nobody outside it can open.
+UI_URL_VARIABLE = "MNIST_PIPELINE_UI_URL"
 
 
 def is_server_uri(uri: str) -> bool:
@@ -121,7 +124,7 @@ def run_ui_url(experiment_id: str, run_id: str, uri: str | None = None) -> str |
     uri = uri or mlflow.get_tracking_uri()
     if not is_server_uri(uri):
         return None
-    return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    return f"{_ui_base(uri)}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
 def compare_runs_url(experiment_id: str, run_ids: Sequence[str], uri: str | None = None) -> str:
@@ -130,9 +133,13 @@ def compare_runs_url(experiment_id: str, run_ids: Sequence[str], uri: str | None
     For a server it is on the server; for a local store, on `mlflow ui`'s default address.
     """
     uri = uri or mlflow.get_tracking_uri()
-    base = uri.rstrip("/") if is_server_uri(uri) else LOCAL_UI_URL
+    base = _ui_base(uri) if is_server_uri(uri) else LOCAL_UI_URL
     query = urlencode({
         "runs": json.dumps(list(run_ids), separators=(",", ":")),
         "experiments": json.dumps([experiment_id], separators=(",", ":")),
     })
     return f"{base}/#/compare-runs?{query}"
+
+
+def _ui_base(server_uri: str) -> str:
+    return (os.environ.get(UI_URL_VARIABLE) or server_uri).rstrip("/")
