@@ -54,10 +54,6 @@ def train(experiment_name: str | None, run_id: str | None, **values: str | None)
             "the chief (worker 0) records the run"
         )
         return
-    click.echo(
-        f"Run {result.run_id}: test_accuracy={result.test_accuracy:.4f} test_loss={result.test_loss:.4f} "
-        f"after {result.epochs_completed} epochs ({result.stop_reason}), best epoch {result.best_epoch}"
-    )
     from mlflow.tracking import MlflowClient
 
     from pipeline.runs import logged_models_by_run
@@ -66,6 +62,10 @@ def train(experiment_name: str | None, run_id: str | None, **values: str | None)
     model_id = logged_models_by_run(MlflowClient(), result.experiment_id, result.run_id).get(result.run_id)
     if model_id:  # the fast URI: runs:/ID/model first probes a run artifact that MLflow 3 no longer writes
         click.echo(f"Model: models:/{model_id}")
+    click.echo(
+        f"Run {result.run_id}: test_accuracy={result.test_accuracy:.4f} test_loss={result.test_loss:.4f} "
+        f"after {result.epochs_completed} epochs ({result.stop_reason}), best epoch {result.best_epoch}"
+    )
     ui_url = run_ui_url(result.experiment_id, result.run_id)
     if ui_url:
         click.echo(f"View it at {ui_url}")
