@@ -231,16 +231,22 @@ def test_four_trainings_at_once_and_a_concurrent_register(server_store, tmp_path
     assert not any(thread.is_alive() for thread in threads), "a register call did not return within 120 s"
     assert failures == [None] * 3, failures
     # The best run, ranked here by the README's rule: highest test_accuracy, ties to the lower test_loss,
-    # then to the earlier run.
-    runs = [client.get_run(training.run_id) for training in trainings]
-    best = min(
+    # then to the earlier run; from the experiment's search, as every client ranks them.
+    runs = client.search_runs([experiment_id])
+    assert sorted(run.info.run_id for run in runs) == sorted(training.run_id for training in trainings)
+    ranked = sorted(
         runs, key=lambda run: (-run.data.metrics[names.TEST_ACCURACY], run.data.metrics[names.TEST_LOSS],
                                run.info.start_time, run.info.run_id),
-    ).info.run_id
+    )
+    best = ranked[0].info.run_id
     versions = client.search_model_versions(f"name = '{model_name}'")
     assert len(versions) == 1
     [version] = versions
-    assert version.run_id == best
+    assert version.run_id == best, [  # each run as searched and as read one by one
+        (run.info.run_id, run.info.start_time, run.data.metrics[names.TEST_ACCURACY],
+         run.data.metrics[names.TEST_LOSS], client.get_run(run.info.run_id).data.metrics[names.TEST_ACCURACY])
+        for run in ranked
+    ]
     assert client.get_registered_model(model_name).aliases == {names.CHAMPION_ALIAS: version.version}
     # every process registered that run, agrees on its one version and on the champion; one of them created it
     assert all(isinstance(registration, Registration) for registration in registrations), registrations
