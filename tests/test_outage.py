@@ -242,9 +242,11 @@ def test_four_trainings_at_once_and_a_concurrent_register(server_store, tmp_path
     versions = client.search_model_versions(f"name = '{model_name}'")
     assert len(versions) == 1
     [version] = versions
-    assert version.run_id == best, [  # each run as searched and as read one by one
+    models = {model.source_run_id: str(model.status) for model in client.search_logged_models([experiment_id])}
+    assert version.run_id == best, [  # each run as searched, as read one by one, and its logged model's status
         (run.info.run_id, run.info.start_time, run.data.metrics[names.TEST_ACCURACY],
-         run.data.metrics[names.TEST_LOSS], client.get_run(run.info.run_id).data.metrics[names.TEST_ACCURACY])
+         run.data.metrics[names.TEST_LOSS], client.get_run(run.info.run_id).data.metrics[names.TEST_ACCURACY],
+         models.get(run.info.run_id))
         for run in ranked
     ]
     assert client.get_registered_model(model_name).aliases == {names.CHAMPION_ALIAS: version.version}
