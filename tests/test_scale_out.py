@@ -219,7 +219,10 @@ def test_two_workers_train_one_run_recorded_by_the_chief_alone(sqlite_store, tmp
     (chief_code, chief_out, chief_err), (worker_code, worker_out, worker_err) = _finish(workers)
     assert chief_code == 0, chief_err[-3000:]
     assert worker_code == 0, worker_err[-3000:]
-    assert "Traceback" not in worker_err and "error:" not in worker_err
+    # no error of ours (one line starting "error: "); TensorFlow's own gRPC log may say "last error: ..."
+    # when the chief has already gone, as it does under load
+    assert "Traceback" not in worker_err
+    assert [line for line in worker_err.splitlines() if line.startswith("error: ")] == [], worker_err[-3000:]
     assert f"Worker 1 of 2: trained {EPOCHS} epochs; the chief (worker 0) records the run" in worker_out
     assert list(dirs[1].iterdir()) == []  # the worker left nothing behind and never reached a store
 
