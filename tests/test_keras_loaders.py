@@ -92,7 +92,7 @@ def test_failed_mnist_download_is_one_line_through_the_cli(tmp_path):
     reason = line.removeprefix(f"error: dataset {dataset}: download failed (").partition("); with no network")[0]
     assert reason.strip(), line  # why it failed, in Keras' words
     assert result.stdout == ""
-    # no run: the SQLite store may exist (it is opened before the data is read), but holds nothing
+    # no run: bad data fails before the store is created; if a store exists, it holds nothing
     if (tmp_path / "mlflow.db").exists():
         client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
         assert client.get_experiment_by_name("offline") is None

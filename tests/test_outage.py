@@ -133,15 +133,15 @@ def test_server_never_back_finishes_training_and_keeps_local_copies(server_store
 
 
 def _test_accuracy(checkpoint: Path) -> float:
-    """The accuracy of a saved Keras model on MNIST_SMALL's test split (pixels scaled to 0..1)."""
+    """The accuracy of a saved Keras model on MNIST_SMALL's test split, as the pipeline loads it."""
     import keras
     import numpy as np
 
-    with np.load(MNIST_SMALL, allow_pickle=False) as arrays:
-        x_test, y_test = arrays["x_test"], arrays["y_test"]
-    x_test = x_test.reshape(len(x_test), -1).astype("float32") / 255.0
-    predicted = keras.models.load_model(checkpoint).predict(x_test, verbose=0).argmax(axis=1)
-    return float(np.mean(predicted == y_test))
+    from pipeline.data import load_dataset
+
+    dataset = load_dataset(str(MNIST_SMALL))
+    predicted = keras.models.load_model(checkpoint).predict(dataset.x_test, verbose=0).argmax(axis=1)
+    return float(np.mean(predicted == dataset.y_test.argmax(axis=1)))
 
 
 class _SlowProxy(socketserver.ThreadingTCPServer):
