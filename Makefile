@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 EPOCHS ?= 20
 DATASET ?= mnist
 
-.PHONY: setup run test test-fast lint mlproject server
+.PHONY: setup run test test-fast test-compose lint mlproject server
 
 setup: $(VENV)/.installed
 
@@ -30,6 +30,10 @@ test: setup
 ## Everything but the end-to-end process tests.
 test-fast: setup
 	$(BIN)/python -m pytest -n 2 --dist loadfile -m "not slow"
+
+## The team stack for real (docker compose up, train, register, serve, down/up): Docker with Compose v2.
+test-compose: setup
+	$(BIN)/python -m pytest -m compose
 
 lint: setup
 	$(BIN)/ruff check .

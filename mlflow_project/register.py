@@ -34,7 +34,10 @@ def register(experiment_name: str | None, **values: str | None) -> None:
 
 def echo_registration(registration: Registration) -> None:
     """What `register` (or `train --register-as`) did, and how to serve the champion."""
+    import mlflow
+
     from pipeline.constants import CHAMPION_ALIAS
+    from pipeline.tracking import is_server_uri
 
     for line in registration.summary_lines():
         click.echo(line)
@@ -43,3 +46,6 @@ def echo_registration(registration: Registration) -> None:
             f"Serve the champion: mlflow models serve -m models:/{registration.model_name}@{CHAMPION_ALIAS} "
             "--env-manager local"
         )
+    if registration.champion_moved and not registration.dry_run and is_server_uri(mlflow.get_tracking_uri()):
+        # The compose `serve` service serves the version it found at start; a restart picks up the new one.
+        click.echo("On the team stack, roll the served model: docker compose --profile serve restart serve")

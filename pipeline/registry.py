@@ -141,7 +141,7 @@ def _register(
     if dry_run:
         return _plan(client, model_name, run, ranking)
     _create_registered_model(client, model_name)
-    previous = _champion_version(client, model_name)
+    previous = champion_version(client, model_name)
     version, created = _ensure_version(client, model_name, run, model_id)
     champion = _settle_champion(client, model_name, ranking)
     return _outcome(client, model_name, run, ranking, str(version.version), created, previous, champion)
@@ -150,7 +150,7 @@ def _register(
 def _plan(client: MlflowClient, model_name: str, run: Run, ranking: Ranking) -> Registration:
     """The decision register_run would take, computed without writing."""
     try:
-        previous = _champion_version(client, model_name)
+        previous = champion_version(client, model_name)
     except MlflowException as error:
         if error.error_code != ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
             raise
@@ -209,7 +209,7 @@ def _outcome(
     )
 
 
-def _champion_version(client: MlflowClient, model_name: str) -> str | None:
+def champion_version(client: MlflowClient, model_name: str) -> str | None:
     """The version the alias points at, as text (stores answer with int or str versions)."""
     version = client.get_registered_model(model_name).aliases.get(names.CHAMPION_ALIAS)
     return None if version is None else str(version)
@@ -310,7 +310,7 @@ def _settle_champion(client: MlflowClient, model_name: str, ranking: Ranking) ->
     """Moves the champion alias to the best version until it reads back unchanged; returns it."""
     for _ in range(MAX_SETTLE_ROUNDS):
         candidates = _champion_candidates(client, model_name, ranking)
-        current = _champion_version(client, model_name)
+        current = champion_version(client, model_name)
         if not candidates:
             return current
         best = candidates[0][0]

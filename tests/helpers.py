@@ -5,11 +5,18 @@ from __future__ import annotations
 import json
 import os
 import queue
+import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+import numpy as np
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(__file__).resolve().parent / "data"
@@ -104,3 +111,80 @@ def stdout_lines(process: subprocess.Popen) -> queue.Queue:
 
     threading.Thread(target=pump, daemon=True).start()
     return lines
+
+
+# Straight to the local server: urllib's default opener keeps the proxies of the first call in the
+# process (a test elsewhere points them at a dead proxy).
+_LOCAL = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def wait_for_ping(base_url: str, timeout: float, failure: Callable[[], str | None]) -> None:
+    """Waits until a model server at `base_url` answers /ping with 200; fails the test when `failure()`
+    returns a reason (the server died) or the time is up."""
+    import pytest
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        reason = failure()
+        if reason:
+            pytest.fail(reason)
+        try:
+            with _LOCAL.open(f"{base_url}/ping", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    pytest.fail(f"{base_url} did not answer /ping within {timeout} s: {failure() or 'still starting'}")
+
+
+def invoke(base_url: str, rows: np.ndarray) -> np.ndarray:
+    """The predictions of the model served at `base_url` for `rows` (POST /invocations, as README shows)."""
+    request = urllib.request.Request(
+        f"{base_url}/invocations", json.dumps({"inputs": rows.tolist()}).encode(), {"Content-Type": "application/json"}
+    )
+    with _LOCAL.open(request, timeout=60) as response:
+        return np.array(json.loads(response.read())["predictions"])
+
+
+@contextmanager
+def models_serve(model_uri: str, cwd: Path, env: dict[str, str], timeout: float = 120) -> Iterator[str]:
+    """`mlflow models serve -m MODEL_URI --env-manager local` as a real process on a free port; yields its
+    base URL once it answers /ping, and stops its whole process group after."""
+    [port] = free_ports(1)
+    log = cwd / "serve.log"
+    with open(log, "w") as output:
+        server = subprocess.Popen(
+            ["mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local", "-p", str(port)],
+            cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=output, start_new_session=True,
+        )
+    try:
+        base_url = f"http://127.0.0.1:{port}"
+        wait_for_ping(base_url, timeout, lambda: server.poll() is not None and (
+            f"mlflow models serve exited {server.returncode}: {log.read_text()[-3000:]}"
+        ))
+        yield base_url
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+_PREDICT = """
+import json, sys, numpy as np, mlflow
+print(json.dumps(mlflow.pyfunc.load_model(sys.argv[1]).predict(np.load(sys.argv[2])).tolist()))
+"""
+
+
+def predict_in_new_process(
+    model_uri: str, rows: np.ndarray, cwd: Path, env: dict[str, str]
+) -> tuple[np.ndarray, float]:
+    """`mlflow.pyfunc.load_model(model_uri).predict(rows)` in a new Python process with `env`, as a
+    teammate's notebook runs it; returns the predictions and the seconds it took, start-up included."""
+    rows_file = cwd / "rows.npy"
+    np.save(rows_file, rows)
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-c", _PREDICT, model_uri, str(rows_file)], cwd=cwd, env=env, capture_output=True,
+        text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return np.array(json.loads(result.stdout.strip().splitlines()[-1])), time.monotonic() - started

@@ -78,7 +78,7 @@ def build_dockerfile(service: str) -> str:
 
 
 def test_services_start_in_order_once_what_they_need_is_healthy():
-    assert set(SERVICES) == {"postgres", "objectstore", "create-bucket", "mlflow", "trainer"}
+    assert set(SERVICES) == {"postgres", "objectstore", "create-bucket", "mlflow", "trainer", "serve"}
     assert SERVICES["mlflow"]["depends_on"] == {
         "postgres": {"condition": "service_healthy"},
         "objectstore": {"condition": "service_healthy"},
@@ -88,11 +88,17 @@ def test_services_start_in_order_once_what_they_need_is_healthy():
     assert SERVICES["create-bucket"]["restart"] == "no"
     assert SERVICES["trainer"]["depends_on"] == {"mlflow": {"condition": "service_healthy"}}
     assert SERVICES["trainer"]["profiles"] == ["train"]
+    assert SERVICES["serve"]["depends_on"] == {"mlflow": {"condition": "service_healthy"}}
+    assert SERVICES["serve"]["profiles"] == ["serve"]
+    # the serve service runs the trainer's image: no other base image to build and patch
+    assert SERVICES["serve"]["image"] == SERVICES["trainer"]["image"]
+    assert SERVICES["serve"]["build"] == SERVICES["trainer"]["build"]
 
 
 @pytest.mark.parametrize(
     ("service", "probe"),
-    [("postgres", "pg_isready"), ("objectstore", "http://127.0.0.1:8333/status"), ("mlflow", "/health")],
+    [("postgres", "pg_isready"), ("objectstore", "http://127.0.0.1:8333/status"), ("mlflow", "/health"),
+     ("serve", "/ping")],
 )
 def test_long_running_services_have_a_healthcheck_and_restart(service, probe):
     healthcheck = SERVICES[service]["healthcheck"]
@@ -109,7 +115,8 @@ def test_stores_keep_their_data_in_named_volumes():
 
 def test_images_and_base_images_are_pinned_versions():
     pinned = re.compile(r"^[\w./-]+:\d+(\.\d+)+(-[\w.-]+)?$")
-    images = [service["image"] for service in SERVICES.values() if "image" in service]
+    # pulled images are pinned; the project's own (built here, named for sharing between services) are not pulled
+    images = [service["image"] for service in SERVICES.values() if "image" in service and "build" not in service]
     bases = [
         line.split()[1]
         for name in ("mlflow-server.Dockerfile", "trainer.Dockerfile")
@@ -139,7 +146,11 @@ def test_dockerfiles_pin_the_mlflow_version_the_project_runs():
 
 def test_only_the_mlflow_port_is_published_and_on_localhost_unless_configured():
     published = {name: service["ports"] for name, service in SERVICES.items() if "ports" in service}
-    assert list(published) == ["mlflow"]
+    assert list(published) == ["mlflow", "serve"]
+    # the champion is served to this machine only
+    [served] = published["serve"]
+    assert interpolate(served, {}) == "127.0.0.1:5001:5001"
+    assert interpolate(served, {"SERVE_PORT": "6001"}) == "127.0.0.1:6001:5001"
     [port] = published["mlflow"]
     assert interpolate(port, {}) == "127.0.0.1:5000:5000"
     assert interpolate(port, filled_in()) == "127.0.0.1:5000:5000"

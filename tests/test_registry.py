@@ -10,12 +10,9 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -33,7 +30,7 @@ from pipeline.errors import ParameterError, RunSelectionError, TrainingDiverged
 from pipeline.registry import NEW_VERSION, register_best_run, register_run
 from pipeline.runs import Ranking, resolve_experiment, training_runs
 from pipeline.training import run_training
-from tests.helpers import MNIST_SMALL, free_ports, mlflow_project_run, project_env, run_cli
+from tests.helpers import MNIST_SMALL, invoke, mlflow_project_run, models_serve, project_env, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -432,49 +429,14 @@ def test_mlflow_run_main_registers_the_run_it_trained(store):
 # --- serving ------------------------------------------------------------------------------------
 
 
-# Straight to the local server: urllib's default opener keeps the proxies of the first call in the
-# process (a test elsewhere points them at a dead proxy).
-_LOCAL = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
 def test_the_champion_serves_with_the_runs_test_accuracy(store, trained, project_registration, tmp_path):
     assert project_registration.returncode == 0, project_registration.stderr[-3000:]
-    [port] = free_ports(1)
-    server = subprocess.Popen(
-        ["mlflow", "models", "serve", "-m", "models:/mnist-mlp@champion", "--env-manager", "local",
-         "-p", str(port)],
-        cwd=tmp_path, env=project_env(**store.env), stdout=subprocess.DEVNULL,
-        stderr=(tmp_path / "serve.log").open("w"), start_new_session=True,
-    )
-    try:
-        _wait_until_serving(port, server, tmp_path / "serve.log")
-        dataset = load_dataset(str(MNIST_SMALL))
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{port}/invocations", json.dumps({"inputs": dataset.x_test.tolist()}).encode(),
-            {"Content-Type": "application/json"},
-        )
-        with _LOCAL.open(request, timeout=60) as response:
-            probabilities = np.array(json.loads(response.read())["predictions"])
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
+    dataset = load_dataset(str(MNIST_SMALL))
+    with models_serve("models:/mnist-mlp@champion", tmp_path, project_env(**store.env)) as url:
+        probabilities = invoke(url, dataset.x_test)
     assert probabilities.shape == (len(dataset.x_test), 10)
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
     accuracy = float(np.mean(probabilities.argmax(axis=1) == dataset.y_test.argmax(axis=1)))
     champion = store.client.get_model_version_by_alias("mnist-mlp", names.CHAMPION_ALIAS)
     test_accuracy = store.client.get_run(champion.run_id).data.metrics[names.TEST_ACCURACY]
     assert accuracy == pytest.approx(test_accuracy, abs=1e-6)
-
-
-def _wait_until_serving(port: int, server: subprocess.Popen, log: Path, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            pytest.fail(f"mlflow models serve exited {server.returncode}: {log.read_text()[-3000:]}")
-        try:
-            with _LOCAL.open(f"http://127.0.0.1:{port}/ping", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    pytest.fail(f"mlflow models serve did not answer /ping within {timeout} s: {log.read_text()[-3000:]}")

@@ -22,6 +22,7 @@ from pipeline.config import TRAINING_PARAMETERS, TrainingConfig
 from pipeline.data import load_dataset
 from pipeline.errors import DataError, TrainingDiverged
 from pipeline.model import build_model
+from pipeline.runs import logged_models_by_run
 from pipeline.training import MODEL_REQUIREMENTS, predict_probabilities, run_training
 from tests.helpers import MNIST_SMALL, project_env
 
@@ -134,14 +135,17 @@ def assert_run_contract(
     test_loss, test_accuracy = checkpoint.evaluate(dataset.x_test, dataset.y_test, verbose=0)
     assert run.data.metrics[names.TEST_ACCURACY] == pytest.approx(test_accuracy, abs=1e-6)
     assert run.data.metrics[names.TEST_LOSS] == pytest.approx(test_loss, rel=1e-5)
-    model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
+    # by the logged model's own URI, as README tells teammates (runs:/ retries errors for minutes
+    # against the S3-backed team server before it falls back to the logged model)
+    model_id = logged_models_by_run(client, run.info.experiment_id, run_id)[run_id]
+    model = mlflow.pyfunc.load_model(f"models:/{model_id}")
     probabilities = model.predict(dataset.x_test)
     assert probabilities.shape == (300, 10)
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
     np.testing.assert_allclose(probabilities, checkpoint.predict(dataset.x_test, verbose=0), atol=1e-6)
     assert model.metadata.signature.inputs.to_dict()[0]["tensor-spec"]["shape"] == (-1, 784)
     # requirements pinned to what trained the model, not inferred (inference adds every imported package)
-    model_dir = mlflow.artifacts.download_artifacts(f"runs:/{run_id}/model", dst_path=str(local / "model"))
+    model_dir = mlflow.artifacts.download_artifacts(f"models:/{model_id}", dst_path=str(local / "model"))
     requirements = set(Path(model_dir, "requirements.txt").read_text().split())
     assert requirements == {f"{package}=={metadata.version(package)}" for package in MODEL_REQUIREMENTS}
 

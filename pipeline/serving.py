@@ -1,0 +1,55 @@
+"""The champion to serve: which registered version the `champion` alias points at, waited for.
+
+The compose `serve` service runs `python -m mlflow_project serve`, which waits here until the
+registered model has a champion and then serves that version. It serves a fixed version, read at
+start: moving the alias reaches it by a restart (`docker compose --profile serve restart serve`),
+so what answers is always one known version, never a half-reloaded one.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
+from mlflow.tracking import MlflowClient
+
+from pipeline.constants import CHAMPION_ALIAS
+from pipeline.registry import champion_version
+
+_log = logging.getLogger(__name__)
+
+
+def champion_alias_uri(model_name: str) -> str:
+    """`models:/<name>@champion`: the URI teammates load the champion by."""
+    return f"models:/{model_name}@{CHAMPION_ALIAS}"
+
+
+def wait_for_champion(
+    client: MlflowClient, model_name: str, poll_seconds: float, sleep: Callable[[float], None] = time.sleep
+) -> str:
+    """The URI of the version the champion alias points at (`models:/<name>/<version>`), waiting
+    for one while the model or its alias does not exist yet; says so once, in one line."""
+    said = False
+    while True:
+        version = _champion_or_none(client, model_name)
+        if version is not None:
+            return f"models:/{model_name}/{version}"
+        if not said:
+            _log.info(
+                "No champion yet: %s does not exist; waiting for `register` to set it (checking every %g s)",
+                champion_alias_uri(model_name), poll_seconds,
+            )
+            said = True
+        sleep(poll_seconds)
+
+
+def _champion_or_none(client: MlflowClient, model_name: str) -> str | None:
+    try:
+        return champion_version(client, model_name)
+    except MlflowException as error:  # the registered model does not exist yet
+        if error.error_code != ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+            raise
+        return None
