@@ -24,6 +24,19 @@ MNIST_SMALL = DATA_DIR / "mnist-small.npz"  # 1,500 train + 300 test real MNIST 
 FASHION_SMALL = DATA_DIR / "fashion-small"  # 500 train + 100 test real Fashion-MNIST, IDX .gz
 
 
+# README: a command whose tracking server is unreachable or refuses it fails in one line before any
+# training, after one request with a 10 s timeout.
+SERVER_CHECK_TIMEOUT = 10
+
+
+def fail_fast_bound(start_up: float) -> float:
+    """Seconds within which such a command must fail, given one measured start-up (Python, TensorFlow,
+    MLflow). Twice the start-up: on a loaded machine one measurement varies that much (CI with a training
+    beside it: 13.7 s measured, then 34 s for a command that failed at once). What the bound guards against,
+    MLflow's own retries, takes minutes."""
+    return 2 * start_up + SERVER_CHECK_TIMEOUT + 20
+
+
 def project_env(**extra: str) -> dict[str, str]:
     """Environment for a child process of this project: our venv first on PATH (so that
     `mlflow run --env-manager local` finds this Python), no inherited MLflow run."""

@@ -19,15 +19,11 @@ from mlflow.tracking import MlflowClient
 
 from pipeline import constants as names
 from pipeline.data import load_dataset, split_validation
-from tests.helpers import MNIST_SMALL, free_ports, project_env, run_cli
+from tests.helpers import MNIST_SMALL, fail_fast_bound, free_ports, project_env, run_cli
 
 pytestmark = pytest.mark.slow
 
 SMALL = ["--dataset", str(MNIST_SMALL), "--hidden-units", "32", "--target-accuracy", "0"]
-# Documented: an unreachable server fails in one line before any training, with a 10 s timeout.
-SERVER_TIMEOUT_SECONDS = 10
-# Slack on top of a measured baseline, for a loaded 2-core machine.
-TIMING_SLACK_SECONDS = 10
 
 # The real CLI (`python -m mlflow_project ARGS`) in a process that first runs SETUP: what a test cannot
 # set from outside (two logical CPUs for `mirrored`, a fault injected into training). TensorFlow is
@@ -150,7 +146,7 @@ def test_unreachable_tracking_server_fails_at_start_in_one_line_within_the_timeo
         [*train, missing], tmp_path, MLFLOW_TRACKING_URI="postgresql+psycopg2://postgres@127.0.0.1:1/x"
     )
     assert baseline.returncode == 2 and missing in _one_line_error(baseline)
-    bound = startup + SERVER_TIMEOUT_SECONDS + TIMING_SLACK_SECONDS
+    bound = fail_fast_bound(startup)
 
     [closed_port] = free_ports(1)
     train.append(str(MNIST_SMALL))
