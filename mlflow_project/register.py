@@ -36,14 +36,14 @@ def echo_registration(registration: Registration) -> None:
     """What `register` (or `train --register-as`) did, and how to serve the champion."""
     import mlflow
 
-    from pipeline.constants import CHAMPION_ALIAS
+    from pipeline.serving import champion_alias_uri
     from pipeline.tracking import is_server_uri
 
     for line in registration.summary_lines():
         click.echo(line)
     if registration.champion_version and not registration.dry_run:
         click.echo(
-            f"Serve the champion: mlflow models serve -m models:/{registration.model_name}@{CHAMPION_ALIAS} "
+            f"Serve the champion: mlflow models serve -m {champion_alias_uri(registration.model_name)} "
             "--env-manager local"
         )
     if registration.champion_moved and not registration.dry_run and is_server_uri(mlflow.get_tracking_uri()):

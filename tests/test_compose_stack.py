@@ -11,6 +11,7 @@ Docker SDK. The tests share one stack and run in file order; each names the step
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import secrets
@@ -40,7 +41,6 @@ from tests.helpers import (
     predict_in_new_process,
     project_env,
     run_cli,
-    wait_for_ping,
 )
 from tests.test_training import assert_run_contract
 
@@ -58,7 +58,13 @@ LOAD_SECONDS = 60
 HOST_VALUES = {"epochs": "1", "dataset": str(MNIST_SMALL), "learning_rate": "1e-05"}
 CONTAINER_EPOCHS = "2"
 DATA_IN_CONTAINER = "/data/mnist.npz"
-ROWS = load_dataset(str(MNIST_SMALL)).x_test[:40]
+ROW_COUNT = 40
+
+
+@functools.cache
+def _rows() -> np.ndarray:
+    """The rows every prediction of these tests is made on (read when first needed, not at collection)."""
+    return load_dataset(str(MNIST_SMALL)).x_test[:ROW_COUNT]
 
 
 @dataclass
@@ -231,7 +237,7 @@ def second_registration(stack, container_run, tmp_path_factory) -> subprocess.Co
 def _champion_predictions(stack: Stack, cwd: Path) -> np.ndarray:
     """What a teammate's notebook gets from models:/mnist-mlp@champion (default settings, no store keys)."""
     predictions, seconds = predict_in_new_process(
-        f"models:/{MODEL}@{names.CHAMPION_ALIAS}", ROWS, cwd, project_env(**stack.client_environment())
+        f"models:/{MODEL}@{names.CHAMPION_ALIAS}", _rows(), cwd, project_env(**stack.client_environment())
     )
     assert seconds < LOAD_SECONDS
     return predictions
@@ -307,17 +313,16 @@ def test_register_moves_the_champion_and_teammates_load_and_serve_it_in_seconds(
     assert "docker compose --profile serve restart serve" in first_registration.stdout
     assert stack.client().get_model_version_by_alias(MODEL, names.CHAMPION_ALIAS).run_id == host_run
     predictions = _champion_predictions(stack, tmp_path)
-    assert predictions.shape == (len(ROWS), 10)
+    assert predictions.shape == (ROW_COUNT, 10)
     np.testing.assert_allclose(predictions.sum(axis=1), 1.0, rtol=1e-5)
     with models_serve(f"models:/{MODEL}@{names.CHAMPION_ALIAS}", tmp_path,
                       project_env(**stack.client_environment())) as url:
-        np.testing.assert_allclose(invoke(url, ROWS), predictions, atol=1e-6)
+        np.testing.assert_allclose(invoke(url, _rows()), predictions, atol=1e-6)
 
 
 def test_the_serve_profile_answers_with_the_champions_predictions(stack, first_registration, tmp_path):
-    stack.restart_serve()
-    wait_for_ping(stack.serve_url, 60, lambda: None)
-    np.testing.assert_allclose(invoke(stack.serve_url, ROWS), _champion_predictions(stack, tmp_path), atol=1e-6)
+    stack.restart_serve()  # healthy: /ping answers
+    np.testing.assert_allclose(invoke(stack.serve_url, _rows()), _champion_predictions(stack, tmp_path), atol=1e-6)
 
 
 def test_the_trainer_profile_trains_inside_the_network_and_prints_links_people_can_open(stack, container_run):
@@ -334,11 +339,11 @@ def test_the_trainer_profile_trains_inside_the_network_and_prints_links_people_c
 def test_the_served_model_follows_the_champion_after_a_restart(stack, host_run, container_run,
                                                                  second_registration, tmp_path):
     _, run_id = container_run
-    before = invoke(stack.serve_url, ROWS)  # still the host run's model
+    before = invoke(stack.serve_url, _rows())  # still the host run's model
     assert f"{MODEL}@{names.CHAMPION_ALIAS} moved to version 2" in second_registration.stdout
     assert stack.client().get_model_version_by_alias(MODEL, names.CHAMPION_ALIAS).run_id == run_id
     stack.restart_serve()
-    after = invoke(stack.serve_url, ROWS)
+    after = invoke(stack.serve_url, _rows())
     np.testing.assert_allclose(after, _champion_predictions(stack, tmp_path), atol=1e-6)
     assert not np.allclose(after, before, atol=1e-3)
 
