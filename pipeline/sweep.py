@@ -29,7 +29,7 @@ from pipeline import reporting
 from pipeline.config import SWEEP_GRID_PARAMETERS, TrainingConfig
 from pipeline.errors import TrackingUnavailable, UserInputError, first_line
 from pipeline.runs import DEFAULT_EXPERIMENT_ID, Ranking
-from pipeline.tracking import check_tracking_store
+from pipeline.tracking import check_tracking_store, use_experiment
 from pipeline.training import run_training
 
 logger = logging.getLogger(__name__)
@@ -161,7 +161,7 @@ def _parent_run(
         run = client.get_run(project_run_id)
         return client.get_experiment(run.info.experiment_id), run
     name = experiment_name or MLFLOW_EXPERIMENT_NAME.get()
-    experiment = mlflow.set_experiment(name) if name else client.get_experiment(DEFAULT_EXPERIMENT_ID)
+    experiment = use_experiment(name, client) if name else client.get_experiment(DEFAULT_EXPERIMENT_ID)
     run = client.create_run(experiment.experiment_id, run_name="sweep",
                             tags={names.TAG_RUN_TYPE: names.RUN_TYPE_SWEEP})
     return experiment, run

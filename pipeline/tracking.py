@@ -10,18 +10,22 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import urlencode
 
 import mlflow
+from mlflow.entities import Experiment
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.credentials import get_default_host_creds
 from mlflow.utils.rest_utils import http_request
 
 from pipeline.errors import TrackingUnavailable
+
+logger = logging.getLogger(__name__)
 
 CREDENTIAL_VARIABLES = "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD"
 # Where `mlflow ui` serves a local store (SQLite, PostgreSQL, files) by default.
@@ -78,6 +82,27 @@ def check_tracking_store(uri: str | None = None, timeout: float = 10.0, open_sql
             f"tracking server {uri} answered HTTP {response.status_code} to a simple query; "
             "check that MLFLOW_TRACKING_URI points at an MLflow tracking server"
         )
+
+
+def use_experiment(name: str, client: MlflowClient | None = None) -> Experiment:
+    """Makes the experiment called `name` the active one, creating it when it does not exist yet.
+
+    Trainings started together on a new experiment name all try to create it. `mlflow.set_experiment`
+    handles the loser of that race by returning the experiment without making it active, so the loser's
+    run went to the Default experiment (MLflow 3.17). Here the loser reads the winner's experiment and
+    activates it like everyone else.
+    """
+    client = client or MlflowClient()
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        try:
+            client.create_experiment(name)
+        except MlflowException as error:
+            if error.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            logger.debug("Experiment %r was created by another process at the same time", name)
+        experiment = client.get_experiment_by_name(name)
+    return mlflow.set_experiment(experiment_id=experiment.experiment_id)
 
 
 def prepare_sqlite_store(uri: str) -> None:

@@ -52,7 +52,7 @@ from pipeline.model import build_model, model_summary
 from pipeline.plot_process import PlotProcess
 from pipeline.recorder import RunRecorder, is_transient
 from pipeline.resume import ResumePoint, RunNotResumable, find_resume_point, resend_missing_metrics
-from pipeline.tracking import check_tracking_store, prepare_sqlite_store
+from pipeline.tracking import check_tracking_store, prepare_sqlite_store, use_experiment
 
 logger = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ def run_training(
     x_train, y_train, x_val, y_val = split_validation(dataset.x_train, dataset.y_train, config.validation_split)
     distribution = plan.start(config, dataset.digest, peer_timeout)
     if experiment_name and not run_id:
-        mlflow.set_experiment(experiment_name)
+        use_experiment(experiment_name, client)
     with _mlflow_run(run_id, parent_run_id) as run, _local_workdir() as workdir, _local_storage_errors(workdir):
         return _train_in_run(
             client, run, config, dataset, (x_train, y_train, x_val, y_val), workdir, resume, flush_timeout,

@@ -83,6 +83,47 @@ def test_mlflow_run_against_the_server_records_the_whole_contract(server_store, 
     assert {names.BEST_MODEL_FILE, names.CLASSIFICATION_REPORT_FILE, names.TRAINING_LOG_FILE} <= stored
 
 
+# One process of the race below: ready once it has reached the store, then, on "go", it activates the
+# experiment and starts a run in it, as a training started with --experiment-name does.
+_RACER = """
+import pathlib, sys, time
+import mlflow
+from pipeline.tracking import use_experiment
+name, ready, go = sys.argv[1], pathlib.Path(sys.argv[2]), pathlib.Path(sys.argv[3])
+mlflow.MlflowClient().search_experiments(max_results=1)  # connected, so that the racers start level
+ready.touch()
+while not go.exists():
+    time.sleep(0.001)
+use_experiment(name)
+with mlflow.start_run() as run:
+    print(run.info.run_id)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_processes_creating_one_new_experiment_at_once_all_run_in_it(server_store, tmp_path):
+    racers, name, go = 4, f"race-{uuid.uuid4().hex}", tmp_path / "go"
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", _RACER, name, str(tmp_path / f"ready-{index}"), str(go)],
+            env=project_env(**server_store.client_environment()), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True,
+        )
+        for index in range(racers)
+    ]
+    deadline = time.monotonic() + 90
+    while len(list(tmp_path.glob("ready-*"))) < racers:
+        assert time.monotonic() < deadline, "the racers did not start"
+        time.sleep(0.05)
+    go.touch()
+    outputs = [process.communicate(timeout=60) for process in processes]
+    assert [process.returncode for process in processes] == [0] * racers, [err[-1500:] for _, err in outputs]
+    client = MlflowClient(server_store.uri)
+    experiment_id = client.get_experiment_by_name(name).experiment_id
+    runs = {run.info.run_id for run in client.search_runs([experiment_id])}
+    assert runs == {out.split()[0] for out, _ in outputs}  # no run went to the Default experiment
+
+
 @pytest.mark.slow
 def test_the_api_refuses_requests_without_the_right_credentials(tracking_server):
     search = f"{tracking_server.uri}/api/2.0/mlflow/experiments/search"
