@@ -38,6 +38,10 @@ def train(experiment_name: str | None, run_id: str | None, **values: str | None)
         option_values = {spec.name: values.pop(spec.name) for spec in TRAINING_RUN_OPTIONS}
         run_options = parse_parameters(TRAINING_RUN_OPTIONS, given(option_values))
         config = TrainingConfig.from_values(given(values))
+        if config.strategy != "multi_worker":  # (its other workers never use the store)
+            from pipeline.tracking import check_tracking_store
+
+            check_tracking_store(open_sqlite=False)  # in a second or two, not after TensorFlow's import
         import_tensorflow_quietly()
         from pipeline.distribution import PEER_TIMEOUT_SECONDS
         from pipeline.training import FLUSH_TIMEOUT_SECONDS, WorkerResult, run_training

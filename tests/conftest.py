@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.tracking_server import TrackingServer
+from tests.helpers import new_sqlite_store
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -65,8 +66,8 @@ def _nothing_written_into_the_project() -> Iterator[None]:
 
 @pytest.fixture
 def sqlite_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """A fresh SQLite tracking store; the test runs in tmp_path so MLflow's ./mlruns lands there."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    """A new SQLite tracking store; the test runs in tmp_path so MLflow's ./mlruns lands there."""
+    uri = new_sqlite_store(tmp_path)
     monkeypatch.chdir(tmp_path)
     with _tracking_store(uri, {"MLFLOW_TRACKING_URI": uri}, monkeypatch):
         yield uri

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import functools
 import json
 import os
 import queue
+import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -22,6 +28,35 @@ PROJECT_DIR = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(__file__).resolve().parent / "data"
 MNIST_SMALL = DATA_DIR / "mnist-small.npz"  # 1,500 train + 300 test real MNIST digits
 FASHION_SMALL = DATA_DIR / "fashion-small"  # 500 train + 100 test real Fashion-MNIST, IDX .gz
+
+
+@functools.cache
+def _created_sqlite_store() -> Path:
+    """One MLflow SQLite store created by MLflow in this test process, the original of `new_sqlite_store`'s
+    copies: creating a store runs MLflow's schema migrations, ~3 s of CPU each time."""
+    from mlflow.tracking import MlflowClient
+
+    directory = Path(tempfile.mkdtemp(prefix="mlflow-store-original-"))
+    atexit.register(shutil.rmtree, directory, True)
+    database = directory / "mlflow.db"
+    MlflowClient(f"sqlite:///{database}").search_experiments(max_results=1)
+    return database
+
+
+def new_sqlite_store(directory: Path) -> str:
+    """The URI of a new, empty MLflow SQLite store, directory/mlflow.db, as MLflow creates it when a process
+    working in `directory` first opens it (its Default experiment keeps artifacts in directory/mlruns/0).
+
+    A copy of a store created once per test process. Tests of creating a store (first use, several
+    processes at once, bad input leaving none behind) use a plain URI instead."""
+    database = directory / "mlflow.db"
+    shutil.copyfile(_created_sqlite_store(), database)
+    with contextlib.closing(sqlite3.connect(database)) as connection, connection:
+        connection.execute(
+            "UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0",
+            (str(directory.resolve() / "mlruns" / "0"),),
+        )
+    return f"sqlite:///{database}"
 
 
 # README: a command whose tracking server is unreachable or refuses it fails in one line before any

@@ -8,7 +8,7 @@ from mlflow.tracking import MlflowClient
 
 from mlflow_project.cli import cli
 from pipeline import constants as names
-from tests.helpers import MNIST_SMALL, run_cli
+from tests.helpers import MNIST_SMALL, new_sqlite_store, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -29,7 +29,7 @@ def _assert_one_line_error(result, *fragments: str) -> None:
 def test_cli_trains_and_reports_the_run(tmp_path):
     result = run_cli(
         ["train", "--epochs", "2", "--dataset", str(MNIST_SMALL), "--experiment-name", "cli"],
-        cwd=tmp_path, **_store(tmp_path),
+        cwd=tmp_path, MLFLOW_TRACKING_URI=new_sqlite_store(tmp_path),
     )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
@@ -74,7 +74,7 @@ def test_bad_data_file_gives_one_line_and_exit_2(tmp_path):
 def test_nan_loss_exits_1_with_one_line_and_a_failed_run(tmp_path):
     result = run_cli(
         ["train", "--learning-rate", "1e30", "--dataset", str(MNIST_SMALL), "--experiment-name", "nan"],
-        cwd=tmp_path, **_store(tmp_path),
+        cwd=tmp_path, MLFLOW_TRACKING_URI=new_sqlite_store(tmp_path),
     )
     assert result.returncode == 1
     _assert_one_line_error(result, "training diverged", "learning_rate")

@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline import constants as names
 from pipeline.data import load_dataset, split_validation
-from tests.helpers import MNIST_SMALL, fail_fast_bound, free_ports, project_env, run_cli
+from tests.helpers import MNIST_SMALL, fail_fast_bound, free_ports, new_sqlite_store, project_env, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -71,10 +71,6 @@ keras.Model.fit = fit_with_fault
 """
 
 
-def _store(tmp_path: Path) -> str:
-    return f"sqlite:///{tmp_path / 'mlflow.db'}"
-
-
 def _cli_after_setup(setup: str, args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-c", CLI_AFTER_SETUP.format(setup=setup), *args], cwd=cwd, env=project_env(**env),
@@ -97,7 +93,7 @@ def _all_runs(client: MlflowClient) -> list:
 def test_unwritable_tmpdir_fails_the_run_in_one_line(tmp_path, monkeypatch):
     """TMPDIR on a read-only filesystem: Python would quietly use /tmp instead; the pipeline says so."""
     monkeypatch.chdir(tmp_path)  # the experiment's artifacts (./mlruns) go there
-    store = _store(tmp_path)
+    store = new_sqlite_store(tmp_path)
     client = MlflowClient(store)
     experiment_id = client.create_experiment("tmpdir")
     read_only = tmp_path / "read-only"
@@ -172,7 +168,7 @@ def test_unreachable_tracking_server_fails_at_start_in_one_line_within_the_timeo
 
 
 def test_batch_size_not_a_multiple_of_the_mirrored_replicas_is_one_line_exit_2(tmp_path):
-    store = _store(tmp_path)
+    store = new_sqlite_store(tmp_path)
     result = _cli_after_setup(
         TWO_LOGICAL_CPUS, ["train", "--epochs", "1", *SMALL, "--strategy", "mirrored", "--batch-size", "127"],
         tmp_path, MLFLOW_TRACKING_URI=store,
@@ -204,7 +200,7 @@ def test_a_value_the_store_refuses_exits_1_naming_it_in_one_line(postgres_store,
 
 
 def test_nan_mid_training_fails_the_run_and_keeps_an_earlier_loadable_checkpoint(tmp_path):
-    store = _store(tmp_path)
+    store = new_sqlite_store(tmp_path)
     result = _cli_after_setup(
         LEARNING_RATE_JUMP,
         ["train", "--epochs", "4", *SMALL, "--batch-size", "32", "--es-patience", "20", "--experiment-name", "nan"],
@@ -246,7 +242,7 @@ def test_trainings_creating_a_new_sqlite_store_at_once_all_succeed(tmp_path):
     """Every process that opens a new SQLite store first creates its tables; done at once, MLflow's
     migrations collide (alembic: "Online migration expected to match one row ... 0 found", "table
     _alembic_tmp_experiments already exists")."""
-    store = _store(tmp_path)
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     processes = [
         subprocess.Popen(
             [sys.executable, "-m", "mlflow_project", "train", "--epochs", "1", *SMALL, "--hidden-units", "16"],

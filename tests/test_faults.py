@@ -14,7 +14,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline import constants as names
-from tests.helpers import MNIST_SMALL, project_env
+from tests.helpers import MNIST_SMALL, new_sqlite_store, project_env
 
 pytestmark = pytest.mark.slow
 
@@ -49,7 +49,7 @@ def _small_disk(mount_point: Path) -> Iterator[Path]:
 @pytest.mark.parametrize("fault", ["disk full (ENOSPC)", "file size limit (EFBIG)"])
 def test_disk_full_while_checkpointing_fails_the_run_in_one_line(tmp_path, monkeypatch, fault):
     monkeypatch.chdir(tmp_path)  # the experiment's artifacts (./mlruns) go there
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"  # the store and its artifacts (./mlruns) on the big disk
+    store = new_sqlite_store(tmp_path)  # the store and its artifacts (./mlruns) on the big disk
     client = MlflowClient(store)
     experiment_id = client.create_experiment("faults")  # the store exists before the fault applies
     args = [sys.executable, "-m", "mlflow_project", "train", "--epochs", "2", "--dataset", str(MNIST_SMALL),

@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline import constants as names
 from pipeline.config import TrainingConfig
-from tests.helpers import MNIST_SMALL, PROJECT_DIR, project_env
+from tests.helpers import MNIST_SMALL, PROJECT_DIR, new_sqlite_store, project_env
 from tests.test_training import assert_run_contract
 
 pytestmark = pytest.mark.slow
@@ -60,7 +60,7 @@ def mlflow_run(tmp_path: Path, *params: str, env_manager: str = "local", timeout
     args = ["mlflow", "run", str(PROJECT_DIR), "--env-manager", env_manager, "--experiment-name", "project"]
     for param in params:
         args += ["-P", param]
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = new_sqlite_store(tmp_path)
     result = subprocess.run(
         args, cwd=tmp_path, env=project_env(MLFLOW_TRACKING_URI=uri), capture_output=True, text=True, timeout=timeout
     )

@@ -31,7 +31,7 @@ from pipeline.model import build_model
 from pipeline.recorder import RunRecorder
 from pipeline.training import run_training
 from pipeline.training_state import TrainingState
-from tests.helpers import MNIST_SMALL, run_cli
+from tests.helpers import MNIST_SMALL, new_sqlite_store, run_cli
 
 STATE_ARTIFACT = f"{names.STATE_DIR}/{names.STATE_FILE}"
 MIN_LR = 0.0003  # 0.001 -> 0.0005 -> 0.00025 would pass below it: the second cut must stop at 0.0003
@@ -175,7 +175,7 @@ def plateau(tmp_path_factory) -> PlateauTraining:
     config = TrainingConfig.from_values(PLATEAU_PARAMETERS | {"dataset": str(shuffled_validation_labels(directory))})
     dataset = load_dataset(config.dataset)
     x_train, y_train, x_val, y_val = split_validation(dataset.x_train, dataset.y_train, config.validation_split)
-    client = DeliveryLog(f"sqlite:///{directory / 'mlflow.db'}", directory)
+    client = DeliveryLog(new_sqlite_store(directory), directory)
     experiment_id = client.create_experiment("plateau", artifact_location=(directory / "artifacts").as_uri())
     run_id = client.create_run(experiment_id).info.run_id
     workdir = directory / "run"
@@ -288,7 +288,7 @@ def test_reduce_lr_on_plateau_stops_at_min_lr(plateau):
 def test_console_shows_a_line_per_rate_cut_and_one_for_the_stop(tmp_path):
     """README: "The console shows one line per epoch ..., a line for each learning-rate reduction and
     for the stop, and a summary". A real CLI process; the lines are checked against the run's record."""
-    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking_uri = new_sqlite_store(tmp_path)
     arguments = ["train", "--experiment-name", "console", "--es-patience", "2", "--dataset",
                  str(shuffled_validation_labels(tmp_path))]
     for name in ("lr_patience", "lr_factor", "target_accuracy", "epochs"):

@@ -24,7 +24,7 @@ from pipeline.data import load_dataset
 from pipeline.resume import RunNotResumable
 from pipeline.tracking import prepare_sqlite_store
 from pipeline.training import run_training
-from tests.helpers import MNIST_SMALL, free_ports, project_env, stdout_lines, tf_config
+from tests.helpers import MNIST_SMALL, free_ports, new_sqlite_store, project_env, stdout_lines, tf_config
 from tests.test_training import CALLBACKS, assert_run_contract, small_config
 
 EPOCHS = "3"
@@ -154,7 +154,7 @@ def _only_run(client: MlflowClient):
 def reference(tmp_path_factory) -> dict:
     """A `default` (single-device) training of the same config: what the distributed ones must match."""
     directory = tmp_path_factory.mktemp("default")
-    uri = f"sqlite:///{directory / 'mlflow.db'}"
+    uri = new_sqlite_store(directory)
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(directory)
         mlflow.set_tracking_uri(uri)

@@ -24,7 +24,7 @@ from pipeline.errors import DataError, TrainingDiverged
 from pipeline.model import build_model
 from pipeline.runs import logged_models_by_run
 from pipeline.training import MODEL_REQUIREMENTS, predict_probabilities, run_training
-from tests.helpers import MNIST_SMALL, project_env
+from tests.helpers import MNIST_SMALL, new_sqlite_store, project_env
 
 DERIVED_PARAMS = {
     names.PARAM_TOTAL_PARAMETERS: str(784 * 128 + 128 + 128 * 64 + 64 + 64 * 10 + 10),
@@ -281,7 +281,7 @@ def test_training_runs_in_a_process_that_cannot_import_matplotlib(tmp_path):
         "experiment_name='no-matplotlib')\n"
         "print(result.run_id)\n"
     )
-    tracking_uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracking_uri = new_sqlite_store(tmp_path)
     done = subprocess.run(
         [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
         env=project_env(MLFLOW_TRACKING_URI=tracking_uri),
