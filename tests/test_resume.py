@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -23,7 +22,7 @@ from pipeline.config import TrainingConfig
 from pipeline.data import load_dataset
 from pipeline.errors import TrainingDiverged
 from pipeline.training import run_training
-from tests.helpers import MNIST_SMALL, PROJECT_DIR, project_env, run_cli
+from tests.helpers import MNIST_SMALL, PROJECT_DIR, project_env, run_cli_here
 
 pytestmark = pytest.mark.slow
 
@@ -144,13 +143,10 @@ def _snapshot(client: MlflowClient, run_id: str) -> tuple:
     return run.info.status, run.data.params, run.data.tags, histories
 
 
-def test_resume_with_other_parameters_is_refused_naming_them(diverged_run, tmp_path):
+def test_resume_with_other_parameters_is_refused_naming_them(diverged_run):
     client = MlflowClient()
     before = _snapshot(client, diverged_run)
-    result = run_cli(
-        ["train", "--run-id", diverged_run, *_cli_args(learning_rate="0.001", epochs="5")], cwd=tmp_path,
-        MLFLOW_TRACKING_URI=os.environ["MLFLOW_TRACKING_URI"], timeout=120,
-    )
+    result = run_cli_here(["train", "--run-id", diverged_run, *_cli_args(learning_rate="0.001", epochs="5")])
     assert result.returncode == 2
     message = _one_line_error(result)
     assert message.startswith(f"error: run {diverged_run} was trained with other parameters; ")
@@ -177,10 +173,7 @@ def test_resume_with_other_data_is_refused_and_leaves_the_run_as_it_was(sqlite_s
     now = load_dataset(str(data))
     assert now.digest != trained_on
     before = _snapshot(client, run_id)
-    result = run_cli(
-        ["train", "--run-id", run_id, *_cli_args(dataset=str(data), learning_rate="1e30")], cwd=tmp_path,
-        MLFLOW_TRACKING_URI=os.environ["MLFLOW_TRACKING_URI"], timeout=120,
-    )
+    result = run_cli_here(["train", "--run-id", run_id, *_cli_args(dataset=str(data), learning_rate="1e30")])
     assert result.returncode == 2
     assert _one_line_error(result) == (
         f"error: run {run_id} was trained on other data (digest {trained_on}, now {now.digest} from {now.source})"
@@ -189,14 +182,11 @@ def test_resume_with_other_data_is_refused_and_leaves_the_run_as_it_was(sqlite_s
     assert before[0] == "FAILED" and before[3]  # a failed run with metrics, left as it was
 
 
-def test_finished_run_is_refused_not_retrained(sqlite_store, tmp_path):
+def test_finished_run_is_refused_not_retrained(sqlite_store):
     config = TrainingConfig.from_values(PARAMS | {"epochs": "1"})
     finished = run_training(config, experiment_name="resume")
     losses = MlflowClient().get_metric_history(finished.run_id, names.LOSS)
-    result = run_cli(
-        ["train", "--run-id", finished.run_id, *_cli_args(epochs="1")], cwd=tmp_path,
-        MLFLOW_TRACKING_URI=os.environ["MLFLOW_TRACKING_URI"], timeout=120,
-    )
+    result = run_cli_here(["train", "--run-id", finished.run_id, *_cli_args(epochs="1")])
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         f"error: run {finished.run_id} is FINISHED; a finished run is not trained again (start a new run instead)"
@@ -205,11 +195,8 @@ def test_finished_run_is_refused_not_retrained(sqlite_store, tmp_path):
     assert MlflowClient().get_metric_history(finished.run_id, names.LOSS) == losses
 
 
-def test_unknown_run_id_is_one_line(sqlite_store, tmp_path):
-    result = run_cli(
-        ["train", "--run-id", "0123456789abcdef", *_cli_args(epochs="1")], cwd=tmp_path,
-        MLFLOW_TRACKING_URI=os.environ["MLFLOW_TRACKING_URI"], timeout=120,
-    )
+def test_unknown_run_id_is_one_line(sqlite_store):
+    result = run_cli_here(["train", "--run-id", "0123456789abcdef", *_cli_args(epochs="1")])
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "error: parameter run_id='0123456789abcdef' is invalid: allowed is the id of an existing run in the "
