@@ -6,9 +6,11 @@ create a new SQLite store at the same instant."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -19,7 +21,15 @@ from mlflow.tracking import MlflowClient
 
 from pipeline import constants as names
 from pipeline.data import load_dataset, split_validation
-from tests.helpers import MNIST_SMALL, fail_fast_bound, free_ports, new_sqlite_store, project_env, run_cli
+from tests.helpers import (
+    MNIST_SMALL,
+    PROJECT_DIR,
+    fail_fast_bound,
+    free_ports,
+    new_sqlite_store,
+    project_env,
+    run_cli,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -146,7 +156,10 @@ def test_unreachable_tracking_server_fails_at_start_in_one_line_within_the_timeo
 
     [closed_port] = free_ports(1)
     train.append(str(MNIST_SMALL))
-    closed, seconds = _timed_cli(train, tmp_path, MLFLOW_TRACKING_URI=f"http://127.0.0.1:{closed_port}")
+    with tempfile.TemporaryDirectory() as blocker:  # the check comes before TensorFlow is loaded
+        Path(blocker, "tensorflow.py").write_text("raise ImportError('TensorFlow was imported before the check')\n")
+        closed, seconds = _timed_cli(train, tmp_path, MLFLOW_TRACKING_URI=f"http://127.0.0.1:{closed_port}",
+                                     PYTHONPATH=f"{blocker}{os.pathsep}{PROJECT_DIR}")
     assert closed.returncode == 1, closed.stderr[-3000:]
     assert _one_line_error(closed) == (
         f"error: tracking server http://127.0.0.1:{closed_port} is unreachable (connection refused); check that it "
