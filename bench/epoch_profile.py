@@ -1,0 +1,81 @@
+"""Where an epoch's time goes as Keras' loop settings change: plain Keras, the seed's model and data,
+no callbacks but a timer, every variant in one process after one discarded warm-up epoch.
+
+    .venv/bin/python bench/epoch_profile.py --dataset ../shared/data/fashion-mnist 1/default 8/default 32/1024
+
+A variant is STEPS/VALIDATION_BATCH: `steps_per_execution` and fit's `validation_batch_size` ("default":
+the training batch size). Prints per variant the median epoch and validation seconds, and a checksum
+of the final weights and the last validation metrics, which must agree across variants when the loop
+settings do not change what is trained.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("variants", nargs="+", help="STEPS/VALIDATION_BATCH, e.g. 8/default 32/1024")
+    parser.add_argument("--dataset", required=True)
+    parser.add_argument("--epochs", type=int, default=6, help="epochs per variant, the first discarded")
+    args = parser.parse_args()
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import keras
+    import numpy as np
+
+    from pipeline.config import TrainingConfig
+    from pipeline.data import load_dataset, split_validation
+    from pipeline.model import build_model
+
+    config = TrainingConfig.from_values({"dataset": args.dataset})
+    dataset = load_dataset(config.dataset)
+    x_train, y_train, x_val, y_val = split_validation(dataset.x_train, dataset.y_train, config.validation_split)
+
+    class Timer(keras.callbacks.Callback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.epochs: list[tuple[float, float]] = []
+
+        def on_epoch_begin(self, epoch, logs=None) -> None:
+            self.started, self.validation = time.perf_counter(), 0.0
+
+        def on_test_begin(self, logs=None) -> None:
+            self.validation_started = time.perf_counter()
+
+        def on_test_end(self, logs=None) -> None:
+            self.validation += time.perf_counter() - self.validation_started
+
+        def on_epoch_end(self, epoch, logs=None) -> None:
+            self.epochs.append((time.perf_counter() - self.started, self.validation))
+            self.logs = dict(logs)
+
+    for variant in args.variants:
+        steps, validation_batch = variant.split("/")
+        keras.utils.set_random_seed(config.seed)
+        model = build_model(config.layer_sizes, config.dropout, config.learning_rate, int(steps))
+        timer = Timer()
+        model.fit(
+            x_train, y_train, batch_size=config.batch_size, epochs=args.epochs, validation_data=(x_val, y_val),
+            validation_batch_size=None if validation_batch == "default" else int(validation_batch),
+            callbacks=[timer], verbose=0,
+        )
+        measured = timer.epochs[1:]
+        weights = sum(float(np.sum(w, dtype=np.float64)) for w in model.get_weights())
+        print(
+            f"{variant}: epoch {statistics.median(e for e, _ in measured):.3f} s, "
+            f"validation {statistics.median(v for _, v in measured):.3f} s; weights sum {weights!r}, "
+            f"val_loss {timer.logs['val_loss']!r}, val_accuracy {timer.logs['val_accuracy']!r}",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
