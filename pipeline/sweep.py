@@ -20,7 +20,7 @@ from pathlib import Path
 import keras
 import mlflow
 from mlflow.entities import Experiment, Metric, Param, Run, RunTag
-from mlflow.environment_variables import MLFLOW_EXPERIMENT_NAME, MLFLOW_RUN_ID
+from mlflow.environment_variables import MLFLOW_RUN_ID
 from mlflow.tracking import MlflowClient
 from mlflow.utils.time import get_current_time_millis
 
@@ -160,8 +160,7 @@ def _parent_run(
     if project_run_id:
         run = client.get_run(project_run_id)
         return client.get_experiment(run.info.experiment_id), run
-    name = experiment_name or MLFLOW_EXPERIMENT_NAME.get()
-    experiment = use_experiment(name, client) if name else client.get_experiment(DEFAULT_EXPERIMENT_ID)
+    experiment = use_experiment(experiment_name, client) or client.get_experiment(DEFAULT_EXPERIMENT_ID)
     run = client.create_run(experiment.experiment_id, run_name="sweep",
                             tags={names.TAG_RUN_TYPE: names.RUN_TYPE_SWEEP})
     return experiment, run

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import fcntl
 import json
-import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,14 +17,13 @@ from urllib.parse import urlencode
 
 import mlflow
 from mlflow.entities import Experiment
+from mlflow.environment_variables import MLFLOW_EXPERIMENT_NAME
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.credentials import get_default_host_creds
 from mlflow.utils.rest_utils import http_request
 
 from pipeline.errors import TrackingUnavailable
-
-logger = logging.getLogger(__name__)
 
 CREDENTIAL_VARIABLES = "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD"
 # Where `mlflow ui` serves a local store (SQLite, PostgreSQL, files) by default.
@@ -84,25 +82,28 @@ def check_tracking_store(uri: str | None = None, timeout: float = 10.0, open_sql
         )
 
 
-def use_experiment(name: str, client: MlflowClient | None = None) -> Experiment:
-    """Makes the experiment called `name` the active one, creating it when it does not exist yet.
+def use_experiment(name: str | None, client: MlflowClient | None = None) -> Experiment | None:
+    """Makes the experiment `name` (else MLFLOW_EXPERIMENT_NAME) the active one, creating it when it does
+    not exist yet; None, and nothing changed, when neither names one (MLflow's `Default` then).
 
-    Trainings started together on a new experiment name all try to create it. `mlflow.set_experiment`
-    handles the loser of that race by returning the experiment without making it active, so the loser's
-    run went to the Default experiment (MLflow 3.17). Here the loser reads the winner's experiment and
-    activates it like everyone else.
+    Trainings started together on a new experiment name all try to create it. MLflow's own paths lose
+    that race: `mlflow.set_experiment` returns the experiment without activating it (the run goes to
+    `Default`), and `start_run` with MLFLOW_EXPERIMENT_NAME fails. Here the loser uses the winner's.
     """
+    name = name or MLFLOW_EXPERIMENT_NAME.get()
+    if not name:
+        return None
     client = client or MlflowClient()
     experiment = client.get_experiment_by_name(name)
-    if experiment is None:
-        try:
-            client.create_experiment(name)
-        except MlflowException as error:
-            if error.error_code != "RESOURCE_ALREADY_EXISTS":
-                raise
-            logger.debug("Experiment %r was created by another process at the same time", name)
-        experiment = client.get_experiment_by_name(name)
-    return mlflow.set_experiment(experiment_id=experiment.experiment_id)
+    if experiment is not None:
+        return mlflow.set_experiment(experiment_id=experiment.experiment_id)
+    try:
+        experiment_id = client.create_experiment(name)
+    except MlflowException as error:
+        if error.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        experiment_id = client.get_experiment_by_name(name).experiment_id  # created by another process
+    return mlflow.set_experiment(experiment_id=experiment_id)
 
 
 def prepare_sqlite_store(uri: str) -> None:

@@ -127,7 +127,8 @@ def run_training(
 
     Args:
         config: the validated parameters.
-        experiment_name: where a new run goes (ignored when a run is given or MLFLOW_RUN_ID is set).
+        experiment_name: where a new run goes (default: MLFLOW_EXPERIMENT_NAME, else `Default`; ignored
+            when a run is given or MLFLOW_RUN_ID is set).
         run_id: an existing run to record into; by default the one in MLFLOW_RUN_ID (set by
             `mlflow run`), else a new one. A run that already holds a training of ours is resumed
             at its first unfinished epoch (see `pipeline.resume`).
@@ -167,7 +168,7 @@ def run_training(
         )
     x_train, y_train, x_val, y_val = split_validation(dataset.x_train, dataset.y_train, config.validation_split)
     distribution = plan.start(config, dataset.digest, peer_timeout)
-    if experiment_name and not run_id:
+    if not run_id:
         use_experiment(experiment_name, client)
     with _mlflow_run(run_id, parent_run_id) as run, _local_workdir() as workdir, _local_storage_errors(workdir):
         return _train_in_run(

@@ -48,14 +48,17 @@ def new_sqlite_store(directory: Path) -> str:
     working in `directory` first opens it (its Default experiment keeps artifacts in directory/mlruns/0).
 
     A copy of a store created once per test process. Tests of creating a store (first use, several
-    processes at once, bad input leaving none behind) use a plain URI instead."""
+    processes at once, bad input leaving none behind) use a plain URI instead. The copy's Default experiment
+    is moved in MLflow's own table (no API changes it); a schema where that fails stops the test loudly."""
     database = directory / "mlflow.db"
     shutil.copyfile(_created_sqlite_store(), database)
     with contextlib.closing(sqlite3.connect(database)) as connection, connection:
-        connection.execute(
+        moved = connection.execute(
             "UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0",
             (str(directory.resolve() / "mlruns" / "0"),),
-        )
+        ).rowcount
+    if moved != 1:
+        raise RuntimeError(f"MLflow's SQLite schema changed: the Default experiment of {database} was not found")
     return f"sqlite:///{database}"
 
 

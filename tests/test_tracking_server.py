@@ -84,7 +84,8 @@ def test_mlflow_run_against_the_server_records_the_whole_contract(server_store, 
 
 
 # One process of the race below: ready once it has reached the store, then, on "go", it activates the
-# experiment and starts a run in it, as a training started with --experiment-name does.
+# experiment (named by its argument, or when that is empty by MLFLOW_EXPERIMENT_NAME) and starts a run in
+# it, as a training does.
 _RACER = """
 import pathlib, sys, time
 import mlflow
@@ -94,7 +95,7 @@ mlflow.MlflowClient().search_experiments(max_results=1)  # connected, so that th
 ready.touch()
 while not go.exists():
     time.sleep(0.001)
-use_experiment(name)
+use_experiment(name or None)
 with mlflow.start_run() as run:
     print(run.info.run_id)
 """
@@ -105,9 +106,10 @@ def test_processes_creating_one_new_experiment_at_once_all_run_in_it(server_stor
     racers, name, go = 4, f"race-{uuid.uuid4().hex}", tmp_path / "go"
     processes = [
         subprocess.Popen(
-            [sys.executable, "-c", _RACER, name, str(tmp_path / f"ready-{index}"), str(go)],
-            env=project_env(**server_store.client_environment()), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            text=True,
+            # half of them name the experiment, half leave it to MLFLOW_EXPERIMENT_NAME
+            [sys.executable, "-c", _RACER, name if index % 2 else "", str(tmp_path / f"ready-{index}"), str(go)],
+            env=project_env(**server_store.client_environment(), MLFLOW_EXPERIMENT_NAME=name),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         for index in range(racers)
     ]
