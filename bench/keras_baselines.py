@@ -1,8 +1,8 @@
 """The two reference trainings of the overhead benchmark, as standalone scripts.
 
-    python bench/keras_baselines.py plain   EPOCHS DATASET   # plain Keras, the seed's callbacks
-    python bench/keras_baselines.py plain8  EPOCHS DATASET   # the same, 8 batches per call, as our pipeline
-    python bench/keras_baselines.py autolog EPOCHS DATASET   # the same under mlflow.tensorflow.autolog()
+    python bench/keras_baselines.py plain     EPOCHS DATASET   # plain Keras, the seed's callbacks
+    python bench/keras_baselines.py plain_spe EPOCHS DATASET   # the same, the pipeline's steps_per_execution
+    python bench/keras_baselines.py autolog   EPOCHS DATASET   # the same under mlflow.tensorflow.autolog()
 
 Both train the seed's model with the seed's callbacks (best checkpoint, early stopping, LR on plateau,
 CSV log) on the same data as the pipeline, print one line per epoch (for time-to-first-epoch), evaluate
@@ -33,7 +33,7 @@ def main(variant: str, epochs: int, dataset_path: str) -> None:
         mlflow.set_experiment("bench-autolog")
         mlflow.tensorflow.autolog(checkpoint=True, checkpoint_monitor="val_accuracy", checkpoint_mode="max")
     keras.utils.set_random_seed(config.seed)
-    steps_per_execution = config.steps_per_execution if variant == "plain8" else 1
+    steps_per_execution = config.steps_per_execution if variant == "plain_spe" else 1
     model = build_model(config.layer_sizes, config.dropout, config.learning_rate, steps_per_execution)
     with tempfile.TemporaryDirectory() as tmp:
         best = os.path.join(tmp, "best_model.keras")

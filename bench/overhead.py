@@ -7,8 +7,8 @@ Each variant is a fresh process, measured from the outside, and the variants alt
 repetition so that drift in the machine's speed hits all of them alike:
 
 1. plain   - bench/keras_baselines.py plain: the seed's callbacks, best checkpoint evaluated on test.
-   plain8  - the same with steps_per_execution=8, as our pipeline trains by default: the ratios to it
-             are what the recording itself costs (the ratios to plain include the faster loop).
+   plain_spe - the same with the pipeline's default steps_per_execution: the ratios to it are what
+             the recording itself costs (the ratios to plain include the faster loop).
 2. local   - `mlflow run . --env-manager local` recording to a SQLite store.
 3. server  - the same against a real `mlflow server` (PostgreSQL backend when one answers on
              127.0.0.1:5432, proxied artifacts, basic auth), started by the native launcher.
@@ -39,7 +39,7 @@ from pathlib import Path
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 TIMING = re.compile(r"Timing: fit ([\d.]+) s, after fit ([\d.]+) s")
 ACCURACY = re.compile(r"[Tt]est[ _]accuracy[ =:of the best checkpoint]*[=: ]\s*([\d.]+)")
-VARIANTS = ("plain", "plain8", "local", "server", "autolog")
+VARIANTS = ("plain", "plain_spe", "local", "server", "autolog")
 
 
 def measure(command: list[str], env: dict[str, str], cwd: Path) -> dict[str, float]:
@@ -72,7 +72,7 @@ def measure(command: list[str], env: dict[str, str], cwd: Path) -> dict[str, flo
 
 
 def command_for(variant: str, epochs: int, dataset: str) -> list[str]:
-    if variant in ("plain", "plain8", "autolog"):
+    if variant in ("plain", "plain_spe", "autolog"):
         return [sys.executable, str(PROJECT_DIR / "bench" / "keras_baselines.py"), variant, str(epochs), dataset]
     return [
         str(Path(sys.executable).parent / "mlflow"), "run", str(PROJECT_DIR), "--env-manager", "local",
@@ -98,12 +98,12 @@ def table(results: dict[tuple[str, int], list[dict[str, float]]], epochs_list: l
     keys = (("fit", "s"), ("after_fit", "s"), ("wall", "s"), ("first_epoch", "s"), ("peak_rss_mb", "MB"))
     lines = [
         "| epochs | variant | fit | after fit | whole process | first epoch | peak RSS | test acc "
-        "| fit / plain | wall / plain | RSS / plain | fit / plain8 | wall / plain8 |",
+        "| fit / plain | wall / plain | RSS / plain | fit / plain_spe | wall / plain_spe |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for epochs in epochs_list:
         plain = results.get(("plain", epochs))
-        plain8 = results.get(("plain8", epochs))
+        plain_spe = results.get(("plain_spe", epochs))
         for variant in VARIANTS:
             samples = results.get((variant, epochs))
             if not samples:
@@ -114,8 +114,8 @@ def table(results: dict[tuple[str, int], list[dict[str, float]]], epochs_list: l
                 cells.append(f"{median:.2f} {unit} ({low:.2f}-{high:.2f})")
             accuracy = statistics.median(sample["test_accuracy"] for sample in samples)
             ratios = []
-            for reference, key in ((plain, "fit"), (plain, "wall"), (plain, "peak_rss_mb"), (plain8, "fit"),
-                                   (plain8, "wall")):
+            for reference, key in ((plain, "fit"), (plain, "wall"), (plain, "peak_rss_mb"), (plain_spe, "fit"),
+                                   (plain_spe, "wall")):
                 ratio = summarize(samples, key)[0] / summarize(reference, key)[0] if reference else None
                 ratios.append(f"{ratio:.3f}" if ratio else "-")
             row = [str(epochs), variant, *cells, f"{accuracy:.4f}", *ratios]
@@ -153,7 +153,7 @@ def main() -> None:
         local_env = base_env | {"MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'local.db'}"}
         with contextlib.ExitStack() as stack:
             server_env = base_env | stack.enter_context(tracking_server(workdir)) if "server" in args.variants else {}
-            envs = {"plain": base_env, "plain8": base_env, "local": local_env, "server": server_env,
+            envs = {"plain": base_env, "plain_spe": base_env, "local": local_env, "server": server_env,
                     "autolog": local_env}
             for _ in range(args.warmup):
                 for variant in args.variants:

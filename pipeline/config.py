@@ -135,7 +135,10 @@ TRAINING_PARAMETERS: tuple[ParameterSpec, ...] = (
     ParameterSpec("seed", int, 42, "an integer from 0 to 2**32-1",
                   "Seeds Python, NumPy and Keras: same seed and data give the same metrics.",
                   lambda v: 0 <= v < 2**32),
-    ParameterSpec("steps_per_execution", int, 8, "an integer >= 1",
+    # 64: on this 2-core CPU an epoch of the seed's model took 1.2-1.9 s at 1 batch per call, 0.86 s at 8
+    # and 0.74 s at 64, no faster beyond (375 = a whole epoch per call: 0.73 s); bench/RESULTS.md, "Epoch
+    # profile". Above 64 only the NaN guard's reaction (at most N batches) would grow.
+    ParameterSpec("steps_per_execution", int, 64, "an integer >= 1",
                   "Training batches per compiled call (Keras' steps_per_execution): the same results with "
                   "fewer Python round trips; the NaN guard and batch timing look every N batches. 1 is Keras' default.",
                   lambda v: v >= 1),
