@@ -3,10 +3,13 @@ no callbacks but a timer, every variant in one process after one discarded warm-
 
     .venv/bin/python bench/epoch_profile.py --dataset ../shared/data/fashion-mnist 1/default 8/default 32/1024
 
-A variant is STEPS/VALIDATION_BATCH: `steps_per_execution` and fit's `validation_batch_size` ("default":
-the training batch size). Prints per variant the median epoch and validation seconds, and a checksum
-of the final weights and the last validation metrics, which must agree across variants when the loop
-settings do not change what is trained.
+A variant is STEPS/VALIDATION_BATCH[/INPUT]: `steps_per_execution`, fit's `validation_batch_size`
+("default": the training batch size; "none": no validation pass) and what fit is given: "numpy" (the
+default: the arrays, which Keras shuffles and slices every epoch, as the pipeline trains), "cached" (the
+same batches in order from a cached tf.data pipeline: no shuffling or slicing) or "onebatch" (one batch
+repeated: the arithmetic and Keras' step loop alone). Prints per variant the median epoch and validation
+seconds, and a checksum of the final weights and the last metrics; these must agree across variants
+that train on the same batches in the same order (only "numpy" variants do).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("variants", nargs="+", help="STEPS/VALIDATION_BATCH, e.g. 8/default 32/1024")
+    parser.add_argument("variants", nargs="+", help="STEPS/VALIDATION_BATCH[/INPUT], e.g. 8/default 64/none/cached")
     parser.add_argument("--dataset", required=True)
     parser.add_argument("--epochs", type=int, default=6, help="epochs per variant, the first discarded")
     args = parser.parse_args()
@@ -57,22 +60,35 @@ def main() -> None:
             self.epochs.append((time.perf_counter() - self.started, self.validation))
             self.logs = dict(logs)
 
+    def inputs(kind: str) -> dict:
+        if kind == "numpy":
+            return {"x": x_train, "y": y_train, "batch_size": config.batch_size}
+        import tensorflow as tf
+
+        if kind == "cached":
+            batches = tf.data.Dataset.from_tensor_slices((x_train, y_train)).batch(config.batch_size)
+        else:
+            steps = -(-len(x_train) // config.batch_size)
+            first = (x_train[: config.batch_size], y_train[: config.batch_size])
+            batches = tf.data.Dataset.from_tensors(first).repeat(steps)
+        return {"x": batches.cache()}
+
     for variant in args.variants:
-        steps, validation_batch = variant.split("/")
+        steps, validation_batch, kind = (variant.split("/") + ["numpy"])[:3]
         keras.utils.set_random_seed(config.seed)
         model = build_model(config.layer_sizes, config.dropout, config.learning_rate, int(steps))
         timer = Timer()
-        model.fit(
-            x_train, y_train, batch_size=config.batch_size, epochs=args.epochs, validation_data=(x_val, y_val),
-            validation_batch_size=None if validation_batch == "default" else int(validation_batch),
-            callbacks=[timer], verbose=0,
-        )
+        validation = {} if validation_batch == "none" else {
+            "validation_data": (x_val, y_val),
+            "validation_batch_size": None if validation_batch == "default" else int(validation_batch),
+        }
+        model.fit(**inputs(kind), epochs=args.epochs, callbacks=[timer], verbose=0, **validation)
         measured = timer.epochs[1:]
         weights = sum(float(np.sum(w, dtype=np.float64)) for w in model.get_weights())
         print(
             f"{variant}: epoch {statistics.median(e for e, _ in measured):.3f} s, "
             f"validation {statistics.median(v for _, v in measured):.3f} s; weights sum {weights!r}, "
-            f"val_loss {timer.logs['val_loss']!r}, val_accuracy {timer.logs['val_accuracy']!r}",
+            f"loss {timer.logs['loss']!r}, val_loss {timer.logs.get('val_loss')!r}",
             flush=True,
         )
 
