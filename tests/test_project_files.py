@@ -116,16 +116,38 @@ def undocumented_names(readme: str) -> list[str]:
     return [name for name in _names_to_document() if name not in tokens]
 
 
-def test_readme_documents_every_parameter_metric_artifact_and_tag():
-    missing = undocumented_names((PROJECT_DIR / "README.md").read_text())
-    assert not missing, f"README does not document (as `name`): {missing}"
+def _documentation() -> str:
+    """README and the docs/ pages it links, as one text."""
+    pages = [PROJECT_DIR / "README.md", *sorted((PROJECT_DIR / "docs").glob("*.md"))]
+    return "\n".join(page.read_text() for page in pages)
+
+
+def test_readme_links_every_docs_page():
+    readme = (PROJECT_DIR / "README.md").read_text()
+    pages = sorted(path.name for path in (PROJECT_DIR / "docs").glob("*.md"))
+    assert len(pages) >= 7
+    assert [page for page in pages if f"](docs/{page})" not in readme] == []
+
+
+def test_every_relative_link_in_readme_and_docs_resolves():
+    broken = []
+    for page in [PROJECT_DIR / "README.md", *(PROJECT_DIR / "docs").glob("*.md")]:
+        for target in re.findall(r"\]\(([^)#\s]+)[^)]*\)", page.read_text()):
+            if "://" not in target and not (page.parent / target).exists():
+                broken.append(f"{page.name}: {target}")
+    assert broken == []
+
+
+def test_readme_and_docs_document_every_parameter_metric_artifact_and_tag():
+    missing = undocumented_names(_documentation())
+    assert not missing, f"neither README nor docs/ document (as `name`): {missing}"
 
 
 @pytest.mark.parametrize("name", ["model", "best_", "loss", "epochs", "champion"])
 def test_the_readme_check_notices_a_name_whose_documentation_is_removed(name):
-    """On a copy of the README in which `name` is no longer written in code, the check reports it, even
-    though the word still occurs in the prose or inside longer names (model_summary.txt, val_loss)."""
-    readme = (PROJECT_DIR / "README.md").read_text()
+    """On a copy of the documentation in which `name` is no longer written in code, the check reports it,
+    even though the word still occurs in the prose or inside longer names (model_summary.txt, val_loss)."""
+    readme = _documentation()
     assert name not in undocumented_names(readme)
     token = re.compile(rf"(?<![A-Za-z0-9_.\-]){re.escape(name)}(?![A-Za-z0-9_.\-])")
     removed = _CODE_SPAN.sub(lambda span: "`" + token.sub("X", span.group(1)) + "`", readme)
