@@ -6,8 +6,9 @@
 vary by up to a third from run to run, more than the 3% the recording may cost. This script trains once
 per store in this process and adds up, during `fit` only:
 
-- callbacks: wall time spent in the hooks of the callbacks plain Keras does not have (TargetAccuracyStop,
-  BatchTiming, MlflowLogger) on the training thread: time `fit` waits for them;
+- callbacks: wall time spent in the hooks of the callbacks plain Keras does not have (ADDED_CALLBACKS;
+  BestCheckpoint's hook includes the save plain Keras' ModelCheckpoint makes too) on the training
+  thread: time `fit` waits for them;
 - recorder: CPU time of the recorder's background thread (queued records written and sent): at
   worst it takes a core or the GIL away from training for that long;
 - server: CPU time of the tracking server's processes (server store only): on this machine the server
@@ -34,12 +35,23 @@ PROJECT_DIR = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT_DIR))
 
 from pipeline import training  # noqa: E402
-from pipeline.callbacks import BatchTiming, MlflowLogger, TargetAccuracyStop  # noqa: E402
+from pipeline.callbacks import (  # noqa: E402
+    BatchTiming,
+    BestCheckpoint,
+    DivergenceGuard,
+    EpochMetricsLogger,
+    LearningRateChanges,
+    TargetAccuracyStop,
+    TrainingStateBackup,
+)
 from pipeline.config import TrainingConfig  # noqa: E402
 from pipeline.tracking_server import TrackingServer  # noqa: E402
 
 # The callbacks our pipeline adds to the seed's plain-Keras ones.
-ADDED_CALLBACKS = (TargetAccuracyStop, BatchTiming, MlflowLogger)
+ADDED_CALLBACKS = (
+    TargetAccuracyStop, DivergenceGuard, BatchTiming, BestCheckpoint, LearningRateChanges, TrainingStateBackup,
+    EpochMetricsLogger,
+)
 HOOKS = (
     "on_train_begin", "on_train_end", "on_epoch_begin", "on_epoch_end", "on_train_batch_begin",
     "on_train_batch_end", "on_test_begin", "on_test_end", "on_test_batch_begin", "on_test_batch_end",
@@ -85,7 +97,7 @@ class CostMeter:
 
     def _timed_fit(self, fit):
         def timed_fit(model, config, distribution, splits, callbacks, initial_epoch):
-            thread = callbacks.mlflow_logger.recorder._thread
+            thread = callbacks.epoch_metrics.recorder._thread
             clock = time.pthread_getcpuclockid(thread.ident)
             recorder_before, server_before = time.clock_gettime(clock), self._server_cpu()
             started = time.perf_counter()

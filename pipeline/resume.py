@@ -46,7 +46,7 @@ class ResumePoint:
         """The first epoch to train: the one after the saved state, or none when training had ended."""
         if self.state is None:
             return 0
-        if self.state.record.get("stop_reason"):
+        if self.state.record.get("stopped"):
             return epochs
         return self.state.epoch + 1
 

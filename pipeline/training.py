@@ -7,14 +7,14 @@ before an MLflow run is touched, and so that a run is only ever FINISHED with it
 2. validate the data (a bad file raises DataError; the store is not touched yet);
 3. decide whether a given run is new, to be resumed, or refused (`pipeline.resume`);
 4. open the run (the one `mlflow run` created, the given one, or a new one), log params and inputs;
-5. fit with the callbacks of `pipeline.callbacks` (MlflowLogger records every epoch as it ends);
+5. fit with the callbacks of `pipeline.callbacks` (each epoch is recorded as it ends);
 6. evaluate the best checkpoint on the test split, log the report, plots and the model;
 7. wait for every queued record to reach the store, then mark the run FINISHED.
 
 Any exception on the way ends the run FAILED (KILLED on Ctrl-C).
 
 With `strategy=multi_worker` every worker runs this, and only the chief does steps 2, 4 and 5: the
-other workers train with the same callbacks minus MlflowLogger, in a private temporary directory,
+other workers train with the same callbacks minus the recording ones, in a private temporary directory,
 and never touch the tracking store (see `pipeline.distribution`).
 """
 
@@ -185,12 +185,10 @@ def _train_as_worker(config: TrainingConfig, plan: DistributionPlan, peer_timeou
     distribution = plan.start(config, dataset.digest, peer_timeout)
     with _local_workdir() as workdir, _local_storage_errors(workdir):
         model = _build_model(config, distribution)
-        callbacks = build_callbacks(
-            config, workdir, None, len(splits[0]), strategy=distribution.strategy, num_workers=distribution.num_workers
-        )
+        callbacks = build_callbacks(config, workdir, None, len(splits[0]), distribution=distribution)
         history = _fit(model, config, distribution, splits, callbacks, initial_epoch=0)
-    if callbacks.batch_timing.nan_at is not None:
-        epoch, batch = callbacks.batch_timing.nan_at
+    if callbacks.divergence_guard.nan_at is not None:
+        epoch, batch = callbacks.divergence_guard.nan_at
         raise TrainingDiverged(f"training diverged: the loss became NaN/inf at epoch {epoch} batch {batch}")
     return WorkerResult(distribution.worker_id, distribution.num_workers, epochs_completed=len(history.epoch))
 
@@ -265,10 +263,7 @@ def _train_in_run(
 
     with RunRecorder(client, run_id, workdir / "staging") as recorder:
         state = resume.state if resume else None
-        callbacks = build_callbacks(
-            config, workdir, recorder, len(x_train), resume_from=state, strategy=distribution.strategy,
-            num_workers=distribution.num_workers,
-        )
+        callbacks = build_callbacks(config, workdir, recorder, len(x_train), state, distribution)
         recorder.set_tags({names.TAG_CALLBACKS: ",".join(callbacks.names)})
         recorder.log_file(_write(workdir / names.MODEL_SUMMARY_FILE, model_summary(model)))
         initial_epoch = 0
@@ -280,10 +275,8 @@ def _train_in_run(
         fit_started = time.perf_counter()
         _fit(model, config, distribution, splits, callbacks, initial_epoch)
         fit_seconds = time.perf_counter() - fit_started
-        mlflow_logger = callbacks.mlflow_logger
-        if callbacks.worker_timing is not None:
-            recorder.log_json(callbacks.worker_timing.history, names.WORKER_TIMING_FILE)
-        if callbacks.batch_timing.nan_at is not None:
+        stop_reason = _record_end_of_fit(recorder, callbacks, workdir)
+        if stop_reason == names.STOP_NAN_LOSS:
             _record_divergence(recorder, callbacks, flush_timeout)
         # One deadline for everything after fit that may wait for an unreachable store.
         deadline = time.monotonic() + flush_timeout
@@ -294,9 +287,9 @@ def _train_in_run(
     return TrainingResult(
         run_id=run_id,
         experiment_id=run.info.experiment_id,
-        stop_reason=mlflow_logger.stop_reason or names.STOP_COMPLETED,
-        epochs_completed=len(mlflow_logger.history),
-        best_epoch=mlflow_logger.best_epoch,
+        stop_reason=stop_reason,
+        epochs_completed=len(callbacks.backup.history),
+        best_epoch=callbacks.checkpoint.best_epoch,
         test_loss=test_loss,
         test_accuracy=test_accuracy,
     )
@@ -381,12 +374,29 @@ def _mlflow_dataset(dataset: ImageDataset) -> mlflow.data.Dataset:
         )
 
 
+def _record_end_of_fit(recorder: RunRecorder, callbacks: TrainingCallbacks, workdir: Path) -> str:
+    """Records how training ended (stop reason, epochs, the CSV log, the workers' times); returns
+    the stop reason."""
+    stop_reason = callbacks.stop_reason()
+    epochs_completed = len(callbacks.backup.history)
+    if stop_reason in (names.STOP_TARGET_ACCURACY, names.STOP_EARLY_STOPPING):
+        logger.info("Epoch %d: stopping (%s)", epochs_completed, stop_reason)
+    recorder.log_metrics({names.EPOCHS_COMPLETED: epochs_completed}, step=0)
+    recorder.set_tags({names.TAG_STOP_REASON: stop_reason})
+    csv_log = workdir / names.TRAINING_LOG_FILE
+    if csv_log.exists():
+        recorder.log_file(csv_log)
+    if callbacks.worker_timing is not None:
+        recorder.log_json(callbacks.worker_timing.history, names.WORKER_TIMING_FILE)
+    return stop_reason
+
+
 def _record_divergence(recorder: RunRecorder, callbacks: TrainingCallbacks, flush_timeout: float) -> None:
     """Delivers what the run holds (the last good checkpoint included) and raises TrainingDiverged."""
-    epoch, batch = callbacks.batch_timing.nan_at
+    epoch, batch = callbacks.divergence_guard.nan_at
     recorder.set_tags({names.TAG_NAN_AT: f"epoch {epoch} batch {batch}"})
     recorder.close(timeout=flush_timeout)
-    best = callbacks.mlflow_logger.best
+    best = callbacks.checkpoint.best_record
     kept = (
         f"the best checkpoint (epoch {best['epoch']}) is kept in the run as "
         f"{names.CHECKPOINT_DIR}/{names.BEST_MODEL_FILE}"
@@ -409,11 +419,11 @@ def _evaluate_and_report(
     evaluated, the confusion matrix while the model is logged. Returns test loss, test accuracy,
     and a local MLflow model directory when the tracking store could not take the model (None when
     it is logged in the run)."""
-    mlflow_logger = callbacks.mlflow_logger
     curves, matrix = workdir / names.TRAINING_CURVES_FILE, workdir / names.CONFUSION_MATRIX_FILE
     with PlotProcess() as plotter:
         plotter.submit(
-            "plot_training_curves", mlflow_logger.history, mlflow_logger.lr_changes, mlflow_logger.best_epoch, curves
+            "plot_training_curves", callbacks.backup.history, callbacks.lr_changes.changes,
+            callbacks.checkpoint.best_epoch, curves,
         )
         best_model = keras.models.load_model(callbacks.checkpoint.filepath)
         probabilities = predict_probabilities(best_model, dataset.x_test)

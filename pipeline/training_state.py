@@ -4,9 +4,9 @@ continue in the same run, on this machine or another.
 A `TrainingState` carries what `model.fit` and the callbacks would otherwise lose: model weights,
 optimizer variables (moments, iteration count, learning rate), EarlyStopping's and
 ReduceLROnPlateau's counters and bests (and EarlyStopping's best weights), the best checkpoint
-(its `.keras` file, byte for byte), MlflowLogger's record (per-epoch metrics, LR changes, best
-epoch, stop reason) and the CSV log so far. It is written as one uncompressed `.npz` (no pickle)
-and uploaded as one artifact, so it is replaced whole or not at all.
+(its `.keras` file, byte for byte), the per-epoch metrics, LR changes, best epoch and whether training
+had stopped, and the CSV log so far (see `pipeline.callbacks.training_backup`). It is written as one
+uncompressed `.npz` (no pickle) and uploaded as one artifact, so it is replaced whole or not at all.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ class TrainingState:
         optimizer_variables: the values of `model.optimizer.variables`, in order.
         early_stopping_weights: EarlyStopping's best weights (restore_best_weights), or None.
         best_checkpoint: the bytes of the best checkpoint `.keras` file, or None.
-        record: JSON-able counters and records of the callbacks (see `MlflowLogger`).
+        record: JSON-able counters and records of the callbacks (see `TrainingStateBackup`).
         csv_log: the CSVLogger file's text so far.
     """
 

@@ -1,8 +1,10 @@
-"""Each callback's behaviour, and why MlflowLogger must come last, on real training and a real store."""
+"""Each callback's behaviour, driven through its hooks or a real fit, and why their order matters,
+on a real store."""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import keras
@@ -11,21 +13,34 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline import constants as names
-from pipeline.callbacks import BatchTiming, TargetAccuracyStop, build_callbacks
+from pipeline.callbacks import (
+    BatchTiming,
+    BestCheckpoint,
+    DivergenceGuard,
+    EpochMetricsLogger,
+    LearningRateChanges,
+    TargetAccuracyStop,
+    TrainingCallbacks,
+    build_callbacks,
+)
 from pipeline.config import TrainingConfig
 from pipeline.data import load_dataset, split_validation
 from pipeline.model import build_model
 from pipeline.recorder import RunRecorder
+from pipeline.training_state import TrainingState
 from tests.helpers import MNIST_SMALL
 
 EXPECTED_ORDER = [
     "TargetAccuracyStop",
+    "DivergenceGuard",
     "BatchTiming",
-    "ModelCheckpoint",
+    "BestCheckpoint",
     "EarlyStopping",
     "ReduceLROnPlateau",
+    "LearningRateChanges",
     "CSVLogger",
-    "MlflowLogger",
+    "TrainingStateBackup",
+    "EpochMetricsLogger",
 ]
 
 
@@ -119,7 +134,7 @@ def test_batch_timing_adds_timing_metrics_to_the_epoch_logs(monkeypatch):
     assert logs[1][names.BATCH_MS_P95] == pytest.approx(50.0)
     assert logs[1][names.SAMPLES_PER_SECOND] == pytest.approx(624.0)
     assert logs[1][names.EPOCH_SECONDS] == pytest.approx(1.14)
-    assert timing.nan_at is None and all(log["val_accuracy"] == 0.9 for log in logs)
+    assert all(log["val_accuracy"] == 0.9 for log in logs)
 
 
 def test_batch_timing_metrics_reach_the_keras_logs_in_a_real_fit(data):
@@ -132,7 +147,6 @@ def test_batch_timing_metrics_reach_the_keras_logs_in_a_real_fit(data):
         assert len(history.history[key]) == 2 and all(value > 0 for value in history.history[key])
     for epoch in range(2):  # an epoch lasts at least as long as its 12 batches
         assert history.history[names.EPOCH_SECONDS][epoch] * 1000 > history.history[names.BATCH_MS_MEAN][epoch] * 12
-    assert timing.nan_at is None
 
 
 def test_batch_timing_shares_a_call_among_its_batches(data):
@@ -146,14 +160,39 @@ def test_batch_timing_shares_a_call_among_its_batches(data):
     assert history.history[names.SAMPLES_PER_SECOND][0] == pytest.approx(len(x) / train_seconds, rel=1e-6)
 
 
+def test_divergence_guard_hooks_stop_at_the_first_nan_and_block_that_epochs_accuracy():
+    model = _model()
+    guard = DivergenceGuard()
+    guard.set_model(model)
+    guard.set_params({"steps": 10, "epochs": 3})
+    guard.on_train_begin()
+    guard.on_epoch_begin(0)
+    guard.on_train_batch_end(9, {"loss": 0.7})
+    good = {"loss": 0.7, "val_accuracy": 0.8}
+    guard.on_epoch_end(0, good)
+    assert guard.nan_at is None and not model.stop_training and good["val_accuracy"] == 0.8
+    guard.on_epoch_begin(1)
+    guard.on_train_batch_end(3, {"loss": 0.6})
+    assert guard.nan_at is None
+    guard.on_train_batch_end(15, {"loss": math.inf})  # a call of 8 from batch 8: Keras reports 15
+    guard.on_train_batch_end(9, {"loss": math.nan})
+    assert guard.nan_at == (1, 9)  # the epoch's last batch, and the first divergence is kept
+    assert model.stop_training
+    diverged = {"loss": math.nan, "val_accuracy": 0.1}
+    guard.on_epoch_end(1, diverged)
+    assert math.isnan(diverged["val_accuracy"])
+    guard.on_train_begin()  # a new fit starts afresh
+    assert guard.nan_at is None
+
+
 def test_nan_guard_stops_within_the_batch(data):
     x, y, x_val, y_val = data
-    timing = BatchTiming(batch_size=32, num_samples=len(x))
+    guard, timing = DivergenceGuard(), BatchTiming(batch_size=32, num_samples=len(x))
     history = _model(learning_rate=1e30).fit(
-        x, y, batch_size=32, validation_data=(x_val, y_val), epochs=5, callbacks=[timing], verbose=0
+        x, y, batch_size=32, validation_data=(x_val, y_val), epochs=5, callbacks=[guard, timing], verbose=0
     )
-    assert timing.nan_at is not None
-    epoch, batch = timing.nan_at
+    assert guard.nan_at is not None
+    epoch, batch = guard.nan_at
     assert epoch == 0 and batch < len(x) // 32 - 1
     # no batch ran after the one with the NaN loss, and no further epoch
     assert len(timing._batch_seconds) == batch + 1
@@ -163,11 +202,11 @@ def test_nan_guard_stops_within_the_batch(data):
 
 def test_nan_guard_stops_at_the_end_of_the_call_with_several_batches_per_call(data):
     x, y, x_val, y_val = data
-    timing = BatchTiming(batch_size=32, num_samples=len(x))
+    guard, timing = DivergenceGuard(), BatchTiming(batch_size=32, num_samples=len(x))
     history = _model(learning_rate=1e30, steps_per_execution=8).fit(
-        x, y, batch_size=32, validation_data=(x_val, y_val), epochs=5, callbacks=[timing], verbose=0
+        x, y, batch_size=32, validation_data=(x_val, y_val), epochs=5, callbacks=[guard, timing], verbose=0
     )
-    epoch, batch = timing.nan_at
+    epoch, batch = guard.nan_at
     # Keras reports the call's last batch; the guard stops before the next call
     assert epoch == 0 and batch % 8 == 7 and batch < len(x) // 32 - 1
     assert len(timing._batch_seconds) == batch + 1  # every batch of the calls that ran is timed
@@ -197,8 +236,66 @@ def recorder(new_recorder):
     return new_recorder()
 
 
-def _fit(data, recorder, tmp_path: Path, logger_first: bool, shuffle_val_labels: bool, epochs: int):
-    """Real training with the pipeline's callbacks, MlflowLogger last (ours) or first.
+def _artifact(recorder: RunRecorder, path: str, tmp_path: Path) -> Path:
+    return Path(recorder.client.download_artifacts(recorder.run_id, path, str(tmp_path / "downloads")))
+
+
+def test_epoch_metrics_logger_hooks_forward_what_the_run_records_and_skip_a_diverged_epoch(recorder):
+    logger = EpochMetricsLogger(recorder)
+    logs = {name: 0.5 for name in names.EPOCH_METRICS} | {names.BEST_VAL_ACCURACY: 0.6, "unrelated": 1.0}
+    logger.on_train_begin()
+    logger.on_epoch_end(0, logs)
+    logger.on_epoch_end(1, {**logs, names.LOSS: math.nan})
+    logger.on_epoch_end(2, {names.LOSS: 0.25, names.VAL_ACCURACY: 0.75})
+    recorder.flush(timeout=30)
+    client = recorder.client
+    metrics = client.get_run(recorder.run_id).data.metrics
+    assert set(metrics) == {*names.EPOCH_METRICS, names.BEST_VAL_ACCURACY}
+    assert [(m.step, m.value) for m in client.get_metric_history(recorder.run_id, names.LOSS)] == [(0, 0.5), (2, 0.25)]
+    assert [m.step for m in client.get_metric_history(recorder.run_id, names.BEST_VAL_ACCURACY)] == [0]
+
+
+def test_learning_rate_changes_hooks_compare_the_rate_used_with_the_rate_after(recorder, tmp_path):
+    model = _model()
+    changes = LearningRateChanges(recorder)
+    changes.set_model(model)
+    changes.on_train_begin()
+    used = {names.LEARNING_RATE: float(np.float32(0.001))}  # as ReduceLROnPlateau writes it
+    changes.on_epoch_end(0, used)
+    assert changes.changes == [] and used[names.LEARNING_RATE] == 0.001
+    model.optimizer.learning_rate = 0.0005  # a cut at the end of epoch 1
+    changes.on_epoch_end(1, {names.LEARNING_RATE: float(np.float32(0.001))})
+    changes.on_epoch_end(2, {names.LEARNING_RATE: float(np.float32(0.0005))})
+    changes.on_epoch_end(3, {})  # no rate in the logs: nothing to compare
+    assert changes.changes == [{"epoch": 1, "old_lr": 0.001, "new_lr": 0.0005, "cause": "ReduceLROnPlateau(val_loss)"}]
+    recorder.flush(timeout=30)
+    assert json.loads(_artifact(recorder, names.LR_CHANGES_FILE, tmp_path).read_text()) == changes.changes
+    assert recorder.client.get_run(recorder.run_id).data.tags[names.TAG_LR_REDUCTIONS] == "1"
+
+
+def test_best_checkpoint_hooks_save_and_upload_only_a_new_best(recorder, tmp_path):
+    model = _model()
+    checkpoint = BestCheckpoint(tmp_path / "best.keras", recorder)
+    checkpoint.set_model(model)
+    checkpoint.on_train_begin()
+    epochs = [(0.5, 1.0), (0.4, 0.9), (math.nan, math.nan), (0.6, 0.8)]  # val_accuracy, val_loss
+    logs = [{names.VAL_ACCURACY: accuracy, names.VAL_LOSS: loss} for accuracy, loss in epochs]
+    for epoch, epoch_logs in enumerate(logs):
+        checkpoint.on_epoch_end(epoch, epoch_logs)
+    assert [names.BEST_VAL_ACCURACY in epoch_logs for epoch_logs in logs] == [True, False, False, True]
+    assert checkpoint.best_record == {"epoch": 3, names.VAL_ACCURACY: 0.6, names.VAL_LOSS: 0.8}
+    assert checkpoint.best_file == (tmp_path / "best.keras").read_bytes()
+    recorder.flush(timeout=30)
+    info = json.loads(_artifact(recorder, f"{names.CHECKPOINT_DIR}/{names.BEST_MODEL_INFO_FILE}", tmp_path).read_text())
+    assert info == checkpoint.best_record
+    assert recorder.client.get_run(recorder.run_id).data.tags[names.TAG_BEST_EPOCH] == "3"
+    uploaded = keras.models.load_model(_artifact(recorder, f"{names.CHECKPOINT_DIR}/{names.BEST_MODEL_FILE}", tmp_path))
+    assert all(np.array_equal(a, b) for a, b in zip(uploaded.get_weights(), model.get_weights(), strict=True))
+
+
+def _fit(data, recorder, tmp_path: Path, shuffle_val_labels: bool, epochs: int, move: tuple[str, str] | None = None):
+    """Real training with the pipeline's callbacks in their order, or with callback role `move[0]`
+    placed right before role `move[1]`.
 
     With shuffled validation labels val_loss worsens every epoch after the first, so
     ReduceLROnPlateau (patience 0) cuts the rate at the end of epochs 1, 2 and 3."""
@@ -206,80 +303,118 @@ def _fit(data, recorder, tmp_path: Path, logger_first: bool, shuffle_val_labels:
     if shuffle_val_labels:
         y_val = np.random.default_rng(0).permutation(y_val)
     config = TrainingConfig.from_values({"lr_patience": "0", "es_patience": "10", "target_accuracy": "0"})
-    workdir = tmp_path / f"{'first' if logger_first else 'last'}-{shuffle_val_labels}"
+    workdir = tmp_path / f"{move}-{shuffle_val_labels}"
     workdir.mkdir()
     callbacks = build_callbacks(config, workdir, recorder, len(x))
-    ordered = callbacks.ordered
-    if logger_first:
-        ordered = [ordered[-1], *ordered[:-1]]
     model = _model()
-    model.fit(x, y, validation_data=(x_val, y_val), epochs=epochs, callbacks=ordered, verbose=0)
+    model.fit(x, y, validation_data=(x_val, y_val), epochs=epochs, callbacks=_ordered(callbacks, move), verbose=0)
     recorder.flush(timeout=30)
     return callbacks, model
+
+
+def _ordered(callbacks: TrainingCallbacks, move: tuple[str, str] | None) -> list[keras.callbacks.Callback]:
+    ordered = callbacks.ordered
+    if move is not None:
+        moved, before = getattr(callbacks, move[0]), getattr(callbacks, move[1])
+        ordered.remove(moved)
+        ordered.insert(ordered.index(before), moved)
+    return ordered
 
 
 def test_callbacks_are_composed_in_the_documented_order(tmp_path, recorder):
     callbacks = build_callbacks(TrainingConfig.from_values(), tmp_path, recorder, 1000)
     assert callbacks.names == EXPECTED_ORDER
-    assert callbacks.ordered[-1] is callbacks.mlflow_logger
+    assert callbacks.ordered[-1] is callbacks.epoch_metrics
     assert len({id(callback) for callback in callbacks.ordered}) == len(EXPECTED_ORDER)
     checkpoint = callbacks.checkpoint
+    assert isinstance(checkpoint, keras.callbacks.ModelCheckpoint)
     assert (checkpoint.monitor, checkpoint.mode, checkpoint.save_best_only) == ("val_accuracy", "max", True)
     assert checkpoint.filepath.endswith(".keras") and checkpoint.filepath.startswith(str(tmp_path))
     assert (callbacks.early_stopping.monitor, callbacks.early_stopping.patience) == ("val_loss", 3)
     assert callbacks.early_stopping.restore_best_weights
     reduce_lr = callbacks.reduce_lr
     assert (reduce_lr.monitor, reduce_lr.factor, reduce_lr.patience, reduce_lr.min_lr) == ("val_loss", 0.5, 2, 1e-6)
+    worker = build_callbacks(TrainingConfig.from_values(), tmp_path, None, 1000)  # records nothing
+    assert worker.names == [name for name in EXPECTED_ORDER if name not in (
+        "LearningRateChanges", "TrainingStateBackup", "EpochMetricsLogger")]
 
 
-@pytest.mark.parametrize("logger_first", [False, True], ids=["logger-last", "logger-first"])
-def test_order_matters_for_lr_changes(data, new_recorder, tmp_path, logger_first):
-    callbacks, model = _fit(data, new_recorder(), tmp_path, logger_first, shuffle_val_labels=True, epochs=4)
-    logger = callbacks.mlflow_logger
+@pytest.mark.parametrize("move", [None, ("lr_changes", "reduce_lr")], ids=["ours", "changes-before-cut"])
+def test_order_matters_for_lr_changes(data, new_recorder, tmp_path, move):
+    callbacks, model = _fit(data, new_recorder(), tmp_path, shuffle_val_labels=True, epochs=4, move=move)
+    changes = callbacks.lr_changes.changes
     assert float(keras.ops.convert_to_numpy(model.optimizer.learning_rate)) == pytest.approx(0.001 * 0.5**3)
-    if logger_first:
-        # Before ReduceLROnPlateau, the logger compares the rate before the cut with itself:
+    if move:
+        # Before ReduceLROnPlateau has written the rate used, there is nothing to compare:
         # three cuts happened and none is recorded.
-        assert logger.lr_changes == []
+        assert changes == []
         return
-    assert [change["epoch"] for change in logger.lr_changes] == [1, 2, 3]
-    assert logger.lr_changes[0] == {
-        "epoch": 1, "old_lr": 0.001, "new_lr": 0.0005, "cause": "ReduceLROnPlateau(val_loss)"
-    }
+    assert [change["epoch"] for change in changes] == [1, 2, 3]
+    assert changes[0] == {"epoch": 1, "old_lr": 0.001, "new_lr": 0.0005, "cause": "ReduceLROnPlateau(val_loss)"}
     # the rate recorded for each epoch is the one used during it
-    assert [row[names.LEARNING_RATE] for row in logger.history] == [0.001, 0.001, 0.0005, 0.00025]
+    assert [row[names.LEARNING_RATE] for row in callbacks.backup.history] == [0.001, 0.001, 0.0005, 0.00025]
 
 
-@pytest.mark.parametrize("logger_first", [False, True], ids=["logger-last", "logger-first"])
-def test_order_matters_for_best_checkpoints(data, new_recorder, tmp_path, logger_first):
+@pytest.mark.parametrize("move", [None, ("checkpoint", "divergence_guard")], ids=["ours", "checkpoint-before-guard"])
+def test_order_matters_for_a_diverged_epoch(data, new_recorder, tmp_path, move):
+    """The guard blocks the diverged epoch's val_accuracy before the checkpoint compares it; placed
+    after the checkpoint, the diverged first epoch is saved as the best model."""
+    x, y, x_val, y_val = data
+    callbacks = build_callbacks(TrainingConfig.from_values(), tmp_path, new_recorder(), len(x))
+    model = _model(learning_rate=1e30)
+    model.fit(x, y, validation_data=(x_val, y_val), epochs=3, callbacks=_ordered(callbacks, move), verbose=0)
+    assert callbacks.divergence_guard.nan_at[0] == 0
+    saved = Path(callbacks.checkpoint.filepath).exists()
+    assert saved == bool(move)
+    if move:
+        weights = keras.models.load_model(callbacks.checkpoint.filepath).get_weights()
+        assert not all(np.isfinite(w).all() for w in weights)
+
+
+def test_state_backup_restores_the_carried_callbacks_after_their_own_resets(data, new_recorder, tmp_path):
     recorder = new_recorder()
-    callbacks, _ = _fit(data, recorder, tmp_path, logger_first, shuffle_val_labels=False, epochs=4)
-    val_accuracy = [row[names.VAL_ACCURACY] for row in callbacks.mlflow_logger.history]
-    improved = [epoch for epoch, value in enumerate(val_accuracy) if value > max(val_accuracy[:epoch], default=-1)]
-    assert improved[-1] == 3, "the fixture improves at the last epoch"
-    uploads = [m.step for m in recorder.client.get_metric_history(recorder.run_id, names.BEST_VAL_ACCURACY)]
-    if logger_first:
-        # Before ModelCheckpoint, each new best is seen one epoch late and the last one never.
-        assert uploads == [epoch + 1 for epoch in improved if epoch + 1 < len(val_accuracy)]
-        assert 3 not in [epoch - 1 for epoch in uploads]
-    else:
-        assert uploads == improved
-        assert callbacks.mlflow_logger.best["epoch"] == 3
+    trained, _ = _fit(data, recorder, tmp_path, shuffle_val_labels=True, epochs=3)
+    state = TrainingState.load(_artifact(recorder, f"{names.STATE_DIR}/{names.STATE_FILE}", tmp_path))
+    assert state.epoch == 2 and len(state.record["history"]) == 3
+
+    def begin(move: tuple[str, str] | None) -> TrainingCallbacks:
+        workdir = tmp_path / f"resumed-{move}"
+        workdir.mkdir()
+        callbacks = build_callbacks(TrainingConfig.from_values(), workdir, new_recorder(), 1000, resume_from=state)
+        model = _model()
+        for callback in _ordered(callbacks, move):  # the hook as Keras calls it, in list order
+            callback.set_model(model)
+            callback.on_train_begin()
+        return callbacks
+
+    resumed = begin(None)
+    assert resumed.backup.history == trained.backup.history
+    assert resumed.lr_changes.changes == trained.lr_changes.changes == state.record["lr_changes"]
+    assert resumed.checkpoint.best_record == trained.checkpoint.best_record
+    assert resumed.checkpoint.best == trained.checkpoint.best
+    for field in ("wait", "best", "cooldown_counter"):
+        assert getattr(resumed.reduce_lr, field) == getattr(trained.reduce_lr, field)
+    assert (resumed.early_stopping.wait, resumed.early_stopping.best) == (
+        trained.early_stopping.wait, trained.early_stopping.best)
+    assert resumed.early_stopping.best_weights is not None
+    # Placed before EarlyStopping, the restore is undone by EarlyStopping's own reset.
+    too_early = begin(("backup", "early_stopping"))
+    assert too_early.early_stopping.best_weights is None and too_early.early_stopping.best is None
 
 
-def test_logger_records_checkpoints_lr_changes_and_stop_in_the_run(data, recorder, tmp_path):
-    callbacks, _ = _fit(data, recorder, tmp_path, logger_first=False, shuffle_val_labels=True, epochs=4)
+def test_recording_callbacks_record_checkpoints_lr_changes_and_state_in_the_run(data, recorder, tmp_path):
+    callbacks, _ = _fit(data, recorder, tmp_path, shuffle_val_labels=True, epochs=4)
     client, run_id = recorder.client, recorder.run_id
     run = client.get_run(run_id)
     assert run.data.tags[names.TAG_LR_REDUCTIONS] == "3"
-    assert run.data.tags[names.TAG_STOP_REASON] == names.STOP_COMPLETED
-    best = callbacks.mlflow_logger.best
+    best = callbacks.checkpoint.best_record
     assert run.data.tags[names.TAG_BEST_EPOCH] == str(best["epoch"])
     downloaded = Path(client.download_artifacts(run_id, "", str(tmp_path / "artifacts")))
-    assert json.loads((downloaded / names.LR_CHANGES_FILE).read_text()) == callbacks.mlflow_logger.lr_changes
+    assert json.loads((downloaded / names.LR_CHANGES_FILE).read_text()) == callbacks.lr_changes.changes
     info = json.loads((downloaded / names.CHECKPOINT_DIR / names.BEST_MODEL_INFO_FILE).read_text())
     assert info["epoch"] == best["epoch"]
-    assert (downloaded / names.TRAINING_LOG_FILE).read_text().count("\n") == 5  # header + 4 epochs
+    state = TrainingState.load(downloaded / names.STATE_DIR / names.STATE_FILE)
+    assert state.csv_log.count("\n") == 5  # header + 4 epochs
     restored = keras.models.load_model(downloaded / names.CHECKPOINT_DIR / names.BEST_MODEL_FILE)
     x_val = data[2]
     assert restored.predict(x_val[:4], verbose=0).shape == (4, 10)
@@ -306,17 +441,35 @@ def test_nan_mid_training_keeps_the_last_good_checkpoint(data, recorder, tmp_pat
     model = _model()
     ordered = [_RaiseLearningRate(epoch=2), *callbacks.ordered]
     model.fit(x, y, batch_size=32, validation_data=(x_val, y_val), epochs=6, callbacks=ordered, verbose=0)
-    assert callbacks.batch_timing.nan_at[0] == 2
-    logger = callbacks.mlflow_logger
-    assert logger.stop_reason == names.STOP_NAN_LOSS
-    assert len(logger.history) == 2  # only completed epochs are recorded
-    assert logger.best["epoch"] in (0, 1)
+    assert callbacks.divergence_guard.nan_at[0] == 2
+    assert callbacks.stop_reason() == names.STOP_NAN_LOSS
+    assert len(callbacks.backup.history) == 2  # only completed epochs are recorded
+    best = callbacks.checkpoint.best_record
+    assert best["epoch"] in (0, 1)
     recorder.flush(timeout=30)
+    assert [m.step for m in recorder.client.get_metric_history(recorder.run_id, names.LOSS)] == [0, 1]
     downloaded = Path(recorder.client.download_artifacts(recorder.run_id, names.CHECKPOINT_DIR, str(tmp_path / "a")))
     restored = keras.models.load_model(downloaded / names.BEST_MODEL_FILE)
     predictions = restored.predict(x_val, verbose=0)
     assert np.isfinite(predictions).all()
     accuracy = float((predictions.argmax(1) == y_val.argmax(1)).mean())
-    assert accuracy == pytest.approx(logger.best[names.VAL_ACCURACY], abs=1e-6)
-    tags = recorder.client.get_run(recorder.run_id).data.tags
-    assert tags[names.TAG_STOP_REASON] == names.STOP_NAN_LOSS
+    assert accuracy == pytest.approx(best[names.VAL_ACCURACY], abs=1e-6)
+
+
+def test_the_stop_reason_is_read_from_the_callbacks_after_fit(data, tmp_path):
+    x, y, x_val, y_val = data
+    reasons = {}
+    for name, values in {
+        "target": {"target_accuracy": "0.5"},
+        "early": {"target_accuracy": "0", "es_patience": "0", "learning_rate": "0.05"},
+        "completed": {"target_accuracy": "0", "es_patience": "20"},
+    }.items():
+        workdir = tmp_path / name
+        workdir.mkdir()
+        callbacks = build_callbacks(TrainingConfig.from_values(values), workdir, None, len(x))
+        model = _model(learning_rate=float(values.get("learning_rate", 0.001)))
+        model.fit(x, y, validation_data=(x_val, y_val), epochs=8, callbacks=callbacks.ordered, verbose=0)
+        reasons[name] = callbacks.stop_reason()
+    assert reasons == {
+        "target": names.STOP_TARGET_ACCURACY, "early": names.STOP_EARLY_STOPPING, "completed": names.STOP_COMPLETED
+    }

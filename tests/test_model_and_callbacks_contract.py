@@ -259,8 +259,7 @@ def test_early_stopping_restores_the_best_epochs_weights(plateau):
     model holds the weights of the epoch with the lowest val_loss, not those of the last epoch."""
     val_loss = plateau.metric(names.VAL_LOSS)
     best, last = int(np.argmin(val_loss)), len(val_loss) - 1
-    tags = plateau.client.get_run(plateau.run_id).data.tags
-    assert tags[names.TAG_STOP_REASON] == names.STOP_EARLY_STOPPING
+    assert plateau.callbacks.stop_reason() == names.STOP_EARLY_STOPPING
     assert last == best + plateau.config.es_patience < plateau.config.epochs - 1
     final = plateau.model.get_weights()
     assert all(np.array_equal(a, b) for a, b in zip(final, plateau.epoch_weights[best], strict=True))

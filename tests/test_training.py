@@ -35,7 +35,10 @@ DERIVED_PARAMS = {
     names.PARAM_NUM_REPLICAS: "1",
     names.PARAM_NUM_WORKERS: "1",
 }
-CALLBACKS = "TargetAccuracyStop,BatchTiming,ModelCheckpoint,EarlyStopping,ReduceLROnPlateau,CSVLogger,MlflowLogger"
+CALLBACKS = (
+    "TargetAccuracyStop,DivergenceGuard,BatchTiming,BestCheckpoint,EarlyStopping,ReduceLROnPlateau,LearningRateChanges,"
+    "CSVLogger,TrainingStateBackup,EpochMetricsLogger"
+)
 EXPECTED_ARTIFACTS = {
     f"{names.CHECKPOINT_DIR}/{names.BEST_MODEL_FILE}",
     f"{names.CHECKPOINT_DIR}/{names.BEST_MODEL_INFO_FILE}",

@@ -17,7 +17,7 @@ class WorkerTiming(keras.callbacks.Callback):
     A synchronous distributed training goes at the pace of its slowest worker, which the chief's own
     `epoch_seconds` does not show. Each worker times its epoch (BatchTiming's `epoch_seconds`, so
     this runs after BatchTiming); a collective gathers the times, and the maximum goes into the
-    epoch's logs as `slowest_worker_epoch_seconds`, where MlflowLogger (on the chief) finds it.
+    epoch's logs as `slowest_worker_epoch_seconds`, where EpochMetricsLogger (on the chief) finds it.
     Every worker must run this callback at the same point, or the collective would wait forever.
 
     Args:

@@ -1,0 +1,80 @@
+"""BestCheckpoint: Keras' ModelCheckpoint of the best model, uploading each new best to the run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import keras
+
+from pipeline import constants as names
+from pipeline.recorder import RunRecorder
+
+CHECKPOINT_ARTIFACT = f"{names.CHECKPOINT_DIR}/{names.BEST_MODEL_FILE}"
+CHECKPOINT_INFO_ARTIFACT = f"{names.CHECKPOINT_DIR}/{names.BEST_MODEL_INFO_FILE}"
+
+
+class BestCheckpoint(keras.callbacks.ModelCheckpoint):
+    """Saves the model whenever `val_accuracy` reaches a new best, and sends that file to the run.
+
+    A `keras.callbacks.ModelCheckpoint` (mode max, best only, `.keras`); right after the parent has
+    saved a new best it queues the file, `checkpoints/best_model.json` and the tag `best_epoch`, and
+    adds `best_val_accuracy` to the epoch's logs for the epoch-metrics logger. A NaN `val_accuracy`
+    (see DivergenceGuard) is never a new best.
+
+    Args:
+        filepath: the local `.keras` file.
+        recorder: where new bests go; None keeps them local (a multi-worker training's other workers).
+
+    Attributes:
+        best_record: `{epoch, val_accuracy, val_loss}` of the best checkpoint, or None.
+        best_file: the best checkpoint's bytes as saved (kept for the training state), or None.
+
+    Example:
+        checkpoint = BestCheckpoint("best.keras", recorder)
+        model.fit(x, y, validation_data=(x_val, y_val), callbacks=[checkpoint])
+        checkpoint.best_record["epoch"]
+    """
+
+    def __init__(self, filepath: str | Path, recorder: RunRecorder | None = None) -> None:
+        super().__init__(
+            filepath=str(filepath), monitor=names.VAL_ACCURACY, mode="max", save_best_only=True,
+            initial_value_threshold=float("-inf"),
+        )
+        self.recorder = recorder
+        self.best_record: dict[str, Any] | None = None
+        self.best_file: bytes | None = None
+
+    @property
+    def best_epoch(self) -> int | None:
+        return self.best_record["epoch"] if self.best_record else None
+
+    def on_train_begin(self, logs=None) -> None:
+        super().on_train_begin(logs)
+        self.best_record = None
+        self.best_file = None
+
+    def on_epoch_end(self, epoch: int, logs=None) -> None:
+        previous = self.best
+        super().on_epoch_end(epoch, logs)
+        if self.best == previous:
+            return
+        logs = logs if logs is not None else {}
+        self.best_record = {
+            "epoch": epoch,
+            names.VAL_ACCURACY: float(logs[names.VAL_ACCURACY]),
+            names.VAL_LOSS: float(logs[names.VAL_LOSS]),
+        }
+        logs[names.BEST_VAL_ACCURACY] = self.best_record[names.VAL_ACCURACY]
+        if self.recorder is not None:
+            self.best_file = Path(self.filepath).read_bytes()
+            self.upload()
+
+    def upload(self) -> None:
+        """Queues the best checkpoint (from the bytes already read), its description and `best_epoch`."""
+        if self.recorder is None or self.best_record is None or self.best_file is None:
+            return
+        data = self.best_file
+        self.recorder.log_written(lambda path: path.write_bytes(data), CHECKPOINT_ARTIFACT)
+        self.recorder.log_json(self.best_record, CHECKPOINT_INFO_ARTIFACT)
+        self.recorder.set_tags({names.TAG_BEST_EPOCH: self.best_record["epoch"]})
