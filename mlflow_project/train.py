@@ -44,14 +44,13 @@ def train(experiment_name: str | None, run_id: str | None, **values: str | None)
             check_tracking_store(open_sqlite=False)  # in a second or two, not after TensorFlow's import
         import_tensorflow_quietly()
         from pipeline.distribution import PEER_TIMEOUT_SECONDS
-        from pipeline.training import FLUSH_TIMEOUT_SECONDS, WorkerResult, run_training
+        from pipeline.training import FLUSH_TIMEOUT_SECONDS, RunLimits, WorkerResult, run_training
 
-        flush_timeout = float(os.environ.get("MNIST_PIPELINE_FLUSH_TIMEOUT", FLUSH_TIMEOUT_SECONDS))
-        peer_timeout = float(os.environ.get("MNIST_PIPELINE_PEER_TIMEOUT", PEER_TIMEOUT_SECONDS))
-        result = run_training(
-            config, experiment_name=experiment_name, run_id=run_id, flush_timeout=flush_timeout,
-            peer_timeout=peer_timeout,
+        limits = RunLimits(
+            flush_timeout=float(os.environ.get("MNIST_PIPELINE_FLUSH_TIMEOUT", FLUSH_TIMEOUT_SECONDS)),
+            peer_timeout=float(os.environ.get("MNIST_PIPELINE_PEER_TIMEOUT", PEER_TIMEOUT_SECONDS)),
         )
+        result = run_training(config, experiment_name=experiment_name, run_id=run_id, limits=limits)
     if isinstance(result, WorkerResult):
         click.echo(
             f"Worker {result.worker_id} of {result.num_workers}: trained {result.epochs_completed} epochs; "

@@ -26,10 +26,10 @@ from pathlib import Path
 from typing import Any
 
 from mlflow.entities import Metric, RunTag
-from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pipeline.errors import RecordingError, first_line
+from pipeline.retry import STORE_BACKOFF, Backoff, is_transient
 
 logger = logging.getLogger(__name__)
 
@@ -69,16 +69,6 @@ class _File:
         return f"artifact {self.artifact_path}"
 
 
-def is_transient(error: BaseException) -> bool:
-    """True when retrying may succeed: the store is unreachable, overloaded or busy."""
-    if isinstance(error, MlflowException):
-        status = error.get_http_status_code()
-        return status >= 500 or status in (408, 429)
-    return isinstance(error, (OSError, ConnectionError, TimeoutError)) or (
-        type(error).__module__.startswith(("requests", "urllib3", "sqlalchemy"))
-    )
-
-
 class RunRecorder:
     """Sends one run's metrics, tags and files to MLflow from a background thread, in order.
 
@@ -87,9 +77,7 @@ class RunRecorder:
         run_id: the run to record into.
         staging_dir: a private directory; files are copied here when queued, so the caller may
             overwrite or delete its own copy at once.
-        retry_interval: seconds between attempts while the store is unreachable (doubles up to
-            `max_retry_interval`).
-        max_retry_interval: the longest pause between two attempts.
+        backoff: the pauses between attempts while the store is unreachable.
         abandon_timeout: when the `with` block ends with an error, how long to keep delivering.
     """
 
@@ -98,16 +86,14 @@ class RunRecorder:
         client: MlflowClient,
         run_id: str,
         staging_dir: Path,
-        retry_interval: float = 0.5,
-        max_retry_interval: float = 5.0,
+        backoff: Backoff = STORE_BACKOFF,
         abandon_timeout: float = 30.0,
     ) -> None:
         self.client = client
         self.run_id = run_id
         self._staging_dir = Path(staging_dir)
         self._staging_dir.mkdir(parents=True, exist_ok=True)
-        self._retry_interval = retry_interval
-        self._max_retry_interval = max_retry_interval
+        self._backoff = backoff
         self.abandon_timeout = abandon_timeout
         self._pending: collections.deque[_Batch | _File] = collections.deque()
         self._delivering = False  # the head of the queue is being sent
@@ -281,7 +267,7 @@ class RunRecorder:
     def _deliver_forever(self) -> None:
         """Delivers the head of the queue until it goes through; it leaves the queue only then, so
         `pending` and `export_pending` always include the record being sent."""
-        pause = self._retry_interval
+        pauses = self._backoff.pauses()
         while True:
             with self._condition:
                 while not self._pending and not self._closed:
@@ -298,9 +284,8 @@ class RunRecorder:
                     with self._condition:
                         self._delivering = False
                         self._condition.notify_all()
-                    if self._stop_retrying.wait(pause):
+                    if self._stop_retrying.wait(next(pauses)):
                         return
-                    pause = min(pause * 2, self._max_retry_interval)
                     continue
                 if isinstance(record, _Batch) and record.size > 1:
                     # one bad value must not take its batch-mates down: retry them one by one
@@ -312,7 +297,7 @@ class RunRecorder:
                 logger.error("Tracking store rejected %s: %s", record.describe(), first_line(error))
                 with self._condition:
                     self._failures.append(f"{record.describe()} ({first_line(error)})")
-            pause = self._retry_interval
+            pauses = self._backoff.pauses()
             self._note_recovery()  # delivered or rejected: either way the store answered
             with self._condition:
                 self._pending.popleft()

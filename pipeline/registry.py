@@ -23,10 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import random
 import time
-from collections.abc import Callable
-from typing import TypeVar
 
 from mlflow.entities import Run, RunTag
 from mlflow.entities.model_registry import ModelVersion
@@ -36,6 +33,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline import constants as names
 from pipeline.errors import RecordingError, RunSelectionError
+from pipeline.retry import Backoff, retry
 from pipeline.runs import Ranking, all_pages, best_registrable_run, logged_models_by_run
 
 logger = logging.getLogger(__name__)
@@ -44,7 +42,8 @@ logger = logging.getLogger(__name__)
 # attempts of a write that lost a race (e.g. two processes numbering a version at once).
 MAX_SETTLE_ROUNDS = 20
 MAX_WRITE_ATTEMPTS = 5
-_T = TypeVar("_T")
+# Short random pauses between those rounds and attempts (50-300 ms), so that racing processes part.
+RACE_BACKOFF = Backoff(first=0.3, longest=0.3, jitter=0.85)
 # The version label of a run that a dry run would register.
 NEW_VERSION = "new"
 
@@ -259,14 +258,14 @@ def _ensure_version(client: MlflowClient, model_name: str, run: Run, model_id: s
     existing = _versions_of_run(client, model_name, run_id)
     if existing:
         return existing[0], False
-    created = _retrying(lambda: client.create_model_version(
+    created = retry(lambda: client.create_model_version(
         model_name,
         source=f"models:/{model_id}",
         run_id=run_id,
         tags=_version_tags(run),
         description=f"Training run {run_id}; its metrics and dataset digest are the version's tags.",
         model_id=model_id,
-    ))
+    ), MAX_WRITE_ATTEMPTS, RACE_BACKOFF, _lost_a_race)
     versions = _versions_of_run(client, model_name, run_id)
     keep = versions[0] if versions else created
     for duplicate in versions[1:]:
@@ -308,6 +307,7 @@ def _run_or_none(client: MlflowClient, run_id: str) -> Run | None:
 
 def _settle_champion(client: MlflowClient, model_name: str, ranking: Ranking) -> str | None:
     """Moves the champion alias to the best version until it reads back unchanged; returns it."""
+    pauses = RACE_BACKOFF.pauses()
     for _ in range(MAX_SETTLE_ROUNDS):
         candidates = _champion_candidates(client, model_name, ranking)
         current = champion_version(client, model_name)
@@ -323,25 +323,13 @@ def _settle_champion(client: MlflowClient, model_name: str, ranking: Ranking) ->
         except MlflowException as error:  # lost a race (e.g. the version was just deleted): re-read
             logger.info("Moving %s@%s to version %s failed (%s); re-reading",
                         model_name, names.CHAMPION_ALIAS, best, error.message)
-            _pause()
+            time.sleep(next(pauses))
     raise RecordingError(
         f"the {names.CHAMPION_ALIAS} alias of {model_name} did not settle after {MAX_SETTLE_ROUNDS} rounds "
         "of concurrent changes; run register again"
     )
 
 
-def _retrying(write: Callable[[], _T]) -> _T:
-    """Runs a registry write, again after a short random pause when it loses a race."""
-    for attempt in range(1, MAX_WRITE_ATTEMPTS + 1):
-        try:
-            return write()
-        except MlflowException as error:
-            if attempt == MAX_WRITE_ATTEMPTS or error.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
-                raise
-            logger.info("Registry write failed (%s); retrying", error.message)
-            _pause()
-    raise AssertionError("unreachable")
-
-
-def _pause() -> None:
-    time.sleep(random.uniform(0.05, 0.3))
+def _lost_a_race(error: Exception) -> bool:
+    """A registry write worth another attempt: refused by the registry, for anything but a missing object."""
+    return isinstance(error, MlflowException) and error.error_code != ErrorCode.Name(RESOURCE_DOES_NOT_EXIST)

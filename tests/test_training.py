@@ -21,9 +21,11 @@ from pipeline import constants as names
 from pipeline.config import TRAINING_PARAMETERS, TrainingConfig
 from pipeline.data import load_dataset
 from pipeline.errors import DataError, TrainingDiverged
+from pipeline.evaluation import predict_probabilities
 from pipeline.model import build_model
+from pipeline.model_logging import MODEL_REQUIREMENTS
 from pipeline.runs import logged_models_by_run
-from pipeline.training import MODEL_REQUIREMENTS, predict_probabilities, run_training
+from pipeline.training import run_training
 from tests.helpers import MNIST_SMALL, new_sqlite_store, project_env
 
 DERIVED_PARAMS = {
