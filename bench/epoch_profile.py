@@ -35,8 +35,8 @@ def main() -> None:
     import numpy as np
 
     from pipeline.config import TrainingConfig
-    from pipeline.data import load_dataset, split_validation
-    from pipeline.model import build_model
+    from pipeline.training.data import load_dataset, split_validation
+    from pipeline.training.model import build_model
 
     config = TrainingConfig.from_values({"dataset": args.dataset})
     dataset = load_dataset(config.dataset)

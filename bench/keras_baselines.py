@@ -21,8 +21,8 @@ def main(variant: str, epochs: int, dataset_path: str) -> None:
     import keras
 
     from pipeline.config import TrainingConfig
-    from pipeline.data import load_dataset, split_validation
-    from pipeline.model import build_model
+    from pipeline.training.data import load_dataset, split_validation
+    from pipeline.training.model import build_model
 
     config = TrainingConfig.from_values({"epochs": str(epochs), "dataset": dataset_path})
     dataset = load_dataset(config.dataset)

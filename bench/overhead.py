@@ -83,7 +83,7 @@ def command_for(variant: str, epochs: int, dataset: str) -> list[str]:
 @contextlib.contextmanager
 def tracking_server(workdir: Path) -> Iterator[dict[str, str]]:
     """A real tracking server from the project's native launcher; yields the client environment."""
-    from pipeline.tracking_server import TrackingServer
+    from pipeline.tracking.server import TrackingServer
 
     with TrackingServer(workdir / "server") as server:
         yield server.client_environment()

@@ -45,7 +45,7 @@ from pipeline.callbacks import (  # noqa: E402
     TrainingStateBackup,
 )
 from pipeline.config import TrainingConfig  # noqa: E402
-from pipeline.tracking_server import TrackingServer  # noqa: E402
+from pipeline.tracking.server import TrackingServer  # noqa: E402
 
 # The callbacks our pipeline adds to the seed's plain-Keras ones.
 ADDED_CALLBACKS = (

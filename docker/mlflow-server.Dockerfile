@@ -11,7 +11,7 @@ RUN pip install --no-cache-dir \
         "psycopg2-binary==2.9.13" \
         "boto3==1.44.8"
 
-# The server's app, `proxied-basic-auth` (pipeline/server_app.py): this project's package without its
+# The server's app, `proxied-basic-auth` (pipeline/tracking/server_app.py): this project's package without its
 # dependencies, for its `mlflow.app` entry point; nothing else of it runs here.
 COPY pyproject.toml README.md /opt/mnist-pipeline/
 COPY pipeline /opt/mnist-pipeline/pipeline

@@ -3,7 +3,7 @@
 # object-store credentials), users and permissions stored beside the runs.
 #
 # The one start command for every way the server runs: the `mlflow` service of docker-compose.yml
-# runs it in the container, and the native launcher (pipeline/tracking_server.py, used by
+# runs it in the container, and the native launcher (pipeline/tracking/server.py, used by
 # `python -m mlflow_project server` and the tests) runs it as a process, so what the tests start
 # is what compose starts. Settings come from the environment only:
 #

@@ -15,7 +15,7 @@ import click
 from pipeline.config import ParameterSpec
 
 if TYPE_CHECKING:
-    from pipeline.runs import Workspace
+    from pipeline.experiments.runs import Workspace
 
 # TensorFlow's C++ start-up chatter and MLflow's INFO lines (creating tables, experiments) are not
 # for users of the CLI; set before anything imports TensorFlow or MLflow. Users can override both.
@@ -105,9 +105,9 @@ def experiment_command(name: str, specs: Sequence[ParameterSpec]) -> Callable[[C
 def open_experiment(
     specs: Sequence[ParameterSpec], values: dict[str, Any], run_type: str, experiment_name: str | None
 ) -> tuple[dict[str, Any], Workspace]:
-    """An experiment command's parsed parameters, and its workspace (`pipeline.runs.open_workspace`)."""
+    """An experiment command's parsed parameters, and its workspace (`pipeline.experiments.runs.open_workspace`)."""
     from pipeline.config import parse_parameters
-    from pipeline.runs import open_workspace
+    from pipeline.experiments.runs import open_workspace
 
     return parse_parameters(specs, given(values)), open_workspace(run_type, experiment_name)
 

@@ -15,10 +15,10 @@ def compare(experiment_name: str | None, **values: str | None) -> None:
     """Compare the experiment's best training runs: table (CSV), overlay plot (PNG), UI compare link."""
     configure_console_logging()
     with one_line_errors():
-        from pipeline import comparison
         from pipeline import constants as names
-        from pipeline.runs import Ranking
-        from pipeline.tracking import is_server_uri
+        from pipeline.experiments import comparison
+        from pipeline.experiments.runs import Ranking
+        from pipeline.tracking.store import is_server_uri
 
         options, workspace = open_experiment(COMPARE_PARAMETERS, values, names.RUN_TYPE_COMPARISON, experiment_name)
         client = workspace.client

@@ -10,7 +10,7 @@ from mlflow_project.common import configure_console_logging, experiment_command,
 from pipeline.config import REGISTER_PARAMETERS
 
 if TYPE_CHECKING:
-    from pipeline.registry import Registration
+    from pipeline.experiments.registry import Registration
 
 
 @experiment_command("register", REGISTER_PARAMETERS)
@@ -19,8 +19,8 @@ def register(experiment_name: str | None, **values: str | None) -> None:
     configure_console_logging()
     with one_line_errors():
         from pipeline import constants as names
-        from pipeline.registry import record_registration, register_best_run
-        from pipeline.runs import Ranking
+        from pipeline.experiments.registry import record_registration, register_best_run
+        from pipeline.experiments.runs import Ranking
 
         options, workspace = open_experiment(REGISTER_PARAMETERS, values, names.RUN_TYPE_REGISTRATION, experiment_name)
         registration = register_best_run(
@@ -36,8 +36,8 @@ def echo_registration(registration: Registration) -> None:
     """What `register` (or `train --register-as`) did, and how to serve the champion."""
     import mlflow
 
-    from pipeline.serving import champion_alias_uri
-    from pipeline.tracking import is_server_uri
+    from pipeline.experiments.serving import champion_alias_uri
+    from pipeline.tracking.store import is_server_uri
 
     for line in registration.summary_lines():
         click.echo(line)

@@ -31,8 +31,8 @@ def serve(model_name: str, host: str, port: int, poll_seconds: float) -> None:
         from mlflow.tracking import MlflowClient
 
         from pipeline.config import parse_parameters
-        from pipeline.serving import wait_for_champion
-        from pipeline.tracking import check_tracking_store
+        from pipeline.experiments.serving import wait_for_champion
+        from pipeline.tracking.store import check_tracking_store
 
         parse_parameters((_MODEL_NAME,), {"model_name": model_name})
         check_tracking_store()

@@ -1,6 +1,6 @@
 """`server`: the team's tracking server on this machine, without Docker, until Ctrl-C.
 
-It starts the same script as the compose `mlflow` service (see pipeline/tracking_server.py), prints
+It starts the same script as the compose `mlflow` service (see pipeline/tracking/server.py), prints
 what to export, and stops the server's whole process group on Ctrl-C or SIGTERM. The first of them
 starts the stop; later ones are ignored, so pressing Ctrl-C again cannot cut the stop short (it is
 bounded: SIGTERM, then SIGKILL after 30 s) and leave the server running.
@@ -17,7 +17,7 @@ import click
 
 from mlflow_project.common import configure_console_logging, one_line_errors
 from pipeline.errors import TrackingServerError
-from pipeline.tracking_server import DEFAULT_DATABASE, TrackingServer, choose_backend_store
+from pipeline.tracking.server import DEFAULT_DATABASE, TrackingServer, choose_backend_store
 
 
 @click.command("server")

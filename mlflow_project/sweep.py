@@ -35,8 +35,8 @@ def sweep(experiment_name: str | None, **values: str | None) -> None:
         import tensorflow as tf
 
         tf.get_logger().setLevel("ERROR")  # retracing notices: several models train in one process
-        from pipeline.runs import Ranking
-        from pipeline.sweep import run_sweep
+        from pipeline.experiments.runs import Ranking
+        from pipeline.experiments.sweep import run_sweep
 
         sweep_params = {name: str(value) for name, value in options.items()}
         result = run_sweep(configs, Ranking.from_options(options), sweep_params, experiment_name)

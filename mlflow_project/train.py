@@ -39,12 +39,12 @@ def train(experiment_name: str | None, run_id: str | None, **values: str | None)
         run_options = parse_parameters(TRAINING_RUN_OPTIONS, given(option_values))
         config = TrainingConfig.from_values(given(values))
         if config.strategy != "multi_worker":  # (its other workers never use the store)
-            from pipeline.tracking import check_tracking_store
+            from pipeline.tracking.store import check_tracking_store
 
             check_tracking_store(open_sqlite=False)  # in a second or two, not after TensorFlow's import
         import_tensorflow_quietly()
-        from pipeline.distribution import PEER_TIMEOUT_SECONDS
-        from pipeline.training import FLUSH_TIMEOUT_SECONDS, RunLimits, WorkerResult, run_training
+        from pipeline.training.distribution import PEER_TIMEOUT_SECONDS
+        from pipeline.training.run import FLUSH_TIMEOUT_SECONDS, RunLimits, WorkerResult, run_training
 
         limits = RunLimits(
             flush_timeout=float(os.environ.get("MNIST_PIPELINE_FLUSH_TIMEOUT", FLUSH_TIMEOUT_SECONDS)),
@@ -59,8 +59,8 @@ def train(experiment_name: str | None, run_id: str | None, **values: str | None)
         return
     from mlflow.tracking import MlflowClient
 
-    from pipeline.runs import logged_models_by_run
-    from pipeline.tracking import run_ui_url
+    from pipeline.experiments.runs import logged_models_by_run
+    from pipeline.tracking.store import run_ui_url
 
     model_id = logged_models_by_run(MlflowClient(), result.experiment_id, result.run_id).get(result.run_id)
     if model_id:  # the fast URI: runs:/ID/model first probes a run artifact that MLflow 3 no longer writes
@@ -75,6 +75,6 @@ def train(experiment_name: str | None, run_id: str | None, **values: str | None)
     if run_options["register_as"]:
         with one_line_errors():
             from mlflow_project.register import echo_registration
-            from pipeline.registry import register_run
+            from pipeline.experiments.registry import register_run
 
             echo_registration(register_run(MlflowClient(), result.run_id, run_options["register_as"]))

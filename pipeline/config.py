@@ -24,7 +24,7 @@ _HIDDEN_UNITS = re.compile(r"^\s*[1-9]\d*\s*(,\s*[1-9]\d*\s*)*$")
 # Registered model names end up in `models:/NAME@champion` URIs: keep them to URI-safe characters.
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*\Z")  # \Z: `$` would let a final newline through
 _METRIC_NAME = re.compile(r"^[A-Za-z0-9_./-]+( [A-Za-z0-9_./-]+)*\Z")
-# Values of the `strategy` parameter (see pipeline/distribution.py).
+# Values of the `strategy` parameter (see pipeline/training/distribution.py).
 DEFAULT_STRATEGY, MIRRORED_STRATEGY, MULTI_WORKER_STRATEGY = STRATEGIES = ("default", "mirrored", "multi_worker")
 
 

@@ -5,6 +5,11 @@ the callbacks, the reporting code, the registry, comparison and sweep code and t
 them from here.
 """
 
+# The images and classes every dataset must have (28x28 grayscale digits or articles, 10 classes).
+NUM_CLASSES = 10
+IMAGE_SIDE = 28
+NUM_PIXELS = IMAGE_SIDE * IMAGE_SIDE
+
 # Per-epoch metrics (step = epoch index, starting at 0; one value per completed epoch).
 LOSS = "loss"
 ACCURACY = "accuracy"

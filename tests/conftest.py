@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.tracking_server import TrackingServer
+from pipeline.tracking.server import TrackingServer
 from tests.helpers import new_sqlite_store
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

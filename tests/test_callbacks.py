@@ -20,14 +20,13 @@ from pipeline.callbacks import (
     EpochMetricsLogger,
     LearningRateChanges,
     TargetAccuracyStop,
-    TrainingCallbacks,
-    build_callbacks,
 )
 from pipeline.config import TrainingConfig
-from pipeline.data import load_dataset, split_validation
-from pipeline.model import build_model
-from pipeline.recorder import RunRecorder
-from pipeline.training_state import TrainingState
+from pipeline.tracking.recorder import RunRecorder
+from pipeline.tracking.training_state import TrainingState
+from pipeline.training.callback_list import TrainingCallbacks, build_callbacks
+from pipeline.training.data import load_dataset, split_validation
+from pipeline.training.model import build_model
 from tests.helpers import MNIST_SMALL
 
 EXPECTED_ORDER = [

@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-from pipeline.cluster import Cluster, read_cluster, wait_for_peers
-from pipeline.distribution import plan_distribution
 from pipeline.errors import ClusterConfigError, ClusterUnavailable
+from pipeline.training.cluster import Cluster, read_cluster, wait_for_peers
+from pipeline.training.distribution import plan_distribution
 from tests.helpers import free_ports, tf_config
 
 

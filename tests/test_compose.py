@@ -12,7 +12,7 @@ import pytest
 import yaml
 from packaging.requirements import Requirement
 
-from pipeline.tracking_server import SERVER_SCRIPT, TrackingServer
+from pipeline.tracking.server import SERVER_SCRIPT, TrackingServer
 from tests.helpers import PROJECT_DIR
 
 COMPOSE = yaml.safe_load((PROJECT_DIR / "docker-compose.yml").read_text())

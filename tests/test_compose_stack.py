@@ -30,7 +30,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline import constants as names
 from pipeline.config import TrainingConfig
-from pipeline.data import load_dataset
+from pipeline.training.data import load_dataset
 from tests.helpers import (
     MNIST_SMALL,
     PROJECT_DIR,

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.data import IDX_FILES, load_dataset, split_validation
 from pipeline.errors import DataError, ParameterError
+from pipeline.training.data import IDX_FILES, load_dataset, split_validation
 from tests.helpers import FASHION_SMALL, MNIST_SMALL
 
 

@@ -20,7 +20,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline import constants as names
-from pipeline.data import load_dataset, split_validation
+from pipeline.training.data import load_dataset, split_validation
 from tests.helpers import (
     MNIST_SMALL,
     PROJECT_DIR,
@@ -245,7 +245,7 @@ def test_nan_mid_training_fails_the_run_and_keeps_an_earlier_loadable_checkpoint
     assert not client.search_logged_models([run.info.experiment_id])  # a diverged run logs no model
 
 
-# Trainings started together on a new store. Without the lock of pipeline.tracking.prepare_sqlite_store,
+# Trainings started together on a new store. Without the lock of pipeline.tracking.store.prepare_sqlite_store,
 # at least one of the three crashed in each of two tries here (and 15 of 16 `compare` processes started
 # four at a time).
 TRAININGS = 3

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline.data import IDX_FILES, KERAS_DATASET_URLS, load_dataset
+from pipeline.training.data import IDX_FILES, KERAS_DATASET_URLS, load_dataset
 from tests.helpers import FASHION_SMALL, project_env, run_cli
 
 pytestmark = pytest.mark.slow
@@ -33,7 +33,7 @@ NO_NETWORK = {
 DESCRIBE_DATASET = """
 import json, sys
 import numpy as np
-from pipeline.data import load_dataset
+from pipeline.training.data import load_dataset
 dataset = load_dataset(sys.argv[1])
 arrays = {key: getattr(dataset, key) for key in ("x_train", "y_train", "x_test", "y_test")}
 print(json.dumps({

@@ -11,7 +11,7 @@ from types import ModuleType
 import pytest
 import yaml
 
-from pipeline.cluster import read_cluster
+from pipeline.training.cluster import read_cluster
 from tests.helpers import PROJECT_DIR, project_env
 
 RECIPE = PROJECT_DIR / "deploy" / "kubernetes"

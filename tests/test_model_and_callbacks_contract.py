@@ -24,13 +24,13 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline import constants as names
-from pipeline.callbacks import TrainingCallbacks, build_callbacks
 from pipeline.config import TrainingConfig
-from pipeline.data import load_dataset, split_validation
-from pipeline.model import build_model
-from pipeline.recorder import RunRecorder
-from pipeline.training import run_training
-from pipeline.training_state import TrainingState
+from pipeline.tracking.recorder import RunRecorder
+from pipeline.tracking.training_state import TrainingState
+from pipeline.training.callback_list import TrainingCallbacks, build_callbacks
+from pipeline.training.data import load_dataset, split_validation
+from pipeline.training.model import build_model
+from pipeline.training.run import run_training
 from tests.helpers import MNIST_SMALL, new_sqlite_store, run_cli
 
 STATE_ARTIFACT = f"{names.STATE_DIR}/{names.STATE_FILE}"

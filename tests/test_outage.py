@@ -17,8 +17,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline import constants as names
-from pipeline.registry import Registration, register_best_run
-from pipeline.runs import Ranking
+from pipeline.experiments.registry import Registration, register_best_run
+from pipeline.experiments.runs import Ranking
 from tests.helpers import MNIST_SMALL, project_env
 
 pytestmark = pytest.mark.slow
@@ -137,7 +137,7 @@ def _test_accuracy(checkpoint: Path) -> float:
     import keras
     import numpy as np
 
-    from pipeline.data import load_dataset
+    from pipeline.training.data import load_dataset
 
     dataset = load_dataset(str(MNIST_SMALL))
     predicted = keras.models.load_model(checkpoint).predict(dataset.x_test, verbose=0).argmax(axis=1)

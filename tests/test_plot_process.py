@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from matplotlib.image import imread
 
-from pipeline import reporting
-from pipeline.plot_process import PLOT_FUNCTIONS, PlotProcess
+from pipeline.tracking import reporting
+from pipeline.tracking.plot_process import PLOT_FUNCTIONS, PlotProcess
 
 HISTORY = [
     {"loss": 1.0 / (epoch + 1), "accuracy": 0.5 + epoch / 20, "val_loss": 1.2 / (epoch + 1),
@@ -25,7 +25,7 @@ def test_both_plots_are_drawn_in_another_process(tmp_path, monkeypatch):
     def not_in_this_process(*args):
         raise AssertionError("a plot was drawn in the calling process")
 
-    # In this process the plot functions fail; a child process imports its own, intact, pipeline.reporting.
+    # In this process the plot functions fail; a child process imports its own, intact, pipeline.tracking.reporting.
     for function in PLOT_FUNCTIONS:
         monkeypatch.setattr(reporting, function, not_in_this_process)
     curves, matrix = tmp_path / "curves.png", tmp_path / "matrix.png"

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import re
 import tomllib
+from pathlib import Path
 
 import pytest
 import yaml
@@ -153,3 +155,41 @@ def test_the_readme_check_notices_a_name_whose_documentation_is_removed(name):
     removed = _CODE_SPAN.sub(lambda span: "`" + token.sub("X", span.group(1)) + "`", readme)
     assert name in removed  # still a substring of the text
     assert name in undocumented_names(removed)
+
+
+# pipeline/'s layers, lowest first: a module may import its own layer and the ones below, never above.
+LAYERS = {"base": 0, "tracking": 1, "callbacks": 2, "training": 3, "experiments": 4}
+BASE_MODULES = {"config", "constants", "errors"}
+
+
+def _layer(module: str) -> int | None:
+    """The layer of `pipeline.X[.Y]` (None for anything outside pipeline)."""
+    parts = module.split(".")
+    if parts[0] != "pipeline" or len(parts) < 2:
+        return None
+    return LAYERS["base"] if parts[1] in BASE_MODULES else LAYERS[parts[1]]
+
+
+def _imported_modules(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+        elif isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+    return {module for module in found if _layer(module) is not None or module == "pipeline"}
+
+
+def test_every_pipeline_module_belongs_to_a_layer_and_imports_only_point_down():
+    upward = []
+    for path in sorted((PROJECT_DIR / "pipeline").rglob("*.py")):
+        module = ".".join(path.relative_to(PROJECT_DIR).with_suffix("").parts).removesuffix(".__init__")
+        if module == "pipeline":
+            continue
+        own = _layer(module)
+        assert own is not None, f"{module} is in no layer"
+        for imported in _imported_modules(path):
+            layer = _layer(imported)
+            if layer is not None and layer > own and not (module.startswith(imported + ".")):
+                upward.append(f"{module} imports {imported}")
+    assert upward == []

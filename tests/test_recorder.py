@@ -10,7 +10,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline.errors import RecordingError
-from pipeline.recorder import RunRecorder
+from pipeline.tracking.recorder import RunRecorder
 
 
 @pytest.fixture

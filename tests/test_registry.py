@@ -23,13 +23,13 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline import constants as names
-from pipeline.comparison import COLUMNS, compare_runs
 from pipeline.config import TrainingConfig
-from pipeline.data import load_dataset
 from pipeline.errors import ParameterError, RunSelectionError, TrainingDiverged
-from pipeline.registry import NEW_VERSION, register_best_run, register_run
-from pipeline.runs import Ranking, resolve_experiment, training_runs
-from pipeline.training import run_training
+from pipeline.experiments.comparison import COLUMNS, compare_runs
+from pipeline.experiments.registry import NEW_VERSION, register_best_run, register_run
+from pipeline.experiments.runs import Ranking, resolve_experiment, training_runs
+from pipeline.training.data import load_dataset
+from pipeline.training.run import run_training
 from tests.helpers import MNIST_SMALL, invoke, mlflow_project_run, models_serve, project_env, run_cli
 
 pytestmark = pytest.mark.slow
@@ -286,7 +286,7 @@ def test_mlflow_run_register_records_its_decision_in_a_registration_run(store, t
 _RACER = """
 import sys, time
 from pathlib import Path
-import mlflow.tracking, pipeline.registry
+import mlflow.tracking, pipeline.experiments.registry
 from mlflow_project.cli import cli
 signals, me, mode, *args = sys.argv[1:]
 (Path(signals) / f"ready-{me}").touch()
@@ -296,7 +296,7 @@ if mode == "cli":
     cli(args)
 else:
     run_id, model_name = args
-    registration = pipeline.registry.register_run(mlflow.tracking.MlflowClient(), run_id, model_name)
+    registration = pipeline.experiments.registry.register_run(mlflow.tracking.MlflowClient(), run_id, model_name)
     print(registration.version, registration.champion_version)
 """
 

@@ -19,9 +19,9 @@ from mlflow.tracking import MlflowClient
 
 from pipeline import constants as names
 from pipeline.config import TrainingConfig
-from pipeline.data import load_dataset
 from pipeline.errors import TrainingDiverged
-from pipeline.training import run_training
+from pipeline.training.data import load_dataset
+from pipeline.training.run import run_training
 from tests.helpers import MNIST_SMALL, PROJECT_DIR, project_env, run_cli_here
 
 pytestmark = pytest.mark.slow

@@ -24,7 +24,7 @@ import pytest
 import requests
 
 from pipeline import constants as names
-from pipeline.tracking_server import ArtifactStore, TrackingServer
+from pipeline.tracking.server import ArtifactStore, TrackingServer
 from tests.helpers import MNIST_SMALL, PROJECT_DIR, free_ports, predict_in_new_process, project_env, run_cli
 
 pytestmark = pytest.mark.slow

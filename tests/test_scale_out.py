@@ -20,10 +20,10 @@ from mlflow_project.cli import cli
 from mlflow_project.common import import_tensorflow_quietly
 from pipeline import constants as names
 from pipeline.config import TrainingConfig
-from pipeline.data import load_dataset
-from pipeline.resume import RunNotResumable
-from pipeline.tracking import prepare_sqlite_store
-from pipeline.training import run_training
+from pipeline.tracking.resume import RunNotResumable
+from pipeline.tracking.store import prepare_sqlite_store
+from pipeline.training.data import load_dataset
+from pipeline.training.run import run_training
 from tests.helpers import MNIST_SMALL, free_ports, new_sqlite_store, project_env, stdout_lines, tf_config
 from tests.test_training import CALLBACKS, assert_run_contract, small_config
 
@@ -39,7 +39,7 @@ import tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 from pipeline.config import TrainingConfig
-from pipeline.training import run_training
+from pipeline.training.run import run_training
 
 result = run_training(TrainingConfig.from_values(dict(arg.split("=", 1) for arg in sys.argv[1:])))
 print("RUN", result.run_id)
@@ -50,7 +50,7 @@ SHARD_SCRIPT = """
 import json, os
 import numpy as np
 from pipeline.config import TrainingConfig
-from pipeline.distribution import plan_distribution, sharded_batches
+from pipeline.training.distribution import plan_distribution, sharded_batches
 
 plan = plan_distribution("multi_worker", os.environ)
 distribution = plan.start(TrainingConfig.from_values({"batch_size": "8"}), "ids", peer_timeout=60)

@@ -1,4 +1,4 @@
-"""The champion the `serve` service serves (pipeline/serving.py, `python -m mlflow_project serve`): it waits,
+"""The champion the `serve` service serves (pipeline/experiments/serving.py, `mnist-pipeline serve`): it waits,
 saying so once, while the registered model or its alias does not exist, then serves the version the
 alias points at. The compose stack test serves it for real (tests/test_compose_stack.py)."""
 
@@ -10,7 +10,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline import constants as names
-from pipeline.serving import wait_for_champion
+from pipeline.experiments.serving import wait_for_champion
 from tests.helpers import run_cli
 
 
@@ -32,7 +32,7 @@ def test_waits_while_there_is_no_champion_saying_so_once_then_returns_its_versio
         uri = wait_for_champion(client, "digits", poll_seconds=7, sleep=sleep)
     assert uri == "models:/digits/1"
     assert waits == [7, 7, 7]
-    lines = [record.getMessage() for record in caplog.records if record.name == "pipeline.serving"]
+    lines = [record.getMessage() for record in caplog.records if record.name == "pipeline.experiments.serving"]
     assert lines == ["No champion yet: models:/digits@champion does not exist; waiting for `register` to set it "
                      "(checking every 7 s)"]
 

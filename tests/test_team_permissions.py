@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 import requests
 
-from pipeline.tracking_server import TrackingServer
+from pipeline.tracking.server import TrackingServer
 
 pytestmark = pytest.mark.slow
 

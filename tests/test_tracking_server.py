@@ -25,14 +25,14 @@ from mlflow.tracking import MlflowClient
 from mlflow_project.server import _announce
 from pipeline import constants as names
 from pipeline.config import TrainingConfig
-from pipeline.tracking import CREDENTIAL_VARIABLES
-from pipeline.tracking_server import (
+from pipeline.tracking.server import (
     SERVER_SCRIPT,
     AdminCredentials,
     TrackingServer,
     _signals_held,
     choose_backend_store,
 )
+from pipeline.tracking.store import CREDENTIAL_VARIABLES
 from tests.conftest import drop_database
 from tests.helpers import (
     MNIST_SMALL,
@@ -89,7 +89,7 @@ def test_mlflow_run_against_the_server_records_the_whole_contract(server_store, 
 _RACER = """
 import pathlib, sys, time
 import mlflow
-from pipeline.tracking import use_experiment
+from pipeline.tracking.store import use_experiment
 name, ready, go = sys.argv[1], pathlib.Path(sys.argv[2]), pathlib.Path(sys.argv[3])
 mlflow.MlflowClient().search_experiments(max_results=1)  # connected, so that the racers start level
 ready.touch()
@@ -141,7 +141,7 @@ def test_the_api_refuses_requests_without_the_right_credentials(tracking_server)
 
 
 # README: a server that refuses the credentials fails the command in one line before any training,
-# after one request with a 10 s timeout (pipeline.tracking.check_tracking_store): tests.helpers.fail_fast_bound.
+# after one request with a 10 s timeout (pipeline.tracking.store.check_tracking_store): tests.helpers.fail_fast_bound.
 
 
 def _start_up_seconds(cwd: Path) -> float:

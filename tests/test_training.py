@@ -19,13 +19,13 @@ from mlflow.tracking import MlflowClient
 
 from pipeline import constants as names
 from pipeline.config import TRAINING_PARAMETERS, TrainingConfig
-from pipeline.data import load_dataset
 from pipeline.errors import DataError, TrainingDiverged
-from pipeline.evaluation import predict_probabilities
-from pipeline.model import build_model
-from pipeline.model_logging import MODEL_REQUIREMENTS
-from pipeline.runs import logged_models_by_run
-from pipeline.training import run_training
+from pipeline.experiments.runs import logged_models_by_run
+from pipeline.tracking.model_logging import MODEL_REQUIREMENTS
+from pipeline.training.data import load_dataset
+from pipeline.training.evaluation import predict_probabilities
+from pipeline.training.model import build_model
+from pipeline.training.run import run_training
 from tests.helpers import MNIST_SMALL, new_sqlite_store, project_env
 
 DERIVED_PARAMS = {
@@ -281,7 +281,7 @@ def test_training_runs_in_a_process_that_cannot_import_matplotlib(tmp_path):
         "import sys\n"
         "sys.modules['matplotlib'] = None  # any import of matplotlib now raises ImportError\n"
         "from pipeline.config import TrainingConfig\n"
-        "from pipeline.training import run_training\n"
+        "from pipeline.training.run import run_training\n"
         f"result = run_training(TrainingConfig.from_values({{'dataset': {str(MNIST_SMALL)!r}, 'epochs': '2'}}), "
         "experiment_name='no-matplotlib')\n"
         "print(result.run_id)\n"

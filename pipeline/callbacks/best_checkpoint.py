@@ -8,7 +8,7 @@ from typing import Any
 import keras
 
 from pipeline import constants as names
-from pipeline.recorder import RunRecorder
+from pipeline.tracking.recorder import RunRecorder
 
 CHECKPOINT_ARTIFACT = f"{names.CHECKPOINT_DIR}/{names.BEST_MODEL_FILE}"
 CHECKPOINT_INFO_ARTIFACT = f"{names.CHECKPOINT_DIR}/{names.BEST_MODEL_INFO_FILE}"

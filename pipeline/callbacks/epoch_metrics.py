@@ -8,7 +8,7 @@ from collections.abc import Mapping
 import keras
 
 from pipeline import constants as names
-from pipeline.recorder import RunRecorder
+from pipeline.tracking.recorder import RunRecorder
 
 # What an epoch records of its logs: the slowest worker only under a distributed strategy, the best
 # validation accuracy only at an epoch that saved a new best checkpoint.

@@ -9,7 +9,7 @@ from typing import Any
 import keras
 
 from pipeline import constants as names
-from pipeline.recorder import RunRecorder
+from pipeline.tracking.recorder import RunRecorder
 
 logger = logging.getLogger(__name__)
 

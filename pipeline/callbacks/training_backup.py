@@ -13,8 +13,8 @@ from pipeline.callbacks.best_checkpoint import BestCheckpoint
 from pipeline.callbacks.epoch_metrics import recorded_metrics
 from pipeline.callbacks.lr_changes import LearningRateChanges
 from pipeline.callbacks.target_accuracy import TargetAccuracyStop
-from pipeline.recorder import RunRecorder
-from pipeline.training_state import (
+from pipeline.tracking.recorder import RunRecorder
+from pipeline.tracking.training_state import (
     TrainingState,
     monitor_state,
     optimizer_values,

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import keras
 import tensorflow as tf
 
 from pipeline import constants as names
-from pipeline.distribution import gather_per_worker
 
 
 class WorkerTiming(keras.callbacks.Callback):
@@ -40,3 +40,13 @@ class WorkerTiming(keras.callbacks.Callback):
         self.history.append({"epoch": epoch, "seconds": seconds})
         if logs is not None:
             logs[names.SLOWEST_WORKER_EPOCH_SECONDS] = max(seconds)
+
+
+def gather_per_worker(
+    strategy: tf.distribute.Strategy, value: float, num_workers: int, dtype: tf.DType = tf.float32
+) -> list[Any]:
+    """Every worker's `value`, in worker order, through a collective (every worker must call it)."""
+    per_replica = strategy.experimental_distribute_values_from_function(lambda _: tf.constant([value], dtype=dtype))
+    gathered = strategy.gather(per_replica, axis=0).numpy()
+    replicas_per_worker = strategy.num_replicas_in_sync // num_workers
+    return gathered[::replicas_per_worker].tolist()

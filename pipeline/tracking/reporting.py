@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import constants as names
-from pipeline.data import NUM_CLASSES
+from pipeline.constants import NUM_CLASSES
 
 
 def confusion_matrix(true_labels: np.ndarray, predicted_labels: np.ndarray) -> np.ndarray:

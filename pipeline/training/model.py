@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import keras
 
-from pipeline.data import NUM_CLASSES, NUM_PIXELS
+from pipeline.constants import NUM_CLASSES, NUM_PIXELS
 
 
 def build_model(

@@ -29,7 +29,7 @@ from mlflow.entities import Metric, RunTag
 from mlflow.tracking import MlflowClient
 
 from pipeline.errors import RecordingError, first_line
-from pipeline.retry import STORE_BACKOFF, Backoff, is_transient
+from pipeline.tracking.retry import STORE_BACKOFF, Backoff, is_transient
 
 logger = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ from mlflow.tracking import MlflowClient
 from pipeline import constants as names
 from pipeline.config import TRAINING_PARAMETERS, TrainingConfig
 from pipeline.errors import ParameterError, UserInputError
-from pipeline.recorder import RunRecorder
-from pipeline.training_state import TrainingState
+from pipeline.tracking.recorder import RunRecorder
+from pipeline.tracking.training_state import TrainingState
 
 logger = logging.getLogger(__name__)
 

@@ -5,9 +5,9 @@ before an MLflow run is touched, and so that a run is only ever FINISHED with it
 
 1. ask the tracking server once (unreachable, or a wrong password, fails here in one line);
 2. validate the data (a bad file raises DataError; the store is not touched yet);
-3. decide whether a given run is new, to be resumed, or refused (`pipeline.resume`);
+3. decide whether a given run is new, to be resumed, or refused (`pipeline.tracking.resume`);
 4. open the run (the one `mlflow run` created, the given one, or a new one), log params and inputs;
-5. fit with the callbacks of `pipeline.callbacks` (each epoch is recorded as it ends);
+5. fit with the callbacks of `pipeline.training.callback_list` (each epoch is recorded as it ends);
 6. evaluate the best checkpoint on the test split, log the report, plots and the model;
 7. wait for every queued record to reach the store, then mark the run FINISHED.
 
@@ -15,7 +15,7 @@ Any exception on the way ends the run FAILED (KILLED on Ctrl-C).
 
 With `strategy=multi_worker` every worker runs this, and only the chief does steps 2, 4 and 5: the
 other workers train with the same callbacks minus the recording ones, in a private temporary directory,
-and never touch the tracking store (see `pipeline.distribution`).
+and never touch the tracking store (see `pipeline.training.distribution`).
 """
 
 from __future__ import annotations
@@ -33,24 +33,24 @@ from mlflow.environment_variables import MLFLOW_RUN_ID
 from mlflow.tracking import MlflowClient
 
 from pipeline import constants as names
-from pipeline.callbacks import TrainingCallbacks, build_callbacks
 from pipeline.config import TrainingConfig
-from pipeline.data import ImageDataset, load_dataset, split_validation
-from pipeline.distribution import PEER_TIMEOUT_SECONDS, Distribution, DistributionPlan, plan_distribution
 from pipeline.errors import TrainingDiverged
-from pipeline.evaluation import evaluate_and_report
-from pipeline.model import build_model, model_summary
-from pipeline.recorder import RunRecorder
-from pipeline.resume import ResumePoint, RunNotResumable, find_resume_point, resend_missing_metrics
-from pipeline.run_lifecycle import (
+from pipeline.tracking.recorder import RunRecorder
+from pipeline.tracking.resume import ResumePoint, RunNotResumable, find_resume_point, resend_missing_metrics
+from pipeline.tracking.run_lifecycle import (
     default_rescue_dir,
     finish_recording,
     local_storage_errors,
     local_workdir,
-    log_run_header,
     mlflow_run,
 )
-from pipeline.tracking import check_tracking_store, prepare_sqlite_store, use_experiment
+from pipeline.tracking.store import check_tracking_store, prepare_sqlite_store, use_experiment
+from pipeline.training.callback_list import TrainingCallbacks, build_callbacks
+from pipeline.training.data import ImageDataset, load_dataset, split_validation
+from pipeline.training.distribution import PEER_TIMEOUT_SECONDS, Distribution, DistributionPlan, plan_distribution
+from pipeline.training.evaluation import evaluate_and_report
+from pipeline.training.model import build_model, model_summary
+from pipeline.training.run_header import log_run_header
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ def run_training(
             when a run is given or MLFLOW_RUN_ID is set).
         run_id: an existing run to record into; by default the one in MLFLOW_RUN_ID (set by
             `mlflow run`), else a new one. A run that already holds a training of ours is resumed
-            at its first unfinished epoch (see `pipeline.resume`).
+            at its first unfinished epoch (see `pipeline.tracking.resume`).
         parent_run_id: makes a new run the nested child of this run (a sweep's trials).
         limits: timeouts and the rescue directory (default: `RunLimits()`).
 

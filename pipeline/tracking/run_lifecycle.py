@@ -1,5 +1,5 @@
-"""What surrounds a training run: its MLflow status and header (params, tags, input), its private local
-directory, local disk errors, and the end, when every record must reach the store or be kept locally."""
+"""What surrounds a training run: its MLflow status, its private local directory, local disk errors,
+and the end, when every record must reach the store or be kept locally."""
 
 from __future__ import annotations
 
@@ -9,19 +9,15 @@ import logging
 import os
 import shutil
 import tempfile
-import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
-from mlflow.tracking import MlflowClient
 
 from pipeline import constants as names
-from pipeline.data import ImageDataset
 from pipeline.errors import LocalStorageError, RecordingError, first_line
-from pipeline.model_logging import remaining
-from pipeline.recorder import RunRecorder
-from pipeline.retry import retry
+from pipeline.tracking.model_logging import remaining
+from pipeline.tracking.recorder import RunRecorder
 
 logger = logging.getLogger(__name__)
 
@@ -85,32 +81,6 @@ def mlflow_run(run_id: str | None, parent_run_id: str | None = None) -> Iterator
             mlflow.end_run(status)
         except Exception as error:  # noqa: BLE001 - the store may be the thing that failed
             logger.warning("Could not mark run %s %s: %s", run.info.run_id, status, first_line(error, 160))
-
-
-def log_run_header(client: MlflowClient, run_id: str, params: Mapping[str, str], dataset: ImageDataset) -> None:
-    """Params, tags and the dataset input, before training starts (synchronously: a store that
-    cannot take these should stop the run before any training)."""
-    # `mlflow run` has already logged the entry point's parameters as the user typed them
-    # ("1e-3"); MLflow refuses to change a param, so only the missing ones are added.
-    existing = client.get_run(run_id).data.params
-    mlflow.log_params({key: value for key, value in params.items() if key not in existing})
-    mlflow.set_tags({names.TAG_RUN_TYPE: names.RUN_TYPE_TRAINING, names.TAG_DATASET_DIGEST: dataset.digest})
-    # Runs starting together race to create the same dataset entity in the store; the loser gets an
-    # integrity error (HTTP 500) once, and a retry finds the entity.
-    input_dataset = _mlflow_dataset(dataset)
-    retry(lambda: mlflow.log_input(input_dataset, context=names.DATASET_CONTEXT_TRAINING), attempts=3)
-
-
-def _mlflow_dataset(dataset: ImageDataset) -> mlflow.data.Dataset:
-    from mlflow.data.http_dataset_source import HTTPDatasetSource
-
-    source = HTTPDatasetSource(dataset.source) if dataset.source.startswith("http") else dataset.source
-    with warnings.catch_warnings():
-        # MLflow registers its local-file source twice and warns that a path is ambiguous.
-        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
-        return mlflow.data.from_numpy(
-            dataset.x_train, targets=dataset.y_train, source=source, name=dataset.name, digest=dataset.digest
-        )
 
 
 def finish_recording(

@@ -20,13 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.constants import IMAGE_SIDE, NUM_CLASSES, NUM_PIXELS
 from pipeline.errors import DataError, ParameterError
 
 logger = logging.getLogger(__name__)
 
-NUM_CLASSES = 10
-IMAGE_SIDE = 28
-NUM_PIXELS = IMAGE_SIDE * IMAGE_SIDE
 KERAS_DATASETS = ("mnist", "fashion_mnist")
 KERAS_DATASET_URLS = {
     "mnist": "https://storage.googleapis.com/tensorflow/tf-keras-datasets/mnist.npz",

@@ -4,7 +4,7 @@
 - `mirrored`: `tf.distribute.MirroredStrategy` over every local device (the GPUs, else the CPUs, so
   logical CPU devices count), in one process.
 - `multi_worker`: `tf.distribute.MultiWorkerMirroredStrategy`, one process per worker, the cluster
-  from TF_CONFIG (see `pipeline.cluster`).
+  from TF_CONFIG (see `pipeline.training.cluster`).
 
 A training is planned first (`plan_distribution`: which strategy, is this worker the chief), and the
 strategy is started only when the worker is ready to train (`DistributionPlan.start`): a
@@ -28,9 +28,10 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from pipeline.cluster import Cluster, read_cluster, wait_for_peers
+from pipeline.callbacks.worker_timing import gather_per_worker
 from pipeline.config import DEFAULT_STRATEGY, MIRRORED_STRATEGY, MULTI_WORKER_STRATEGY, TrainingConfig
 from pipeline.errors import ClusterConfigError, ClusterUnavailable, ParameterError
+from pipeline.training.cluster import Cluster, read_cluster, wait_for_peers
 
 logger = logging.getLogger(__name__)
 
@@ -214,16 +215,6 @@ def sharded_batches(x: np.ndarray, y: np.ndarray, batch_size: int, shuffle_seed:
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     return dataset.batch(batch_size).with_options(options).prefetch(tf.data.AUTOTUNE)
-
-
-def gather_per_worker(
-    strategy: tf.distribute.Strategy, value: float, num_workers: int, dtype: tf.DType = tf.float32
-) -> list[Any]:
-    """Every worker's `value`, in worker order, through a collective (every worker must call it)."""
-    per_replica = strategy.experimental_distribute_values_from_function(lambda _: tf.constant([value], dtype=dtype))
-    gathered = strategy.gather(per_replica, axis=0).numpy()
-    replicas_per_worker = strategy.num_replicas_in_sync // num_workers
-    return gathered[::replicas_per_worker].tolist()
 
 
 class KerasMultiWorkerMirroredStrategy(tf.distribute.MultiWorkerMirroredStrategy):

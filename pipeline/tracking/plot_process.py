@@ -19,17 +19,17 @@ from pathlib import Path
 from typing import Any
 
 import pipeline
-from pipeline import reporting
+from pipeline.tracking import reporting
 
-# The functions of `pipeline.reporting` the child may be asked to call.
+# The functions of `pipeline.tracking.reporting` the child may be asked to call.
 PLOT_FUNCTIONS = ("plot_training_curves", "plot_confusion_matrix")
-_CHILD = "from pipeline.plot_process import serve; serve()"
+_CHILD = "from pipeline.tracking.plot_process import serve; serve()"
 # Exit code of a child whose plot raised an OSError; its first stderr line is "errno<TAB>message".
 _OS_ERROR_EXIT = 3
 
 
 class PlotProcess:
-    """A child process that calls plotting functions of `pipeline.reporting`, in order.
+    """A child process that calls plotting functions of `pipeline.tracking.reporting`, in order.
 
     Use it as a context manager: `submit` returns at once; leaving the block waits until every plot
     is drawn and raises the first failure (an OSError keeps its errno, so a full disk is reported
@@ -52,7 +52,7 @@ class PlotProcess:
         )
 
     def submit(self, function: str, *args: Any) -> None:
-        """Asks the child to call `pipeline.reporting.<function>(*args)`."""
+        """Asks the child to call `pipeline.tracking.reporting.<function>(*args)`."""
         if function not in PLOT_FUNCTIONS:
             raise ValueError(f"not a plot function: {function}")
         with contextlib.suppress(BrokenPipeError):  # the child failed: `close` says why

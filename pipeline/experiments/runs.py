@@ -24,7 +24,7 @@ from mlflow.tracking import MlflowClient
 from pipeline import constants as names
 from pipeline.config import COMPARE_PARAMETERS
 from pipeline.errors import ParameterError, RunSelectionError
-from pipeline.tracking import check_tracking_store
+from pipeline.tracking.store import check_tracking_store
 
 T = TypeVar("T")
 

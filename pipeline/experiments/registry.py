@@ -5,7 +5,7 @@ The rules, as `register` and `train --register-as` apply them:
 - A run's model is registered once: registering the same run again returns its existing version.
 - A version is tagged with its run id, the run's final metrics and the dataset digest.
 - The alias `champion` (aliases, not the deprecated stages) points at the best registered version
-  by the ranking of `pipeline.runs.Ranking`: the metric, then the lower test_loss, then the earlier
+  by the ranking of `pipeline.experiments.runs.Ranking`: the metric, then the lower test_loss, then the earlier
   run. Registering a run that does not beat the champion adds a version and leaves the alias.
 
 MLflow's registry has no transactions, so concurrent `register` processes may both create a version
@@ -33,8 +33,8 @@ from mlflow.tracking import MlflowClient
 
 from pipeline import constants as names
 from pipeline.errors import RecordingError, RunSelectionError
-from pipeline.retry import Backoff, retry
-from pipeline.runs import Ranking, all_pages, best_registrable_run, logged_models_by_run
+from pipeline.experiments.runs import Ranking, all_pages, best_registrable_run, logged_models_by_run
+from pipeline.tracking.retry import Backoff, retry
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ class Registration:
 
 def record_registration(client: MlflowClient, run_id: str, registration: Registration) -> None:
     """Tags a registration run (the one `mlflow run -e register` created) with what it decided."""
-    tags = {  # its run_type is already set (pipeline.runs.open_workspace)
+    tags = {  # its run_type is already set (pipeline.experiments.runs.open_workspace)
         names.TAG_REGISTERED_MODEL: registration.model_name,
         names.TAG_REGISTERED_VERSION: registration.version,
         names.TAG_REGISTERED_RUN_ID: registration.run_id,

@@ -15,10 +15,10 @@ from mlflow.models import ModelSignature
 from mlflow.types import Schema, TensorSpec
 
 from pipeline import constants as names
-from pipeline.data import NUM_CLASSES, NUM_PIXELS
+from pipeline.constants import NUM_CLASSES, NUM_PIXELS
 from pipeline.errors import first_line
-from pipeline.recorder import RunRecorder
-from pipeline.retry import STORE_BACKOFF, is_transient
+from pipeline.tracking.recorder import RunRecorder
+from pipeline.tracking.retry import STORE_BACKOFF, is_transient
 
 logger = logging.getLogger(__name__)
 

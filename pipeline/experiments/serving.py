@@ -17,7 +17,7 @@ from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 from mlflow.tracking import MlflowClient
 
 from pipeline.constants import CHAMPION_ALIAS
-from pipeline.registry import champion_version
+from pipeline.experiments.registry import champion_version
 
 _log = logging.getLogger(__name__)
 

@@ -16,11 +16,11 @@ from mlflow.entities import Experiment, Run, RunTag
 from mlflow.tracking import MlflowClient
 
 from pipeline import constants as names
-from pipeline import reporting
 from pipeline.config import SWEEP_GRID_PARAMETERS
 from pipeline.errors import ParameterError, RunSelectionError
-from pipeline.runs import Ranking, training_runs
-from pipeline.tracking import compare_runs_url
+from pipeline.experiments.runs import Ranking, training_runs
+from pipeline.tracking import reporting
+from pipeline.tracking.store import compare_runs_url
 
 # The parameters a sweep varies are the ones worth seeing side by side.
 KEY_PARAMETERS = SWEEP_GRID_PARAMETERS

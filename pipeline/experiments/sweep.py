@@ -25,12 +25,12 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.time import get_current_time_millis
 
 from pipeline import constants as names
-from pipeline import reporting
 from pipeline.config import SWEEP_GRID_PARAMETERS, TrainingConfig
 from pipeline.errors import TrackingUnavailable, UserInputError, first_line
-from pipeline.runs import DEFAULT_EXPERIMENT_ID, Ranking
-from pipeline.tracking import check_tracking_store, use_experiment
-from pipeline.training import run_training
+from pipeline.experiments.runs import DEFAULT_EXPERIMENT_ID, Ranking
+from pipeline.tracking import reporting
+from pipeline.tracking.store import check_tracking_store, use_experiment
+from pipeline.training.run import run_training
 
 logger = logging.getLogger(__name__)
 

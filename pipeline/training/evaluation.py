@@ -10,12 +10,13 @@ import keras
 import numpy as np
 
 from pipeline import constants as names
-from pipeline import reporting
-from pipeline.callbacks import TrainingCallbacks
-from pipeline.data import NUM_CLASSES, ImageDataset
-from pipeline.model_logging import log_model
-from pipeline.plot_process import PlotProcess
-from pipeline.recorder import RunRecorder
+from pipeline.constants import NUM_CLASSES
+from pipeline.tracking import reporting
+from pipeline.tracking.model_logging import log_model
+from pipeline.tracking.plot_process import PlotProcess
+from pipeline.tracking.recorder import RunRecorder
+from pipeline.training.callback_list import TrainingCallbacks
+from pipeline.training.data import ImageDataset
 
 logger = logging.getLogger(__name__)
 
