@@ -17,7 +17,8 @@ import click
 
 from mlflow_project.common import configure_console_logging, one_line_errors
 from pipeline.errors import TrackingServerError
-from pipeline.tracking.server import DEFAULT_DATABASE, TrackingServer, choose_backend_store
+from pipeline.tracking.server import TrackingServer
+from pipeline.tracking.server_stores import DEFAULT_DATABASE, choose_backend_store
 
 
 @click.command("server")

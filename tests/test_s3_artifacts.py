@@ -24,7 +24,8 @@ import pytest
 import requests
 
 from pipeline import constants as names
-from pipeline.tracking.server import ArtifactStore, TrackingServer
+from pipeline.tracking.server import TrackingServer
+from pipeline.tracking.server_stores import ArtifactStore
 from tests.helpers import MNIST_SMALL, PROJECT_DIR, free_ports, predict_in_new_process, project_env, run_cli
 
 pytestmark = pytest.mark.slow

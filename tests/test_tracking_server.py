@@ -25,13 +25,9 @@ from mlflow.tracking import MlflowClient
 from mlflow_project.server import _announce
 from pipeline import constants as names
 from pipeline.config import TrainingConfig
-from pipeline.tracking.server import (
-    SERVER_SCRIPT,
-    AdminCredentials,
-    TrackingServer,
-    _signals_held,
-    choose_backend_store,
-)
+from pipeline.tracking.process_group import signals_held
+from pipeline.tracking.server import SERVER_SCRIPT, TrackingServer
+from pipeline.tracking.server_stores import AdminCredentials, choose_backend_store
 from pipeline.tracking.store import CREDENTIAL_VARIABLES
 from tests.conftest import drop_database
 from tests.helpers import (
@@ -317,7 +313,7 @@ def test_a_signal_while_the_server_starts_or_stops_takes_effect_once_that_step_i
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # whatever pytest inherited
     steps = []
     try:
-        with pytest.raises(KeyboardInterrupt), _signals_held():
+        with pytest.raises(KeyboardInterrupt), signals_held():
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.2)  # a Ctrl-C not held would interrupt this sleep
             steps.append("step finished")

@@ -143,7 +143,7 @@ def _register(
     previous = champion_version(client, model_name)
     version, created = _ensure_version(client, model_name, run, model_id)
     champion = _settle_champion(client, model_name, ranking)
-    return _outcome(client, model_name, run, ranking, str(version.version), created, previous, champion)
+    return _outcome(client, model_name, run, ranking, _Decision(str(version.version), created, previous, champion))
 
 
 def _plan(client: MlflowClient, model_name: str, run: Run, ranking: Ranking) -> Registration:
@@ -161,21 +161,25 @@ def _plan(client: MlflowClient, model_name: str, run: Run, ranking: Ranking) -> 
     if version == NEW_VERSION and ranking.has_metric(run):
         candidates = sorted(candidates + [(NEW_VERSION, run)], key=lambda candidate: ranking.key(candidate[1]))
     champion = candidates[0][0] if candidates else previous
-    return _outcome(client, model_name, run, ranking, version, version == NEW_VERSION, previous, champion,
-                    dry_run=True)
+    decision = _Decision(version, version == NEW_VERSION, previous, champion)
+    return _outcome(client, model_name, run, ranking, decision, dry_run=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Decision:
+    """The run's version (NEW_VERSION in a dry run that would create it), whether it is new, and the
+    champion version before and after."""
+
+    version: str
+    created: bool
+    previous: str | None
+    champion: str | None
 
 
 def _outcome(
-    client: MlflowClient,
-    model_name: str,
-    run: Run,
-    ranking: Ranking,
-    version: str,
-    created: bool,
-    previous: str | None,
-    champion: str | None,
-    dry_run: bool = False,
+    client: MlflowClient, model_name: str, run: Run, ranking: Ranking, decision: _Decision, dry_run: bool = False
 ) -> Registration:
+    version, previous, champion = decision.version, decision.previous, decision.champion
     alias = f"{model_name}@{names.CHAMPION_ALIAS}"
     ours = champion == version
     label = "a new version" if version == NEW_VERSION else f"version {version}"
@@ -200,7 +204,7 @@ def _outcome(
         run_id=run.info.run_id,
         run_summary=ranking.describe(run),
         version=version,
-        created=created,
+        created=decision.created,
         champion_version=champion,
         champion_moved=ours and previous != champion,
         reason=reason,

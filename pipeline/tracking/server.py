@@ -23,169 +23,29 @@ not yet recorded would run on unowned; a stop cut short would leave the group ru
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import json
 import logging
 import os
-import re
-import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 
 import requests
 
-from pipeline.errors import TrackingServerError, first_line
+from pipeline.errors import TrackingServerError
+from pipeline.tracking.process_group import free_port, poll, signal_group, signals_held, wait_for_group
+from pipeline.tracking.server_stores import SQLITE_FILE, AdminCredentials, ArtifactStore, redacted
 
 logger = logging.getLogger(__name__)
 
-SERVER_SCRIPT = Path(__file__).resolve().parents[1] / "docker" / "start-mlflow-server.sh"
-ADMIN_USERNAME = "admin"
+SERVER_SCRIPT = Path(__file__).resolve().parents[2] / "docker" / "start-mlflow-server.sh"
 CREDENTIALS_FILE = "admin-credentials.json"
 ARTIFACTS_DIR = "artifacts"
 LOG_FILE = "server.log"
-SQLITE_FILE = "mlflow.db"
-DEFAULT_DATABASE = "mnist_pipeline"
-_DATABASE_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
-
-
-@dataclasses.dataclass(frozen=True)
-class AdminCredentials:
-    """The admin account a server creates on its first start, and the Flask secret it signs with."""
-
-    username: str
-    password: str
-    flask_secret_key: str
-
-    @classmethod
-    def load_or_create(cls, path: Path) -> AdminCredentials:
-        """The credentials saved at `path`, or new random ones saved there, readable by this user only.
-
-        MLflow creates the admin user once, from the password given at the first start against an
-        empty user store, and ignores it afterwards: a later start must reuse the same password.
-
-        Args:
-            path: the credentials file (JSON).
-        """
-        if path.exists():
-            return cls(**json.loads(path.read_text()))
-        credentials = cls(ADMIN_USERNAME, secrets.token_urlsafe(24), secrets.token_hex(32))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(descriptor, "w") as stream:
-            json.dump(dataclasses.asdict(credentials), stream)
-        return credentials
-
-
-@dataclasses.dataclass(frozen=True)
-class ArtifactStore:
-    """Where a server keeps the artifacts it proxies, when not in a directory of its root.
-
-    Args:
-        destination: what `mlflow server --artifacts-destination` gets, e.g. `s3://mlflow/`.
-        environment: what the server needs to reach it (MLFLOW_S3_ENDPOINT_URL, AWS_ACCESS_KEY_ID,
-            AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION); given to the server process only, never to clients.
-    """
-
-    destination: str
-    environment: dict[str, str] = dataclasses.field(default_factory=dict)
-
-
-@dataclasses.dataclass(frozen=True)
-class BackendStore:
-    """Where a server keeps runs, metrics, params, users and permissions.
-
-    Args:
-        uri: the SQLAlchemy URI MLflow gets.
-        description: for people: which database, and why this one.
-    """
-
-    uri: str
-    description: str
-
-
-def choose_backend_store(
-    root: Path,
-    uri: str | None = None,
-    database: str = DEFAULT_DATABASE,
-    postgres_host: str = "127.0.0.1",
-    postgres_port: int = 5432,
-) -> BackendStore:
-    """The given URI; else a PostgreSQL database when PostgreSQL answers on host:port; else SQLite in root.
-
-    Args:
-        root: the server's root directory (the SQLite file goes there).
-        uri: an explicit backend store URI; used as given.
-        database: the database to use (created when missing) on the local PostgreSQL.
-        postgres_host: where to look for PostgreSQL.
-        postgres_port: its port.
-
-    Raises:
-        TrackingServerError: PostgreSQL answers but refuses us, or `database` is not a plain name.
-    """
-    if uri:
-        return BackendStore(uri, f"{_redacted(uri)} (given)")
-    postgres_uri = local_postgres_database(database, postgres_host, postgres_port)
-    if postgres_uri:
-        return BackendStore(postgres_uri, f"PostgreSQL database {database} on {postgres_host}:{postgres_port}")
-    sqlite_path = Path(root).resolve() / SQLITE_FILE
-    return BackendStore(
-        f"sqlite:///{sqlite_path}",
-        f"SQLite file {sqlite_path} (no PostgreSQL answers on {postgres_host}:{postgres_port})",
-    )
-
-
-def local_postgres_database(database: str, host: str = "127.0.0.1", port: int = 5432) -> str | None:
-    """The URI of `database` on the PostgreSQL at host:port, created when missing; None when nothing listens.
-
-    The user is PGUSER (default `postgres`); a password comes from PGPASSWORD or ~/.pgpass, as libpq
-    reads them, so it never appears in the URI.
-
-    Args:
-        database: a plain lower-case name.
-        host: PostgreSQL's address.
-        port: its port.
-
-    Raises:
-        TrackingServerError: something listens there but does not let us in, or the name is not plain.
-    """
-    if not _DATABASE_NAME.fullmatch(database):
-        raise TrackingServerError(
-            f"database name {database!r} is invalid: allowed are lower-case letters, digits and _ (max 63)"
-        )
-    try:
-        socket.create_connection((host, port), timeout=2).close()
-    except OSError:
-        return None
-    import psycopg2
-
-    user = os.environ.get("PGUSER", "postgres")
-    try:
-        connection = psycopg2.connect(host=host, port=port, user=user, dbname="postgres", connect_timeout=5)
-    except psycopg2.Error as error:
-        raise TrackingServerError(
-            f"PostgreSQL on {host}:{port} refused user {user} ({first_line(error, 1000)}); set PGUSER/PGPASSWORD "
-            "or pass a backend store URI"
-        ) from None
-    connection.autocommit = True
-    try:
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT 1 FROM pg_database WHERE datname = %s", (database,))
-            if cursor.fetchone() is None:
-                cursor.execute(f'CREATE DATABASE "{database}"')
-                logger.info("created database %s on %s:%s", database, host, port)
-    finally:
-        connection.close()
-    return f"postgresql+psycopg2://{user}@{host}:{port}/{database}"
 
 
 class TrackingServer:
@@ -200,11 +60,17 @@ class TrackingServer:
         backend_store_uri: runs, users and permissions; default: SQLite in root.
         host: the interface to listen on.
         port: the port; default: a free one.
+        artifact_store: where artifacts are kept; default: the directory `artifacts` in root.
+
+    Attributes:
         workers: server worker processes (1: see MLFLOW_WORKERS in the start script).
         startup_timeout: seconds to wait for `/health` before giving up.
         script: the start script (the one the compose `mlflow` service runs).
-        artifact_store: where artifacts are kept; default: the directory `artifacts` in root.
     """
+
+    workers = 1
+    startup_timeout = 120.0
+    script = SERVER_SCRIPT
 
     def __init__(
         self,
@@ -212,18 +78,12 @@ class TrackingServer:
         backend_store_uri: str | None = None,
         host: str = "127.0.0.1",
         port: int | None = None,
-        workers: int = 1,
-        startup_timeout: float = 120.0,
-        script: Path = SERVER_SCRIPT,
         artifact_store: ArtifactStore | None = None,
     ) -> None:
         self.root = Path(root).resolve()
         self.backend_store_uri = backend_store_uri or f"sqlite:///{self.root / SQLITE_FILE}"
         self.host = host
         self.port = port
-        self.workers = workers
-        self.startup_timeout = startup_timeout
-        self.script = script
         self.artifact_store = artifact_store or ArtifactStore(str(self.root / ARTIFACTS_DIR))
         self._credentials: AdminCredentials | None = None
         self._process: subprocess.Popen | None = None
@@ -262,7 +122,7 @@ class TrackingServer:
 
     @property
     def running(self) -> bool:
-        return self._process is not None and _poll(self._process) is None
+        return self._process is not None and poll(self._process) is None
 
     def client_environment(self) -> dict[str, str]:
         """The variables a client (mlflow run, our CLI, MlflowClient) needs to use this server."""
@@ -298,7 +158,7 @@ class TrackingServer:
             raise TrackingServerError(f"the server start script {self.script} is missing")
         self.artifacts_dir.mkdir(parents=True, exist_ok=True)
         if self.port is None:
-            self.port = _free_port(self.host)
+            self.port = free_port(self.host)
         self._scratch_dir = Path(tempfile.mkdtemp(prefix="mlflow-server-"))
         environment = os.environ | self.server_environment() | {
             # The `mlflow` the script runs is the one next to this Python; its temporary files
@@ -308,8 +168,8 @@ class TrackingServer:
         }
         try:
             # Until self._process records it, a Ctrl-C would leave the new server running unowned.
-            with open(self.log_path, "ab") as log, _signals_held():
-                log.write(f"--- starting {self.uri} on {_redacted(self.backend_store_uri)}\n".encode())
+            with open(self.log_path, "ab") as log, signals_held():
+                log.write(f"--- starting {self.uri} on {redacted(self.backend_store_uri)}\n".encode())
                 log.flush()
                 self._process = subprocess.Popen(
                     ["bash", str(self.script)],
@@ -336,15 +196,15 @@ class TrackingServer:
         Args:
             timeout: seconds to wait after SIGTERM before the group gets SIGKILL.
         """
-        with _signals_held():
+        with signals_held():
             process, self._process = self._process, None
             if process is not None:
                 group = process.pid
-                _signal_group(group, signal.SIGTERM)
-                if not _wait_for_group(process, group, timeout):
+                signal_group(group, signal.SIGTERM)
+                if not wait_for_group(process, group, timeout):
                     logger.warning("MLflow server group %s ignored SIGTERM for %.0f s; killing it", group, timeout)
-                    _signal_group(group, signal.SIGKILL)
-                    _wait_for_group(process, group, timeout)
+                    signal_group(group, signal.SIGKILL)
+                    wait_for_group(process, group, timeout)
             if self._scratch_dir is not None:
                 shutil.rmtree(self._scratch_dir, ignore_errors=True)
                 self._scratch_dir = None
@@ -373,7 +233,7 @@ class TrackingServer:
     def _wait_until_healthy(self) -> None:
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
-            status = _poll(self._process)
+            status = poll(self._process)
             if status is not None:
                 raise TrackingServerError(
                     f"the MLflow server exited with status {status} before answering /health: "
@@ -400,7 +260,7 @@ class TrackingServer:
         if response.status_code == 401:
             raise TrackingServerError(
                 f"the server refuses the admin password in {self.credentials_path}: the user store "
-                f"({_redacted(self.backend_store_uri)}) already has user {self.username!r} with another "
+                f"({redacted(self.backend_store_uri)}) already has user {self.username!r} with another "
                 "password; use the root directory that created it, or a fresh database"
             )
         if response.status_code != 200:
@@ -408,74 +268,6 @@ class TrackingServer:
                 f"the server answered HTTP {response.status_code} when asked for its admin user; "
                 f"see {self.log_path}"
             )
-
-
-_HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-
-@contextlib.contextmanager
-def _signals_held() -> Iterator[None]:
-    """Holds SIGINT and SIGTERM while the block runs; one that arrived is delivered (to the handler
-    that was in place) when it ends. In the main thread only: Python runs signal handlers there, so
-    elsewhere nothing can interrupt the block anyway. Ignored signals stay ignored."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    arrived: list[int] = []
-    previous = {}
-    try:
-        for number in _HELD_SIGNALS:
-            handler = signal.getsignal(number)
-            if handler is None or handler == signal.SIG_IGN:  # not set from Python, or ignored: leave it
-                continue
-            previous[number] = handler
-            signal.signal(number, lambda received, _frame: arrived.append(received))
-        yield
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
-        if arrived:
-            signal.raise_signal(arrived[0])
-
-
-def _poll(process: subprocess.Popen) -> int | None:
-    """process.poll(), not interruptible: a KeyboardInterrupt raised inside Popen.poll() can leave its
-    internal wait lock held, and every later wait() then times out (60 s for stop())."""
-    with _signals_held():
-        return process.poll()
-
-
-def _free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((host, 0))
-        return probe.getsockname()[1]
-
-
-def _signal_group(group: int, signal_number: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(group, signal_number)
-
-
-def _group_alive(group: int) -> bool:
-    try:
-        os.killpg(group, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-def _wait_for_group(process: subprocess.Popen, group: int, timeout: float) -> bool:
-    """Waits for the leader (reaping it) and then for every other member of its group to be gone."""
-    deadline = time.monotonic() + timeout
-    try:
-        process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return False
-    while _group_alive(group):
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.1)
-    return True
 
 
 def _last_line(path: Path) -> str:
@@ -486,7 +278,3 @@ def _last_line(path: Path) -> str:
         lines = []
     return lines[-1] if lines else "(nothing logged)"
 
-
-def _redacted(uri: str) -> str:
-    """The URI with any password replaced by ***, fit to print."""
-    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", uri)
