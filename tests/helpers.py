@@ -86,6 +86,18 @@ def project_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> str:
+    """The one line a failed command wrote to stderr (`error: ...`, no traceback, nothing else), after
+    checking that it holds every fragment; returns it."""
+    output = result.stderr + (result.stdout or "")
+    assert "Traceback" not in output, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-3000:]
+    missing = [fragment for fragment in fragments if fragment not in lines[0]]
+    assert not missing, (missing, lines[0])
+    return lines[0]
+
+
 def run_cli(args: list[str], cwd: Path, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
     """Runs `python -m mlflow_project ARGS` as a real process."""
     return subprocess.run(
@@ -112,6 +124,11 @@ def run_cli_here(args: list[str], **env: str) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(args, result.exit_code, result.stdout, result.stderr)
 
 
+def cli_options(values: dict[str, str]) -> list[str]:
+    """Parameters as the CLI takes them: `{"batch_size": "8"}` -> `["--batch-size", "8"]`."""
+    return [part for name, value in values.items() for part in ("--" + name.replace("_", "-"), value)]
+
+
 def mlflow_project_run(
     entry_point: str,
     params: dict[str, str],
@@ -119,9 +136,10 @@ def mlflow_project_run(
     cwd: Path,
     tracking: dict[str, str],
     timeout: float = 300,
+    env_manager: str = "local",
 ) -> subprocess.CompletedProcess:
-    """`mlflow run PROJECT -e ENTRY_POINT --env-manager local` as a real process."""
-    args = ["mlflow", "run", str(PROJECT_DIR), "-e", entry_point, "--env-manager", "local",
+    """`mlflow run PROJECT -e ENTRY_POINT --env-manager ENV_MANAGER` as a real process."""
+    args = ["mlflow", "run", str(PROJECT_DIR), "-e", entry_point, "--env-manager", env_manager,
             "--experiment-name", experiment]
     for name, value in params.items():
         args += ["-P", f"{name}={value}"]

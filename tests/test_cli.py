@@ -8,22 +8,13 @@ from mlflow.tracking import MlflowClient
 
 from mlflow_project.cli import cli
 from pipeline import constants as names
-from tests.helpers import MNIST_SMALL, new_sqlite_store, run_cli
+from tests.helpers import MNIST_SMALL, new_sqlite_store, one_line_error, run_cli
 
 pytestmark = pytest.mark.slow
 
 
 def _store(tmp_path) -> dict[str, str]:
     return {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-
-
-def _assert_one_line_error(result, *fragments: str) -> None:
-    assert "Traceback" not in result.stderr and "Traceback" not in (result.stdout or "")
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: ")
-    for fragment in fragments:
-        assert fragment in lines[0]
 
 
 def test_cli_trains_and_reports_the_run(tmp_path):
@@ -58,7 +49,7 @@ def test_cli_trains_and_reports_the_run(tmp_path):
 def test_bad_parameters_give_one_line_and_exit_2_without_a_run(tmp_path, args, fragments):
     result = run_cli(["train", *args, "--dataset", str(MNIST_SMALL)], cwd=tmp_path, timeout=60, **_store(tmp_path))
     assert result.returncode == 2
-    _assert_one_line_error(result, *fragments)
+    one_line_error(result, *fragments)
     assert not (tmp_path / "mlflow.db").exists()  # no run, not even a store, was created
 
 
@@ -67,7 +58,7 @@ def test_bad_data_file_gives_one_line_and_exit_2(tmp_path):
     broken.write_bytes(b"\x00" * 100)
     result = CliRunner().invoke(cli, ["train", "--dataset", str(broken)], env=_store(tmp_path) | {"MLFLOW_RUN_ID": ""})
     assert result.exit_code == 2 and isinstance(result.exception, SystemExit)  # nothing else escaped
-    _assert_one_line_error(result, str(broken), "not an .npz")
+    one_line_error(result, str(broken), "not an .npz")
     assert not (tmp_path / "mlflow.db").exists()
 
 
@@ -77,7 +68,7 @@ def test_nan_loss_exits_1_with_one_line_and_a_failed_run(tmp_path):
         cwd=tmp_path, MLFLOW_TRACKING_URI=new_sqlite_store(tmp_path),
     )
     assert result.returncode == 1
-    _assert_one_line_error(result, "training diverged", "learning_rate")
+    one_line_error(result, "training diverged", "learning_rate")
     client = MlflowClient(_store(tmp_path)["MLFLOW_TRACKING_URI"])
     [run] = client.search_runs([client.get_experiment_by_name("nan").experiment_id])
     assert run.info.status == "FAILED"

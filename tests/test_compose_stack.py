@@ -42,7 +42,7 @@ from tests.helpers import (
     project_env,
     run_cli,
 )
-from tests.test_training import assert_run_contract
+from tests.run_contract import assert_run_contract
 
 # One test waits for the images to build on a machine that has not built them yet.
 pytestmark = [pytest.mark.compose, pytest.mark.timeout(1800)]

@@ -27,6 +27,7 @@ from tests.helpers import (
     fail_fast_bound,
     free_ports,
     new_sqlite_store,
+    one_line_error,
     project_env,
     run_cli,
 )
@@ -88,14 +89,6 @@ def _cli_after_setup(setup: str, args: list[str], cwd: Path, **env: str) -> subp
     )
 
 
-def _one_line_error(result: subprocess.CompletedProcess) -> str:
-    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout, result.stderr[-3000:]
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr[-3000:]
-    assert lines[0].startswith("error: ")
-    return lines[0]
-
-
 def _all_runs(client: MlflowClient) -> list:
     return client.search_runs([experiment.experiment_id for experiment in client.search_experiments()])
 
@@ -117,7 +110,7 @@ def test_unwritable_tmpdir_fails_the_run_in_one_line(tmp_path, monkeypatch):
     finally:
         subprocess.run(["umount", str(read_only)], check=True)
     assert result.returncode == 1, result.stderr[-3000:]
-    line = _one_line_error(result)
+    line = one_line_error(result)
     assert line.startswith(f"error: cannot write the run's local files in {read_only} (Read-only file system)")
     [run] = client.search_runs([experiment_id])
     assert run.info.status == "FAILED"
@@ -151,7 +144,7 @@ def test_unreachable_tracking_server_fails_at_start_in_one_line_within_the_timeo
     baseline, startup = _timed_cli(
         [*train, missing], tmp_path, MLFLOW_TRACKING_URI="postgresql+psycopg2://postgres@127.0.0.1:1/x"
     )
-    assert baseline.returncode == 2 and missing in _one_line_error(baseline)
+    assert baseline.returncode == 2 and missing in one_line_error(baseline)
     bound = fail_fast_bound(startup)
 
     [closed_port] = free_ports(1)
@@ -161,7 +154,7 @@ def test_unreachable_tracking_server_fails_at_start_in_one_line_within_the_timeo
         closed, seconds = _timed_cli(train, tmp_path, MLFLOW_TRACKING_URI=f"http://127.0.0.1:{closed_port}",
                                      PYTHONPATH=f"{blocker}{os.pathsep}{PROJECT_DIR}")
     assert closed.returncode == 1, closed.stderr[-3000:]
-    assert _one_line_error(closed) == (
+    assert one_line_error(closed) == (
         f"error: tracking server http://127.0.0.1:{closed_port} is unreachable (connection refused); check that it "
         "runs and that MLFLOW_TRACKING_URI points at it"
     )
@@ -172,7 +165,7 @@ def test_unreachable_tracking_server_fails_at_start_in_one_line_within_the_timeo
         silent, seconds = _timed_cli(train, tmp_path, MLFLOW_TRACKING_URI=f"http://127.0.0.1:{silent_port}")
     assert silent.returncode == 1, silent.stderr[-3000:]
     assert seconds < bound, (seconds, startup)
-    assert _one_line_error(silent) == (
+    assert one_line_error(silent) == (
         f"error: tracking server http://127.0.0.1:{silent_port} is unreachable (no answer within 10 s); check that "
         "it runs and that MLFLOW_TRACKING_URI points at it"
     )
@@ -187,7 +180,7 @@ def test_batch_size_not_a_multiple_of_the_mirrored_replicas_is_one_line_exit_2(t
         tmp_path, MLFLOW_TRACKING_URI=store,
     )
     assert result.returncode == 2, result.stderr[-3000:]
-    assert _one_line_error(result) == (
+    assert one_line_error(result) == (
         "error: parameter batch_size=127 is invalid: allowed is a multiple of the 2 replicas of strategy=mirrored "
         "(the global batch is split evenly across them)"
     )
@@ -204,7 +197,7 @@ def test_a_value_the_store_refuses_exits_1_naming_it_in_one_line(postgres_store,
         MLFLOW_TRACKING_URI=postgres_store,
     )
     assert result.returncode == 1, result.stderr[-3000:]
-    assert _one_line_error(result) == (
+    assert one_line_error(result) == (
         "error: the tracking store failed: 'name' exceeds the maximum length of 500 characters"
     )
     client = MlflowClient(postgres_store)
@@ -220,7 +213,7 @@ def test_nan_mid_training_fails_the_run_and_keeps_an_earlier_loadable_checkpoint
         tmp_path, MLFLOW_TRACKING_URI=store,
     )
     assert result.returncode == 1, result.stderr[-3000:]
-    line = _one_line_error(result)
+    line = one_line_error(result)
     client = MlflowClient(store)
     [run] = client.search_runs([client.get_experiment_by_name("nan").experiment_id])
     run_id, tags = run.info.run_id, run.data.tags

@@ -14,7 +14,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline import constants as names
-from tests.helpers import MNIST_SMALL, new_sqlite_store, project_env
+from tests.helpers import MNIST_SMALL, new_sqlite_store, one_line_error, project_env
 
 pytestmark = pytest.mark.slow
 
@@ -67,12 +67,10 @@ def test_disk_full_while_checkpointing_fails_the_run_in_one_line(tmp_path, monke
         if local is not None:  # the run's own local directory was removed (Keras leaves an empty tmp*/assets)
             assert list(local.glob("mnist-run-*")) == []
     assert result.returncode == 1, result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    assert lines[0].startswith("error: cannot write the run's local files in ")
-    assert message in lines[0] and "free disk space or point TMPDIR" in lines[0]
+    line = one_line_error(result, message, "free disk space or point TMPDIR")
+    assert line.startswith("error: cannot write the run's local files in ")
     if local is not None:
-        assert f"in {local}/" in lines[0]  # the directory on the full disk
+        assert f"in {local}/" in line  # the directory on the full disk
     [run] = client.search_runs([experiment_id])
     assert run.info.status == "FAILED"
     artifacts = {item.path for item in client.list_artifacts(run.info.run_id)}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -12,8 +11,8 @@ from mlflow.tracking import MlflowClient
 
 from pipeline import constants as names
 from pipeline.config import TrainingConfig
-from tests.helpers import MNIST_SMALL, PROJECT_DIR, new_sqlite_store, project_env
-from tests.test_training import assert_run_contract
+from tests.helpers import MNIST_SMALL, PROJECT_DIR, mlflow_project_run, new_sqlite_store
+from tests.run_contract import assert_run_contract
 
 pytestmark = pytest.mark.slow
 
@@ -57,12 +56,11 @@ def written_into_the_project(before: dict[str, tuple[int, int]], after: dict[str
 
 
 def mlflow_run(tmp_path: Path, *params: str, env_manager: str = "local", timeout: float = 300):
-    args = ["mlflow", "run", str(PROJECT_DIR), "--env-manager", env_manager, "--experiment-name", "project"]
-    for param in params:
-        args += ["-P", param]
+    """`mlflow run` of the main entry point into a new store; the result, a client and the runs made."""
     uri = new_sqlite_store(tmp_path)
-    result = subprocess.run(
-        args, cwd=tmp_path, env=project_env(MLFLOW_TRACKING_URI=uri), capture_output=True, text=True, timeout=timeout
+    result = mlflow_project_run(
+        "main", dict(param.split("=", 1) for param in params), "project", tmp_path, {"MLFLOW_TRACKING_URI": uri},
+        timeout, env_manager,
     )
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name("project")

@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 from pipeline import constants as names
 from pipeline.experiments.registry import Registration, register_best_run
 from pipeline.experiments.runs import Ranking
-from tests.helpers import MNIST_SMALL, project_env
+from tests.helpers import MNIST_SMALL, cli_options, project_env
 
 pytestmark = pytest.mark.slow
 
@@ -64,10 +64,7 @@ class TrainingProcess:
 
 def _args(**values: str) -> list[str]:
     base = {"dataset": str(MNIST_SMALL), "hidden_units": "64", "target_accuracy": "0", "es_patience": "100"}
-    args: list[str] = []
-    for name, value in (base | values).items():
-        args += ["--" + name.replace("_", "-"), value]
-    return args
+    return cli_options(base | values)
 
 
 def _assert_every_epoch_once(client: MlflowClient, run_id: str, epochs: int) -> None:

@@ -30,7 +30,7 @@ from pipeline.experiments.registry import NEW_VERSION, register_best_run, regist
 from pipeline.experiments.runs import Ranking, resolve_experiment, training_runs
 from pipeline.training.data import load_dataset
 from pipeline.training.run import run_training
-from tests.helpers import MNIST_SMALL, invoke, mlflow_project_run, models_serve, project_env, run_cli
+from tests.helpers import MNIST_SMALL, invoke, mlflow_project_run, models_serve, one_line_error, project_env, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -225,21 +225,13 @@ def test_non_training_runs_are_never_candidates(store, trained):
     assert registration.run_id in trained.run_ids  # not the model-less 0.999 run either
 
 
-def _assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
-    assert result.returncode == 2, result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert "Traceback" not in result.stdout
-    for fragment in fragments:
-        assert fragment in lines[0]
-
-
 def test_register_with_nothing_to_register_exits_2_in_one_line(store, tmp_path):
     empty = _model_name("empty")
     store.client.create_experiment(empty)
     result = run_cli(["register", "--experiment-name", empty], cwd=tmp_path, timeout=120,
                      **store.env)
-    _assert_one_line_error(result, f"experiment {empty!r} has no finished training run")
+    assert result.returncode == 2, result.stderr
+    one_line_error(result, f"experiment {empty!r} has no finished training run")
 
     model_less = _model_name("model-less")
     experiment_id = store.client.create_experiment(model_less)

@@ -22,7 +22,7 @@ from pipeline.config import TrainingConfig
 from pipeline.errors import TrainingDiverged
 from pipeline.training.data import load_dataset
 from pipeline.training.run import run_training
-from tests.helpers import MNIST_SMALL, PROJECT_DIR, project_env, run_cli_here
+from tests.helpers import MNIST_SMALL, PROJECT_DIR, cli_options, one_line_error, project_env, run_cli_here
 
 pytestmark = pytest.mark.slow
 
@@ -34,10 +34,7 @@ PARAMS = {
 
 
 def _cli_args(**overrides: str) -> list[str]:
-    args = []
-    for name, value in (PARAMS | overrides).items():
-        args += ["--" + name.replace("_", "-"), value]
-    return args
+    return cli_options(PARAMS | overrides)
 
 
 def _start_training(store: str, cwd: Path, *extra: str) -> subprocess.Popen:
@@ -129,13 +126,6 @@ def diverged_run(sqlite_store) -> str:
     return run.info.run_id
 
 
-def _one_line_error(result: subprocess.CompletedProcess) -> str:
-    assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-3000:]
-    return lines[0]
-
-
 def _snapshot(client: MlflowClient, run_id: str) -> tuple:
     """What a refused resume must leave as it was: status, params, tags, and every metric's history."""
     run = client.get_run(run_id)
@@ -148,7 +138,7 @@ def test_resume_with_other_parameters_is_refused_naming_them(diverged_run):
     before = _snapshot(client, diverged_run)
     result = run_cli_here(["train", "--run-id", diverged_run, *_cli_args(learning_rate="0.001", epochs="5")])
     assert result.returncode == 2
-    message = _one_line_error(result)
+    message = one_line_error(result)
     assert message.startswith(f"error: run {diverged_run} was trained with other parameters; ")
     assert "epochs 12 -> 5" in message and "learning_rate 1e+30 -> 0.001" in message
     assert "dropout" not in message
@@ -175,7 +165,7 @@ def test_resume_with_other_data_is_refused_and_leaves_the_run_as_it_was(sqlite_s
     before = _snapshot(client, run_id)
     result = run_cli_here(["train", "--run-id", run_id, *_cli_args(dataset=str(data), learning_rate="1e30")])
     assert result.returncode == 2
-    assert _one_line_error(result) == (
+    assert one_line_error(result) == (
         f"error: run {run_id} was trained on other data (digest {trained_on}, now {now.digest} from {now.source})"
     )
     assert _snapshot(client, run_id) == before

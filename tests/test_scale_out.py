@@ -24,8 +24,8 @@ from pipeline.tracking.resume import RunNotResumable
 from pipeline.tracking.store import prepare_sqlite_store
 from pipeline.training.data import load_dataset
 from pipeline.training.run import run_training
-from tests.helpers import MNIST_SMALL, free_ports, new_sqlite_store, project_env, stdout_lines, tf_config
-from tests.test_training import CALLBACKS, assert_run_contract, small_config
+from tests.helpers import MNIST_SMALL, cli_options, free_ports, new_sqlite_store, project_env, stdout_lines, tf_config
+from tests.run_contract import CALLBACKS, assert_run_contract, small_config
 
 EPOCHS = "3"
 DISTRIBUTED_CALLBACKS = CALLBACKS.replace("BatchTiming,", "BatchTiming,WorkerTiming,")
@@ -72,10 +72,7 @@ def _config(**values: str) -> TrainingConfig:
 
 
 def _train_args(config: TrainingConfig) -> list[str]:
-    args = ["train"]
-    for name, value in config.as_params().items():
-        args += ["--" + name.replace("_", "-"), value]
-    return args
+    return ["train", *cli_options(config.as_params())]
 
 
 def _start_workers(

@@ -11,8 +11,8 @@ from mlflow.tracking import MlflowClient
 
 from pipeline import constants as names
 from pipeline.config import TrainingConfig
-from tests.helpers import MNIST_SMALL, mlflow_project_run, run_cli
-from tests.test_training import assert_run_contract
+from tests.helpers import MNIST_SMALL, mlflow_project_run, one_line_error, run_cli
+from tests.run_contract import assert_run_contract
 
 pytestmark = pytest.mark.slow
 
@@ -83,6 +83,5 @@ def test_a_bad_grid_gives_one_line_and_exit_2(tmp_path, args, fragment):
     result = run_cli(["sweep", *args], cwd=tmp_path, timeout=60,
                      MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert result.returncode == 2
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: parameter ") and fragment in lines[0]
+    assert one_line_error(result, fragment).startswith("error: parameter ")
     assert not (tmp_path / "mlflow.db").exists()

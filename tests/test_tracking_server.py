@@ -39,7 +39,7 @@ from tests.helpers import (
     run_cli,
     stdout_lines,
 )
-from tests.test_training import EXPECTED_ARTIFACTS, assert_run_contract
+from tests.run_contract import EXPECTED_ARTIFACTS, assert_run_contract
 
 TRAINED_VALUES = {"epochs": "2", "dataset": str(MNIST_SMALL), "lr_patience": "1"}
 EXPERIMENT = "team-server"

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import subprocess
 import sys
-from importlib import metadata
 from pathlib import Path
 
-import keras
 import mlflow
 import numpy as np
 import pytest
@@ -20,139 +17,12 @@ from mlflow.tracking import MlflowClient
 from pipeline import constants as names
 from pipeline.config import TRAINING_PARAMETERS, TrainingConfig
 from pipeline.errors import DataError, TrainingDiverged
-from pipeline.experiments.runs import logged_models_by_run
-from pipeline.tracking.model_logging import MODEL_REQUIREMENTS
 from pipeline.training.data import load_dataset
 from pipeline.training.evaluation import predict_probabilities
 from pipeline.training.model import build_model
 from pipeline.training.run import run_training
 from tests.helpers import MNIST_SMALL, new_sqlite_store, project_env
-
-DERIVED_PARAMS = {
-    names.PARAM_TOTAL_PARAMETERS: str(784 * 128 + 128 + 128 * 64 + 64 + 64 * 10 + 10),
-    names.PARAM_TRAIN_SIZE: "1200",
-    names.PARAM_VAL_SIZE: "300",
-    names.PARAM_TEST_SIZE: "300",
-    names.PARAM_STEPS_PER_EPOCH: "10",
-    names.PARAM_NUM_REPLICAS: "1",
-    names.PARAM_NUM_WORKERS: "1",
-}
-CALLBACKS = (
-    "TargetAccuracyStop,DivergenceGuard,BatchTiming,BestCheckpoint,EarlyStopping,ReduceLROnPlateau,LearningRateChanges,"
-    "CSVLogger,TrainingStateBackup,EpochMetricsLogger"
-)
-EXPECTED_ARTIFACTS = {
-    f"{names.CHECKPOINT_DIR}/{names.BEST_MODEL_FILE}",
-    f"{names.CHECKPOINT_DIR}/{names.BEST_MODEL_INFO_FILE}",
-    names.LR_CHANGES_FILE,
-    names.TRAINING_LOG_FILE,
-    names.MODEL_SUMMARY_FILE,
-    f"{names.PLOTS_DIR}/{names.TRAINING_CURVES_FILE}",
-    f"{names.PLOTS_DIR}/{names.CONFUSION_MATRIX_FILE}",
-    names.CLASSIFICATION_REPORT_FILE,
-}
-
-
-def small_config(**values: str) -> TrainingConfig:
-    return TrainingConfig.from_values({"dataset": str(MNIST_SMALL), "epochs": "6", "lr_patience": "1"} | values)
-
-
-def artifact_paths(client: MlflowClient, run_id: str, path: str | None = None) -> set[str]:
-    found: set[str] = set()
-    for item in client.list_artifacts(run_id, path):
-        found |= artifact_paths(client, run_id, item.path) if item.is_dir else {item.path}
-    return found
-
-
-def assert_run_contract(
-    client: MlflowClient,
-    run_id: str,
-    config: TrainingConfig,
-    workdir: Path,
-    expected_params: dict[str, str] | None = None,
-    derived_params: dict[str, str] | None = None,
-    callbacks: str = CALLBACKS,
-) -> None:
-    """Every item of the run contract (README, "What a run records"), checked in the store.
-
-    `derived_params` overrides DERIVED_PARAMS (a distributed training's replicas and workers), and
-    `callbacks` is the expected `callbacks` tag."""
-    run = client.get_run(run_id)
-    assert run.info.status == "FINISHED"
-    assert run.data.params == (expected_params or config.as_params()) | DERIVED_PARAMS | (derived_params or {})
-
-    completed = int(run.data.metrics[names.EPOCHS_COMPLETED])
-    assert 1 <= completed <= config.epochs
-    for metric in names.EPOCH_METRICS:
-        history = client.get_metric_history(run_id, metric)
-        assert [m.step for m in history] == list(range(completed)), metric
-        assert all(np.isfinite(m.value) for m in history), metric
-    rates = [m.value for m in client.get_metric_history(run_id, names.LEARNING_RATE)]
-    assert rates[0] == config.learning_rate
-
-    artifacts = artifact_paths(client, run_id)
-    assert artifacts >= EXPECTED_ARTIFACTS
-    local = Path(client.download_artifacts(run_id, "", str(workdir / "artifacts")))
-
-    # learning-rate changes: one entry per change of the per-epoch rate, and the tag counts them
-    changes = json.loads((local / names.LR_CHANGES_FILE).read_text())
-    expected_changes = [
-        (epoch, rates[epoch], rates[epoch + 1]) for epoch in range(completed - 1) if rates[epoch + 1] != rates[epoch]
-    ]
-    assert [(c["epoch"], c["old_lr"], c["new_lr"]) for c in changes][: len(expected_changes)] == expected_changes
-    assert all(c["cause"] == "ReduceLROnPlateau(val_loss)" for c in changes)
-    assert run.data.tags[names.TAG_LR_REDUCTIONS] == str(len(changes))
-
-    # best checkpoint: info file, metric, tag agree with the per-epoch val_accuracy
-    val_accuracy = [m.value for m in client.get_metric_history(run_id, names.VAL_ACCURACY)]
-    best_epoch = int(np.argmax(val_accuracy))
-    info = json.loads((local / names.CHECKPOINT_DIR / names.BEST_MODEL_INFO_FILE).read_text())
-    assert info["epoch"] == best_epoch and info["val_accuracy"] == pytest.approx(val_accuracy[best_epoch])
-    assert run.data.tags[names.TAG_BEST_EPOCH] == str(best_epoch)
-    assert run.data.metrics[names.BEST_VAL_ACCURACY] == pytest.approx(max(val_accuracy))
-
-    assert run.data.tags[names.TAG_STOP_REASON] in (
-        names.STOP_COMPLETED, names.STOP_EARLY_STOPPING, names.STOP_TARGET_ACCURACY
-    )
-    assert run.data.tags[names.TAG_CALLBACKS] == callbacks
-    assert run.data.tags[names.TAG_RUN_TYPE] == names.RUN_TYPE_TRAINING
-
-    with open(local / names.TRAINING_LOG_FILE, newline="") as stream:
-        rows = list(csv.DictReader(stream))
-    assert [int(row["epoch"]) for row in rows] == list(range(completed))
-    assert {names.EPOCH_SECONDS, names.BATCH_MS_P95, "val_accuracy"} <= set(rows[0])
-    assert "Total params" in (local / names.MODEL_SUMMARY_FILE).read_text()
-    for plot in (names.TRAINING_CURVES_FILE, names.CONFUSION_MATRIX_FILE):
-        assert (local / names.PLOTS_DIR / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    report = json.loads((local / names.CLASSIFICATION_REPORT_FILE).read_text())
-    assert set(report["3"]) == {"precision", "recall", "f1-score", "support"}
-    assert report["accuracy"] == pytest.approx(run.data.metrics[names.TEST_ACCURACY], abs=1e-6)
-
-    # dataset input: name, source, digest
-    dataset = load_dataset(config.dataset)
-    [dataset_input] = run.inputs.dataset_inputs
-    assert dataset_input.dataset.name == dataset.name
-    assert dataset_input.dataset.digest == dataset.digest == run.data.tags[names.TAG_DATASET_DIGEST]
-    assert dataset.source in dataset_input.dataset.source
-
-    # test metrics are the best checkpoint's, and the logged model predicts like the checkpoint
-    checkpoint = keras.models.load_model(local / names.CHECKPOINT_DIR / names.BEST_MODEL_FILE)
-    test_loss, test_accuracy = checkpoint.evaluate(dataset.x_test, dataset.y_test, verbose=0)
-    assert run.data.metrics[names.TEST_ACCURACY] == pytest.approx(test_accuracy, abs=1e-6)
-    assert run.data.metrics[names.TEST_LOSS] == pytest.approx(test_loss, rel=1e-5)
-    # by the logged model's own URI, as README tells teammates (runs:/ retries errors for minutes
-    # against the S3-backed team server before it falls back to the logged model)
-    model_id = logged_models_by_run(client, run.info.experiment_id, run_id)[run_id]
-    model = mlflow.pyfunc.load_model(f"models:/{model_id}")
-    probabilities = model.predict(dataset.x_test)
-    assert probabilities.shape == (300, 10)
-    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
-    np.testing.assert_allclose(probabilities, checkpoint.predict(dataset.x_test, verbose=0), atol=1e-6)
-    assert model.metadata.signature.inputs.to_dict()[0]["tensor-spec"]["shape"] == (-1, 784)
-    # requirements pinned to what trained the model, not inferred (inference adds every imported package)
-    model_dir = mlflow.artifacts.download_artifacts(f"models:/{model_id}", dst_path=str(local / "model"))
-    requirements = set(Path(model_dir, "requirements.txt").read_text().split())
-    assert requirements == {f"{package}=={metadata.version(package)}" for package in MODEL_REQUIREMENTS}
+from tests.run_contract import DERIVED_PARAMS, EXPECTED_ARTIFACTS, artifact_paths, assert_run_contract, small_config
 
 
 def test_run_records_the_whole_contract_in_sqlite(sqlite_store, tmp_path):

@@ -1,0 +1,43 @@
+"""The one MLflow workaround the pipeline keeps (pipeline/tracking/model_logging.py): the model is logged
+through `mlflow.models.Model.log` with a stand-in for the `mlflow.tensorflow` module as its flavor, so
+that MLflow's serving re-check can be turned off. If an MLflow upgrade stops accepting that, this fails
+first and says what changed."""
+
+from __future__ import annotations
+
+import inspect
+
+import mlflow
+import numpy as np
+import pytest
+from mlflow.models import Model
+from mlflow.tracking import MlflowClient
+
+from pipeline import constants as names
+from pipeline.experiments.runs import logged_models_by_run
+from pipeline.tracking.model_logging import log_model
+from pipeline.tracking.recorder import RunRecorder
+from pipeline.training.model import build_model
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def test_model_log_still_takes_a_flavor_module_and_the_serving_check_switch():
+    parameters = inspect.signature(Model.log).parameters
+    assert {"flavor", "name", "kwargs"} <= set(parameters)  # the flavor module; the model and options in kwargs
+    assert "validate_serving_input" in inspect.getsource(Model.log)  # the switch it reads from them
+
+
+def test_the_model_logged_through_the_stand_in_is_a_loadable_tensorflow_model(sqlite_store, tmp_path):
+    model = build_model((16,), 0.0, 0.001)
+    images = np.random.default_rng(0).random((5, 784), dtype=np.float32)
+    client = MlflowClient()
+    with mlflow.start_run() as run, RunRecorder(client, run.info.run_id, tmp_path / "staging") as recorder:
+        assert log_model(recorder, model, images, tmp_path, deadline=float("inf")) is None
+    model_id = logged_models_by_run(client, run.info.experiment_id, run.info.run_id)[run.info.run_id]
+    uri = f"models:/{model_id}"
+    flavors = Model.load(uri).flavors
+    assert {"tensorflow", "python_function"} <= set(flavors)
+    predictions = mlflow.pyfunc.load_model(uri).predict(images)
+    np.testing.assert_allclose(predictions, model.predict(images, verbose=0), atol=1e-6)
+    assert names.MODEL_NAME == "model"
