@@ -32,7 +32,9 @@ def test_the_model_logged_through_the_stand_in_is_a_loadable_tensorflow_model(sq
     model = build_model((16,), 0.0, 0.001)
     images = np.random.default_rng(0).random((5, 784), dtype=np.float32)
     client = MlflowClient()
-    with mlflow.start_run() as run, RunRecorder(client, run.info.run_id, tmp_path / "staging") as recorder:
+    experiment_id = client.create_experiment("model-logging")  # not whichever one an earlier test made active
+    with mlflow.start_run(experiment_id=experiment_id) as run, \
+            RunRecorder(client, run.info.run_id, tmp_path / "staging") as recorder:
         assert log_model(recorder, model, images, tmp_path, deadline=float("inf")) is None
     model_id = logged_models_by_run(client, run.info.experiment_id, run.info.run_id)[run.info.run_id]
     uri = f"models:/{model_id}"
