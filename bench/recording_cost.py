@@ -34,24 +34,16 @@ from unittest import mock
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT_DIR))
 
-from pipeline import training  # noqa: E402
-from pipeline.callbacks import (  # noqa: E402
-    BatchTiming,
-    BestCheckpoint,
-    DivergenceGuard,
-    EpochMetricsLogger,
-    LearningRateChanges,
-    TargetAccuracyStop,
-    TrainingStateBackup,
-)
+from pipeline import callbacks as pipeline_callbacks  # noqa: E402
 from pipeline.config import TrainingConfig  # noqa: E402
 from pipeline.tracking.server import TrackingServer  # noqa: E402
+from pipeline.training import run as training  # noqa: E402
 
 # The callbacks our pipeline adds to the seed's plain-Keras ones.
-ADDED_CALLBACKS = (
-    TargetAccuracyStop, DivergenceGuard, BatchTiming, BestCheckpoint, LearningRateChanges, TrainingStateBackup,
-    EpochMetricsLogger,
-)
+ADDED_CALLBACKS = tuple(getattr(pipeline_callbacks, name) for name in (
+    "TargetAccuracyStop", "DivergenceGuard", "BatchTiming", "BestCheckpoint", "LearningRateChanges",
+    "TrainingStateBackup", "EpochMetricsLogger",
+))
 HOOKS = (
     "on_train_begin", "on_train_end", "on_epoch_begin", "on_epoch_end", "on_train_batch_begin",
     "on_train_batch_end", "on_test_begin", "on_test_end", "on_test_batch_begin", "on_test_batch_end",
