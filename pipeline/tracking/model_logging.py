@@ -18,7 +18,7 @@ from pipeline import constants as names
 from pipeline.constants import NUM_CLASSES, NUM_PIXELS
 from pipeline.errors import first_line
 from pipeline.tracking.recorder import RunRecorder
-from pipeline.tracking.retry import STORE_BACKOFF, is_transient
+from pipeline.tracking.retry import STORE_BACKOFF, is_transient, remaining
 
 logger = logging.getLogger(__name__)
 
@@ -44,11 +44,6 @@ def _save_tensorflow_model(path: str, mlflow_model: mlflow.models.Model, validat
 TENSORFLOW_FLAVOR_WITHOUT_SERVING_CHECK = types.SimpleNamespace(
     __name__="mlflow.tensorflow", save_model=_save_tensorflow_model
 )
-
-
-def remaining(deadline: float) -> float:
-    """Seconds left until `deadline` (time.monotonic()), never negative."""
-    return max(0.0, deadline - time.monotonic())
 
 
 def log_model(recorder: RunRecorder, model: keras.Model, input_example: np.ndarray, workdir: Path,

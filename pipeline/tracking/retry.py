@@ -51,6 +51,11 @@ class Backoff:
             pause = min(pause * 2, self.longest)
 
 
+def remaining(deadline: float) -> float:
+    """Seconds left until `deadline` (time.monotonic()), never negative."""
+    return max(0.0, deadline - time.monotonic())
+
+
 STORE_BACKOFF = Backoff()  # an unreachable or busy store: 0.5 s, 1 s, 2 s, ... up to 5 s
 
 

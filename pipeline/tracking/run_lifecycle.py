@@ -16,8 +16,8 @@ import mlflow
 
 from pipeline import constants as names
 from pipeline.errors import LocalStorageError, RecordingError, first_line
-from pipeline.tracking.model_logging import remaining
 from pipeline.tracking.recorder import RunRecorder
+from pipeline.tracking.retry import remaining
 
 logger = logging.getLogger(__name__)
 
