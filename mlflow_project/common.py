@@ -26,6 +26,8 @@ os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+# MLflow's system metrics sample every 10 s by default: a 20-epoch training would get one or two.
+os.environ.setdefault("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "5")
 
 
 def import_tensorflow_quietly() -> None:
@@ -51,10 +53,10 @@ def import_tensorflow_quietly() -> None:
     keras.utils.disable_interactive_logging()
 
 
-def configure_console_logging() -> None:
-    """The pipeline's log lines go to stdout as plain text; library warnings stay on stderr."""
+def configure_console_logging(prefix: str = "") -> None:
+    """The pipeline's log lines go to stdout as plain text (after `prefix`); library warnings stay on stderr."""
     handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.setFormatter(logging.Formatter(prefix.replace("%", "%%") + "%(message)s"))
     pipeline_logger = logging.getLogger("pipeline")
     pipeline_logger.handlers[:] = [handler]
     pipeline_logger.setLevel(logging.INFO)

@@ -35,6 +35,17 @@ def test_run_records_the_whole_contract_in_sqlite(sqlite_store, tmp_path):
     assert_input_example_serves(result.run_id, tmp_path / "serving")
 
 
+def test_a_run_records_mlflow_system_metrics_while_it_trains(sqlite_store, monkeypatch):
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")  # the CLI's default is 5 s
+    result = run_training(small_config(epochs="8"), experiment_name="system-metrics")
+    client = MlflowClient()
+    metrics = client.get_run(result.run_id).data.metrics
+    for name in ("system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"):
+        history = client.get_metric_history(result.run_id, name)
+        assert len(history) >= 2, (name, sorted(metrics))
+        assert all(point.value >= 0 for point in history)
+
+
 def assert_input_example_serves(run_id: str, workdir: Path) -> None:
     """MLflow's serving check of the logged model's input example (the run skips it to save time):
     `mlflow.models.predict` on the serving input example, as `mlflow models serve` would parse it."""

@@ -67,8 +67,9 @@ def local_storage_errors(workdir: Path) -> Iterator[None]:
 def mlflow_run(run_id: str | None, parent_run_id: str | None = None) -> Iterator[mlflow.ActiveRun]:
     """Like `mlflow.start_run()`, but an unreachable store at the end cannot hide the real outcome:
     the run is ended FINISHED only after a clean exit, FAILED (KILLED on Ctrl-C) otherwise, and a
-    failure to say so is logged, not raised over the error that caused it."""
-    run = mlflow.start_run(run_id=run_id, parent_run_id=parent_run_id)
+    failure to say so is logged, not raised over the error that caused it. MLflow's system metrics
+    (CPU, memory; GPU when present) are recorded while the run is open."""
+    run = mlflow.start_run(run_id=run_id, parent_run_id=parent_run_id, log_system_metrics=True)
     status = "FAILED"
     try:
         yield run
