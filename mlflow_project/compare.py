@@ -29,7 +29,7 @@ def compare(experiment_name: str | None, **values: str | None) -> None:
         logged_to = None
         if workspace.project_run_id or options["log_run"]:
             logged_to = comparison.log_comparison(client, result, files, run_id=workspace.project_run_id)
-    click.echo(f"{len(result.runs)} training runs of experiment {workspace.experiment.name!r}, best first "
+    click.echo(f"{len(result.run_ids)} training runs of experiment {workspace.experiment.name!r}, best first "
                f"by {options['metric']} ({options['mode']}):")
     click.echo(result.table_text())
     click.echo(f"Table: {files[0]}")

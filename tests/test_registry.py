@@ -27,7 +27,7 @@ from pipeline.config import TrainingConfig
 from pipeline.errors import ParameterError, RunSelectionError, TrainingDiverged
 from pipeline.experiments.comparison import COLUMNS, compare_runs
 from pipeline.experiments.registry import NEW_VERSION, register_best_run, register_run
-from pipeline.experiments.runs import Ranking, resolve_experiment, training_runs
+from pipeline.experiments.runs import Ranking, resolve_experiment, runs_frame, training_runs
 from pipeline.training.data import load_dataset
 from pipeline.training.run import run_training
 from tests.helpers import MNIST_SMALL, invoke, mlflow_project_run, models_serve, one_line_error, project_env, run_cli
@@ -213,6 +213,10 @@ def test_ranking_breaks_ties_by_lower_test_loss_then_the_earlier_run(store, tmp_
     assert ranked == [lower_loss, early_tie, late_tie, worse]
     by_loss = [r.info.run_id for r in Ranking(names.TEST_LOSS, "min").best_first(runs)]
     assert by_loss == [worse, lower_loss, early_tie, late_tie]
+    # the same rule on mlflow.search_runs' DataFrame (compare and sweep tables)
+    frame = runs_frame(client, experiment_id, "")
+    assert list(Ranking().sort(frame)["run_id"]) == ranked
+    assert list(Ranking(names.TEST_LOSS, "min").sort(frame)["run_id"]) == by_loss
 
 
 def test_non_training_runs_are_never_candidates(store, trained):
@@ -355,6 +359,12 @@ def test_compare_writes_the_table_the_plot_and_the_compare_view_url(store, train
         assert row[names.TAG_STOP_REASON] == run.data.tags.get(names.TAG_STOP_REASON, "")
         assert run.info.run_id[:8] in result.stdout and f"{run.data.metrics[names.TEST_ACCURACY]:.4f}" in result.stdout
     assert rows[1][names.VAL_LOSS] and rows[1]["hidden_units"]  # the trained run has them all
+    # the best epoch beside the last: the best val_accuracy of the history, and the epoch that reached it
+    history = [m.value for m in sorted(client.get_metric_history(rows[1]["run_id"], names.VAL_ACCURACY),
+                                        key=lambda m: m.step)]
+    assert float(rows[1][names.BEST_VAL_ACCURACY]) == pytest.approx(max(history))
+    assert int(rows[1][names.TAG_BEST_EPOCH]) == history.index(max(history))
+    assert int(rows[1][names.EPOCHS_COMPLETED]) == len(history)
 
     from matplotlib.image import imread
 

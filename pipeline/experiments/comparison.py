@@ -12,13 +12,14 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from mlflow.entities import Experiment, Run, RunTag
+import pandas as pd
+from mlflow.entities import Experiment, RunTag
 from mlflow.tracking import MlflowClient
 
 from pipeline import constants as names
-from pipeline.config import SWEEP_GRID_PARAMETERS
 from pipeline.errors import ParameterError, RunSelectionError
-from pipeline.experiments.runs import Ranking, training_runs
+from pipeline.experiments.runs import Ranking, runs_frame, training_runs_filter, user_filter_errors
+from pipeline.search_space import SWEEP_GRID_PARAMETERS
 from pipeline.tracking import reporting
 from pipeline.tracking.store import compare_runs_url
 
@@ -29,42 +30,64 @@ FINAL_METRICS = (
     names.TEST_LOSS,
     names.VAL_ACCURACY,
     names.VAL_LOSS,
-    names.EPOCHS_COMPLETED,
+    names.BEST_VAL_ACCURACY,  # the best epoch's, beside the last epoch's val_accuracy
 )
+WHOLE_NUMBERS = (names.TAG_BEST_EPOCH, names.EPOCHS_COMPLETED)
 PLOTTED_METRICS = (names.VAL_ACCURACY, names.VAL_LOSS, names.LEARNING_RATE)
-RUN_COLUMNS = ("rank", "run_id", "run_name", "status")
-COLUMNS = RUN_COLUMNS + KEY_PARAMETERS + FINAL_METRICS + (names.TAG_STOP_REASON,)
+COLUMNS = ("rank", "run_id", "run_name", "status", *KEY_PARAMETERS, *FINAL_METRICS, *WHOLE_NUMBERS,
+           names.TAG_STOP_REASON)
+
+
+def run_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """A `mlflow.search_runs` DataFrame as the table people read: key parameters, final metrics, the best
+    val_accuracy with its epoch, and why training stopped; missing values empty."""
+    def column(name: str) -> pd.Series:
+        return frame[name] if name in frame else pd.Series([None] * len(frame), index=frame.index, dtype=object)
+
+    table = pd.DataFrame({
+        "run_id": frame["run_id"],
+        "run_name": column("tags.mlflow.runName"),
+        "status": frame["status"],
+        **{name: column(f"params.{name}") for name in KEY_PARAMETERS},
+        **{name: pd.to_numeric(column(f"metrics.{name}")) for name in FINAL_METRICS},
+        names.TAG_BEST_EPOCH: pd.to_numeric(column(f"tags.{names.TAG_BEST_EPOCH}")).astype("Int64"),
+        names.EPOCHS_COMPLETED: pd.to_numeric(column(f"metrics.{names.EPOCHS_COMPLETED}")).astype("Int64"),
+        names.TAG_STOP_REASON: column(f"tags.{names.TAG_STOP_REASON}"),
+    })
+    return table
+
+
+def console_text(table: pd.DataFrame) -> str:
+    """A table for the console: run ids cut to 8 characters (the CSV has them whole), metrics to 4
+    decimals, other numbers (a trial's learning rate) to 4 significant digits."""
+    shown = table.assign(run_id=table["run_id"].str[:8])
+    metrics = {name: "{:.4f}".format for name in FINAL_METRICS if name in shown}
+    return shown.to_string(index=False, na_rep="", float_format="{:.4g}".format, formatters=metrics)
 
 
 @dataclasses.dataclass(frozen=True)
 class Comparison:
-    """The compared runs, best first, and their table.
+    """The compared runs, best first.
 
     Args:
         experiment: where the runs are.
-        runs: the compared runs, best first by the ranking.
-        rows: one row per run, keyed by COLUMNS, values as MLflow holds them (text).
+        table: one row per run, best first, COLUMNS.
         url: the MLflow UI compare view of exactly these runs.
     """
 
     experiment: Experiment
-    runs: tuple[Run, ...]
-    rows: tuple[dict[str, str], ...]
+    table: pd.DataFrame
     url: str
 
     @property
     def run_ids(self) -> list[str]:
-        return [run.info.run_id for run in self.runs]
+        return list(self.table["run_id"])
 
     def table_text(self) -> str:
-        """The table as aligned text for the console: run ids cut to 8 characters (the CSV and the
-        compare view have them whole), metrics rounded to 4 decimals."""
-        shown = [row | {"run_id": row["run_id"][:8]} for row in self.rows]
-        rounded = [name for name in FINAL_METRICS if name != names.EPOCHS_COMPLETED]
-        return reporting.text_table(COLUMNS, shown, rounded=rounded)
+        return console_text(self.table)
 
     def table_csv(self) -> str:
-        return reporting.csv_table(COLUMNS, self.rows)
+        return self.table.to_csv(index=False)
 
 
 def compare_runs(
@@ -76,34 +99,16 @@ def compare_runs(
         RunSelectionError: no training run matches.
         ParameterError: the filter is not a valid MLflow search filter.
     """
-    runs = ranking.best_first(training_runs(client, experiment.experiment_id, filter_string, finished_only=False))
-    if not runs:
+    with user_filter_errors(filter_string):
+        frame = runs_frame(client, experiment.experiment_id, training_runs_filter(filter_string, finished_only=False))
+    if frame.empty:
         matching = f" matching {filter_string!r}" if filter_string.strip() else ""
         raise RunSelectionError(f"experiment {experiment.name!r} has no training run{matching} to compare")
-    chosen = tuple(runs[:top])
-    rows = tuple(_row(rank, run) for rank, run in enumerate(chosen, start=1))
-    url = compare_runs_url(experiment.experiment_id, [run.info.run_id for run in chosen], client.tracking_uri)
-    return Comparison(experiment=experiment, runs=chosen, rows=rows, url=url)
-
-
-def _row(rank: int, run: Run) -> dict[str, str]:
-    row = {
-        "rank": str(rank),
-        "run_id": run.info.run_id,
-        "run_name": run.info.run_name or "",
-        "status": run.info.status,
-    }
-    row |= {name: run.data.params.get(name, "") for name in KEY_PARAMETERS}
-    row |= {name: _metric_text(run, name) for name in FINAL_METRICS}
-    row[names.TAG_STOP_REASON] = run.data.tags.get(names.TAG_STOP_REASON, "")
-    return row
-
-
-def _metric_text(run: Run, name: str) -> str:
-    value = run.data.metrics.get(name)
-    if value is None:
-        return ""
-    return str(int(value)) if name == names.EPOCHS_COMPLETED else repr(value)
+    chosen = ranking.sort(frame).head(top)
+    table = run_table(chosen)
+    table.insert(0, "rank", range(1, len(table) + 1))
+    url = compare_runs_url(experiment.experiment_id, list(table["run_id"]), client.tracking_uri)
+    return Comparison(experiment=experiment, table=table, url=url)
 
 
 def write_outputs(client: MlflowClient, comparison: Comparison, directory: Path) -> tuple[Path, Path]:
@@ -125,13 +130,15 @@ def write_outputs(client: MlflowClient, comparison: Comparison, directory: Path)
 
 def _histories(client: MlflowClient, comparison: Comparison) -> dict[str, dict[str, list[tuple[int, float]]]]:
     """label -> metric -> (epoch, value); a label names the run and the key parameters that differ."""
-    varying = [name for name in KEY_PARAMETERS if len({row[name] for row in comparison.rows}) > 1]
+    table = comparison.table
+    varying = [name for name in KEY_PARAMETERS if table[name].nunique(dropna=False) > 1]
     histories = {}
-    for row, run in zip(comparison.rows, comparison.runs, strict=True):
+    for row in table.itertuples(index=False):
+        row = row._asdict()
         settings = ", ".join(f"{name}={row[name]}" for name in varying)
-        label = f"{row['rank']}. {row['run_name'] or run.info.run_id[:8]}" + (f" ({settings})" if settings else "")
+        label = f"{row['rank']}. {row['run_name'] or row['run_id'][:8]}" + (f" ({settings})" if settings else "")
         histories[label] = {
-            metric: sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, metric))
+            metric: sorted((m.step, m.value) for m in client.get_metric_history(row["run_id"], metric))
             for metric in PLOTTED_METRICS
         }
     return histories

@@ -8,12 +8,15 @@ order, so every process that ranks the same runs picks the same best one.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, TypeVar
 
+import mlflow
+import pandas as pd
 from mlflow.entities import Experiment, LoggedModelStatus, Run, ViewType
 from mlflow.environment_variables import MLFLOW_EXPERIMENT_ID, MLFLOW_EXPERIMENT_NAME, MLFLOW_RUN_ID
 from mlflow.exceptions import MlflowException
@@ -54,10 +57,29 @@ class Ranking:
         return cls(options["metric"], options["mode"])
 
     def key(self, run: Run) -> tuple[float, float, int, str]:
-        value = _finite(run.data.metrics.get(self.metric))
+        metrics = run.data.metrics
+        return self._key(metrics.get(self.metric), metrics.get(names.TEST_LOSS), run.info.start_time, run.info.run_id)
+
+    def _key(self, value: float | None, loss: float | None, start_ms: int | None, run_id: str) -> tuple:
+        value, loss = _finite(value), _finite(loss)
         primary = math.inf if value is None else (-value if self.mode == "max" else value)
-        loss = _finite(run.data.metrics.get(names.TEST_LOSS))
-        return (primary, math.inf if loss is None else loss, run.info.start_time or 0, run.info.run_id)
+        return (primary, math.inf if loss is None else loss, start_ms or 0, run_id)
+
+    def sort(self, frame: pd.DataFrame) -> pd.DataFrame:
+        """A `mlflow.search_runs` DataFrame, best first (the same order as `best_first` on runs)."""
+        def column(name: str) -> list:
+            return list(frame[name]) if name in frame else [None] * len(frame)
+
+        starts = [None if pd.isna(t) else int(t.timestamp() * 1000) for t in column("start_time")]
+        keys = [
+            self._key(_number(value), _number(loss), start, run_id)
+            for value, loss, start, run_id in zip(
+                column(f"metrics.{self.metric}"), column(f"metrics.{names.TEST_LOSS}"), starts, frame["run_id"],
+                strict=True,
+            )
+        ]
+        order = sorted(range(len(frame)), key=keys.__getitem__)
+        return frame.iloc[order].reset_index(drop=True)
 
     def best_first(self, runs: Iterable[Run]) -> list[Run]:
         return sorted(runs, key=self.key)
@@ -73,6 +95,11 @@ class Ranking:
 
 def _finite(value: float | None) -> float | None:
     return value if value is not None and math.isfinite(value) else None
+
+
+def _number(value: object) -> float | None:
+    """A DataFrame cell as a float, None for a missing value."""
+    return None if value is None or pd.isna(value) else float(value)
 
 
 def _format(value: float | None) -> str:
@@ -100,6 +127,28 @@ def resolve_experiment(client: MlflowClient, name: str | None = None) -> Experim
     return experiment
 
 
+def training_runs_filter(filter_string: str = "", finished_only: bool = True) -> str:
+    """The MLflow search filter of an experiment's training runs, narrowed by `filter_string`."""
+    conditions = [TRAINING_RUNS_FILTER]
+    if finished_only:
+        conditions.append(f"attributes.status = '{FINISHED}'")
+    if filter_string.strip():
+        conditions.append(filter_string.strip())
+    return " and ".join(conditions)
+
+
+@contextlib.contextmanager
+def user_filter_errors(filter_string: str) -> Iterator[None]:
+    """An MLflow search filter that MLflow refuses becomes the one-line `filter` error."""
+    try:
+        yield
+    except MlflowException as error:
+        if error.error_code != ErrorCode.Name(INVALID_PARAMETER_VALUE):
+            raise
+        filter_spec = next(spec for spec in COMPARE_PARAMETERS if spec.name == "filter")
+        raise ParameterError("filter", filter_string, filter_spec.allowed) from None
+
+
 def training_runs(
     client: MlflowClient, experiment_id: str, filter_string: str = "", finished_only: bool = True
 ) -> list[Run]:
@@ -108,18 +157,19 @@ def training_runs(
     Raises:
         ParameterError: `filter_string` is not a valid MLflow search filter.
     """
-    conditions = [TRAINING_RUNS_FILTER]
-    if finished_only:
-        conditions.append(f"attributes.status = '{FINISHED}'")
-    if filter_string.strip():
-        conditions.append(filter_string.strip())
+    with user_filter_errors(filter_string):
+        return list(_search_runs(client, experiment_id, training_runs_filter(filter_string, finished_only)))
+
+
+def runs_frame(client: MlflowClient, experiment_id: str, filter_string: str) -> pd.DataFrame:
+    """`mlflow.search_runs` (every page, as a DataFrame) on `client`'s store: the active runs matching
+    `filter_string`."""
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(client.tracking_uri)  # mlflow.search_runs reads the fluent API's store
     try:
-        return list(_search_runs(client, experiment_id, " and ".join(conditions)))
-    except MlflowException as error:
-        if error.error_code != ErrorCode.Name(INVALID_PARAMETER_VALUE):
-            raise
-        filter_spec = next(spec for spec in COMPARE_PARAMETERS if spec.name == "filter")
-        raise ParameterError("filter", filter_string, filter_spec.allowed) from None
+        return mlflow.search_runs([experiment_id], filter_string, run_view_type=ViewType.ACTIVE_ONLY)
+    finally:
+        mlflow.set_tracking_uri(previous)
 
 
 def all_pages(search: Callable[[str | None], PagedList[T]]) -> Iterator[T]:
