@@ -12,11 +12,11 @@ import click
 from pipeline.config import (
     COMPARE_PARAMETERS,
     REGISTER_PARAMETERS,
-    SWEEP_PARAMETERS,
     TRAINING_PARAMETERS,
     TRAINING_RUN_OPTIONS,
     ParameterSpec,
 )
+from pipeline.search_space import SWEEP_PARAMETERS
 
 PROJECT_NAME = "mnist-mlp-pipeline"
 # MLproject entry point -> (CLI command, its parameters).
@@ -30,7 +30,8 @@ ENTRY_POINTS: dict[str, tuple[str, Sequence[ParameterSpec]]] = {
 
 def render_mlproject() -> str:
     lines = [
-        "# Generated from pipeline/config.py by `python -m mlflow_project mlproject > MLproject`.",
+        "# Generated from pipeline/config.py and pipeline/search_space.py by",
+        "# `python -m mlflow_project mlproject > MLproject`.",
         "# Do not edit by hand: tests/test_project_files.py fails when the two differ.",
         f"name: {PROJECT_NAME}",
         "conda_env: conda.yaml",

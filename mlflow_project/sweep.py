@@ -1,4 +1,4 @@
-"""Entry point `sweep`: a grid of training runs under one parent run."""
+"""Entry point `sweep`: an Optuna search (or grid) of training runs under one parent run."""
 
 from __future__ import annotations
 
@@ -14,36 +14,56 @@ from mlflow_project.common import (
     one_line_errors,
     parameter_options,
 )
-from pipeline.config import SWEEP_PARAMETERS
+from pipeline.search_space import SWEEP_PARAMETERS
+
+# What a worker started by this sweep is told beside the user's own parameters.
+_WORKER_OPTIONS = ("workers", "study", "storage")
 
 
 @click.command("sweep")
 @parameter_options(SWEEP_PARAMETERS)
 @experiment_option(
-    "Experiment of the sweep (default: MLFLOW_EXPERIMENT_NAME, else MLflow's 'Default'). "
+    "Experiment of a new sweep (default: MLFLOW_EXPERIMENT_NAME, else MLflow's 'Default'). "
     "Under `mlflow run`, the run MLflow created is the parent."
 )
-def sweep(experiment_name: str | None, **values: str | None) -> None:
-    """Train every combination of the listed values, each as a child run of one sweep run."""
-    configure_console_logging()
-    with one_line_errors():
-        from pipeline.config import parse_parameters, sweep_grid
+@click.option("--worker-number", type=int, default=0, hidden=True)
+def sweep(experiment_name: str | None, worker_number: int, **values: str | None) -> None:
+    """Search the listed values or ranges with Optuna, each trial a child run of one sweep run."""
+    configure_console_logging(f"[worker {worker_number}] " if worker_number else "")
+    user_values = given(values)
 
-        options = parse_parameters(SWEEP_PARAMETERS, given(values))
-        configs = sweep_grid(options)
+    def worker_command(number: int, study: str, storage: str) -> list[str]:
+        arguments = [sys.executable, "-m", "mlflow_project", "sweep", "--worker-number", str(number),
+                     "--workers", "1", "--study", study, "--storage", storage]
+        for spec in SWEEP_PARAMETERS:
+            if spec.name in user_values and spec.name not in _WORKER_OPTIONS:
+                arguments += [spec.cli_flag, str(user_values[spec.name])]
+        return arguments
+
+    with one_line_errors():
+        from pipeline.config import parse_parameters
+        from pipeline.experiments.study import SearchPlan
+
+        options = parse_parameters(SWEEP_PARAMETERS, user_values)
+        SearchPlan.from_options(options)  # a bad search space fails before TensorFlow loads
         import_tensorflow_quietly()
         import tensorflow as tf
 
         tf.get_logger().setLevel("ERROR")  # retracing notices: several models train in one process
-        from pipeline.experiments.runs import Ranking
-        from pipeline.experiments.sweep import run_sweep
+        import optuna
 
-        sweep_params = {name: str(value) for name, value in options.items()}
-        result = run_sweep(configs, Ranking.from_options(options), sweep_params, experiment_name)
-    click.echo(f"Sweep run {result.parent_run_id}: {len(result.trials)} trials, {len(result.failed)} failed")
-    click.echo(result.table_text())
-    if result.best is None:
-        click.echo("error: every trial of the sweep failed", err=True)
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # its trial lines count from 0; ours from 1
+        from pipeline.experiments.sweep import SweepRequest, run_sweep
+
+        summary = run_sweep(SweepRequest(options, experiment_name, worker_command, worker_number))
+    if worker_number:
+        return
+    counts = ", ".join(f"{summary.count(state)} {state}" for state in ("finished", "pruned", "failed"))
+    click.echo(f"Sweep run {summary.parent_run_id}: {len(summary.table)} trials ({counts})")
+    click.echo(summary.table_text())
+    if summary.best is None:
+        click.echo("error: no trial of the sweep finished", err=True)
         sys.exit(1)
-    click.echo(f"Best: trial {result.best.number}, run {result.best.run.info.run_id} "
-               f"({options['metric']}={result.best.run.data.metrics[options['metric']]:.4f})")
+    metric = options["metric"]
+    best = summary.best
+    click.echo(f"Best: trial {best['trial']}, run {best['run_id']} ({metric}={best[metric]:.4f})")

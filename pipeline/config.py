@@ -3,14 +3,13 @@
 `TRAINING_PARAMETERS` is the single source of truth for training: the MLproject file is generated
 from it, the click CLI builds its options from it, and `TrainingConfig` has exactly these fields.
 The other entry points' parameters are built here the same way (`REGISTER_PARAMETERS`,
-`COMPARE_PARAMETERS`, `SWEEP_PARAMETERS`, and the run options of `main`); the sweep's grids are
-derived from the training parameters they vary. A test proves MLproject, CLI and specs agree.
+`COMPARE_PARAMETERS`, and the run options of `main`; the sweep's are in `pipeline.search_space`).
+A test proves MLproject, CLI and specs agree.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -190,66 +189,6 @@ COMPARE_PARAMETERS: tuple[ParameterSpec, ...] = (
                   "Also log the outputs to a comparison run (always done under `mlflow run`)."),
 )
 
-# The training parameters a sweep varies, and the separator of their values: a hidden_units value
-# is itself comma-separated, so its values are separated by ';' ("128,64;256").
-SWEEP_GRID_SEPARATORS: dict[str, str] = {
-    "learning_rate": ",",
-    "hidden_units": ";",
-    "dropout": ",",
-    "batch_size": ",",
-    "epochs": ",",
-}
-SWEEP_GRID_PARAMETERS = tuple(SWEEP_GRID_SEPARATORS)
-
-
-def grid_values(spec: ParameterSpec, text: str) -> tuple[Any, ...]:
-    """The distinct values of a sweep grid for the training parameter `spec`, in the given order:
-    '0.001,0.003' -> (0.001, 0.003).
-
-    Raises:
-        ParameterError: a value is not one `spec` allows, or there is none.
-    """
-    values = tuple(spec.parse(part.strip()) for part in text.split(SWEEP_GRID_SEPARATORS[spec.name]))
-    return tuple(dict.fromkeys(values))
-
-
-def _grid_parameter(spec: ParameterSpec) -> ParameterSpec:
-    separator = SWEEP_GRID_SEPARATORS[spec.name]
-
-    def is_grid(text: str) -> bool:
-        try:
-            grid_values(spec, text)
-        except ParameterError:
-            return False
-        return True
-
-    return ParameterSpec(spec.name, str, str(spec.default),
-                         f"one or more values separated by '{separator}', each {spec.allowed}",
-                         f"Values to try. {spec.help}", is_grid)
-
-
-def _sweep_parameter(spec: ParameterSpec) -> ParameterSpec:
-    """A training parameter as the sweep takes it: a grid, or one value for all trials. A sweep
-    runs its trials one after another in one process, so it cannot be one worker of a cluster."""
-    if spec.name in SWEEP_GRID_SEPARATORS:
-        return _grid_parameter(spec)
-    if spec.name == "strategy":
-        single_process = (DEFAULT_STRATEGY, MIRRORED_STRATEGY)
-        return dataclasses.replace(
-            spec,
-            allowed=f"one of {', '.join(single_process)} (a sweep runs in one process; multi_worker needs a cluster)",
-            check=lambda v: v in single_process,
-        )
-    return spec
-
-
-# A sweep takes every training parameter: those of SWEEP_GRID_SEPARATORS as lists of values to try
-# (the grid), the others as one value for all trials; plus how the best trial is chosen.
-SWEEP_PARAMETERS: tuple[ParameterSpec, ...] = tuple(
-    _sweep_parameter(spec) for spec in TRAINING_PARAMETERS
-) + RANKING_PARAMETERS
-
-
 def parse_parameters(
     specs: Sequence[ParameterSpec], values: Mapping[str, object]
 ) -> dict[str, Any]:
@@ -307,20 +246,3 @@ class TrainingConfig:
     def as_params(self) -> dict[str, str]:
         """The parameters as MLflow params (strings), in the order of TRAINING_PARAMETERS."""
         return {spec.name: str(getattr(self, spec.name)) for spec in TRAINING_PARAMETERS}
-
-
-def sweep_grid(values: Mapping[str, object] | None = None) -> list[TrainingConfig]:
-    """The trials of a sweep: one validated config per combination of the grid's values, in order
-    (the last grid parameter varies fastest). `values` are SWEEP_PARAMETERS, as text or typed.
-
-    Raises:
-        ParameterError: for the first unknown or invalid parameter or grid.
-    """
-    parsed = parse_parameters(SWEEP_PARAMETERS, values or {})
-    training = {spec.name: spec for spec in TRAINING_PARAMETERS}
-    grid = {name: grid_values(training[name], parsed[name]) for name in SWEEP_GRID_SEPARATORS}
-    fixed = {name: parsed[name] for name in training if name not in grid}
-    return [
-        TrainingConfig.from_values(fixed | dict(zip(grid, combination, strict=True)))
-        for combination in itertools.product(*grid.values())
-    ]

@@ -74,6 +74,7 @@ STOP_COMPLETED = "completed"
 STOP_EARLY_STOPPING = "early_stopping"
 STOP_TARGET_ACCURACY = "target_accuracy"
 STOP_NAN_LOSS = "nan_loss"
+STOP_PRUNED = "pruned"  # a sweep trial its pruner stopped
 
 # Derived params logged beside the user's parameters.
 PARAM_TOTAL_PARAMETERS = "total_parameters"
@@ -114,5 +115,12 @@ SWEEP_TRIALS_FILE = "sweep_trials.csv"
 TAG_SWEEP_TRIAL = "sweep_trial"
 TAG_BEST_RUN_ID = "best_run_id"
 TAG_BEST_TRIAL = "best_trial"
+TAG_TRIAL_STATE = "trial_state"  # a child's state in the study: finished, pruned, failed (running meanwhile)
+TAG_FINISHED_TRIALS = "finished_trials"
+TAG_PRUNED_TRIALS = "pruned_trials"
 TAG_FAILED_TRIALS = "failed_trials"
+TAG_STUDY_NAME = "study_name"
+TAG_STUDY_STORAGE = "study_storage"
+SWEEP_HISTORY_PLOT = "optimization_history.png"
+SWEEP_IMPORTANCE_PLOT = "param_importances.png"
 BEST_METRIC_PREFIX = "best_"  # the parent's metric best_<metric>, e.g. best_test_accuracy

@@ -105,7 +105,7 @@ def assert_run_contract(
     assert run.data.metrics[names.BEST_VAL_ACCURACY] == pytest.approx(max(val_accuracy))
 
     assert run.data.tags[names.TAG_STOP_REASON] in (
-        names.STOP_COMPLETED, names.STOP_EARLY_STOPPING, names.STOP_TARGET_ACCURACY
+        names.STOP_COMPLETED, names.STOP_EARLY_STOPPING, names.STOP_TARGET_ACCURACY, names.STOP_PRUNED
     )
     assert run.data.tags[names.TAG_CALLBACKS] == callbacks
     assert run.data.tags[names.TAG_RUN_TYPE] == names.RUN_TYPE_TRAINING

@@ -6,15 +6,9 @@ import dataclasses
 
 import pytest
 
-from pipeline.config import (
-    REGISTER_PARAMETERS,
-    SWEEP_GRID_SEPARATORS,
-    SWEEP_PARAMETERS,
-    TRAINING_PARAMETERS,
-    TrainingConfig,
-    sweep_grid,
-)
+from pipeline.config import REGISTER_PARAMETERS, TRAINING_PARAMETERS, TrainingConfig
 from pipeline.errors import ParameterError
+from pipeline.search_space import SWEEP_GRID_SEPARATORS, SWEEP_PARAMETERS, sweep_grid
 
 # The contract of issue 2, as the user reads it in the README.
 CONTRACT_DEFAULTS = {

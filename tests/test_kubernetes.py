@@ -137,3 +137,31 @@ def test_the_walk_through_covers_every_step():
                  "kubectl apply -k deploy/kubernetes", "kubectl logs", "kubectl delete job"):
         assert step in readme, step
     assert "deploy/kubernetes/README.md" in (PROJECT_DIR / "README.md").read_text()
+
+
+def test_the_sweep_job_runs_one_valid_search_in_every_pod_on_a_shared_study():
+    kustomization = yaml.safe_load((RECIPE / "sweep" / "kustomization.yaml").read_text())
+    [job] = [yaml.safe_load((RECIPE / "sweep" / resource).read_text()) for resource in kustomization["resources"]]
+    [generated] = kustomization["configMapGenerator"]
+    config_map = {"metadata": {"name": generated["name"]},
+                  "data": dict(literal.split("=", 1) for literal in generated["literals"])}
+    assert job["spec"]["parallelism"] == job["spec"]["completions"] >= 2
+    container = _container(job)
+    assert container["image"].startswith(IMAGE)
+    assert container["command"] == ["python", "-m", "mlflow_project", "sweep"]
+    env = {item["name"]: item for item in container["env"]}
+    assert env["OPTUNA_STORAGE"]["valueFrom"]["secretKeyRef"] == {"name": "optuna-storage", "key": "url"}
+    assert {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"} <= set(env)
+    assert container["envFrom"] == [{"configMapRef": {"name": config_map["metadata"]["name"]}}]
+    assert set(config_map["data"]) == {"MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME"}
+
+    # every pod: the same named study on the Secret's database, and arguments the sweep command accepts
+    args = dict(zip(container["args"][::2], container["args"][1::2], strict=True))
+    assert args["--study"] and args["--storage"] == "$(OPTUNA_STORAGE)"
+    from pipeline.config import parse_parameters
+    from pipeline.experiments.study import SearchPlan
+    from pipeline.search_space import SWEEP_PARAMETERS
+
+    values = {flag[2:].replace("-", "_"): value for flag, value in args.items()}
+    plan = SearchPlan.from_options(parse_parameters(SWEEP_PARAMETERS, values))
+    assert (plan.sampler, plan.pruner) == ("tpe", "median") and not plan.space.is_grid

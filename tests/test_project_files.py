@@ -18,15 +18,15 @@ from pipeline import constants
 from pipeline.config import (
     COMPARE_PARAMETERS,
     REGISTER_PARAMETERS,
-    SWEEP_PARAMETERS,
     TRAINING_PARAMETERS,
     TRAINING_RUN_OPTIONS,
 )
+from pipeline.search_space import SWEEP_PARAMETERS
 from tests.helpers import PROJECT_DIR
 
 # Options that only the CLI has: under `mlflow run` the experiment is the run's own, and a resumed
 # run is `mlflow run --run-id` (train's --run-id, on main since the resume work).
-CLI_ONLY_OPTIONS = {"experiment_name", "run_id"}
+CLI_ONLY_OPTIONS = {"experiment_name", "run_id", "worker_number"}
 
 
 def test_mlproject_file_is_generated_from_the_parameter_specs():
@@ -159,7 +159,7 @@ def test_the_readme_check_notices_a_name_whose_documentation_is_removed(name):
 
 # pipeline/'s layers, lowest first: a module may import its own layer and the ones below, never above.
 LAYERS = {"base": 0, "tracking": 1, "callbacks": 2, "training": 3, "experiments": 4}
-BASE_MODULES = {"config", "constants", "errors"}
+BASE_MODULES = {"config", "constants", "errors", "search_space"}
 
 
 def _layer(module: str) -> int | None:

@@ -8,9 +8,10 @@ from pipeline.callbacks.epoch_metrics import EpochMetricsLogger
 from pipeline.callbacks.lr_changes import LearningRateChanges
 from pipeline.callbacks.target_accuracy import TargetAccuracyStop
 from pipeline.callbacks.training_backup import CarriedCallbacks, TrainingStateBackup
+from pipeline.callbacks.trial_pruning import TrialPruning
 from pipeline.callbacks.worker_timing import WorkerTiming
 
 __all__ = [
     "BatchTiming", "BestCheckpoint", "CarriedCallbacks", "DivergenceGuard", "EpochMetricsLogger",
-    "LearningRateChanges", "TargetAccuracyStop", "TrainingStateBackup", "WorkerTiming",
+    "LearningRateChanges", "TargetAccuracyStop", "TrainingStateBackup", "TrialPruning", "WorkerTiming",
 ]

@@ -1,11 +1,12 @@
-"""A grid sweep: one parent run, one nested child run per trial, the best trial recorded.
+"""A sweep: an Optuna study whose trials are full training runs nested under one MLflow parent run.
 
-Each trial is a full training run (`run_training`, the whole run contract) created as a child of
-the parent (MLflow's `mlflow.parentRunId`), so the UI shows the sweep as one expandable row. A
-failing trial (a diverged loss, or anything else that goes wrong inside it) is FAILED and the sweep
-goes on; what would fail every trial alike (bad data, an unreachable tracking server) stops it.
-The parent records the trials table (`sweep_trials.csv`), the best trial and the number of failed
-trials; it is tagged `run_type=sweep`, so it is never taken for a training run.
+`run_sweep` opens (creates, joins or continues) the study, then runs trials until the study's budget
+is reached: in this process, or in `workers` processes of its own that share the study. The same
+command started on other machines with the same `study` and a shared `storage` joins the same study
+and parent run. Each process records the parent's summary when its trials are done; the last one
+ends the parent (FINISHED when a trial finished, else FAILED). A worker process that dies has its
+running trial failed (not retried): by the supervising sweep at once, or, with a database storage,
+by Optuna's heartbeat check when another process starts a trial.
 """
 
 from __future__ import annotations
@@ -13,136 +14,152 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import tempfile
-from collections.abc import Mapping, Sequence
-from pathlib import Path
+import subprocess
+from collections.abc import Callable, Mapping
+from typing import Any
 
-import keras
-import mlflow
-from mlflow.entities import Experiment, Metric, Param, Run, RunTag
-from mlflow.environment_variables import MLFLOW_RUN_ID
+from mlflow.entities import Param, RunTag
+from mlflow.environment_variables import MLFLOW_EXPERIMENT_ID, MLFLOW_RUN_ID
 from mlflow.tracking import MlflowClient
-from mlflow.utils.time import get_current_time_millis
 
 from pipeline import constants as names
-from pipeline.config import SWEEP_GRID_PARAMETERS, TrainingConfig
-from pipeline.errors import TrackingUnavailable, UserInputError, first_line
+from pipeline.errors import first_line
 from pipeline.experiments.runs import DEFAULT_EXPERIMENT_ID, Ranking
-from pipeline.tracking import reporting
+from pipeline.experiments.study import (
+    SearchPlan,
+    SharedStudy,
+    StudyRequest,
+    enqueue_grid,
+    fail_trials_of,
+    open_storage,
+    open_study,
+)
+from pipeline.experiments.sweep_record import SweepSummary, record_summary, summarize
+from pipeline.experiments.trials import TrialRunner, worker_id
 from pipeline.tracking.store import check_tracking_store, use_experiment
-from pipeline.training.run import run_training
 
 logger = logging.getLogger(__name__)
 
-TRIAL_COLUMNS = ("trial", "run_id", "status", *SWEEP_GRID_PARAMETERS, names.TEST_ACCURACY, names.TEST_LOSS, "error")
+# A worker process's command: (worker number, study name, storage location) -> argv.
+WorkerCommand = Callable[[int, str, str], list[str]]
 
 
 @dataclasses.dataclass(frozen=True)
-class Trial:
-    """One trial of the grid and how it ended.
+class SweepRequest:
+    """A sweep as asked for.
 
     Args:
-        number: 1-based position in the grid.
-        config: its training configuration.
-        run: its child run as stored at the end (None if it failed before a run existed).
-        error: why it failed, in one line ("" when it finished).
+        options: the parsed SWEEP_PARAMETERS (logged to the parent as given).
+        experiment_name: where a new sweep goes (default: MLFLOW_EXPERIMENT_NAME, else `Default`).
+        worker_command: how to start one more process of this sweep (needed for `workers` > 1).
+        worker_number: 0 for a sweep started by a user; N for the N-th worker a sweep started.
     """
 
-    number: int
-    config: TrainingConfig
-    run: Run | None
-    error: str = ""
-
-    @property
-    def finished(self) -> bool:
-        return self.run is not None and self.run.info.status == "FINISHED"
-
-    def row(self) -> dict[str, str]:
-        metrics = self.run.data.metrics if self.run else {}
-        return {
-            "trial": str(self.number),
-            "run_id": self.run.info.run_id if self.run else "",
-            "status": self.run.info.status if self.run else "FAILED",
-            **{name: str(getattr(self.config, name)) for name in SWEEP_GRID_PARAMETERS},
-            **{name: repr(metrics[name]) if name in metrics else "" for name in (names.TEST_ACCURACY, names.TEST_LOSS)},
-            "error": self.error,
-        }
+    options: Mapping[str, Any]
+    experiment_name: str | None = None
+    worker_command: WorkerCommand | None = None
+    worker_number: int = 0
 
 
-@dataclasses.dataclass(frozen=True)
-class SweepResult:
-    """A finished sweep.
+def run_sweep(request: SweepRequest) -> SweepSummary:
+    """Runs (its share of) a sweep's trials and records the parent's summary.
 
-    Args:
-        parent_run_id: the parent run.
-        experiment_id: where the parent and its trials are.
-        trials: every trial, in grid order.
-        best: the best finished trial by the ranking (None when every trial failed).
-    """
-
-    parent_run_id: str
-    experiment_id: str
-    trials: tuple[Trial, ...]
-    best: Trial | None
-
-    @property
-    def failed(self) -> list[Trial]:
-        return [trial for trial in self.trials if not trial.finished]
-
-    def table_text(self) -> str:
-        rows = [trial.row() for trial in self.trials]
-        return reporting.text_table(TRIAL_COLUMNS, rows, rounded=(names.TEST_ACCURACY, names.TEST_LOSS))
-
-    def table_csv(self) -> str:
-        return reporting.csv_table(TRIAL_COLUMNS, (trial.row() for trial in self.trials))
-
-
-def run_sweep(
-    configs: Sequence[TrainingConfig],
-    ranking: Ranking,
-    sweep_params: Mapping[str, str],
-    experiment_name: str | None = None,
-) -> SweepResult:
-    """Runs every trial as a child of one parent run and records the outcome in the parent.
-
-    Args:
-        configs: the trials, in order (`pipeline.config.sweep_grid`).
-        ranking: how the best trial is chosen.
-        sweep_params: the sweep's parameters as given, logged to the parent.
-        experiment_name: where the sweep goes (default: MLFLOW_EXPERIMENT_NAME, else `Default`).
-            Under `mlflow run` the parent is the run MLflow created (MLFLOW_RUN_ID), which is taken
-            out of the environment, as `mlflow.start_run` does, so that the trials do not resume it.
+    Under `mlflow run` the run MLflow created (MLFLOW_RUN_ID, taken out of the environment so that the
+    trials do not record into it) becomes the parent of a new study, or a nested child of the parent
+    of a study it joins.
 
     Raises:
+        ParameterError: a bad search space, budget, storage or study.
         TrackingUnavailable, UserInputError: what would fail every trial; the parent is FAILED.
     """
+    options = request.options
+    plan = SearchPlan.from_options(options)
+    ranking = Ranking.from_options(options)
     check_tracking_store()
     client = MlflowClient()
-    experiment, parent = _parent_run(client, experiment_name, os.environ.pop(MLFLOW_RUN_ID.name, None))
-    parent_run_id = parent.info.run_id
+    project_run_id = os.environ.pop(MLFLOW_RUN_ID.name, None)
+    storage = open_storage(options["storage"], client.tracking_uri, client)
+    study_request = StudyRequest(plan, plan.space_text(options), options["study"], request.worker_number)
+    shared = open_study(study_request, storage, lambda: _new_parent(client, request, project_run_id))
+    parent = client.get_run(shared.parent_run_id)
+    experiment_id = parent.info.experiment_id
+    if project_run_id and project_run_id != shared.parent_run_id:  # `mlflow run` of a joining process
+        client.log_batch(project_run_id, tags=[RunTag("mlflow.parentRunId", shared.parent_run_id),
+                                               RunTag(names.TAG_RUN_TYPE, names.RUN_TYPE_SWEEP)])
     try:
-        existing = parent.data.params
-        client.log_batch(
-            parent_run_id,
-            params=[Param(key, value) for key, value in sweep_params.items() if key not in existing],
-            tags=[RunTag(names.TAG_RUN_TYPE, names.RUN_TYPE_SWEEP)],
-        )
-        trials = tuple(
-            _run_trial(client, number, config, len(configs), parent_run_id, experiment.name)
-            for number, config in enumerate(configs, start=1)
-        )
-        finished = [trial for trial in trials if trial.finished and ranking.has_metric(trial.run)]
-        best = min(finished, key=lambda trial: ranking.key(trial.run)) if finished else None
-        result = SweepResult(parent_run_id, experiment.experiment_id, trials, best)
-        _record(client, result, ranking)
+        if parent.info.status != "RUNNING":  # a study continued: its parent runs again
+            client.update_run(shared.parent_run_id, status="RUNNING")
+        _log_parent_params(client, shared, options)
+        if plan.sampler == "grid" and request.worker_number == 0:
+            enqueue_grid(shared, plan)
+        if options["workers"] > 1 and request.worker_command is not None:
+            _run_workers(client, shared, options["workers"], request.worker_command, experiment_id)
+        else:
+            TrialRunner(client, shared, plan, ranking, experiment_id).run()
+        summary = summarize(client, shared, ranking, experiment_id)
+        record_summary(client, summary, shared, ranking)
     except KeyboardInterrupt:
-        _end_parent(client, parent_run_id, "KILLED")
+        _end_parent(client, shared.parent_run_id, "KILLED")
         raise
     except BaseException:
-        _end_parent(client, parent_run_id, "FAILED")
+        _end_parent(client, shared.parent_run_id, "FAILED")
         raise
-    client.set_terminated(parent_run_id, "FINISHED" if best else "FAILED")
-    return result
+    if summary.running == 0:
+        client.set_terminated(shared.parent_run_id, "FINISHED" if summary.best is not None else "FAILED")
+    return summary
+
+
+def _new_parent(client: MlflowClient, request: SweepRequest, project_run_id: str | None) -> str:
+    """The parent run of a new study: the run `mlflow run` created, or a new one."""
+    if project_run_id:
+        client.set_tag(project_run_id, names.TAG_RUN_TYPE, names.RUN_TYPE_SWEEP)
+        return project_run_id
+    experiment = use_experiment(request.experiment_name, client) or client.get_experiment(DEFAULT_EXPERIMENT_ID)
+    return client.create_run(experiment.experiment_id, run_name="sweep",
+                             tags={names.TAG_RUN_TYPE: names.RUN_TYPE_SWEEP}).info.run_id
+
+
+def _log_parent_params(client: MlflowClient, shared: SharedStudy, options: Mapping[str, Any]) -> None:
+    """The sweep's parameters as given (once: a joining process keeps the first ones), the study's name
+    and storage (a database URL without its password)."""
+    from sqlalchemy.engine import make_url
+
+    existing = client.get_run(shared.parent_run_id).data.params
+    location = shared.location
+    if "://" in location:
+        location = make_url(location).render_as_string(hide_password=True)
+    client.log_batch(
+        shared.parent_run_id,
+        params=[Param(key, str(value)) for key, value in options.items() if key not in existing],
+        tags=[RunTag(names.TAG_STUDY_NAME, shared.study.study_name), RunTag(names.TAG_STUDY_STORAGE, location)],
+    )
+
+
+def _run_workers(
+    client: MlflowClient, shared: SharedStudy, workers: int, command: WorkerCommand, experiment_id: str
+) -> None:
+    """Starts `workers` processes on the study and waits for them; a worker that dies has its running
+    trial failed at once. Each worker gets an equal share of this machine's cores for TensorFlow."""
+    threads = str(max(1, (os.cpu_count() or 1) // workers))
+    environment = {**os.environ, MLFLOW_EXPERIMENT_ID.name: experiment_id,
+                   "TF_NUM_INTRAOP_THREADS": os.environ.get("TF_NUM_INTRAOP_THREADS", threads)}
+    environment.pop(MLFLOW_RUN_ID.name, None)
+    processes = {
+        number: subprocess.Popen(command(number, shared.study.study_name, shared.location), env=environment)
+        for number in range(1, workers + 1)
+    }
+    try:
+        for number, process in processes.items():
+            if process.wait() != 0:
+                why = f"its worker process ({number} of {workers}) exited with status {process.returncode}"
+                failed = fail_trials_of(shared, client, worker_id(process.pid), why)
+                logger.warning("Worker %d exited with status %d%s", number, process.returncode,
+                               f"; trials {', '.join(str(n + 1) for n in failed)} FAILED" if failed else "")
+    finally:
+        for process in processes.values():
+            if process.poll() is None:
+                process.terminate()
+                process.wait()
 
 
 def _end_parent(client: MlflowClient, parent_run_id: str, status: str) -> None:
@@ -151,62 +168,3 @@ def _end_parent(client: MlflowClient, parent_run_id: str, status: str) -> None:
         client.set_terminated(parent_run_id, status)
     except Exception as error:  # noqa: BLE001 - the store may be the thing that failed
         logger.warning("Could not mark sweep run %s %s: %s", parent_run_id, status, first_line(error, 160))
-
-
-def _parent_run(
-    client: MlflowClient, experiment_name: str | None, project_run_id: str | None
-) -> tuple[Experiment, Run]:
-    """The sweep's experiment and parent run: the run `mlflow run` created, or a new one."""
-    if project_run_id:
-        run = client.get_run(project_run_id)
-        return client.get_experiment(run.info.experiment_id), run
-    experiment = use_experiment(experiment_name, client) or client.get_experiment(DEFAULT_EXPERIMENT_ID)
-    run = client.create_run(experiment.experiment_id, run_name="sweep",
-                            tags={names.TAG_RUN_TYPE: names.RUN_TYPE_SWEEP})
-    return experiment, run
-
-
-def _run_trial(
-    client: MlflowClient, number: int, config: TrainingConfig, total: int, parent_run_id: str, experiment_name: str
-) -> Trial:
-    settings = ", ".join(f"{name}={getattr(config, name)}" for name in SWEEP_GRID_PARAMETERS)
-    logger.info("Trial %d/%d: %s", number, total, settings)
-    keras.backend.clear_session()  # each trial starts from a fresh Keras state, as a run of its own does
-    before = mlflow.last_active_run()
-    error = ""
-    try:
-        run_id = run_training(config, experiment_name=experiment_name, parent_run_id=parent_run_id).run_id
-    except (UserInputError, TrackingUnavailable):
-        raise
-    except Exception as failure:  # noqa: BLE001 - a failing trial is recorded, and the sweep goes on
-        error = " ".join(str(failure).split()) or type(failure).__name__
-        logger.warning("Trial %d failed: %s", number, error)
-        last = mlflow.last_active_run()
-        started = last is not None and (before is None or last.info.run_id != before.info.run_id)
-        run_id = last.info.run_id if started else None
-        if started and last.info.status == "RUNNING":  # last_active_run() read it after its end
-            client.set_terminated(run_id, "FAILED")
-    if run_id is None:
-        return Trial(number, config, None, error)
-    client.set_tag(run_id, names.TAG_SWEEP_TRIAL, str(number))
-    # MLflow draws run names from Python's random generator, which each trial seeds alike: name them.
-    client.update_run(run_id, name=f"trial-{number}")
-    return Trial(number, config, client.get_run(run_id), error)
-
-
-def _record(client: MlflowClient, result: SweepResult, ranking: Ranking) -> None:
-    """The parent's record: the trials table, the best trial, the number of failures."""
-    tags = [RunTag(names.TAG_FAILED_TRIALS, str(len(result.failed)))]
-    metrics = []
-    if result.best is not None:
-        tags += [
-            RunTag(names.TAG_BEST_RUN_ID, result.best.run.info.run_id),
-            RunTag(names.TAG_BEST_TRIAL, str(result.best.number)),
-        ]
-        value = result.best.run.data.metrics[ranking.metric]
-        metrics.append(Metric(names.BEST_METRIC_PREFIX + ranking.metric, value, get_current_time_millis(), 0))
-    client.log_batch(result.parent_run_id, metrics=metrics, tags=tags)
-    with tempfile.TemporaryDirectory(prefix="mnist-sweep-") as directory:
-        table = Path(directory) / names.SWEEP_TRIALS_FILE
-        table.write_text(result.table_csv())
-        client.log_artifact(result.parent_run_id, str(table))

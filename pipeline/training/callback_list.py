@@ -16,7 +16,9 @@ order is part of the behaviour:
 8. CSVLogger           - the epoch's row, timing columns included (added by 3).
 9. TrainingStateBackup - after 1-8: restores their counters after their own resets, and saves the
                          epoch's final state; before 10, so a state covers every recorded epoch.
-10. EpochMetricsLogger - last: the epoch's final logs to the run.
+10. EpochMetricsLogger - the epoch's final logs to the run.
+11. TrialPruning       - sweep trials only: the epoch's validation metric to the pruner, which may stop
+                         training after the epoch is recorded.
 
 In a multi-worker training only the chief records: the other workers run 1-6 and 8 (with
 worker-local checkpoint and CSV files), so that they all stop at the same epoch.
@@ -39,6 +41,7 @@ from pipeline.callbacks import (
     LearningRateChanges,
     TargetAccuracyStop,
     TrainingStateBackup,
+    TrialPruning,
     WorkerTiming,
 )
 from pipeline.config import TrainingConfig
@@ -63,6 +66,7 @@ class TrainingCallbacks:
     csv_logger: keras.callbacks.CSVLogger
     backup: TrainingStateBackup | None
     epoch_metrics: EpochMetricsLogger | None
+    trial_pruning: TrialPruning | None = None
 
     @property
     def ordered(self) -> list[keras.callbacks.Callback]:
@@ -79,6 +83,8 @@ class TrainingCallbacks:
             return names.STOP_NAN_LOSS
         if self.target_stop.stopped_epoch is not None:
             return names.STOP_TARGET_ACCURACY
+        if self.trial_pruning is not None and self.trial_pruning.pruned_epoch is not None:
+            return names.STOP_PRUNED
         if self.early_stopping.stopped_epoch > 0:
             return names.STOP_EARLY_STOPPING
         return names.STOP_COMPLETED

@@ -33,6 +33,7 @@ from mlflow.environment_variables import MLFLOW_RUN_ID
 from mlflow.tracking import MlflowClient
 
 from pipeline import constants as names
+from pipeline.callbacks import TrialPruning
 from pipeline.config import TrainingConfig
 from pipeline.errors import TrainingDiverged
 from pipeline.tracking.recorder import RunRecorder
@@ -84,6 +85,7 @@ class _Training:
     splits: Splits
     distribution: Distribution
     workdir: Path
+    pruning: TrialPruning | None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,6 +116,7 @@ def run_training(
     run_id: str | None = None,
     parent_run_id: str | None = None,
     limits: RunLimits | None = None,
+    pruning: TrialPruning | None = None,
 ) -> TrainingResult | WorkerResult:
     """Trains and records one run, or continues a killed one; or, on a non-chief worker of a
     multi-worker training, trains its share without recording anything.
@@ -127,6 +130,7 @@ def run_training(
             at its first unfinished epoch (see `pipeline.tracking.resume`).
         parent_run_id: makes a new run the nested child of this run (a sweep's trials).
         limits: timeouts and the rescue directory (default: `RunLimits()`).
+        pruning: a sweep trial's pruning callback; a pruned training ends FINISHED with stop_reason=pruned.
 
     Raises:
         TrackingUnavailable: the tracking server does not answer or refuses the credentials.
@@ -162,7 +166,7 @@ def run_training(
     if not run_id:
         use_experiment(experiment_name, client)
     with mlflow_run(run_id, parent_run_id) as run, local_workdir() as workdir, local_storage_errors(workdir):
-        training = _Training(config, dataset, splits, distribution, workdir)
+        training = _Training(config, dataset, splits, distribution, workdir, pruning)
         return _train_in_run(client, run, training, resume, limits)
 
 
@@ -229,6 +233,7 @@ def _train_in_run(
     with RunRecorder(client, run_id, workdir / "staging") as recorder:
         state = resume.state if resume else None
         callbacks = build_callbacks(config, workdir, recorder, len(training.splits[0]), state, training.distribution)
+        callbacks = dataclasses.replace(callbacks, trial_pruning=training.pruning)
         recorder.set_tags({names.TAG_CALLBACKS: ",".join(callbacks.names)})
         recorder.log_file(_write(workdir / names.MODEL_SUMMARY_FILE, model_summary(model)))
         initial_epoch = 0

@@ -1,0 +1,64 @@
+"""TrialPruning: a sweep trial's per-epoch progress to its pruner, and a clean stop when it is losing."""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Protocol
+
+import keras
+
+logger = logging.getLogger(__name__)
+
+
+class PrunableTrial(Protocol):
+    """What the callback needs of a trial: an `optuna.Trial`."""
+
+    def report(self, value: float, step: int) -> None: ...
+    def should_prune(self) -> bool: ...
+
+
+class TrialPruning(keras.callbacks.Callback):
+    """Reports `monitor` to the trial at each epoch's end and stops training when the pruner says so.
+
+    Unlike optuna-integration's Keras callback, which raises `TrialPruned` inside `fit`, it stops
+    training the way EarlyStopping does, so a pruned trial still gets its whole record (evaluation,
+    model) and the stop reason `pruned`.
+
+    Args:
+        trial: the trial (its study's pruner decides).
+        monitor: the per-epoch metric reported, e.g. `val_accuracy`.
+
+    Attributes:
+        pruned_epoch: the epoch after which the trial was pruned, or None.
+
+    Example:
+    ```python
+    def objective(trial):
+        pruning = TrialPruning(trial)
+        model.fit(x, y, validation_split=0.2, epochs=20, callbacks=[pruning])
+        if pruning.pruned_epoch is not None:
+            raise optuna.TrialPruned()
+        ...
+    ```
+    """
+
+    def __init__(self, trial: PrunableTrial, monitor: str = "val_accuracy") -> None:
+        super().__init__()
+        self.trial = trial
+        self.monitor = monitor
+        self.pruned_epoch: int | None = None
+
+    def on_train_begin(self, logs=None) -> None:
+        self.pruned_epoch = None
+
+    def on_epoch_end(self, epoch: int, logs=None) -> None:
+        value = (logs or {}).get(self.monitor)
+        if value is None or not math.isfinite(value):
+            return
+        self.trial.report(float(value), epoch)
+        if self.trial.should_prune():
+            logger.info("Epoch %d: pruned (%s=%.4f is losing against the other trials)", epoch + 1,
+                        self.monitor, value)
+            self.pruned_epoch = epoch
+            self.model.stop_training = True

@@ -1,0 +1,294 @@
+"""The Optuna study behind a sweep: where it is kept, how it samples and prunes, and how processes share it.
+
+A study is named, and kept in a storage: by default a journal file next to the tracking store (several
+processes on one machine share it safely), or a database (`postgresql+psycopg2://...`) that several
+machines share. The process that creates the study creates the sweep's parent run and records its id in
+the study; every other process with the same study name and storage joins that parent. Database
+storages send heartbeats, so a trial whose process died is failed by the next process that starts a
+trial; on one machine the sweep's own supervisor does it at once (`fail_trials_of`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+import warnings
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import optuna
+from mlflow.entities import RunStatus
+from mlflow.tracking import MlflowClient
+from optuna.storages import BaseStorage, JournalStorage, RDBStorage
+from optuna.storages.journal import JournalFileBackend
+from optuna.trial import FrozenTrial, TrialState
+
+from pipeline import constants as names
+from pipeline.errors import ParameterError
+from pipeline.search_space import DEFAULT_TRIALS, SearchSpace
+
+logger = logging.getLogger(__name__)
+
+JOURNAL_FILE = "optuna-studies.journal"
+USER_CACHE = Path.home() / ".cache" / "mnist-pipeline"  # the default study file's place for a remote tracking server
+PARENT_RUN_ATTR = "mlflow_parent_run_id"
+SPACE_ATTR = "search_space"
+ENQUEUED_ATTR = "grid_enqueued"
+RUN_ID_ATTR = "mlflow_run_id"
+WORKER_ATTR = "worker"
+ERROR_ATTR = "error"
+JOIN_TIMEOUT_SECONDS = 60.0
+# A database-backed trial proves it is alive every HEARTBEAT seconds; silent for GRACE, it is failed.
+HEARTBEAT_SECONDS, GRACE_SECONDS = 20, 60
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchPlan:
+    """How a sweep searches, from the parsed SWEEP_PARAMETERS.
+
+    Args:
+        space: the swept dimensions and the fixed training values.
+        sampler: grid, random or tpe.
+        pruner: none, median or hyperband.
+        trials: the study's trial budget, over every process.
+        seed: the sampler's seed (the trials train with the training seed, the same for all).
+        direction: `maximize` or `minimize`, from the ranking mode.
+    """
+
+    space: SearchSpace
+    sampler: str
+    pruner: str
+    trials: int
+    seed: int
+    direction: str
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any]) -> SearchPlan:
+        """The plan of parsed SWEEP_PARAMETERS.
+
+        Raises:
+            ParameterError: a grid sampler over a range, or more grid trials than combinations.
+        """
+        space = SearchSpace.from_options(options)
+        sampler = options["sampler"] or ("grid" if space.is_grid else "tpe")
+        if sampler == "grid" and not space.is_grid:
+            name = next(name for name in space.dimensions if name not in _listed(space))
+            raise ParameterError(name, options[name], "a list of values with sampler=grid (a grid has no ranges)")
+        grid_size = len(space.grid()) if sampler == "grid" else None
+        trials = int(options["trials"]) if options["trials"] else grid_size or DEFAULT_TRIALS
+        if grid_size is not None and trials > grid_size:
+            raise ParameterError("trials", options["trials"], f"at most the grid's {grid_size} combinations")
+        pruner = options["pruner"] or ("none" if sampler == "grid" else "median")
+        direction = "maximize" if options["mode"] == "max" else "minimize"
+        return cls(space, sampler, pruner, trials, options["seed"], direction)
+
+    def monitor(self, metric: str) -> str:
+        """The per-epoch metric the pruner watches: `metric` itself if it is one, else validation accuracy
+        (or loss, when lower is better)."""
+        if metric in (*names.EPOCH_METRICS, names.BEST_VAL_ACCURACY):
+            return metric
+        return names.VAL_ACCURACY if self.direction == "maximize" else names.VAL_LOSS
+
+    def make_sampler(self, seed_offset: int = 0) -> optuna.samplers.BaseSampler:
+        seed = self.seed + seed_offset
+        if self.sampler == "grid":
+            lists = {name: list(dimension.values) for name, dimension in self.space.dimensions.items()}
+            return optuna.samplers.GridSampler(lists, seed=seed)
+        if self.sampler == "random":
+            return optuna.samplers.RandomSampler(seed=seed)
+        # Optuna's default of 10 random start-up trials is most of a small budget; constant_liar keeps
+        # parallel workers from proposing the same point.
+        startup = max(3, min(10, self.trials // 3))
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, constant_liar=True)
+
+    def make_pruner(self) -> optuna.pruners.BasePruner:
+        if self.pruner == "median":
+            return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2)
+        if self.pruner == "hyperband":
+            return optuna.pruners.HyperbandPruner(min_resource=1, reduction_factor=3)
+        return optuna.pruners.NopPruner()
+
+    def space_text(self, options: Mapping[str, Any]) -> dict[str, str]:
+        """What the study searches, as given: a joining process must search the same."""
+        return {name: str(options[name]) for name in self.space.dimensions} | {"sampler": self.sampler}
+
+
+def _listed(space: SearchSpace) -> set[str]:
+    from pipeline.search_space import Choices
+
+    return {name for name, dimension in space.dimensions.items() if isinstance(dimension, Choices)}
+
+
+def _local_store_directory(tracking_uri: str) -> Path | None:
+    """The directory of a local tracking store (a SQLite file or a file store), else None."""
+    from sqlalchemy.engine import make_url
+
+    if tracking_uri.startswith("sqlite:"):
+        database = make_url(tracking_uri).database
+        return Path(database).absolute().parent if database and database != ":memory:" else None
+    if "://" not in tracking_uri or tracking_uri.startswith("file:"):
+        return Path(tracking_uri.removeprefix("file://").removeprefix("file:")).absolute().parent
+    return None
+
+
+def open_storage(storage: str, tracking_uri: str, client: MlflowClient) -> tuple[BaseStorage, str]:
+    """The study storage `storage` names (default: a journal file next to a local tracking store, else in
+    ~/.cache/mnist-pipeline), and its location as text, for the other processes.
+
+    Raises:
+        ParameterError: the database cannot be reached or the file cannot be written.
+    """
+    if not storage:
+        storage = str((_local_store_directory(tracking_uri) or USER_CACHE) / JOURNAL_FILE)
+    try:
+        if "://" in storage:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats
+                return RDBStorage(
+                    storage, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS,
+                    heartbeat_stale_trial_callback=_FailRun(client),
+                ), storage
+        path = Path(storage).expanduser().absolute()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(str(path))), str(path)
+    except Exception as error:  # noqa: BLE001 - SQLAlchemy and OS errors alike: the storage is unusable
+        reason = " ".join(str(error).split("(Background on this error")[0].split())[:160]  # SQLAlchemy's link
+        raise ParameterError("storage", storage, f"a reachable database URL or a writable file ({reason})") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class SharedStudy:
+    """A study opened by this process, and the sweep's parent run it belongs to.
+
+    Args:
+        study: the Optuna study.
+        storage: where it is kept (the same object the study uses).
+        location: the storage as text, for other processes.
+        parent_run_id: the sweep's MLflow parent run.
+        created: whether this process created the study (else it joined or continues it).
+    """
+
+    study: optuna.Study
+    storage: BaseStorage
+    location: str
+    parent_run_id: str
+    created: bool
+
+    def done_count(self) -> int:
+        """Trials taken so far (finished, pruned, failed or running; not those still waiting)."""
+        return len(self.study.get_trials(deepcopy=False, states=COUNTED_STATES))
+
+
+COUNTED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING)
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyRequest:
+    """What a process needs to create or join a study.
+
+    Args:
+        plan: how the study searches.
+        space_text: the search space as given (a joining process must search the same).
+        name: the study's name ("" for a new study named after its parent run).
+        seed_offset: added to the sampler's seed (parallel workers must not propose the same trials).
+    """
+
+    plan: SearchPlan
+    space_text: dict[str, str]
+    name: str
+    seed_offset: int = 0
+
+
+def open_study(
+    request: StudyRequest, storage: tuple[BaseStorage, str], new_parent: Callable[[], str]
+) -> SharedStudy:
+    """Creates the study (and its parent run, with `new_parent()`) or joins the existing one of that name.
+
+    Raises:
+        ParameterError: the existing study searches another space, or has no parent run.
+    """
+    plan, (backend, location) = request.plan, storage
+    sampler, pruner = plan.make_sampler(request.seed_offset), plan.make_pruner()
+    settings = dict(storage=backend, sampler=sampler, pruner=pruner, direction=plan.direction)
+    name, parent_run_id = request.name, None
+    if not name:
+        parent_run_id = new_parent()
+        name = f"sweep-{parent_run_id}"
+    try:
+        study = optuna.create_study(study_name=name, load_if_exists=False, **settings)
+    except optuna.exceptions.DuplicatedStudyError:
+        study = optuna.load_study(study_name=name, storage=backend, sampler=sampler, pruner=pruner)
+        return SharedStudy(study, backend, location, _joined_parent(study, request), created=False)
+    study.set_user_attr(SPACE_ATTR, request.space_text)
+    study.set_user_attr(PARENT_RUN_ATTR, parent_run_id or new_parent())
+    return SharedStudy(study, backend, location, study.user_attrs[PARENT_RUN_ATTR], created=True)
+
+
+def _joined_parent(study: optuna.Study, request: StudyRequest) -> str:
+    """The parent run of a study another process created (waiting briefly while it records it)."""
+    deadline = time.monotonic() + JOIN_TIMEOUT_SECONDS
+    while PARENT_RUN_ATTR not in study.user_attrs and time.monotonic() < deadline:
+        time.sleep(0.5)
+    attrs = study.user_attrs
+    if attrs.get(SPACE_ATTR, request.space_text) != request.space_text:
+        searched = ", ".join(f"{key}={value}" for key, value in attrs[SPACE_ATTR].items())
+        raise ParameterError("study", study.study_name, f"the name of a study with the same search space ({searched})")
+    if PARENT_RUN_ATTR not in attrs:
+        raise ParameterError("study", study.study_name, "a sweep study (this one has no MLflow parent run)")
+    return attrs[PARENT_RUN_ATTR]
+
+
+def enqueue_grid(shared: SharedStudy, plan: SearchPlan) -> None:
+    """Queues the grid's first `plan.trials` points in order, once each (continuing a grid study queues
+    the rest), so that workers sharing the study take each point once, in the grid's order."""
+    queued = int(shared.study.user_attrs.get(ENQUEUED_ATTR, 0))
+    for point in plan.space.grid()[queued:plan.trials]:
+        shared.study.enqueue_trial(point)
+    shared.study.set_user_attr(ENQUEUED_ATTR, max(queued, plan.trials))
+
+
+@dataclasses.dataclass(frozen=True)
+class _FailRun:
+    """Ends the MLflow run of a trial that Optuna failed for a lost heartbeat."""
+
+    client: MlflowClient
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        fail_trial_run(self.client, trial, "its process stopped sending heartbeats")
+
+
+def fail_trial_run(client: MlflowClient, trial: FrozenTrial, why: str) -> None:
+    """Marks a dead trial's MLflow run FAILED, if it had one and it is still RUNNING."""
+    run_id = trial.user_attrs.get(RUN_ID_ATTR)
+    logger.warning("Trial %d failed: %s", trial.number + 1, why)
+    if run_id and client.get_run(run_id).info.status == RunStatus.to_string(RunStatus.RUNNING):
+        client.set_tag(run_id, names.TAG_TRIAL_STATE, TRIAL_STATES[TrialState.FAIL])
+        client.set_terminated(run_id, "FAILED")
+
+
+def fail_trials_of(shared: SharedStudy, client: MlflowClient, worker: str, why: str) -> list[int]:
+    """Fails the RUNNING trials of a worker process that died, and their runs; returns their numbers."""
+    storage = shared.storage
+    study_id = storage.get_study_id_from_name(shared.study.study_name)
+    failed = []
+    for trial in shared.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if trial.user_attrs.get(WORKER_ATTR) != worker:
+            continue
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
+        storage.set_trial_user_attr(trial_id, ERROR_ATTR, why)
+        if storage.set_trial_state_values(trial_id, TrialState.FAIL):
+            fail_trial_run(client, trial, why)
+            failed.append(trial.number)
+    return failed
+
+
+# How a trial's state is shown: the trials table, the child run's tag and its name.
+TRIAL_STATES = {
+    TrialState.COMPLETE: "finished",
+    TrialState.PRUNED: "pruned",
+    TrialState.FAIL: "failed",
+    TrialState.RUNNING: "running",
+    TrialState.WAITING: "waiting",
+}

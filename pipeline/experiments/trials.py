@@ -1,0 +1,120 @@
+"""One sweep trial: a full training run, nested under the sweep's parent, whose outcome Optuna learns from.
+
+The trial's child run is created first (named `trial-N`, tagged with its number and the parent), so
+that its id is in the study before training starts and a trial whose process dies can be found and
+failed. A pruned trial stops at an epoch's end and keeps its whole record (`stop_reason=pruned`); a
+failing trial is FAILED and the sweep goes on; what would fail every trial alike (bad data, an
+unreachable tracking server) stops the process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import socket
+
+import keras
+import optuna
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from pipeline import constants as names
+from pipeline.callbacks import TrialPruning
+from pipeline.errors import TrackingUnavailable, UserInputError
+from pipeline.experiments.runs import Ranking
+from pipeline.experiments.study import (
+    COUNTED_STATES,
+    ERROR_ATTR,
+    RUN_ID_ATTR,
+    TRIAL_STATES,
+    WORKER_ATTR,
+    SearchPlan,
+    SharedStudy,
+)
+from pipeline.training.run import run_training
+
+logger = logging.getLogger(__name__)
+
+
+class TrialFailed(Exception):
+    """A trial that failed on its own (the sweep goes on)."""
+
+
+def worker_id(pid: int | None = None) -> str:
+    """How a trial names the process that runs it: host and process id."""
+    return f"{socket.gethostname()}:{pid or os.getpid()}"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrialRunner:
+    """Optuna's objective for a sweep: runs trials in this process and stops at the study's budget.
+
+    Args:
+        client: the tracking client.
+        shared: the study and its parent run.
+        plan: the search plan (space, budget, pruner).
+        ranking: the metric the study optimizes (the run's final value of it).
+        experiment_id: where the trials' runs go (the parent's experiment).
+    """
+
+    client: MlflowClient
+    shared: SharedStudy
+    plan: SearchPlan
+    ranking: Ranking
+    experiment_id: str
+
+    def run(self) -> None:
+        """Takes trials until the study has its budget of trials (counting those of every process)."""
+        if self.shared.done_count() >= self.plan.trials:
+            return
+        budget = optuna.study.MaxTrialsCallback(self.plan.trials, states=COUNTED_STATES)
+        self.shared.study.optimize(self, catch=(TrialFailed,), callbacks=[budget])
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        number = trial.number + 1
+        config = self.plan.space.suggest(trial)
+        settings = ", ".join(f"{name}={value}" for name, value in trial.params.items())
+        logger.info("Trial %d/%d: %s", number, self.plan.trials, settings)
+        trial.set_user_attr(WORKER_ATTR, worker_id())
+        run_id = self.client.create_run(self.experiment_id, run_name=f"trial-{number}", tags={
+            "mlflow.parentRunId": self.shared.parent_run_id,
+            names.TAG_SWEEP_TRIAL: str(number),
+            names.TAG_TRIAL_STATE: TRIAL_STATES[TrialState.RUNNING],
+        }).info.run_id
+        trial.set_user_attr(RUN_ID_ATTR, run_id)
+        pruning = None if self.plan.pruner == "none" else TrialPruning(trial, self.plan.monitor(self.ranking.metric))
+        keras.backend.clear_session()  # each trial starts from a fresh Keras state, as a run of its own does
+        try:
+            result = run_training(config, run_id=run_id, pruning=pruning)
+        except (UserInputError, TrackingUnavailable):
+            self._end(run_id, number, TrialState.FAIL)
+            raise
+        except Exception as failure:  # noqa: BLE001 - a failing trial is recorded, and the sweep goes on
+            self._fail(trial, run_id, " ".join(str(failure).split()) or type(failure).__name__)
+        value = self.client.get_run(run_id).data.metrics.get(self.ranking.metric)
+        if result.stop_reason == names.STOP_PRUNED:
+            logger.info("Trial %d pruned after epoch %d", number, result.epochs_completed)
+            self._end(run_id, number, TrialState.PRUNED)
+            raise optuna.TrialPruned()
+        if value is None or not math.isfinite(value):
+            self._fail(trial, run_id, f"the run recorded no finite {self.ranking.metric}")
+        self._end(run_id, number, TrialState.COMPLETE)
+        logger.info("Trial %d finished: %s=%.4f", number, self.ranking.metric, value)
+        return value
+
+    def _fail(self, trial: optuna.Trial, run_id: str, error: str) -> None:
+        logger.warning("Trial %d failed: %s", trial.number + 1, error)
+        trial.set_user_attr(ERROR_ATTR, error)
+        if self.client.get_run(run_id).info.status == "RUNNING":  # failed before its run was opened
+            self.client.set_terminated(run_id, "FAILED")
+        self._end(run_id, trial.number + 1, TrialState.FAIL)
+        raise TrialFailed(error)
+
+    def _end(self, run_id: str, number: int, state: TrialState) -> None:
+        """The child's final trial state, as a tag and in its name (the UI's runs table shows both)."""
+        shown = TRIAL_STATES[state]
+        self.client.set_tag(run_id, names.TAG_TRIAL_STATE, shown)
+        name = f"trial-{number}" if state == TrialState.COMPLETE else f"trial-{number}-{shown}"
+        self.client.update_run(run_id, name=name)

@@ -1,0 +1,194 @@
+"""The Optuna sweep as users run it: real `sweep` processes, a real store, the study in a real journal
+file or PostgreSQL database; pruning, parallel workers, a killed worker, a continued study, bad specs."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import mlflow
+import optuna
+import psutil
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipeline import constants as names
+from pipeline.config import TrainingConfig
+from pipeline.experiments.study import JOURNAL_FILE
+from tests.conftest import POSTGRES_ADMIN_DSN, POSTGRES_HOST, POSTGRES_PORT, drop_database
+from tests.helpers import MNIST_SMALL, cli_options, one_line_error, project_env, run_cli, run_cli_here
+from tests.run_contract import CALLBACKS, assert_run_contract
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
+FIXED = {"dataset": str(MNIST_SMALL), "epochs": "4", "lr_patience": "1", "es_patience": "5"}
+
+
+def _sweep(tmp_path: Path, values: dict[str, str], experiment: str, timeout: float = 360):
+    result = run_cli(["sweep", "--experiment-name", experiment, *cli_options(FIXED | values)], cwd=tmp_path,
+                     timeout=timeout, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def _parent_and_children(tmp_path: Path, experiment: str):
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment_id = client.get_experiment_by_name(experiment).experiment_id
+    [parent] = client.search_runs([experiment_id], f"tags.{names.TAG_RUN_TYPE} = '{names.RUN_TYPE_SWEEP}'")
+    children = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    return client, parent, {int(run.data.tags[names.TAG_SWEEP_TRIAL]): run for run in children}
+
+
+def test_a_pruned_trial_stops_early_with_its_whole_record(tmp_path):
+    # A grid in this order: three good learning rates, then one far too small. The median pruner (3
+    # start-up trials, from the third epoch on) stops the fourth after its third epoch.
+    _sweep(tmp_path, {"sampler": "grid", "pruner": "median", "learning_rate": "0.01,0.003,0.005,0.00001"}, "pruned")
+    client, parent, trials = _parent_and_children(tmp_path, "pruned")
+    assert sorted(trials) == [1, 2, 3, 4]
+    pruned = trials[4]
+    assert pruned.info.status == "FINISHED"
+    assert pruned.info.run_name == "trial-4-pruned"
+    assert pruned.data.tags[names.TAG_STOP_REASON] == names.STOP_PRUNED
+    assert pruned.data.tags[names.TAG_TRIAL_STATE] == "pruned"
+    assert pruned.data.metrics[names.EPOCHS_COMPLETED] == 3
+    config = TrainingConfig.from_values(FIXED | {"learning_rate": "0.00001"})
+    mlflow.set_tracking_uri(client.tracking_uri)  # the contract loads the model through the fluent API
+    try:
+        assert_run_contract(client, pruned.info.run_id, config, tmp_path / "contract",
+                            callbacks=CALLBACKS + ",TrialPruning")
+    finally:
+        mlflow.set_tracking_uri(None)
+    for number in (1, 2, 3):
+        assert trials[number].data.tags[names.TAG_TRIAL_STATE] == "finished"
+        assert trials[number].data.tags[names.TAG_STOP_REASON] != names.STOP_PRUNED
+    tags = parent.data.tags
+    counts = (tags[names.TAG_FINISHED_TRIALS], tags[names.TAG_PRUNED_TRIALS], tags[names.TAG_FAILED_TRIALS])
+    assert counts == ("3", "1", "0")
+    assert tags[names.TAG_BEST_RUN_ID] != pruned.info.run_id  # a pruned trial is never the best
+    study = optuna.load_study(study_name=tags[names.TAG_STUDY_NAME], storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(tmp_path / JOURNAL_FILE))))
+    assert [trial.state.name for trial in study.trials] == ["COMPLETE", "COMPLETE", "COMPLETE", "PRUNED"]
+    artifacts = {item.path for item in client.list_artifacts(parent.info.run_id, names.PLOTS_DIR)}
+    plots = (names.SWEEP_HISTORY_PLOT, names.SWEEP_IMPORTANCE_PLOT)
+    assert artifacts == {f"{names.PLOTS_DIR}/{plot}" for plot in plots}
+    table = client.download_artifacts(parent.info.run_id, names.SWEEP_TRIALS_FILE, str(tmp_path))
+    import pandas as pd
+
+    rows = pd.read_csv(table).set_index("trial")
+    assert list(rows["state"]) == ["finished", "finished", "finished", "pruned"]
+    assert rows.loc[4, names.TAG_STOP_REASON] == names.STOP_PRUNED
+    assert rows.loc[4, names.BEST_VAL_ACCURACY] == pruned.data.metrics[names.BEST_VAL_ACCURACY]
+
+
+@pytest.fixture
+def study_database() -> str:
+    """A PostgreSQL database of its own for Optuna (as a team gives the study next to MLflow's)."""
+    import psycopg2
+
+    name = f"mnist_study_{uuid.uuid4().hex[:10]}"
+    admin = psycopg2.connect(POSTGRES_ADMIN_DSN)
+    admin.autocommit = True
+    with admin.cursor() as cursor:
+        cursor.execute(f'CREATE DATABASE "{name}"')
+    admin.close()
+    yield f"postgresql+psycopg2://postgres@{POSTGRES_HOST}:{POSTGRES_PORT}/{name}"
+    drop_database(name)
+
+
+def test_two_workers_share_one_study_and_one_parent_and_take_each_grid_point_once(tmp_path, study_database):
+    grid = {"learning_rate": "0.01,0.003", "dropout": "0.1,0.3"}
+    result = _sweep(tmp_path, grid | {"workers": "2", "storage": study_database, "study": "shared"}, "workers")
+    client, parent, trials = _parent_and_children(tmp_path, "workers")
+    assert sorted(trials) == [1, 2, 3, 4]  # every trial a child of the one parent, none twice
+    expected = {1: ("0.01", "0.1"), 2: ("0.01", "0.3"), 3: ("0.003", "0.1"), 4: ("0.003", "0.3")}
+    assert {n: (r.data.params["learning_rate"], r.data.params["dropout"]) for n, r in trials.items()} == expected
+    assert all(run.info.status == "FINISHED" for run in trials.values())
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags[names.TAG_STUDY_STORAGE] == study_database  # no password in this URL to hide
+    study = optuna.load_study(study_name="shared", storage=study_database)
+    assert [trial.state.name for trial in study.trials] == ["COMPLETE"] * 4
+    workers = {trial.user_attrs["worker"] for trial in study.trials}
+    assert len(workers) == 2, workers  # both processes took trials
+    assert "[worker 1] Trial" in result.stdout and "[worker 2] Trial" in result.stdout
+
+
+def test_a_killed_worker_fails_its_trial_and_the_sweep_goes_on(tmp_path):
+    values = {"sampler": "random", "trials": "3", "pruner": "none", "learning_rate": "1e-3:1e-2:log",
+              "workers": "2", "epochs": "6"}
+    sweep = subprocess.Popen(
+        [sys.executable, "-m", "mlflow_project", "sweep", "--experiment-name", "killed", *cli_options(FIXED | values)],
+        cwd=tmp_path, env=project_env(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}"),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    victim = None
+    for line in sweep.stdout:  # kill worker 1 once it trains its first trial
+        if line.startswith("[worker 1] Epoch 1:"):
+            workers = psutil.Process(sweep.pid).children()
+            victim = next(p for p in workers if "--worker-number" in p.cmdline() and
+                          p.cmdline()[p.cmdline().index("--worker-number") + 1] == "1")
+            victim.send_signal(signal.SIGKILL)
+            break
+    output, errors = sweep.communicate(timeout=300)
+    assert victim is not None and sweep.returncode == 0, errors[-3000:]
+    client, parent, trials = _parent_and_children(tmp_path, "killed")
+    assert len(trials) == 3
+    failed = [run for run in trials.values() if run.info.status == "FAILED"]
+    assert len(failed) == 1 and failed[0].data.tags[names.TAG_TRIAL_STATE] == "failed"
+    assert sum(run.info.status == "FINISHED" for run in trials.values()) == 2
+    assert parent.info.status == "FINISHED" and parent.data.tags[names.TAG_FAILED_TRIALS] == "1"
+    assert "Worker 1 exited with status -9" in output + errors
+
+
+def test_the_same_study_name_continues_the_study_and_its_parent(tmp_path):
+    values = {"sampler": "random", "pruner": "none", "learning_rate": "1e-3:1e-2:log", "study": "kept", "epochs": "2"}
+    _sweep(tmp_path, values | {"trials": "2"}, "continued")
+    _, first, _ = _parent_and_children(tmp_path, "continued")
+    result = _sweep(tmp_path, values | {"trials": "3"}, "continued")
+    client, parent, trials = _parent_and_children(tmp_path, "continued")
+    assert parent.info.run_id == first.info.run_id
+    assert sorted(trials) == [1, 2, 3]
+    assert parent.info.status == "FINISHED" and parent.data.tags[names.TAG_FINISHED_TRIALS] == "3"
+    assert "Trial 3/3" in result.stdout and "Trial 1/" not in result.stdout  # only the new trial ran
+
+    other = run_cli_here(["sweep", *cli_options(FIXED | values | {"dropout": "0.0:0.5"})],
+                         MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert other.returncode == 2
+    assert one_line_error(other, "study='kept'", "same search space").startswith("error: parameter study")
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(
+    ("values", "fragment"),
+    [
+        ({"learning_rate": "1e-2:1e-4"}, "learning_rate='1e-2:1e-4'"),
+        ({"learning_rate": "0:1e-2:log"}, "LOW > 0"),
+        ({"dropout": "0.0:1.5"}, "dropout='0.0:1.5'"),
+        ({"batch_size": "16:64.5"}, "batch_size='16:64.5'"),
+        ({"hidden_units": "64:abc,32"}, "hidden_units='64:abc,32'"),
+        ({"dropout": "0.1:0.2:linear"}, "dropout="),
+        ({"sampler": "grid", "dropout": "0.0:0.5"}, "a grid has no ranges"),
+        ({"learning_rate": "0.1,0.2", "trials": "3"}, "at most the grid's 2 combinations"),
+        ({"sampler": "bayes"}, "sampler='bayes'"),
+        ({"pruner": "sometimes"}, "pruner='sometimes'"),
+        ({"trials": "0"}, "trials='0'"),
+        ({"workers": "0"}, "workers='0'"),
+        ({"study": "no spaces"}, "study='no spaces'"),
+    ],
+)
+def test_a_bad_search_spec_gives_one_line_and_exit_2_and_starts_nothing(tmp_path, values, fragment):
+    result = run_cli_here(["sweep", *cli_options(values)], MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert result.returncode == 2
+    assert one_line_error(result, fragment).startswith("error: parameter ")
+    assert not (tmp_path / "mlflow.db").exists() and not list(tmp_path.glob("*.journal"))
+
+
+def test_an_unreachable_study_database_is_one_line_and_exit_2(tmp_path):
+    result = run_cli(["sweep", *cli_options(FIXED | {"storage": "postgresql+psycopg2://postgres@127.0.0.1:1/x"})],
+                     cwd=tmp_path, timeout=120, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert result.returncode == 2
+    line = one_line_error(result, "storage='postgresql+psycopg2://postgres@127.0.0.1:1/x'")
+    assert line.startswith("error: parameter")
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []  # no parent run
