@@ -14,7 +14,6 @@ de-duplicates identical metrics, and tags and artifacts overwrite themselves.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import itertools
 import json
 import logging
@@ -29,45 +28,10 @@ from mlflow.entities import Metric, RunTag
 from mlflow.tracking import MlflowClient
 
 from pipeline.errors import RecordingError, first_line
+from pipeline.tracking.records import MAX_METRICS_PER_BATCH, MAX_TAGS_PER_BATCH, Batch, FileRecord
 from pipeline.tracking.retry import STORE_BACKOFF, Backoff, is_transient
 
 logger = logging.getLogger(__name__)
-
-# MLflow's log_batch limits.
-_MAX_METRICS_PER_BATCH = 1000
-_MAX_TAGS_PER_BATCH = 100
-
-
-@dataclasses.dataclass
-class _Batch:
-    metrics: list[Metric] = dataclasses.field(default_factory=list)
-    tags: list[RunTag] = dataclasses.field(default_factory=list)
-
-    @property
-    def size(self) -> int:
-        return len(self.metrics) + len(self.tags)
-
-    def split(self) -> list[_Batch]:
-        return [_Batch(metrics=[metric]) for metric in self.metrics] + [_Batch(tags=[tag]) for tag in self.tags]
-
-    def describe(self) -> str:
-        names = sorted({m.key for m in self.metrics} | {t.key for t in self.tags})
-        return "metrics/tags " + ", ".join(names)
-
-
-@dataclasses.dataclass
-class _File:
-    artifact_path: str
-    staged_path: Path
-    writer: Callable[[Path], None] | None = None  # writes the file in the background, before upload
-
-    @property
-    def artifact_dir(self) -> str | None:
-        return self.artifact_path.rpartition("/")[0] or None
-
-    def describe(self) -> str:
-        return f"artifact {self.artifact_path}"
-
 
 class RunRecorder:
     """Sends one run's metrics, tags and files to MLflow from a background thread, in order.
@@ -95,7 +59,7 @@ class RunRecorder:
         self._staging_dir.mkdir(parents=True, exist_ok=True)
         self._backoff = backoff
         self.abandon_timeout = abandon_timeout
-        self._pending: collections.deque[_Batch | _File] = collections.deque()
+        self._pending: collections.deque[Batch | FileRecord] = collections.deque()
         self._delivering = False  # the head of the queue is being sent
         self._failures: list[str] = []
         self._outage_since: float | None = None
@@ -121,18 +85,18 @@ class RunRecorder:
         name = Path(local_path).name
         staged = self._stage_dir() / name
         shutil.copyfile(local_path, staged)
-        self._enqueue_file(_File(f"{artifact_dir}/{name}" if artifact_dir else name, staged))
+        self._enqueue_file(FileRecord(f"{artifact_dir}/{name}" if artifact_dir else name, staged))
 
     def log_json(self, obj: Any, artifact_file: str) -> None:
         staged = self._stage_dir() / artifact_file.rpartition("/")[2]
         staged.write_text(json.dumps(obj, indent=2) + "\n")
-        self._enqueue_file(_File(artifact_file, staged))
+        self._enqueue_file(FileRecord(artifact_file, staged))
 
     def log_written(self, writer: Callable[[Path], None], artifact_file: str) -> None:
         """Queues `artifact_file`, to be written by `writer(path)` on the background thread (for
         large files whose content the caller has already snapshotted in memory)."""
         staged = self._stage_dir() / artifact_file.rpartition("/")[2]
-        self._enqueue_file(_File(artifact_file, staged, writer))
+        self._enqueue_file(FileRecord(artifact_file, staged, writer))
 
     # -- waiting ---------------------------------------------------------------------------
 
@@ -154,7 +118,7 @@ class RunRecorder:
             pending = list(self._pending)
         records: list[dict[str, object]] = []
         for record in pending:
-            if isinstance(record, _File):
+            if isinstance(record, FileRecord):
                 target = directory / "artifacts" / record.artifact_path
                 target.parent.mkdir(parents=True, exist_ok=True)
                 if record.writer is not None:
@@ -234,16 +198,16 @@ class RunRecorder:
             if self._delivering and len(self._pending) == 1:
                 tail = None  # being sent: a batch in flight never grows
             if (
-                isinstance(tail, _Batch)
-                and len(tail.metrics) + len(metrics or []) <= _MAX_METRICS_PER_BATCH
-                and len(tail.tags) + len(tags or []) <= _MAX_TAGS_PER_BATCH
+                isinstance(tail, Batch)
+                and len(tail.metrics) + len(metrics or []) <= MAX_METRICS_PER_BATCH
+                and len(tail.tags) + len(tags or []) <= MAX_TAGS_PER_BATCH
             ):
                 tail.metrics.extend(metrics or [])
                 tail.tags.extend(tags or [])
                 return
-        self._enqueue(_Batch(list(metrics or []), list(tags or [])))
+        self._enqueue(Batch(list(metrics or []), list(tags or [])))
 
-    def _enqueue_file(self, record: _File) -> None:
+    def _enqueue_file(self, record: FileRecord) -> None:
         """Queues a file. A newer version of a file still waiting in the queue replaces the old
         one in its place: the queue stays bounded during an outage (one entry per artifact
         path, however many epochs pass), and what arrives is always the latest version."""
@@ -251,13 +215,13 @@ class RunRecorder:
             for index, pending in enumerate(self._pending):
                 if index == 0 and self._delivering:
                     continue  # being sent: the newer version goes after it
-                if isinstance(pending, _File) and pending.artifact_path == record.artifact_path:
+                if isinstance(pending, FileRecord) and pending.artifact_path == record.artifact_path:
                     self._pending[index] = record
                     shutil.rmtree(pending.staged_path.parent, ignore_errors=True)
                     return
         self._enqueue(record)
 
-    def _enqueue(self, record: _Batch | _File) -> None:
+    def _enqueue(self, record: Batch | FileRecord) -> None:
         with self._condition:
             if self._closed:
                 raise RuntimeError("RunRecorder is closed")
@@ -287,7 +251,7 @@ class RunRecorder:
                     if self._stop_retrying.wait(next(pauses)):
                         return
                     continue
-                if isinstance(record, _Batch) and record.size > 1:
+                if isinstance(record, Batch) and record.size > 1:
                     # one bad value must not take its batch-mates down: retry them one by one
                     with self._condition:
                         self._pending.popleft()
@@ -303,7 +267,7 @@ class RunRecorder:
                 self._pending.popleft()
                 self._delivering = False
                 self._condition.notify_all()
-            if isinstance(record, _File):
+            if isinstance(record, FileRecord):
                 shutil.rmtree(record.staged_path.parent, ignore_errors=True)
 
     def _note_outage(self, error: BaseException) -> None:
@@ -321,8 +285,8 @@ class RunRecorder:
             )
             self._outage_since = None
 
-    def _deliver(self, record: _Batch | _File) -> None:
-        if isinstance(record, _Batch):
+    def _deliver(self, record: Batch | FileRecord) -> None:
+        if isinstance(record, Batch):
             self.client.log_batch(self.run_id, metrics=record.metrics, tags=record.tags, synchronous=True)
         else:
             if record.writer is not None:

@@ -6,9 +6,7 @@ matplotlib is imported inside the plotting functions, never on the training path
 
 from __future__ import annotations
 
-import csv
-import io
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -59,26 +57,6 @@ def classification_report(counts: np.ndarray) -> dict[str, object]:
         "support": int(total),
     }
     return report
-
-
-def text_table(columns: Sequence[str], rows: Sequence[Mapping[str, str]], rounded: Sequence[str] = ()) -> str:
-    """Rows as left-aligned text columns under a header line, for the console; the values of the
-    `rounded` columns are shown with 4 decimals."""
-    rows = [{column: f"{float(row[column]):.4f}" if column in rounded and row[column] else row[column]
-             for column in columns} for row in rows]
-    widths = {column: max([len(column)] + [len(row[column]) for row in rows]) for column in columns}
-    lines = ["  ".join(column.ljust(widths[column]) for column in columns)]
-    lines += ["  ".join(row[column].ljust(widths[column]) for column in columns) for row in rows]
-    return "\n".join(line.rstrip() for line in lines)
-
-
-def csv_table(columns: Sequence[str], rows: Iterable[Mapping[str, str]]) -> str:
-    """Rows as CSV text under a header line, for a table artifact."""
-    stream = io.StringIO()
-    writer = csv.DictWriter(stream, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return stream.getvalue()
 
 
 def _figure(width: float, height: float, **margins: float):

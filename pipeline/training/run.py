@@ -51,6 +51,7 @@ from pipeline.training.data import ImageDataset, load_dataset, split_validation
 from pipeline.training.distribution import PEER_TIMEOUT_SECONDS, Distribution, DistributionPlan, plan_distribution
 from pipeline.training.evaluation import evaluate_and_report
 from pipeline.training.model import build_model, model_summary
+from pipeline.training.outcome import record_divergence, record_end_of_fit
 from pipeline.training.run_header import log_run_header
 
 logger = logging.getLogger(__name__)
@@ -245,9 +246,9 @@ def _train_in_run(
         fit_started = time.perf_counter()
         _fit(model, config, training.distribution, training.splits, callbacks, initial_epoch)
         fit_seconds = time.perf_counter() - fit_started
-        stop_reason = _record_end_of_fit(recorder, callbacks, workdir)
+        stop_reason = record_end_of_fit(recorder, callbacks, workdir)
         if stop_reason == names.STOP_NAN_LOSS:
-            _record_divergence(recorder, callbacks, limits.flush_timeout)
+            record_divergence(recorder, callbacks, limits.flush_timeout)
         # One deadline for everything after fit that may wait for an unreachable store.
         deadline = time.monotonic() + limits.flush_timeout
         test_loss, test_accuracy, local_model = evaluate_and_report(
@@ -280,41 +281,6 @@ def _run_params(training: _Training, model: keras.Model) -> dict[str, str]:
         names.PARAM_NUM_REPLICAS: str(distribution.num_replicas),
         names.PARAM_NUM_WORKERS: str(distribution.num_workers),
     }
-
-
-def _record_end_of_fit(recorder: RunRecorder, callbacks: TrainingCallbacks, workdir: Path) -> str:
-    """Records how training ended (stop reason, epochs, the CSV log, the workers' times); returns
-    the stop reason."""
-    stop_reason = callbacks.stop_reason()
-    epochs_completed = len(callbacks.backup.history)
-    if stop_reason in (names.STOP_TARGET_ACCURACY, names.STOP_EARLY_STOPPING):
-        logger.info("Epoch %d: stopping (%s)", epochs_completed, stop_reason)
-    recorder.log_metrics({names.EPOCHS_COMPLETED: epochs_completed}, step=0)
-    recorder.set_tags({names.TAG_STOP_REASON: stop_reason})
-    csv_log = workdir / names.TRAINING_LOG_FILE
-    if csv_log.exists():
-        recorder.log_file(csv_log)
-    if callbacks.worker_timing is not None:
-        recorder.log_json(callbacks.worker_timing.history, names.WORKER_TIMING_FILE)
-    return stop_reason
-
-
-def _record_divergence(recorder: RunRecorder, callbacks: TrainingCallbacks, flush_timeout: float) -> None:
-    """Delivers what the run holds (the last good checkpoint included) and raises TrainingDiverged."""
-    epoch, batch = callbacks.divergence_guard.nan_at
-    recorder.set_tags({names.TAG_NAN_AT: f"epoch {epoch} batch {batch}"})
-    recorder.close(timeout=flush_timeout)
-    best = callbacks.checkpoint.best_record
-    kept = (
-        f"the best checkpoint (epoch {best['epoch']}) is kept in the run as "
-        f"{names.CHECKPOINT_DIR}/{names.BEST_MODEL_FILE}"
-        if best
-        else "no checkpoint was saved before it"
-    )
-    raise TrainingDiverged(
-        f"training diverged: the loss became NaN/inf at epoch {epoch} batch {batch} "
-        f"(try a lower learning_rate); {kept}"
-    )
 
 
 def _write(path: Path, text: str) -> Path:

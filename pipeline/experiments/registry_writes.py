@@ -1,0 +1,152 @@
+"""The registry's writes, safe when several `register` processes race.
+
+MLflow's registry has no transactions, so concurrent `register` processes may both create a version
+of the same run, or move the alias at the same time. Each process therefore, after its writes:
+
+1. keeps only the lowest-numbered version of its run and deletes the later duplicates (versions are
+   numbered in creation order, so every process agrees on which one survives);
+2. re-reads the versions, then the alias, and moves the alias to the best version until it reads it
+   back unchanged. The last process to move the alias re-reads after its write and sees every
+   version created before, and any version created later is checked by the process that created it;
+   so all of them end agreeing on the best version of all.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from mlflow.entities import Run
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, RESOURCE_DOES_NOT_EXIST, ErrorCode
+from mlflow.tracking import MlflowClient
+
+from pipeline import constants as names
+from pipeline.errors import RecordingError
+from pipeline.experiments.runs import Ranking, all_pages
+from pipeline.tracking.retry import Backoff, retry
+
+logger = logging.getLogger(__name__)
+
+# Rounds of "re-read, move the alias" before concurrent writers are declared not to settle, and
+# attempts of a write that lost a race (e.g. two processes numbering a version at once).
+MAX_SETTLE_ROUNDS = 20
+MAX_WRITE_ATTEMPTS = 5
+# Short random pauses between those rounds and attempts (50-300 ms), so that racing processes part.
+RACE_BACKOFF = Backoff(first=0.3, longest=0.3, jitter=0.85)
+
+
+def champion_version(client: MlflowClient, model_name: str) -> str | None:
+    """The version the alias points at, as text (stores answer with int or str versions)."""
+    version = client.get_registered_model(model_name).aliases.get(names.CHAMPION_ALIAS)
+    return None if version is None else str(version)
+
+
+def create_registered_model(client: MlflowClient, model_name: str) -> None:
+    try:
+        client.create_registered_model(model_name)
+    except MlflowException as error:
+        if error.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+            raise
+
+
+def versions_of_run(client: MlflowClient, model_name: str, run_id: str) -> list[ModelVersion]:
+    """The run's versions of the model, lowest number first."""
+    found = client.search_model_versions(f"name = '{model_name}' and run_id = '{run_id}'")
+    return sorted(found, key=lambda version: int(version.version))
+
+
+def _all_versions(client: MlflowClient, model_name: str) -> list[ModelVersion]:
+    return list(all_pages(lambda token: client.search_model_versions(f"name = '{model_name}'", page_token=token)))
+
+
+def _version_tags(run: Run) -> dict[str, str]:
+    metrics = {key: repr(value) for key, value in sorted(run.data.metrics.items())}
+    return {
+        names.TAG_VERSION_RUN_ID: run.info.run_id,
+        names.TAG_DATASET_DIGEST: run.data.tags.get(names.TAG_DATASET_DIGEST, ""),
+    } | metrics
+
+
+def ensure_version(client: MlflowClient, model_name: str, run: Run, model_id: str) -> tuple[ModelVersion, bool]:
+    """The run's one version of the model, created if missing; later duplicates are deleted."""
+    run_id = run.info.run_id
+    existing = versions_of_run(client, model_name, run_id)
+    if existing:
+        return existing[0], False
+    created = retry(lambda: client.create_model_version(
+        model_name,
+        source=f"models:/{model_id}",
+        run_id=run_id,
+        tags=_version_tags(run),
+        description=f"Training run {run_id}; its metrics and dataset digest are the version's tags.",
+        model_id=model_id,
+    ), MAX_WRITE_ATTEMPTS, RACE_BACKOFF, _lost_a_race)
+    versions = versions_of_run(client, model_name, run_id)
+    keep = versions[0] if versions else created
+    for duplicate in versions[1:]:
+        logger.info("Deleting %s version %s: a duplicate of version %s (run %s)",
+                    model_name, duplicate.version, keep.version, run_id)
+        try:
+            client.delete_model_version(model_name, duplicate.version)
+        except MlflowException as error:
+            if error.error_code != ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+                raise
+    return keep, str(keep.version) == str(created.version)
+
+
+def champion_candidates(client: MlflowClient, model_name: str, ranking: Ranking) -> list[tuple[str, Run]]:
+    """(version, run) of the versions that can be champion, best first: the lowest version of each
+    run that still exists and has the ranking metric."""
+    lowest: dict[str, ModelVersion] = {}
+    for version in _all_versions(client, model_name):
+        if version.run_id and (
+            version.run_id not in lowest or int(version.version) < int(lowest[version.run_id].version)
+        ):
+            lowest[version.run_id] = version
+    candidates: list[tuple[str, Run]] = []
+    for run_id, version in lowest.items():
+        run = run_or_none(client, run_id)
+        if run is not None and ranking.has_metric(run):
+            candidates.append((str(version.version), run))
+    return sorted(candidates, key=lambda candidate: ranking.key(candidate[1]))
+
+
+def run_or_none(client: MlflowClient, run_id: str) -> Run | None:
+    try:
+        return client.get_run(run_id)
+    except MlflowException as error:
+        if error.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+            return None
+        raise
+
+
+def settle_champion(client: MlflowClient, model_name: str, ranking: Ranking) -> str | None:
+    """Moves the champion alias to the best version until it reads back unchanged; returns it."""
+    pauses = RACE_BACKOFF.pauses()
+    for _ in range(MAX_SETTLE_ROUNDS):
+        candidates = champion_candidates(client, model_name, ranking)
+        current = champion_version(client, model_name)
+        if not candidates:
+            return current
+        best = candidates[0][0]
+        if current == best:
+            return best
+        try:
+            client.set_registered_model_alias(model_name, names.CHAMPION_ALIAS, best)
+            logger.debug("Moved %s@%s from version %s to version %s",
+                        model_name, names.CHAMPION_ALIAS, current, best)
+        except MlflowException as error:  # lost a race (e.g. the version was just deleted): re-read
+            logger.info("Moving %s@%s to version %s failed (%s); re-reading",
+                        model_name, names.CHAMPION_ALIAS, best, error.message)
+            time.sleep(next(pauses))
+    raise RecordingError(
+        f"the {names.CHAMPION_ALIAS} alias of {model_name} did not settle after {MAX_SETTLE_ROUNDS} rounds "
+        "of concurrent changes; run register again"
+    )
+
+
+def _lost_a_race(error: Exception) -> bool:
+    """A registry write worth another attempt: refused by the registry, for anything but a missing object."""
+    return isinstance(error, MlflowException) and error.error_code != ErrorCode.Name(RESOURCE_DOES_NOT_EXIST)
