@@ -51,7 +51,7 @@ def test_sweep_runs_every_trial_as_a_child_and_goes_on_after_a_failure(shared_tr
         mlflow.set_tracking_uri(None)
 
     best = max((by_trial[3], by_trial[4]), key=lambda run: run.data.metrics[names.TEST_ACCURACY])
-    assert parent.info.status == "FINISHED"
+    assert parent.info.status == "FINISHED" and parent.info.run_name == "sweep"
     assert parent.data.tags[names.TAG_BEST_RUN_ID] == best.info.run_id
     assert parent.data.tags[names.TAG_BEST_TRIAL] == best.data.tags[names.TAG_SWEEP_TRIAL]
     assert parent.data.tags[names.TAG_FAILED_TRIALS] == "2"

@@ -113,6 +113,7 @@ def _new_parent(client: MlflowClient, request: SweepRequest, project_run_id: str
     """The parent run of a new study: the run `mlflow run` created, or a new one."""
     if project_run_id:
         client.set_tag(project_run_id, names.TAG_RUN_TYPE, names.RUN_TYPE_SWEEP)
+        client.update_run(project_run_id, name="sweep")  # not `mlflow run`'s random name: the UI's row says what it is
         return project_run_id
     experiment = use_experiment(request.experiment_name, client) or client.get_experiment(DEFAULT_EXPERIMENT_ID)
     return client.create_run(experiment.experiment_id, run_name="sweep",
