@@ -6,14 +6,7 @@ import sys
 
 import click
 
-from mlflow_project.common import (
-    configure_console_logging,
-    experiment_option,
-    given,
-    import_tensorflow_quietly,
-    one_line_errors,
-    parameter_options,
-)
+from mlflow_project import common
 from pipeline.search_space import SWEEP_PARAMETERS
 
 # What a worker started by this sweep is told beside the user's own parameters.
@@ -21,16 +14,16 @@ _WORKER_OPTIONS = ("workers", "study", "storage")
 
 
 @click.command("sweep")
-@parameter_options(SWEEP_PARAMETERS)
-@experiment_option(
+@common.parameter_options(SWEEP_PARAMETERS)
+@common.experiment_option(
     "Experiment of a new sweep (default: MLFLOW_EXPERIMENT_NAME, else MLflow's 'Default'). "
     "Under `mlflow run`, the run MLflow created is the parent."
 )
 @click.option("--worker-number", type=int, default=0, hidden=True)
 def sweep(experiment_name: str | None, worker_number: int, **values: str | None) -> None:
     """Search the listed values or ranges with Optuna, each trial a child run of one sweep run."""
-    configure_console_logging(f"[worker {worker_number}] " if worker_number else "")
-    user_values = given(values)
+    common.configure_console_logging(f"[worker {worker_number}] " if worker_number else "")
+    user_values = common.given(values)
 
     def worker_command(number: int, study: str, storage: str) -> list[str]:
         arguments = [sys.executable, "-m", "mlflow_project", "sweep", "--worker-number", str(number),
@@ -40,13 +33,13 @@ def sweep(experiment_name: str | None, worker_number: int, **values: str | None)
                 arguments += [spec.cli_flag, str(user_values[spec.name])]
         return arguments
 
-    with one_line_errors():
+    with common.one_line_errors():
         from pipeline.config import parse_parameters
         from pipeline.experiments.study import SearchPlan
 
         options = parse_parameters(SWEEP_PARAMETERS, user_values)
         SearchPlan.from_options(options)  # a bad search space fails before TensorFlow loads
-        import_tensorflow_quietly()
+        common.import_tensorflow_quietly()
         import tensorflow as tf
 
         tf.get_logger().setLevel("ERROR")  # retracing notices: several models train in one process

@@ -215,7 +215,7 @@ SEARCH_PARAMETERS: tuple[ParameterSpec, ...] = (
                   "with `seed`).", lambda v: v in ("", *SAMPLERS)),
     ParameterSpec("trials", str, "", f"empty (a grid: all its combinations; else {DEFAULT_TRIALS}) or an integer >= 1 "
                   "(a grid: at most its size)", "How many trials the study runs in all, over every worker.",
-                  lambda v: v == "" or (v.strip().isdigit() and int(v) >= 1)),
+                  lambda v: v == "" or (bool(re.fullmatch(r"\s*[0-9]+\s*", v)) and int(v) >= 1)),
     ParameterSpec("pruner", str, "", "none, median or hyperband (empty: none for a grid, else median)",
                   "Stops trials that are clearly losing at an epoch's end, on the per-epoch validation metric.",
                   lambda v: v in ("", *PRUNERS)),

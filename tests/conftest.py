@@ -38,6 +38,19 @@ def _tracking_store(uri: str, environment: dict[str, str], monkeypatch: pytest.M
     mlflow.set_tracking_uri(None)
 
 
+def create_database(prefix: str) -> tuple[str, str]:
+    """A new, empty PostgreSQL database of the tests: its name and its SQLAlchemy URI."""
+    import psycopg2
+
+    name = f"{prefix}_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    admin = psycopg2.connect(POSTGRES_ADMIN_DSN)
+    admin.autocommit = True
+    with admin.cursor() as cursor:
+        cursor.execute(f'CREATE DATABASE "{name}"')
+    admin.close()
+    return name, f"postgresql+psycopg2://postgres@{POSTGRES_HOST}:{POSTGRES_PORT}/{name}"
+
+
 def drop_database(name: str) -> None:
     """Drops a PostgreSQL database of the tests, even while connections to it are open."""
     import psycopg2
@@ -105,16 +118,9 @@ def database_uri() -> Iterator[str]:
         yield f"sqlite:///{directory / 'backend.db'}"
         shutil.rmtree(directory, ignore_errors=True)
         return
-    import psycopg2
-
-    name = f"mnist_tests_{os.getpid()}_{uuid.uuid4().hex[:8]}"
-    admin = psycopg2.connect(POSTGRES_ADMIN_DSN)
-    admin.autocommit = True
-    with admin.cursor() as cursor:
-        cursor.execute(f'CREATE DATABASE "{name}"')
-    admin.close()
+    name, uri = create_database("mnist_tests")
     try:
-        yield f"postgresql+psycopg2://postgres@{POSTGRES_HOST}:{POSTGRES_PORT}/{name}"
+        yield uri
     finally:
         drop_database(name)
 

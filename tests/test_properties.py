@@ -114,13 +114,45 @@ RANKING_RULES: dict[str, Callable[[str], object]] = {
     "metric": _text_where(_metric_name),
     "mode": _text_where(lambda v: v in ("max", "min")),
 }
-# A sweep's grids: values separated by `,` (hidden_units: architectures separated by `;`), each allowed.
+# A sweep's lists: values separated by `,` (hidden_units: architectures separated by `;`), each allowed.
 SWEEP_SEPARATORS = {"learning_rate": ",", "hidden_units": ";", "dropout": ",", "batch_size": ",", "epochs": ","}
 
 
-def _grid(name: str) -> Callable[[str], object]:
+def _range(single: Callable[[str], object], text: str) -> bool:
+    # LOW:HIGH or LOW:HIGH:log, both ends allowed values, LOW < HIGH, and LOW > 0 on a log scale
+    parts = [part.strip() for part in text.split(":")]
+    if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] != "log"):
+        return False
+    low, high = single(parts[0]), single(parts[1])
+    return _INVALID not in (low, high) and low < high and (len(parts) == 2 or low > 0)
+
+
+def _search(name: str) -> Callable[[str], object]:
+    # a list (values separated by SWEEP_SEPARATORS[name], each allowed) or a range; hidden_units: one
+    # architecture whose layers are positive integers or integer ranges
     single, separator = TRAINING_RULES[name], SWEEP_SEPARATORS[name]
-    return _text_where(lambda text: all(single(part.strip()) is not _INVALID for part in text.split(separator)))
+    layer = TRAINING_RULES["epochs"]  # a layer's width: an integer >= 1
+
+    def allowed(text: str) -> bool:
+        text = text.strip()
+        if ":" not in text:
+            return all(single(part.strip()) is not _INVALID for part in text.split(separator))
+        if name == "hidden_units":
+            return all(_range(layer, part) if ":" in part else layer(part.strip()) is not _INVALID
+                       for part in text.split(","))
+        return _range(single, text)
+
+    return _text_where(allowed)
+
+
+SEARCH_RULES: dict[str, Callable[[str], object]] = {
+    "sampler": _text_where(lambda v: v in ("", "grid", "random", "tpe")),
+    "trials": _text_where(lambda v: v == "" or (re.fullmatch(r"\s*[0-9]+\s*", v) is not None and int(v) >= 1)),
+    "pruner": _text_where(lambda v: v in ("", "none", "median", "hyperband")),
+    "workers": _int_where(lambda v: v >= 1),
+    "storage": _text_where(lambda v: True),  # a path or database URL: checked when the study opens
+    "study": _text_where(lambda v: v == "" or re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", v) is not None),
+}
 
 
 RULES: dict[str, dict[str, Callable[[str], object]]] = {
@@ -133,10 +165,10 @@ RULES: dict[str, dict[str, Callable[[str], object]]] = {
         "output_dir": _text_where(_not_blank),
         "log_run": _boolean,
     },
-    "sweep": TRAINING_RULES | {name: _grid(name) for name in SWEEP_SEPARATORS} | {
+    "sweep": TRAINING_RULES | {name: _search(name) for name in SWEEP_SEPARATORS} | {
         # a sweep runs its trials in one process: it cannot be one worker of a cluster (not in the README)
         "strategy": _text_where(lambda v: v in ("default", "mirrored")),
-    } | RANKING_RULES,
+    } | RANKING_RULES | SEARCH_RULES,
 }
 
 
@@ -279,7 +311,12 @@ README_EDGES = [
     ("sweep", "dropout", "0,0.5", True), ("sweep", "dropout", "0.2,1", False),
     ("sweep", "batch_size", "32,128", True), ("sweep", "batch_size", "32,0", False),
     ("sweep", "epochs", "1,3", True), ("sweep", "epochs", "3,0", False),
-    ("sweep", "seed", "7", True), ("sweep", "seed", "1,2", False),  # not a grid: one value
+    ("sweep", "learning_rate", "1e-4:1e-2:log", True), ("sweep", "learning_rate", "1e-2:1e-4", False),
+    ("sweep", "learning_rate", "0:1e-2:log", False), ("sweep", "dropout", "0.0:0.5", True),
+    ("sweep", "dropout", "0.0:1", False), ("sweep", "batch_size", "32:256:log", True),
+    ("sweep", "batch_size", "32:256.5", False), ("sweep", "hidden_units", "64:512:log,32", True),
+    ("sweep", "hidden_units", "64:512;32", False),
+    ("sweep", "seed", "7", True), ("sweep", "seed", "1,2", False),  # not a search: one value
     ("sweep", "strategy", "mirrored", True), ("sweep", "strategy", "multi_worker", False),
 ]
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import mlflow
@@ -18,7 +17,7 @@ from mlflow.tracking import MlflowClient
 from pipeline import constants as names
 from pipeline.config import TrainingConfig
 from pipeline.experiments.study import JOURNAL_FILE
-from tests.conftest import POSTGRES_ADMIN_DSN, POSTGRES_HOST, POSTGRES_PORT, drop_database
+from tests.conftest import create_database, drop_database
 from tests.helpers import MNIST_SMALL, cli_options, one_line_error, project_env, run_cli, run_cli_here
 from tests.run_contract import CALLBACKS, assert_run_contract
 
@@ -85,15 +84,8 @@ def test_a_pruned_trial_stops_early_with_its_whole_record(tmp_path):
 @pytest.fixture
 def study_database() -> str:
     """A PostgreSQL database of its own for Optuna (as a team gives the study next to MLflow's)."""
-    import psycopg2
-
-    name = f"mnist_study_{uuid.uuid4().hex[:10]}"
-    admin = psycopg2.connect(POSTGRES_ADMIN_DSN)
-    admin.autocommit = True
-    with admin.cursor() as cursor:
-        cursor.execute(f'CREATE DATABASE "{name}"')
-    admin.close()
-    yield f"postgresql+psycopg2://postgres@{POSTGRES_HOST}:{POSTGRES_PORT}/{name}"
+    name, uri = create_database("mnist_study")
+    yield uri
     drop_database(name)
 
 
