@@ -44,6 +44,7 @@ def champion_version(client: MlflowClient, model_name: str) -> str | None:
 
 
 def create_registered_model(client: MlflowClient, model_name: str) -> None:
+    """Creates the registered model unless it exists (another process may create it at the same time)."""
     try:
         client.create_registered_model(model_name)
     except MlflowException as error:
@@ -114,6 +115,7 @@ def champion_candidates(client: MlflowClient, model_name: str, ranking: Ranking)
 
 
 def run_or_none(client: MlflowClient, run_id: str) -> Run | None:
+    """The run, or None if it was deleted."""
     try:
         return client.get_run(run_id)
     except MlflowException as error:

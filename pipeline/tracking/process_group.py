@@ -48,17 +48,20 @@ def poll(process: subprocess.Popen) -> int | None:
 
 
 def free_port(host: str) -> int:
+    """A TCP port free on `host` now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind((host, 0))
         return probe.getsockname()[1]
 
 
 def signal_group(group: int, signal_number: int) -> None:
+    """Sends a signal to every process of `group`, if any is left."""
     with contextlib.suppress(ProcessLookupError):
         os.killpg(group, signal_number)
 
 
 def group_alive(group: int) -> bool:
+    """Whether a process of `group` still exists."""
     try:
         os.killpg(group, 0)
     except ProcessLookupError:

@@ -102,6 +102,7 @@ def plot_training_curves(
 
 
 def plot_confusion_matrix(counts: np.ndarray, path: Path, title: str = "Confusion matrix (test split)") -> None:
+    """The confusion matrix as a heat map with each count written in its cell."""
     figure = _figure(6, 5.5, left=0.1, right=0.97, bottom=0.1, top=0.93)
     axis = figure.subplots()
     image = axis.imshow(counts, cmap="Blues")

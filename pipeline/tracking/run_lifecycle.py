@@ -28,6 +28,7 @@ LOCAL_STORAGE_ERRORS = frozenset(
 
 
 def default_rescue_dir() -> Path:
+    """Where a run's records go when the tracking store does not come back (one directory per run)."""
     return Path.home() / ".cache" / "mnist-pipeline" / "unrecorded"
 
 

@@ -34,6 +34,7 @@ UI_URL_VARIABLE = "MNIST_PIPELINE_UI_URL"
 
 
 def is_server_uri(uri: str) -> bool:
+    """Whether the tracking URI is a server (http or https), not a local store."""
     return uri.startswith(("http://", "https://"))
 
 

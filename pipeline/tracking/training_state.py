@@ -93,6 +93,7 @@ class TrainingState:
 
 
 def optimizer_values(model: keras.Model) -> list[np.ndarray]:
+    """The optimizer's variables (step count, moments) as arrays, for the saved state."""
     return [keras.ops.convert_to_numpy(variable) for variable in model.optimizer.variables]
 
 
@@ -116,6 +117,7 @@ def monitor_state(callback: keras.callbacks.Callback, *fields: str) -> dict[str,
 
 
 def restore_monitor_state(callback: keras.callbacks.Callback, values: dict[str, Any]) -> None:
+    """Puts a Keras monitor callback's saved counters (wait, best, ...) back."""
     for field, value in values.items():
         setattr(callback, field, value)
 

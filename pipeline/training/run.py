@@ -188,11 +188,8 @@ def _train_as_worker(config: TrainingConfig, plan: DistributionPlan, peer_timeou
 
 
 def _build_model(config: TrainingConfig, distribution: Distribution) -> keras.Model:
-    """The seeded, compiled model, its variables placed by the strategy.
-
-    Under a strategy it runs one batch per call: Keras 3.15 cannot run several batches per call on
-    a distributed dataset (its loop asks the distributed iterator for the next batch inside the
-    compiled call, which fails)."""
+    """The seeded, compiled model, its variables placed by the strategy (one batch per call under a
+    strategy: Keras cannot run several per call on a distributed dataset; docs/scaling-out.md)."""
     keras.utils.set_random_seed(config.seed)
     steps_per_execution = config.steps_per_execution
     if distribution.strategy is not None and steps_per_execution > 1:
