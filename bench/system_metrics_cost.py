@@ -37,6 +37,7 @@ def main() -> None:
     parser.add_argument("--dataset", required=True)
     parser.add_argument("--epochs", default="20")
     arguments = parser.parse_args()
+    dataset = str(Path(arguments.dataset).resolve())
     with tempfile.TemporaryDirectory(prefix="bench-sysmetrics-") as directory:
         os.chdir(directory)
         import mlflow
@@ -59,8 +60,7 @@ def main() -> None:
 
         watcher = threading.Thread(target=watch, daemon=True)
         watcher.start()
-        config = TrainingConfig.from_values({"dataset": str(Path(arguments.dataset).resolve()),
-                                             "epochs": arguments.epochs})
+        config = TrainingConfig.from_values({"dataset": dataset, "epochs": arguments.epochs})
         started, cpu_started = time.perf_counter(), time.process_time()
         result = run_training(config, experiment_name="system-metrics-cost")
         wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
