@@ -184,3 +184,14 @@ def test_an_unreachable_study_database_is_one_line_and_exit_2(tmp_path):
     assert line.startswith("error: parameter")
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []  # no parent run
+
+
+def test_a_storage_password_is_never_shown_or_recorded():
+    from pipeline.experiments.study import shown_location
+
+    shown = shown_location("postgresql+psycopg2://optuna:s3cret@db.example/optuna")
+    assert "s3cret" not in shown and shown.startswith("postgresql+psycopg2://optuna:")
+    assert shown_location("/tmp/studies.journal") == "/tmp/studies.journal"
+    line = run_cli_here(["sweep", "--storage", "postgresql+psycopg2://optuna:s3cret@127.0.0.1:1/x"],
+                        MLFLOW_TRACKING_URI="sqlite:///:memory:").stderr
+    assert "s3cret" not in line and "storage=" in line

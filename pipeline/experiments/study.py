@@ -27,7 +27,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from pipeline import constants as names
 from pipeline.errors import ParameterError
-from pipeline.search_space import DEFAULT_TRIALS, SearchSpace
+from pipeline.search_space import DEFAULT_TRIALS, Choices, SearchSpace
 
 logger = logging.getLogger(__name__)
 
@@ -111,13 +111,12 @@ class SearchPlan:
         return optuna.pruners.NopPruner()
 
     def space_text(self, options: Mapping[str, Any]) -> dict[str, str]:
-        """What the study searches, as given: a joining process must search the same."""
-        return {name: str(options[name]) for name in self.space.dimensions} | {"sampler": self.sampler}
+        """What the study searches and optimizes, as given: a joining process must do the same."""
+        searched = {name: str(options[name]) for name in self.space.dimensions}
+        return searched | {"sampler": self.sampler, "metric": options["metric"], "mode": options["mode"]}
 
 
 def _listed(space: SearchSpace) -> set[str]:
-    from pipeline.search_space import Choices
-
     return {name for name, dimension in space.dimensions.items() if isinstance(dimension, Choices)}
 
 
@@ -155,7 +154,15 @@ def open_storage(storage: str, tracking_uri: str, client: MlflowClient) -> tuple
         return JournalStorage(JournalFileBackend(str(path))), str(path)
     except Exception as error:  # noqa: BLE001 - SQLAlchemy and OS errors alike: the storage is unusable
         reason = " ".join(str(error).split("(Background on this error")[0].split())[:160]  # SQLAlchemy's link
-        raise ParameterError("storage", storage, f"a reachable database URL or a writable file ({reason})") from None
+        raise ParameterError("storage", shown_location(storage),
+                             f"a reachable database URL or a writable file ({reason})") from None
+
+
+def shown_location(location: str) -> str:
+    """A storage location as it may be printed or recorded: a database URL without its password."""
+    from sqlalchemy.engine import make_url
+
+    return make_url(location).render_as_string(hide_password=True) if "://" in location else location
 
 
 @dataclasses.dataclass(frozen=True)

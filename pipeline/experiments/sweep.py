@@ -33,6 +33,7 @@ from pipeline.experiments.study import (
     fail_trials_of,
     open_storage,
     open_study,
+    shown_location,
 )
 from pipeline.experiments.sweep_record import SweepSummary, record_summary, summarize
 from pipeline.experiments.trials import TrialRunner, worker_id
@@ -123,16 +124,13 @@ def _new_parent(client: MlflowClient, request: SweepRequest, project_run_id: str
 def _log_parent_params(client: MlflowClient, shared: SharedStudy, options: Mapping[str, Any]) -> None:
     """The sweep's parameters as given (once: a joining process keeps the first ones), the study's name
     and storage (a database URL without its password)."""
-    from sqlalchemy.engine import make_url
-
     existing = client.get_run(shared.parent_run_id).data.params
-    location = shared.location
-    if "://" in location:
-        location = make_url(location).render_as_string(hide_password=True)
     client.log_batch(
         shared.parent_run_id,
-        params=[Param(key, str(value)) for key, value in options.items() if key not in existing],
-        tags=[RunTag(names.TAG_STUDY_NAME, shared.study.study_name), RunTag(names.TAG_STUDY_STORAGE, location)],
+        params=[Param(key, shown_location(str(value)) if key == "storage" else str(value))
+                for key, value in options.items() if key not in existing],
+        tags=[RunTag(names.TAG_STUDY_NAME, shared.study.study_name),
+              RunTag(names.TAG_STUDY_STORAGE, shown_location(shared.location))],
     )
 
 
