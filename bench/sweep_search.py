@@ -7,8 +7,9 @@ Each sweep is the `sweep` command in a fresh process on a SQLite store of its ow
 learning_rate x dropout x hidden_units (3 x 2 x 3); random and TPE search the ranges that hold it
 (learning_rate 1e-4..1e-2 on a log scale, dropout 0..0.5) and the same three architectures. `seed`
 seeds the sampler and the trials' training alike. Per sweep: the best test accuracy of its finished
-trials, the epochs trained over all trials, and the wall time. `--workers-timing` runs one TPE study
-of 12 trials with workers=1 and then workers=2, and reports both wall times.
+trials, the epochs trained over all trials, and the wall time. `--workers-timing` runs two studies of
+12 trials with workers=1 and then workers=2 and reports their wall times: a 12-point grid without
+pruning (the same work either way) and TPE with median pruning (what pruning stops can differ).
 """
 
 from __future__ import annotations
@@ -33,6 +34,10 @@ SEARCHES = {
                "dropout": "0.0:0.5", "hidden_units": ARCHITECTURES},
     "tpe+median": {"sampler": "tpe", "trials": "18", "pruner": "median", "learning_rate": "1e-4:1e-2:log",
                    "dropout": "0.0:0.5", "hidden_units": ARCHITECTURES},
+}
+WORKERS_TIMING = {
+    "grid12": SEARCHES["grid"] | {"hidden_units": "128,64;256"},  # 3 x 2 x 2 points
+    "tpe+median": SEARCHES["tpe+median"] | {"trials": "12"},
 }
 
 
@@ -77,11 +82,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-sweep-") as directory:
         workdir = Path(directory)
         if arguments.workers_timing:
-            search = SEARCHES["tpe+median"] | {"trials": "12", "seed": arguments.seeds[0]}
-            for workers in ("1", "2"):
-                row = run_sweep(workdir, f"workers-{workers}", fixed | search | {"workers": workers})
-                rows.append(row | {"workers": workers})
-                print(json.dumps(rows[-1]), flush=True)
+            for name, search in WORKERS_TIMING.items():
+                for workers in ("1", "2"):
+                    parameters = fixed | search | {"seed": arguments.seeds[0], "workers": workers}
+                    rows.append(run_sweep(workdir, f"{name}-workers{workers}", parameters) | {"workers": workers})
+                    print(json.dumps(rows[-1]), flush=True)
         else:
             for seed in arguments.seeds:
                 for name, search in SEARCHES.items():
