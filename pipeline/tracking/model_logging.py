@@ -38,9 +38,9 @@ def _save_tensorflow_model(path: str, mlflow_model: mlflow.models.Model, validat
 
 # mlflow.tensorflow as a flavor for `mlflow.models.Model.log`, so that the model can be logged with
 # validate_serving_input=False, which `mlflow.tensorflow.log_model` cannot pass on: MLflow's check
-# loads the model it just saved to predict its input example (bench/RESULTS.md: 0.45-0.55 s a run).
-# `Model.log` takes the flavor's module and calls its `save_model`; tests/test_model_logging.py fails
-# first if an MLflow upgrade changes that.
+# loads the model it just saved to predict its input example (bench/RESULTS.md, "What each speed
+# trick buys"). `Model.log` takes the flavor's module and calls its `save_model`;
+# tests/test_model_logging.py fails first if an MLflow upgrade changes that.
 TENSORFLOW_FLAVOR_WITHOUT_SERVING_CHECK = types.SimpleNamespace(
     __name__="mlflow.tensorflow", save_model=_save_tensorflow_model
 )

@@ -1,8 +1,8 @@
 """PlotProcess: draws a run's plots in a separate Python process while the training process goes on.
 
-After `fit`, the plots (matplotlib: 0.6 s to import, 0.3-0.7 s per figure) and `log_model` are the bulk
-of the time, and both are Python-bound: on a thread the plots would only share the GIL with
-`log_model`. A child process draws them on another core instead. It is a plain
+After `fit`, the plots and `log_model` are the bulk of the time, and both are Python-bound: on a
+thread the plots would only share the GIL with `log_model`. A child process draws them on another core
+instead (bench/RESULTS.md, "What each speed trick buys"). It is a plain
 `python -c` child fed through stdin, not `multiprocessing`: spawning with `multiprocessing`
 re-imports the caller's `__main__`, which re-runs any script that calls the library without an
 `if __name__ == "__main__"` guard.
