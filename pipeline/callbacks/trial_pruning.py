@@ -43,11 +43,11 @@ class TrialPruning(keras.callbacks.Callback):
     ```
     """
 
+    pruned_epoch: int | None = None  # reset by on_train_begin, set by on_epoch_end
+
     def __init__(self, trial: PrunableTrial, monitor: str = "val_accuracy") -> None:
         super().__init__()
-        self.trial = trial
-        self.monitor = monitor
-        self.pruned_epoch: int | None = None
+        self.trial, self.monitor = trial, monitor
 
     def on_train_begin(self, logs=None) -> None:
         self.pruned_epoch = None
