@@ -11,8 +11,8 @@ def main() -> None:
     """Runs the CLI, then leaves the process at once.
 
     When a command returns, its run is ended, its records delivered and its files closed; what is
-    left is the interpreter's teardown of TensorFlow and MLflow, which `os._exit` skips (about 3 s:
-    bench/RESULTS.md, "What each speed trick buys").
+    left is the interpreter's teardown of TensorFlow and MLflow, which `os._exit` skips (what that
+    saves: bench/RESULTS.md, "What each speed trick buys").
     """
     code: int | str | None = 0
     try:
