@@ -9,6 +9,7 @@ from pathlib import Path
 
 import keras
 import numpy as np
+import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -20,6 +21,7 @@ from pipeline.callbacks import (
     EpochMetricsLogger,
     LearningRateChanges,
     TargetAccuracyStop,
+    TrialPruning,
 )
 from pipeline.config import TrainingConfig
 from pipeline.tracking.recorder import RunRecorder
@@ -157,6 +159,23 @@ def test_batch_timing_shares_a_call_among_its_batches(data):
     assert len(timing._batch_seconds) == 12  # calls of 5, 5 and 2 batches
     train_seconds = history.history[names.BATCH_MS_MEAN][0] * 12 / 1000
     assert history.history[names.SAMPLES_PER_SECOND][0] == pytest.approx(len(x) / train_seconds, rel=1e-6)
+
+
+def test_trial_pruning_hooks_report_each_epoch_and_stop_when_the_pruner_says_so():
+    study = optuna.create_study(direction="maximize", pruner=optuna.pruners.ThresholdPruner(lower=0.5))
+    trial = study.ask()
+    model = _model()
+    pruning = TrialPruning(trial)
+    pruning.set_model(model)
+    pruning.on_train_begin()
+    pruning.on_epoch_end(0, {"val_accuracy": 0.9})
+    pruning.on_epoch_end(1, {"val_accuracy": math.nan})  # nothing to report: skipped
+    assert pruning.pruned_epoch is None and not model.stop_training
+    pruning.on_epoch_end(2, {"val_accuracy": 0.3})  # below the threshold
+    assert pruning.pruned_epoch == 2 and model.stop_training
+    assert study.trials[0].intermediate_values == {0: 0.9, 2: 0.3}
+    pruning.on_train_begin()  # a new fit starts afresh
+    assert pruning.pruned_epoch is None
 
 
 def test_divergence_guard_hooks_stop_at_the_first_nan_and_block_that_epochs_accuracy():
