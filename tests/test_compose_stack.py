@@ -299,7 +299,13 @@ def test_serve_without_a_champion_says_so_once_and_stays_unhealthy(stack, waitin
     assert log.count(f"No champion yet: models:/{MODEL}@{names.CHAMPION_ALIAS} does not exist") == 1, log
     waiting_serve.reload()
     assert waiting_serve.attrs["State"]["Status"] == "running" and waiting_serve.attrs["RestartCount"] == 0
-    assert stack.health("serve") != "healthy"
+    # the health probe has run and failed (inside start_period the status alone says only "starting")
+    deadline = time.monotonic() + 60
+    while not (probes := waiting_serve.attrs["State"]["Health"]["Log"]) and time.monotonic() < deadline:
+        time.sleep(1)
+        waiting_serve.reload()
+    assert probes and all(probe["ExitCode"] != 0 for probe in probes), probes
+    assert waiting_serve.attrs["State"]["Health"]["Status"] != "healthy"
     # running as the image's user, not root; published on 127.0.0.1 only
     assert waiting_serve.attrs["Config"]["User"] == "trainer"
     [binding] = waiting_serve.attrs["HostConfig"]["PortBindings"]["5001/tcp"]
