@@ -122,6 +122,38 @@ def test_a_pruned_trial_is_never_the_best_even_when_its_record_scores_best(tmp_p
     assert recorded.metrics[names.BEST_METRIC_PREFIX + names.TEST_ACCURACY] == 0.80
 
 
+def test_a_sweep_ranked_by_a_per_epoch_metric_ranks_records_and_shows_it(tmp_path):
+    """Every metric a training run records ranks a sweep: here the last epoch's `loss`, lower is better."""
+    result = _sweep(tmp_path, {"sampler": "grid", "learning_rate": "0.01,0.00001", "epochs": "2",
+                               "metric": names.LOSS, "mode": "min"}, "by-loss")
+    client, parent, trials = _parent_and_children(tmp_path, "by-loss")
+    losses = {number: run.data.metrics[names.LOSS] for number, run in trials.items()}
+    best = min(losses, key=losses.get)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags[names.TAG_BEST_TRIAL] == str(best)
+    assert parent.data.tags[names.TAG_BEST_RUN_ID] == trials[best].info.run_id
+    assert parent.data.metrics[names.BEST_METRIC_PREFIX + names.LOSS] == losses[best]
+    import pandas as pd
+
+    rows = pd.read_csv(client.download_artifacts(parent.info.run_id, names.SWEEP_TRIALS_FILE, str(tmp_path)))
+    assert rows.set_index("trial")[names.LOSS].to_dict() == losses
+    assert f"Best: trial {best}, run {trials[best].info.run_id} (loss={losses[best]:.4f})" in result.stdout
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("metric", ["val_f1", names.SLOWEST_WORKER_EPOCH_SECONDS])
+def test_a_metric_the_trials_do_not_all_record_is_refused_before_any_trial(tmp_path, metric):
+    """A sweep ranks by the trials' own record: a metric they do not all record could rank nothing."""
+    values = FIXED | {"metric": metric, "trials": "1", "epochs": "1", "sampler": "random", "pruner": "none",
+                      "learning_rate": "1e-3:1e-2:log"}
+    result = run_cli(["sweep", "--experiment-name", "refused", *cli_options(values)], cwd=tmp_path, timeout=100,
+                     MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert result.returncode == 2, result.stderr[-3000:]
+    line = one_line_error(result, f"metric='{metric}'", names.TEST_ACCURACY, names.BEST_VAL_ACCURACY, names.LOSS)
+    assert line.startswith("error: parameter metric")
+    assert not (tmp_path / "mlflow.db").exists() and not list(tmp_path.glob("*.journal"))  # no parent, no trial
+
+
 @pytest.fixture
 def study_database() -> str:
     """A PostgreSQL database of its own for Optuna (as a team gives the study next to MLflow's)."""
