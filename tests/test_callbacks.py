@@ -178,6 +178,60 @@ def test_trial_pruning_hooks_report_each_epoch_and_stop_when_the_pruner_says_so(
     assert pruning.pruned_epoch is None
 
 
+def test_trial_pruning_warns_once_per_fit_when_its_metric_is_missing(caplog):
+    """As optuna-integration's Keras callback warns, but once a fit: a pruner that never hears of the
+    trial can never prune it."""
+    study = optuna.create_study(direction="maximize", pruner=optuna.pruners.ThresholdPruner(lower=0.5))
+    pruning = TrialPruning(study.ask(), monitor="val_f1")
+    pruning.set_model(_model())
+    for _ in range(2):  # two fits with the same instance
+        caplog.clear()
+        pruning.on_train_begin()
+        assert pruning.missing_epochs == 0
+        for epoch in range(3):
+            pruning.on_epoch_end(epoch, {"val_accuracy": 0.1})
+        assert pruning.missing_epochs == 3 and pruning.pruned_epoch is None
+        warnings = [record for record in caplog.records if record.levelname == "WARNING"]
+        assert len(warnings) == 1 and "val_f1" in warnings[0].getMessage(), caplog.text
+    assert study.trials[0].intermediate_values == {}
+
+
+def test_a_stalled_trial_of_a_sweep_ranked_by_best_val_accuracy_is_pruned(tmp_path):
+    """The sweep's own plan (metric=best_val_accuracy, the default median pruner) and the callbacks as a
+    trial chains them (BestCheckpoint, then TrialPruning on the same logs), with a real Optuna study: a trial
+    whose validation accuracy never beats its first epoch is pruned once the pruner's warm-up is over."""
+    from pipeline.config import parse_parameters
+    from pipeline.experiments.study import SearchPlan
+    from pipeline.search_space import SWEEP_PARAMETERS
+
+    plan = SearchPlan.from_options(parse_parameters(SWEEP_PARAMETERS, {
+        "learning_rate": "1e-3:1e-2:log", "metric": names.BEST_VAL_ACCURACY}))
+    assert plan.pruner == "median"
+    study = optuna.create_study(direction=plan.direction, pruner=plan.make_pruner())
+    model = _model()
+
+    def trial(val_accuracy: list[float]) -> TrialPruning:
+        checkpoint = BestCheckpoint(tmp_path / "best.keras")
+        pruning = TrialPruning(study.ask(), plan.monitor(names.BEST_VAL_ACCURACY))
+        for callback in (checkpoint, pruning):
+            callback.set_model(model)
+            callback.on_train_begin()
+        model.stop_training = False
+        for epoch, accuracy in enumerate(val_accuracy):
+            logs = {names.VAL_ACCURACY: accuracy, names.VAL_LOSS: 1 - accuracy}
+            checkpoint.on_epoch_end(epoch, logs)
+            pruning.on_epoch_end(epoch, logs)
+            if model.stop_training:
+                break
+        return pruning
+
+    for _ in range(3):  # the median pruner's start-up trials
+        assert trial([0.5, 0.7, 0.8, 0.85, 0.9]).pruned_epoch is None
+        study.tell(study.trials[-1].number, 0.9)
+    stalled = trial([0.6, 0.3, 0.3, 0.3, 0.3])
+    assert stalled.pruned_epoch == 2 and stalled.missing_epochs == 0
+
+
 def test_divergence_guard_hooks_stop_at_the_first_nan_and_block_that_epochs_accuracy():
     model = _model()
     guard = DivergenceGuard()
