@@ -22,6 +22,7 @@ from pipeline.callbacks import (
     LearningRateChanges,
     TargetAccuracyStop,
     TrialPruning,
+    WorkerTiming,
 )
 from pipeline.config import TrainingConfig
 from pipeline.tracking.recorder import RunRecorder
@@ -363,6 +364,50 @@ def test_best_checkpoint_hooks_save_and_upload_only_a_new_best(recorder, tmp_pat
     assert recorder.client.get_run(recorder.run_id).data.tags[names.TAG_BEST_EPOCH] == "3"
     uploaded = keras.models.load_model(_artifact(recorder, f"{names.CHECKPOINT_DIR}/{names.BEST_MODEL_FILE}", tmp_path))
     assert all(np.array_equal(a, b) for a, b in zip(uploaded.get_weights(), model.get_weights(), strict=True))
+
+
+def test_best_checkpoint_hooks_start_each_fit_afresh(tmp_path):
+    """Keras' convention (EarlyStopping resets `best` in on_train_begin): a new fit's first epoch is its
+    first best, however good the previous fit's best was."""
+    checkpoint = BestCheckpoint(tmp_path / "best.keras")
+    checkpoint.set_model(_model())
+    checkpoint.on_train_begin()
+    checkpoint.on_epoch_end(0, {names.VAL_ACCURACY: 0.9, names.VAL_LOSS: 0.3})
+    checkpoint.on_train_begin()
+    assert checkpoint.best == -math.inf and checkpoint.best_record is None and checkpoint.best_file is None
+    logs = {names.VAL_ACCURACY: 0.5, names.VAL_LOSS: 0.7}
+    checkpoint.on_epoch_end(0, logs)
+    assert checkpoint.best == 0.5 and logs[names.BEST_VAL_ACCURACY] == 0.5
+    assert checkpoint.best_record == {"epoch": 0, names.VAL_ACCURACY: 0.5, names.VAL_LOSS: 0.7}
+
+
+def test_one_callback_instance_fits_twice_as_two_new_ones_would(data, tmp_path):
+    """Two real fits with the same callback instances: the second one's state is its own. The second model
+    has zero weights and a zero learning rate, so its validation accuracy is far below the first's best."""
+    import tensorflow as tf
+
+    x, y, x_val, y_val = data
+    checkpoint = BestCheckpoint(tmp_path / "best.keras")
+    timing, guard = BatchTiming(32, len(x)), DivergenceGuard()
+    workers = WorkerTiming(tf.distribute.get_strategy(), num_workers=1)
+    pruning = TrialPruning(optuna.create_study(direction="maximize").ask(), monitor="val_f1")  # never logged
+    callbacks = [guard, timing, workers, checkpoint, pruning]
+    model = _model()
+    first = model.fit(x, y, batch_size=32, validation_data=(x_val, y_val), epochs=3, callbacks=callbacks, verbose=0)
+    assert checkpoint.best == max(first.history[names.VAL_ACCURACY]) > 0.5
+
+    model.set_weights([np.zeros_like(weights) for weights in model.get_weights()])
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate=0.0), loss="categorical_crossentropy",
+                  metrics=["accuracy"])
+    second = model.fit(x, y, batch_size=32, validation_data=(x_val, y_val), epochs=2, callbacks=callbacks, verbose=0)
+    accuracy = second.history[names.VAL_ACCURACY]
+    assert accuracy[0] == accuracy[1] < 0.5
+    assert checkpoint.best == accuracy[0] and checkpoint.best_record["epoch"] == 0
+    saved = keras.models.load_model(tmp_path / "best.keras")
+    assert all(not weights.any() for weights in saved.get_weights())  # the second fit's model
+    assert [row["epoch"] for row in workers.history] == [0, 1]
+    assert second.history[names.SLOWEST_WORKER_EPOCH_SECONDS] == [row["seconds"][0] for row in workers.history]
+    assert pruning.missing_epochs == 2 and guard.nan_at is None
 
 
 def _fit(data, recorder, tmp_path: Path, shuffle_val_labels: bool, epochs: int, move: tuple[str, str] | None = None):
