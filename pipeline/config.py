@@ -15,6 +15,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from pipeline.constants import RUN_METRICS
 from pipeline.errors import ParameterError
 
 _KIND_NAMES = {int: "int", float: "float", str: "string", bool: "string"}
@@ -165,6 +166,16 @@ RANKING_PARAMETERS: tuple[ParameterSpec, ...] = (
                   "Metric that ranks the runs.", lambda v: bool(_METRIC_NAME.match(v))),
     ParameterSpec("mode", str, "max", "'max' (higher is better) or 'min' (lower is better)",
                   "Whether a higher or a lower metric is better.", lambda v: v in ("max", "min")),
+)
+
+# A sweep ranks its trials by their own record, so only by a metric every trial records (a metric none of
+# them recorded would fail every trial, after training it).
+SWEEP_RANKING_PARAMETERS: tuple[ParameterSpec, ...] = (
+    dataclasses.replace(
+        RANKING_PARAMETERS[0], allowed="one of the metrics every training run records: " + ", ".join(RUN_METRICS),
+        check=lambda v: v in RUN_METRICS,
+    ),
+    *RANKING_PARAMETERS[1:],
 )
 
 REGISTER_PARAMETERS: tuple[ParameterSpec, ...] = (

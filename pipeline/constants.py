@@ -39,6 +39,9 @@ BEST_VAL_ACCURACY = "best_val_accuracy"
 EPOCHS_COMPLETED = "epochs_completed"
 TEST_LOSS = "test_loss"
 TEST_ACCURACY = "test_accuracy"
+# What every training run records, whatever its strategy or stop (slowest_worker_epoch_seconds is left out:
+# only distributed trainings have it). Runs are ranked by a metric's last value; a sweep's trials by one of these.
+RUN_METRICS = (*EPOCH_METRICS, BEST_VAL_ACCURACY, EPOCHS_COMPLETED, TEST_LOSS, TEST_ACCURACY)
 
 # Artifacts (paths inside the run's artifact root).
 CHECKPOINT_DIR = "checkpoints"

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 from pipeline.config import (
     DEFAULT_STRATEGY,
     MIRRORED_STRATEGY,
-    RANKING_PARAMETERS,
+    SWEEP_RANKING_PARAMETERS,
     TRAINING_PARAMETERS,
     ParameterSpec,
     TrainingConfig,
@@ -233,7 +233,7 @@ SEARCH_PARAMETERS: tuple[ParameterSpec, ...] = (
 # A sweep takes every training parameter (the swept ones as lists or ranges), how the best trial is
 # chosen, and how the search runs.
 SWEEP_PARAMETERS: tuple[ParameterSpec, ...] = (
-    tuple(_swept(spec) for spec in TRAINING_PARAMETERS) + RANKING_PARAMETERS + SEARCH_PARAMETERS
+    tuple(_swept(spec) for spec in TRAINING_PARAMETERS) + SWEEP_RANKING_PARAMETERS + SEARCH_PARAMETERS
 )
 
 

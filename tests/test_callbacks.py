@@ -22,6 +22,7 @@ from pipeline.callbacks import (
     LearningRateChanges,
     TargetAccuracyStop,
     TrialPruning,
+    WorkerTiming,
 )
 from pipeline.config import TrainingConfig
 from pipeline.tracking.recorder import RunRecorder
@@ -178,6 +179,60 @@ def test_trial_pruning_hooks_report_each_epoch_and_stop_when_the_pruner_says_so(
     assert pruning.pruned_epoch is None
 
 
+def test_trial_pruning_warns_once_per_fit_when_its_metric_is_missing(caplog):
+    """As optuna-integration's Keras callback warns, but once a fit: a pruner that never hears of the
+    trial can never prune it."""
+    study = optuna.create_study(direction="maximize", pruner=optuna.pruners.ThresholdPruner(lower=0.5))
+    pruning = TrialPruning(study.ask(), monitor="val_f1")
+    pruning.set_model(_model())
+    for _ in range(2):  # two fits with the same instance
+        caplog.clear()
+        pruning.on_train_begin()
+        assert pruning.missing_epochs == 0
+        for epoch in range(3):
+            pruning.on_epoch_end(epoch, {"val_accuracy": 0.1})
+        assert pruning.missing_epochs == 3 and pruning.pruned_epoch is None
+        warnings = [record for record in caplog.records if record.levelname == "WARNING"]
+        assert len(warnings) == 1 and "val_f1" in warnings[0].getMessage(), caplog.text
+    assert study.trials[0].intermediate_values == {}
+
+
+def test_a_stalled_trial_of_a_sweep_ranked_by_best_val_accuracy_is_pruned(tmp_path):
+    """The sweep's own plan (metric=best_val_accuracy, the default median pruner) and the callbacks as a
+    trial chains them (BestCheckpoint, then TrialPruning on the same logs), with a real Optuna study: a trial
+    whose validation accuracy never beats its first epoch is pruned once the pruner's warm-up is over."""
+    from pipeline.config import parse_parameters
+    from pipeline.experiments.study import SearchPlan
+    from pipeline.search_space import SWEEP_PARAMETERS
+
+    plan = SearchPlan.from_options(parse_parameters(SWEEP_PARAMETERS, {
+        "learning_rate": "1e-3:1e-2:log", "metric": names.BEST_VAL_ACCURACY}))
+    assert plan.pruner == "median"
+    study = optuna.create_study(direction=plan.direction, pruner=plan.make_pruner())
+    model = _model()
+
+    def trial(val_accuracy: list[float]) -> TrialPruning:
+        checkpoint = BestCheckpoint(tmp_path / "best.keras")
+        pruning = TrialPruning(study.ask(), plan.monitor(names.BEST_VAL_ACCURACY))
+        for callback in (checkpoint, pruning):
+            callback.set_model(model)
+            callback.on_train_begin()
+        model.stop_training = False
+        for epoch, accuracy in enumerate(val_accuracy):
+            logs = {names.VAL_ACCURACY: accuracy, names.VAL_LOSS: 1 - accuracy}
+            checkpoint.on_epoch_end(epoch, logs)
+            pruning.on_epoch_end(epoch, logs)
+            if model.stop_training:
+                break
+        return pruning
+
+    for _ in range(3):  # the median pruner's start-up trials
+        assert trial([0.5, 0.7, 0.8, 0.85, 0.9]).pruned_epoch is None
+        study.tell(study.trials[-1].number, 0.9)
+    stalled = trial([0.6, 0.3, 0.3, 0.3, 0.3])
+    assert stalled.pruned_epoch == 2 and stalled.missing_epochs == 0
+
+
 def test_divergence_guard_hooks_stop_at_the_first_nan_and_block_that_epochs_accuracy():
     model = _model()
     guard = DivergenceGuard()
@@ -309,6 +364,50 @@ def test_best_checkpoint_hooks_save_and_upload_only_a_new_best(recorder, tmp_pat
     assert recorder.client.get_run(recorder.run_id).data.tags[names.TAG_BEST_EPOCH] == "3"
     uploaded = keras.models.load_model(_artifact(recorder, f"{names.CHECKPOINT_DIR}/{names.BEST_MODEL_FILE}", tmp_path))
     assert all(np.array_equal(a, b) for a, b in zip(uploaded.get_weights(), model.get_weights(), strict=True))
+
+
+def test_best_checkpoint_hooks_start_each_fit_afresh(tmp_path):
+    """Keras' convention (EarlyStopping resets `best` in on_train_begin): a new fit's first epoch is its
+    first best, however good the previous fit's best was."""
+    checkpoint = BestCheckpoint(tmp_path / "best.keras")
+    checkpoint.set_model(_model())
+    checkpoint.on_train_begin()
+    checkpoint.on_epoch_end(0, {names.VAL_ACCURACY: 0.9, names.VAL_LOSS: 0.3})
+    checkpoint.on_train_begin()
+    assert checkpoint.best == -math.inf and checkpoint.best_record is None and checkpoint.best_file is None
+    logs = {names.VAL_ACCURACY: 0.5, names.VAL_LOSS: 0.7}
+    checkpoint.on_epoch_end(0, logs)
+    assert checkpoint.best == 0.5 and logs[names.BEST_VAL_ACCURACY] == 0.5
+    assert checkpoint.best_record == {"epoch": 0, names.VAL_ACCURACY: 0.5, names.VAL_LOSS: 0.7}
+
+
+def test_one_callback_instance_fits_twice_as_two_new_ones_would(data, tmp_path):
+    """Two real fits with the same callback instances: the second one's state is its own. The second model
+    has zero weights and a zero learning rate, so its validation accuracy is far below the first's best."""
+    import tensorflow as tf
+
+    x, y, x_val, y_val = data
+    checkpoint = BestCheckpoint(tmp_path / "best.keras")
+    timing, guard = BatchTiming(32, len(x)), DivergenceGuard()
+    workers = WorkerTiming(tf.distribute.get_strategy(), num_workers=1)
+    pruning = TrialPruning(optuna.create_study(direction="maximize").ask(), monitor="val_f1")  # never logged
+    callbacks = [guard, timing, workers, checkpoint, pruning]
+    model = _model()
+    first = model.fit(x, y, batch_size=32, validation_data=(x_val, y_val), epochs=3, callbacks=callbacks, verbose=0)
+    assert checkpoint.best == max(first.history[names.VAL_ACCURACY]) > 0.5
+
+    model.set_weights([np.zeros_like(weights) for weights in model.get_weights()])
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate=0.0), loss="categorical_crossentropy",
+                  metrics=["accuracy"])
+    second = model.fit(x, y, batch_size=32, validation_data=(x_val, y_val), epochs=2, callbacks=callbacks, verbose=0)
+    accuracy = second.history[names.VAL_ACCURACY]
+    assert accuracy[0] == accuracy[1] < 0.5
+    assert checkpoint.best == accuracy[0] and checkpoint.best_record["epoch"] == 0
+    saved = keras.models.load_model(tmp_path / "best.keras")
+    assert all(not weights.any() for weights in saved.get_weights())  # the second fit's model
+    assert [row["epoch"] for row in workers.history] == [0, 1]
+    assert second.history[names.SLOWEST_WORKER_EPOCH_SECONDS] == [row["seconds"][0] for row in workers.history]
+    assert pruning.missing_epochs == 2 and guard.nan_at is None
 
 
 def _fit(data, recorder, tmp_path: Path, shuffle_val_labels: bool, epochs: int, move: tuple[str, str] | None = None):

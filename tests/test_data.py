@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import math
 import shutil
 import struct
 from pathlib import Path
@@ -122,6 +123,22 @@ def test_object_arrays_are_never_unpickled(tmp_path):
     _assert_one_line(raised.value, str(path), "unreadable")
 
 
+def _one_pixel(dtype: type, value: float, images: int = 1500) -> np.ndarray:
+    """Valid images (0 and 255 pixels) of `dtype` with one pixel set to `value`."""
+    array = np.zeros((images, 28, 28), dtype)
+    array[0, 0, 1] = 255
+    array[-1, 27, 27] = value
+    return array
+
+
+def test_pixels_and_labels_at_their_bounds_are_accepted(tmp_path):
+    """0 and 255 are pixels, 0 and 9 labels: the bounds are inclusive (a `<=` for a `<` fails here)."""
+    labels = np.arange(1500) % 10
+    dataset = load_dataset(str(_npz(tmp_path, x_train=_one_pixel(np.int16, 0), y_train=labels)))
+    assert dataset.x_train.min() == 0.0 and dataset.x_train.max() == 1.0
+    assert dataset.y_train.argmax(axis=1).tolist() == labels.tolist()
+
+
 @pytest.mark.parametrize(
     ("changes", "fragments"),
     [
@@ -138,6 +155,12 @@ def test_object_arrays_are_never_unpickled(tmp_path):
         ({"x_train": np.full((1500, 28, 28), np.nan, np.float32)}, ("x_train contains NaN or infinite",)),
         ({"x_train": np.full((1500, 784), np.inf)}, ("x_train contains NaN or infinite",)),
         ({"x_train": np.full((1500, 784), 300.0)}, ("x_train has pixels in [300.0, 300.0]",)),
+        # one pixel just outside 0..255 among valid ones: each bound on its own
+        ({"x_train": _one_pixel(np.int16, -1)}, ("x_train has pixels in [-1, 255]", "expected 0..255")),
+        ({"x_test": _one_pixel(np.float32, -0.5, 300)}, ("x_test has pixels in [-0.5, 255.0]",)),
+        ({"x_train": _one_pixel(np.int16, 256)}, ("x_train has pixels in [0, 256]",)),
+        ({"x_train": _one_pixel(np.float64, math.nan)}, ("x_train contains NaN or infinite",)),
+        ({"x_test": _one_pixel(np.float32, -math.inf, 300)}, ("x_test contains NaN or infinite",)),
     ],
 )
 def test_invalid_arrays(tmp_path, changes, fragments):

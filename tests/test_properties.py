@@ -170,7 +170,12 @@ RULES: dict[str, dict[str, Callable[[str], object]]] = {
     "sweep": TRAINING_RULES | {name: _search(name) for name in SWEEP_SEPARATORS} | {
         # a sweep runs its trials in one process: it cannot be one worker of a cluster (not in the README)
         "strategy": _text_where(lambda v: v in ("default", "mirrored")),
-    } | RANKING_RULES | SEARCH_RULES,
+    } | RANKING_RULES | {
+        # a sweep ranks its trials by their own record: a metric every training run records (docs/search.md)
+        "metric": _text_where(lambda v: v in (
+            "loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "epoch_seconds", "samples_per_second",
+            "batch_ms_mean", "batch_ms_p95", "best_val_accuracy", "epochs_completed", "test_loss", "test_accuracy")),
+    } | SEARCH_RULES,
 }
 
 
@@ -195,6 +200,7 @@ _EDGES = st.sampled_from([
     "default", "mirrored", "multi_worker", "Mirrored", "max", "min", "MAX", "true", "false", "True", " false ",
     "yes", "mnist-mlp", "my.model_2", "-model", ".model", "a/b", "my model", "test_accuracy", "test loss",
     "test  loss", " test_loss", "a:b", "val/accuracy", " ", "\t", "mnist-mlp\n", "test_loss\n", "mirrored\n",
+    "loss", "best_val_accuracy", "val_f1", "slowest_worker_epoch_seconds",
 ])
 RAW_VALUES = st.one_of(_ANY_TEXT, _NUMBERS, _EDGES)
 

@@ -81,6 +81,79 @@ def test_a_pruned_trial_stops_early_with_its_whole_record(tmp_path):
     assert rows.loc[4, names.BEST_VAL_ACCURACY] == pruned.data.metrics[names.BEST_VAL_ACCURACY]
 
 
+@pytest.mark.timeout(120)
+def test_a_pruned_trial_is_never_the_best_even_when_its_record_scores_best(tmp_path, sqlite_store):
+    """A pruned trial keeps its whole record, test_accuracy included: even when that beats every finished
+    trial, the best trial is a finished one. Real store and journal; the trials' runs with their metrics."""
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import TrialState, create_trial
+
+    from pipeline.experiments.runs import Ranking
+    from pipeline.experiments.study import RUN_ID_ATTR, SharedStudy
+    from pipeline.experiments.sweep_record import record_summary, summarize
+
+    client = MlflowClient()
+    experiment_id = client.create_experiment("best")
+    parent = client.create_run(experiment_id, run_name="sweep").info.run_id
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(tmp_path / JOURNAL_FILE)))
+    study = optuna.create_study(storage=storage, direction="maximize")
+    scores = {TrialState.COMPLETE: (0.80, 0.60), TrialState.PRUNED: (0.95, 0.20)}  # test_accuracy, test_loss
+    runs = {}
+    for number, (state, (accuracy, loss)) in enumerate(scores.items(), start=1):
+        run_id = client.create_run(experiment_id, run_name=f"trial-{number}", tags={
+            "mlflow.parentRunId": parent, names.TAG_RUN_TYPE: names.RUN_TYPE_TRAINING}).info.run_id
+        client.log_metric(run_id, names.TEST_ACCURACY, accuracy)
+        client.log_metric(run_id, names.TEST_LOSS, loss)
+        client.set_terminated(run_id)
+        study.add_trial(create_trial(
+            state=state, value=accuracy if state == TrialState.COMPLETE else None, params={"dropout": number / 10},
+            distributions={"dropout": FloatDistribution(0.0, 0.5)}, user_attrs={RUN_ID_ATTR: run_id},
+            intermediate_values={0: accuracy}))
+        runs[state] = run_id
+    shared = SharedStudy(study, storage, str(tmp_path / JOURNAL_FILE), parent, created=True)
+
+    summary = summarize(client, shared, Ranking(), experiment_id)
+    assert list(summary.table["state"]) == ["finished", "pruned"]
+    assert summary.best["run_id"] == runs[TrialState.COMPLETE]
+    record_summary(client, summary, shared, Ranking())
+    recorded = client.get_run(parent).data
+    assert recorded.tags[names.TAG_BEST_RUN_ID] == runs[TrialState.COMPLETE]
+    assert recorded.tags[names.TAG_BEST_TRIAL] == "1"
+    assert recorded.metrics[names.BEST_METRIC_PREFIX + names.TEST_ACCURACY] == 0.80
+
+
+def test_a_sweep_ranked_by_a_per_epoch_metric_ranks_records_and_shows_it(tmp_path):
+    """Every metric a training run records ranks a sweep: here the last epoch's `loss`, lower is better."""
+    result = _sweep(tmp_path, {"sampler": "grid", "learning_rate": "0.01,0.00001", "epochs": "2",
+                               "metric": names.LOSS, "mode": "min"}, "by-loss")
+    client, parent, trials = _parent_and_children(tmp_path, "by-loss")
+    losses = {number: run.data.metrics[names.LOSS] for number, run in trials.items()}
+    best = min(losses, key=losses.get)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags[names.TAG_BEST_TRIAL] == str(best)
+    assert parent.data.tags[names.TAG_BEST_RUN_ID] == trials[best].info.run_id
+    assert parent.data.metrics[names.BEST_METRIC_PREFIX + names.LOSS] == losses[best]
+    import pandas as pd
+
+    rows = pd.read_csv(client.download_artifacts(parent.info.run_id, names.SWEEP_TRIALS_FILE, str(tmp_path)))
+    assert rows.set_index("trial")[names.LOSS].to_dict() == losses
+    assert f"Best: trial {best}, run {trials[best].info.run_id} (loss={losses[best]:.4f})" in result.stdout
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("metric", ["val_f1", names.SLOWEST_WORKER_EPOCH_SECONDS])
+def test_a_metric_the_trials_do_not_all_record_is_refused_before_any_trial(tmp_path, metric):
+    """A sweep ranks by the trials' own record: a metric they do not all record could rank nothing."""
+    values = FIXED | {"metric": metric, "trials": "1", "epochs": "1", "sampler": "random", "pruner": "none",
+                      "learning_rate": "1e-3:1e-2:log"}
+    result = run_cli(["sweep", "--experiment-name", "refused", *cli_options(values)], cwd=tmp_path, timeout=100,
+                     MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert result.returncode == 2, result.stderr[-3000:]
+    line = one_line_error(result, f"metric='{metric}'", names.TEST_ACCURACY, names.BEST_VAL_ACCURACY, names.LOSS)
+    assert line.startswith("error: parameter metric")
+    assert not (tmp_path / "mlflow.db").exists() and not list(tmp_path.glob("*.journal"))  # no parent, no trial
+
+
 @pytest.fixture
 def study_database() -> str:
     """A PostgreSQL database of its own for Optuna (as a team gives the study next to MLflow's)."""

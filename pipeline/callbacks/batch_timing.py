@@ -45,6 +45,11 @@ class BatchTiming(keras.callbacks.Callback):
         self._first_batch = 0
         self._batch_seconds: list[float] = []
 
+    def on_train_begin(self, logs=None) -> None:
+        self._epoch_start = self._batch_start = 0.0
+        self._first_batch = 0
+        self._batch_seconds = []
+
     def on_epoch_begin(self, epoch: int, logs=None) -> None:
         self._epoch_start = time.perf_counter()
         self._batch_seconds = []

@@ -26,7 +26,12 @@ class BestCheckpoint(keras.callbacks.ModelCheckpoint):
         filepath: the local `.keras` file.
         recorder: where new bests go; None keeps them local (a multi-worker training's other workers).
 
+    Every fit starts afresh (`on_train_begin` resets `best`, `best_record` and `best_file`, as Keras'
+    EarlyStopping resets its state); a resumed training gets them back from TrainingStateBackup, which
+    comes later in the list.
+
     Attributes:
+        best: the best `val_accuracy` of this fit (Keras' ModelCheckpoint's), -inf before the first.
         best_record: `{epoch, val_accuracy, val_loss}` of the best checkpoint, or None.
         best_file: the best checkpoint's bytes as saved (kept for the training state), or None.
 
@@ -36,10 +41,12 @@ class BestCheckpoint(keras.callbacks.ModelCheckpoint):
         checkpoint.best_record["epoch"]
     """
 
+    INITIAL_BEST = float("-inf")  # any finite val_accuracy is a new best
+
     def __init__(self, filepath: str | Path, recorder: RunRecorder | None = None) -> None:
         super().__init__(
             filepath=str(filepath), monitor=names.VAL_ACCURACY, mode="max", save_best_only=True,
-            initial_value_threshold=float("-inf"),
+            initial_value_threshold=self.INITIAL_BEST,
         )
         self.recorder = recorder
         self.best_record: dict[str, Any] | None = None
@@ -51,6 +58,7 @@ class BestCheckpoint(keras.callbacks.ModelCheckpoint):
 
     def on_train_begin(self, logs=None) -> None:
         super().on_train_begin(logs)
+        self.best = self.INITIAL_BEST
         self.best_record = None
         self.best_file = None
 

@@ -46,6 +46,7 @@ class DivergenceGuard(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None) -> None:
         self.nan_at = None
+        self._epoch = 0
 
     def on_epoch_begin(self, epoch: int, logs=None) -> None:
         self._epoch = epoch

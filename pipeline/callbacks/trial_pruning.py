@@ -23,7 +23,9 @@ class TrialPruning(keras.callbacks.Callback):
 
     Unlike optuna-integration's Keras callback, which raises `TrialPruned` inside `fit`, it stops
     training the way EarlyStopping does, so a pruned trial still gets its whole record (evaluation,
-    model) and the stop reason `pruned`.
+    model) and the stop reason `pruned`. Like it, it warns when `monitor` is not in an epoch's logs
+    (once a fit): the pruner cannot judge an epoch it never hears of. A NaN value (a diverged epoch,
+    which DivergenceGuard stops) is skipped silently.
 
     Args:
         trial: the trial (its study's pruner decides).
@@ -31,6 +33,7 @@ class TrialPruning(keras.callbacks.Callback):
 
     Attributes:
         pruned_epoch: the epoch after which the trial was pruned, or None.
+        missing_epochs: the epochs of this fit whose logs had no `monitor`.
 
     Example:
     ```python
@@ -44,6 +47,7 @@ class TrialPruning(keras.callbacks.Callback):
     """
 
     pruned_epoch: int | None = None  # reset by on_train_begin, set by on_epoch_end
+    missing_epochs: int = 0  # reset by on_train_begin, counted by on_epoch_end
 
     def __init__(self, trial: PrunableTrial, monitor: str = "val_accuracy") -> None:
         super().__init__()
@@ -51,10 +55,17 @@ class TrialPruning(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None) -> None:
         self.pruned_epoch = None
+        self.missing_epochs = 0
 
     def on_epoch_end(self, epoch: int, logs=None) -> None:
         value = (logs or {}).get(self.monitor)
-        if value is None or not math.isfinite(value):
+        if value is None:
+            self.missing_epochs += 1
+            if self.missing_epochs == 1:
+                logger.warning("Epoch %d: the pruned metric %r is not in the epoch's logs; this trial cannot be "
+                               "pruned at such epochs (check the metric name)", epoch + 1, self.monitor)
+            return
+        if not math.isfinite(value):
             return
         self.trial.report(float(value), epoch)
         if self.trial.should_prune():

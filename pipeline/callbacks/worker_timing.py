@@ -25,7 +25,12 @@ class WorkerTiming(keras.callbacks.Callback):
         num_workers: processes training together.
 
     Attributes:
-        history: `{epoch, seconds}` per epoch, `seconds` being each worker's time in worker order.
+        history: `{epoch, seconds}` per epoch of this fit, `seconds` being each worker's time in worker order.
+
+    Example:
+        timing = WorkerTiming(strategy, num_workers=2)
+        model.fit(x, y, callbacks=[BatchTiming(128, len(x)), timing])
+        timing.history[-1]["seconds"]
     """
 
     def __init__(self, strategy: tf.distribute.Strategy, num_workers: int) -> None:
@@ -33,6 +38,9 @@ class WorkerTiming(keras.callbacks.Callback):
         self.strategy = strategy
         self.num_workers = num_workers
         self.history: list[dict[str, object]] = []
+
+    def on_train_begin(self, logs=None) -> None:
+        self.history = []
 
     def on_epoch_end(self, epoch: int, logs=None) -> None:
         own = float((logs or {}).get(names.EPOCH_SECONDS, math.nan))

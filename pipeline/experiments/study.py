@@ -85,9 +85,10 @@ class SearchPlan:
         return cls(space, sampler, pruner, trials, options["seed"], direction)
 
     def monitor(self, metric: str) -> str:
-        """The per-epoch metric the pruner watches: `metric` itself if it is one, else validation accuracy
-        (or loss, when lower is better)."""
-        if metric in (*names.EPOCH_METRICS, names.BEST_VAL_ACCURACY):
+        """The per-epoch metric the pruner watches: `metric` itself if every epoch logs it, else validation
+        accuracy (or loss, when lower is better). `best_val_accuracy` is logged only at an epoch with a new
+        best: a stalled trial would never be judged again, so it prunes on `val_accuracy`."""
+        if metric in names.EPOCH_METRICS:
             return metric
         return names.VAL_ACCURACY if self.direction == "maximize" else names.VAL_LOSS
 

@@ -38,7 +38,8 @@ class SweepSummary:
     Args:
         parent_run_id: the parent run.
         table: one row per trial in trial order: trial (1-based), state, run, the trial's parameters,
-            the run's final metrics, best val_accuracy and its epoch, stop reason, error.
+            the run's final metrics (the ranking metric among them), best val_accuracy and its epoch, stop
+            reason, error.
         best: the best finished trial's row (None while no trial has finished).
         running: how many trials are still running (in any process).
     """
@@ -68,6 +69,10 @@ def summarize(client: MlflowClient, shared: SharedStudy, ranking: Ranking, exper
     runs = runs_frame(client, experiment_id, f"tags.mlflow.parentRunId = '{shared.parent_run_id}'")
     ranked = ranking.sort(runs) if not runs.empty else runs
     details = run_table(ranked).drop(columns=["run_name", *KEY_PARAMETERS], errors="ignore")  # trial params only
+    if ranking.metric not in details:  # e.g. a per-epoch metric: its last value, the trial's objective
+        column = f"metrics.{ranking.metric}"
+        values = pd.to_numeric(ranked[column]) if column in ranked else float("nan")
+        details.insert(details.columns.get_loc(names.TEST_ACCURACY), ranking.metric, values)
     details["rank"] = range(1, len(details) + 1)
     table = pd.concat([rows.drop(columns="error"), params], axis=1).merge(details, on="run_id", how="left")
     table["error"] = rows["error"]
