@@ -45,7 +45,7 @@ def local_storage_error(directory: Path | str, error: OSError) -> LocalStorageEr
     code = f" [Errno {number} {errno.errorcode.get(number, '?')}]" if number is not None else ""
     file = f" writing {error.filename}" if error.filename else ""
     return LocalStorageError(
-        f"cannot write the run's local files in {directory} ({error.strerror or first_line(error)}{code}{file}); "
+        f"cannot write the run's local files in {directory} ({error.strerror or first_line(error)}){code}{file}; "
         "free disk space or point TMPDIR at a writable disk"
     )
 
