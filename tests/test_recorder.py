@@ -1,16 +1,81 @@
-"""The asynchronous recorder on a real SQLite store: order, batching, replacement, flush, failures."""
+"""The asynchronous recorder on a real SQLite store: order, batching, replacement, flush, failures.
+
+The store is made busy at will by `HeldStore` (the real client, each delivery held until the test
+lets it through), so every interleaving a test asserts on is forced, never hoped for."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import math
+import subprocess
 import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
+from mlflow.utils.validation import MAX_ENTITIES_PER_BATCH, MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH
 
-from pipeline.errors import RecordingError
+from pipeline import constants as names
+from pipeline.callbacks.best_checkpoint import BestCheckpoint
+from pipeline.errors import LocalStorageError, RecordingError
 from pipeline.tracking.recorder import RunRecorder
+
+pytestmark = pytest.mark.timeout(120)
+
+
+class HeldStore(MlflowClient):
+    """The real MLflow client of the test's store, as busy as the test wants: once `hold()` is called,
+    each delivery (`log_batch`, `log_artifact`) starts, is counted, and waits until the test lets it
+    through (`allow(n)`, `open()`). No timeout lets a held delivery go on its own: a test that never
+    opens it is stopped by pytest-timeout, never passes by luck. `before_each(path)` is called as
+    each delivery starts (the artifact path, or None for a batch), and every `log_batch` is noted."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._condition = threading.Condition()
+        self._permits = math.inf
+        self.started = 0
+        self.batches: list[tuple[int, int]] = []  # (metrics, tags) of each log_batch call
+        self.before_each: Callable[[str | None], None] | None = None
+
+    def hold(self) -> None:
+        with self._condition:
+            self._permits = 0
+
+    def allow(self, count: int) -> None:
+        with self._condition:
+            self._permits += count
+            self._condition.notify_all()
+
+    def open(self) -> None:
+        self.allow(math.inf)
+
+    def wait_started(self, count: int, timeout: float = 30) -> None:
+        """Waits until the `count`-th delivery has started (and, when held, waits for its permit)."""
+        with self._condition:
+            assert self._condition.wait_for(lambda: self.started >= count, timeout), (self.started, count)
+
+    def _pass(self, path: str | None) -> None:
+        if self.before_each is not None:
+            self.before_each(path)
+        with self._condition:
+            self.started += 1
+            self._condition.notify_all()
+            self._condition.wait_for(lambda: self._permits > 0)
+            self._permits -= 1
+
+    def log_batch(self, run_id, metrics=(), params=(), tags=(), **options):
+        self._pass(None)
+        self.batches.append((len(metrics), len(tags)))
+        return super().log_batch(run_id, metrics=metrics, params=params, tags=tags, **options)
+
+    def log_artifact(self, run_id, local_path, artifact_path=None):
+        self._pass(f"{artifact_path}/{Path(local_path).name}" if artifact_path else Path(local_path).name)
+        return super().log_artifact(run_id, local_path, artifact_path)
 
 
 @pytest.fixture
@@ -19,21 +84,11 @@ def run(sqlite_store):
     return client, client.create_run(client.create_experiment("recorder")).info.run_id
 
 
-class _Gate:
-    """Holds the recorder's thread inside its next delivery until opened, so a test can queue
-    records while the store is, for the recorder, busy."""
-
-    def __init__(self, recorder: RunRecorder) -> None:
-        self.entered = threading.Event()
-        self.release = threading.Event()
-        deliver = recorder._deliver
-
-        def gated(record):
-            self.entered.set()
-            self.release.wait(30)
-            deliver(record)
-
-        recorder._deliver = gated
+@pytest.fixture
+def held(run) -> Iterator[HeldStore]:
+    store = HeldStore()
+    yield store
+    store.open()  # a failed test never leaves a recorder thread waiting
 
 
 def test_metrics_tags_and_files_arrive_in_order_and_complete(run, tmp_path):
@@ -52,73 +107,82 @@ def test_metrics_tags_and_files_arrive_in_order_and_complete(run, tmp_path):
     assert not any((tmp_path / "staging").iterdir())  # staged copies are removed once delivered
 
 
-def test_queue_stays_bounded_while_the_store_is_busy(run, tmp_path):
+def test_queue_stays_bounded_while_the_store_is_busy(run, held, tmp_path):
     client, run_id = run
-    recorder = RunRecorder(client, run_id, tmp_path / "staging")
-    gate = _Gate(recorder)
+    recorder = RunRecorder(held, run_id, tmp_path / "staging")
+    held.hold()
     recorder.log_metrics({"loss": 0.0}, step=0)
-    assert gate.entered.wait(10)  # the first record is in flight, held
-    for epoch in range(1, 200):
+    held.wait_started(1)  # the first record (metrics) is in flight, held
+    for epoch in range(1, 100):
         recorder.log_json({"epoch": epoch}, "state/state.json")
         recorder.log_metrics({"loss": float(epoch)}, step=epoch)
     # one file entry (the latest version replaced the older ones in place) and one metrics batch
     assert recorder.pending == ["metrics/tags loss", "artifact state/state.json", "metrics/tags loss"]
-    gate.release.set()
+    held.allow(1)  # the metrics go through; now the state file is in flight, held
+    held.wait_started(2)
+    for epoch in range(100, 200):
+        recorder.log_json({"epoch": epoch}, "state/state.json")
+        recorder.log_metrics({"loss": float(epoch)}, step=epoch)
+    # the file being sent is never replaced: its newer version waits behind it, and is replaced there
+    assert recorder.pending == [
+        "artifact state/state.json", "metrics/tags loss", "artifact state/state.json", "metrics/tags loss"
+    ]
+    held.open()
     recorder.close(timeout=60)
     assert [m.step for m in client.get_metric_history(run_id, "loss")] == list(range(200))
     local = Path(client.download_artifacts(run_id, "state/state.json", str(tmp_path / "out")))
     assert json.loads(local.read_text()) == {"epoch": 199}
 
 
-def test_snapshots_are_taken_when_queued(run, tmp_path):
+def test_snapshots_are_taken_when_queued(run, held, tmp_path):
     client, run_id = run
     source = tmp_path / "best_model.keras"
     source.write_text("epoch 1")
-    with RunRecorder(client, run_id, tmp_path / "staging") as recorder:
-        gate = _Gate(recorder)
+    with RunRecorder(held, run_id, tmp_path / "staging") as recorder:
+        held.hold()
         recorder.log_file(source, "checkpoints")
-        assert gate.entered.wait(10)
+        held.wait_started(1)
         source.write_text("epoch 2, written while the upload waited")
-        gate.release.set()
+        held.open()
         recorder.close(timeout=60)
     local = Path(client.download_artifacts(run_id, "checkpoints/best_model.keras", str(tmp_path / "out")))
     assert local.read_text() == "epoch 1"
 
 
-def test_an_error_in_the_with_block_still_delivers_what_was_queued(run, tmp_path):
+def test_an_error_in_the_with_block_still_delivers_what_was_queued(run, held, tmp_path):
     client, run_id = run
-    with pytest.raises(KeyboardInterrupt), RunRecorder(client, run_id, tmp_path / "staging") as recorder:
-        gate = _Gate(recorder)
+    with pytest.raises(KeyboardInterrupt), RunRecorder(held, run_id, tmp_path / "staging") as recorder:
+        held.hold()
         for step in range(5):
             recorder.log_metrics({"loss": float(step)}, step=step)
-        threading.Timer(0.5, gate.release.set).start()
+        threading.Timer(0.5, held.open).start()
         raise KeyboardInterrupt
     assert [m.step for m in client.get_metric_history(run_id, "loss")] == list(range(5))
 
 
-def test_a_rejected_value_is_reported_and_does_not_take_its_batch_down(run, tmp_path):
+def test_a_rejected_value_is_reported_and_does_not_take_its_batch_down(run, held, tmp_path):
     client, run_id = run
-    recorder = RunRecorder(client, run_id, tmp_path / "staging")
-    gate = _Gate(recorder)
+    recorder = RunRecorder(held, run_id, tmp_path / "staging")
+    held.hold()
     recorder.log_metrics({"warmup": 0.0}, step=0)
-    assert gate.entered.wait(10)
+    held.wait_started(1)
     # queued behind the held record, these three coalesce into one batch; MLflow rejects "bad#name"
     recorder.log_metrics({"loss": 1.0, "bad#name": 2.0}, step=0)
     recorder.set_tags({"phase": "train"})
-    gate.release.set()
+    held.open()
     with pytest.raises(RecordingError, match=r"rejected: metrics/tags bad#name \(Invalid value"):
         recorder.close(timeout=30)
     assert [m.value for m in client.get_metric_history(run_id, "loss")] == [1.0]
     assert client.get_run(run_id).data.tags["phase"] == "train"
 
 
-def test_flush_timeout_names_what_is_still_pending(run, tmp_path):
+def test_flush_timeout_names_what_is_still_pending(run, held, tmp_path):
     client, run_id = run
-    recorder = RunRecorder(client, run_id, tmp_path / "staging")
-    gate = _Gate(recorder)
+    recorder = RunRecorder(held, run_id, tmp_path / "staging")
+    held.hold()
     recorder.log_metrics({"loss": 1.0}, step=0)
     recorder.log_json({"a": 1}, "lr_changes.json")
-    assert gate.entered.wait(10)
+    held.wait_started(1)
     with pytest.raises(RecordingError, match="not recorded: metrics/tags loss; artifact lr_changes.json"):
         recorder.flush(timeout=0.5)
     exported = recorder.export_pending(tmp_path / "rescue")
@@ -126,5 +190,164 @@ def test_flush_timeout_names_what_is_still_pending(run, tmp_path):
     assert json.loads((tmp_path / "rescue" / "artifacts" / "lr_changes.json").read_text()) == {"a": 1}
     records = json.loads((tmp_path / "rescue" / "pending_records.json").read_text())
     assert records[0]["metric"] == "loss" and records[0]["step"] == 0
-    gate.release.set()
+    held.open()
     recorder.close(timeout=30)
+
+
+def _new_best(checkpoint: BestCheckpoint, epoch: int) -> None:
+    """What BestCheckpoint does at a new best, with a file whose content says its epoch."""
+    checkpoint.best_record = {"epoch": epoch, names.VAL_ACCURACY: 0.5 + epoch / 100, names.VAL_LOSS: 1.0 / epoch}
+    checkpoint.best_file = f"checkpoint of epoch {epoch}".encode()
+    checkpoint.upload()
+
+
+def test_a_checkpoint_and_its_description_always_describe_the_same_epoch(run, held, tmp_path):
+    """Epoch 4 becomes the best while epoch 3's checkpoint is being sent: the store must never hold a
+    description of one epoch beside the checkpoint of another, at any moment the recorder moves on
+    to another record (what a kill there would leave), nor at the end."""
+    client, run_id = run
+    pairs: list[tuple[str | None, int | None]] = []
+
+    def stored_pair() -> None:
+        stored = {item.path for item in client.list_artifacts(run_id, names.CHECKPOINT_DIR)}
+        if not stored:
+            return
+        local = Path(client.download_artifacts(run_id, names.CHECKPOINT_DIR, str(tmp_path / f"seen{len(pairs)}")))
+        checkpoint_file, info_file = local / names.BEST_MODEL_FILE, local / names.BEST_MODEL_INFO_FILE
+        pairs.append((
+            checkpoint_file.read_text() if checkpoint_file.exists() else None,
+            json.loads(info_file.read_text())["epoch"] if info_file.exists() else None,
+        ))
+
+    def before_each(path: str | None) -> None:
+        if path is None or not path.startswith(f"{names.CHECKPOINT_DIR}/"):
+            stored_pair()
+
+    held.before_each = before_each
+    recorder = RunRecorder(held, run_id, tmp_path / "staging")
+    checkpoint = BestCheckpoint(tmp_path / "best.keras", recorder)
+    held.hold()
+    _new_best(checkpoint, 3)
+    held.wait_started(1)  # epoch 3's checkpoint is being sent...
+    _new_best(checkpoint, 4)  # ...when epoch 4 is the new best
+    recorder.log_metrics({"loss": 0.1}, step=4)
+    held.open()
+    recorder.close(timeout=60)
+    stored_pair()
+    assert pairs, "the store was never looked at"
+    assert all(content == f"checkpoint of epoch {epoch}" for content, epoch in pairs), pairs
+    assert pairs[-1] == ("checkpoint of epoch 4", 4)
+    assert client.get_run(run_id).data.tags[names.TAG_BEST_EPOCH] == "4"
+
+
+def test_a_newer_checkpoint_replaces_a_waiting_one_as_a_whole(run, held, tmp_path):
+    client, run_id = run
+    recorder = RunRecorder(held, run_id, tmp_path / "staging")
+    checkpoint = BestCheckpoint(tmp_path / "best.keras", recorder)
+    held.hold()
+    recorder.log_metrics({"loss": 0.5}, step=0)
+    held.wait_started(1)
+    for epoch in range(1, 6):
+        _new_best(checkpoint, epoch)
+    directory = names.CHECKPOINT_DIR
+    pair = f"artifact {directory}/{names.BEST_MODEL_FILE} + {directory}/{names.BEST_MODEL_INFO_FILE}"
+    assert recorder.pending == ["metrics/tags loss", pair, "metrics/tags best_epoch"]
+    held.open()
+    recorder.close(timeout=60)
+    local = Path(client.download_artifacts(run_id, names.CHECKPOINT_DIR, str(tmp_path / "out")))
+    assert (local / names.BEST_MODEL_FILE).read_text() == "checkpoint of epoch 5"
+    assert json.loads((local / names.BEST_MODEL_INFO_FILE).read_text())["epoch"] == 5
+
+
+def test_batches_stay_within_mlflows_limits_for_one_request(run, held, tmp_path):
+    """1000 metrics and a tag queued behind a busy store: MLflow's limit is 1000 entities per
+    request (metrics, params and tags together), not 1000 metrics plus 100 tags."""
+    client, run_id = run
+    recorder = RunRecorder(held, run_id, tmp_path / "staging")
+    held.hold()
+    recorder.log_metrics({"warmup": 0.0}, step=0)
+    held.wait_started(1)
+    recorder.log_metrics({f"m{index:04d}": float(index) for index in range(MAX_METRICS_PER_BATCH)}, step=0)
+    recorder.set_tags({"phase": "train"})
+    recorder.set_tags({f"t{index}": index for index in range(MAX_PARAMS_TAGS_PER_BATCH + 1)})
+    held.open()
+    recorder.close(timeout=60)
+    assert held.batches[0] == (1, 0)
+    for metrics, tags in held.batches:
+        assert metrics <= MAX_METRICS_PER_BATCH and tags <= MAX_PARAMS_TAGS_PER_BATCH, held.batches
+        assert metrics + tags <= MAX_ENTITIES_PER_BATCH, held.batches
+    assert len(held.batches) <= 5  # still batched: not one request per value
+    stored = client.get_run(run_id).data
+    assert len(stored.metrics) == MAX_METRICS_PER_BATCH + 1
+    assert stored.tags["phase"] == "train"
+    assert stored.tags[f"t{MAX_PARAMS_TAGS_PER_BATCH}"] == str(MAX_PARAMS_TAGS_PER_BATCH)
+
+
+@contextlib.contextmanager
+def _small_disk(mount_point: Path, size: str = "64k") -> Iterator[Path]:
+    """A real tmpfs of `size` at `mount_point` (the tests run as root), unmounted afterwards."""
+    mount_point.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount_point)], check=True)
+    try:
+        yield mount_point
+    finally:
+        if subprocess.run(["umount", str(mount_point)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(mount_point)], check=True)
+
+
+@pytest.mark.parametrize("fault", ["ENOSPC", "EROFS"])
+def test_a_full_or_read_only_staging_disk_is_a_local_error_not_an_outage(run, held, tmp_path, caplog, fault):
+    """The state snapshot is written on the recorder's thread, into the staging directory: a full
+    (ENOSPC) or read-only (EROFS) disk there stops recording at once, in one line naming the path and
+    the errno; what was delivered before stays, nothing after the failed record is sent."""
+    client, run_id = run
+    with _small_disk(tmp_path / "disk") as disk:
+        staging = disk / "staging"
+        recorder = RunRecorder(held, run_id, staging)
+        held.hold()
+        recorder.log_metrics({"loss": 0.0}, step=0)
+        held.wait_started(1)
+        state = b"x" * (256 * 1024 if fault == "ENOSPC" else 16)  # larger than the 64 KB disk
+        recorder.log_written(lambda path: path.write_bytes(state), "state/training_state.npz")
+        recorder.log_metrics({"loss": 1.0}, step=1)
+        if fault == "EROFS":
+            subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+        started = time.monotonic()
+        with caplog.at_level(logging.INFO, logger="pipeline"):
+            held.open()
+            with pytest.raises(LocalStorageError) as raised:
+                recorder.flush(timeout=30)
+        assert time.monotonic() - started < 10
+        message = str(raised.value)
+        assert "\n" not in message
+        assert message.startswith(f"cannot write the run's local files in {staging} (")
+        assert f"[Errno {28 if fault == 'ENOSPC' else 30} {fault}]" in message
+        assert f"writing {staging}/" in message and "training_state.npz" in message
+        with pytest.raises(LocalStorageError):  # the training thread is stopped at its next record
+            recorder.log_metrics({"loss": 2.0}, step=2)
+        with pytest.raises(LocalStorageError):
+            recorder.close(timeout=30)
+        assert time.monotonic() - started < 10
+    assert not any("unreachable" in record.getMessage() for record in caplog.records), caplog.text
+    assert [m.step for m in client.get_metric_history(run_id, "loss")] == [0]  # delivered before: kept
+    assert not client.list_artifacts(run_id, "state")
+
+
+def test_an_error_with_records_undelivered_keeps_them_locally(run, held, tmp_path, caplog):
+    """Any error that ends the `with` block while the store does not answer: after `abandon_timeout`,
+    what is undelivered (the last good checkpoint among it) is kept in the rescue directory, and the
+    log says where."""
+    _, run_id = run
+    rescue = tmp_path / "rescue" / run_id
+    recorder = RunRecorder(held, run_id, tmp_path / "staging", abandon_timeout=0.5, rescue_dir=rescue)
+    checkpoint = BestCheckpoint(tmp_path / "best.keras", recorder)
+    held.hold()
+    with caplog.at_level(logging.INFO, logger="pipeline"), pytest.raises(ZeroDivisionError), recorder:
+        recorder.log_metrics({"loss": 0.5}, step=0)
+        _new_best(checkpoint, 2)
+        held.wait_started(1)
+        _ = 1 / 0  # an error after fit (evaluation, plots, ...)
+    kept = rescue / "unsent" / "artifacts" / names.CHECKPOINT_DIR
+    assert (kept / names.BEST_MODEL_FILE).read_text() == "checkpoint of epoch 2"
+    assert json.loads((kept / names.BEST_MODEL_INFO_FILE).read_text())["epoch"] == 2
+    assert f"Kept locally in {rescue / 'unsent'}" in caplog.text

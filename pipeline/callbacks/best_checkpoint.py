@@ -8,7 +8,7 @@ from typing import Any
 import keras
 
 from pipeline import constants as names
-from pipeline.tracking.recorder import RunRecorder
+from pipeline.tracking.recorder import RunRecorder, json_text
 
 CHECKPOINT_ARTIFACT = f"{names.CHECKPOINT_DIR}/{names.BEST_MODEL_FILE}"
 CHECKPOINT_INFO_ARTIFACT = f"{names.CHECKPOINT_DIR}/{names.BEST_MODEL_INFO_FILE}"
@@ -82,7 +82,8 @@ class BestCheckpoint(keras.callbacks.ModelCheckpoint):
         """Queues the best checkpoint (from the bytes already read), its description and `best_epoch`."""
         if self.recorder is None or self.best_record is None or self.best_file is None:
             return
-        data = self.best_file
-        self.recorder.log_written(lambda path: path.write_bytes(data), CHECKPOINT_ARTIFACT)
-        self.recorder.log_json(self.best_record, CHECKPOINT_INFO_ARTIFACT)
+        self.recorder.log_together(names.CHECKPOINT_DIR, {  # one unit: file and description always agree
+            names.BEST_MODEL_FILE: self.best_file,
+            names.BEST_MODEL_INFO_FILE: json_text(self.best_record).encode(),
+        })
         self.recorder.set_tags({names.TAG_BEST_EPOCH: self.best_record["epoch"]})

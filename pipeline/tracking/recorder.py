@@ -2,10 +2,15 @@
 
 The training thread never waits on the tracking store: `RunRecorder` queues metrics, tags and files
 and one background thread delivers them in the order they were queued. Consecutive metrics and tags
-travel in one `log_batch` call. A record that fails for a transient reason (server unreachable,
-5xx, a locked SQLite file) is retried, in order, until it goes through; one rejected for good (a
-4xx answer) is kept as a failure. `flush()` waits for delivery and raises `RecordingError` naming
-what could not be recorded, so nothing is ever dropped silently.
+travel in one `log_batch` call, within MLflow's limits for one request. A record that fails for a
+transient reason (server unreachable, 5xx, a locked SQLite file) is retried, in order, until it goes
+through; one rejected for good (a 4xx answer) is kept as a failure. `flush()` waits for delivery and
+raises `RecordingError` naming what could not be recorded, so nothing is ever dropped silently.
+
+A local disk that cannot take a staged file (full, read-only) is not an outage: delivery stops at
+that record (what came before stays delivered, what comes after is not sent, so an epoch's metrics
+never arrive without its state), and the next call from the training thread, `flush` and `close`
+raise `LocalStorageError` at once.
 
 Retries are safe: metric records carry the timestamp of the moment they were queued, MLflow
 de-duplicates identical metrics, and tags and artifacts overwrite themselves.
@@ -27,9 +32,15 @@ from typing import Any
 from mlflow.entities import Metric, RunTag
 from mlflow.tracking import MlflowClient
 
-from pipeline.errors import RecordingError, first_line
-from pipeline.tracking.records import MAX_METRICS_PER_BATCH, MAX_TAGS_PER_BATCH, Batch, FileRecord
-from pipeline.tracking.retry import STORE_BACKOFF, Backoff, is_transient
+from pipeline.errors import LocalStorageError, RecordingError, first_line
+from pipeline.tracking.records import Batch, FileRecord, StagedFile
+from pipeline.tracking.retry import (
+    STORE_BACKOFF,
+    Backoff,
+    is_local_storage_error,
+    is_transient,
+    local_storage_error,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +54,8 @@ class RunRecorder:
             overwrite or delete its own copy at once.
         backoff: the pauses between attempts while the store is unreachable.
         abandon_timeout: when the `with` block ends with an error, how long to keep delivering.
+        rescue_dir: where what is still undelivered then goes (see `export_pending`), so that the
+            last good checkpoint is kept whatever the error; None keeps nothing.
     """
 
     def __init__(
@@ -52,6 +65,7 @@ class RunRecorder:
         staging_dir: Path,
         backoff: Backoff = STORE_BACKOFF,
         abandon_timeout: float = 30.0,
+        rescue_dir: Path | None = None,
     ) -> None:
         self.client = client
         self.run_id = run_id
@@ -59,6 +73,8 @@ class RunRecorder:
         self._staging_dir.mkdir(parents=True, exist_ok=True)
         self._backoff = backoff
         self.abandon_timeout = abandon_timeout
+        self.rescue_dir = rescue_dir
+        self._local_error: LocalStorageError | None = None
         self._pending: collections.deque[Batch | FileRecord] = collections.deque()
         self._delivering = False  # the head of the queue is being sent
         self._failures: list[str] = []
@@ -82,21 +98,35 @@ class RunRecorder:
 
     def log_file(self, local_path: Path, artifact_dir: str | None = None) -> None:
         """Queues a snapshot of `local_path` for upload as `artifact_dir/<file name>`."""
+        self._check_local_disk()
         name = Path(local_path).name
         staged = self._stage_dir() / name
         shutil.copyfile(local_path, staged)
-        self._enqueue_file(FileRecord(f"{artifact_dir}/{name}" if artifact_dir else name, staged))
+        self._enqueue_file(FileRecord([StagedFile(f"{artifact_dir}/{name}" if artifact_dir else name, staged)]))
 
     def log_json(self, obj: Any, artifact_file: str) -> None:
+        self._check_local_disk()
         staged = self._stage_dir() / artifact_file.rpartition("/")[2]
-        staged.write_text(json.dumps(obj, indent=2) + "\n")
-        self._enqueue_file(FileRecord(artifact_file, staged))
+        staged.write_text(json_text(obj))
+        self._enqueue_file(FileRecord([StagedFile(artifact_file, staged)]))
 
     def log_written(self, writer: Callable[[Path], None], artifact_file: str) -> None:
         """Queues `artifact_file`, to be written by `writer(path)` on the background thread (for
         large files whose content the caller has already snapshotted in memory)."""
+        self._check_local_disk()
         staged = self._stage_dir() / artifact_file.rpartition("/")[2]
-        self._enqueue_file(FileRecord(artifact_file, staged, writer))
+        self._enqueue_file(FileRecord([StagedFile(artifact_file, staged, writer)]))
+
+    def log_together(self, artifact_dir: str, contents: Mapping[str, bytes]) -> None:
+        """Queues files that must always describe the same thing (a checkpoint and its description):
+        uploaded into `artifact_dir` in this order, one right after the other, and a newer set
+        replaces a waiting one as a whole. The bytes are written to disk on the background thread."""
+        self._check_local_disk()
+        directory = self._stage_dir()
+        self._enqueue_file(FileRecord([
+            StagedFile(f"{artifact_dir}/{name}", directory / name, _bytes_writer(data))
+            for name, data in contents.items()
+        ]))
 
     # -- waiting ---------------------------------------------------------------------------
 
@@ -119,12 +149,13 @@ class RunRecorder:
         records: list[dict[str, object]] = []
         for record in pending:
             if isinstance(record, FileRecord):
-                target = directory / "artifacts" / record.artifact_path
-                target.parent.mkdir(parents=True, exist_ok=True)
-                if record.writer is not None:
-                    record.writer(target)
-                else:
-                    shutil.copyfile(record.staged_path, target)
+                for file in record.files:
+                    target = directory / "artifacts" / file.artifact_path
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    if file.writer is not None:
+                        file.writer(target)
+                    else:
+                        shutil.copyfile(file.staged_path, target)
             else:
                 records += [{"metric": m.key, "value": m.value, "step": m.step, "timestamp": m.timestamp}
                             for m in record.metrics]
@@ -137,7 +168,7 @@ class RunRecorder:
         """Waits until the queue is empty (delivered or rejected); False when the timeout passed first."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._condition:
-            while self._pending:
+            while self._pending and self._local_error is None:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return False
@@ -148,10 +179,12 @@ class RunRecorder:
         """Waits until everything queued so far is delivered.
 
         Raises:
+            LocalStorageError: a file could not be staged on the local disk (at once, no waiting).
             RecordingError: when the timeout passes with records still pending, or when a record
                 was rejected by the store.
         """
         self.wait_until_delivered(timeout)
+        self._check_local_disk()
         with self._condition:
             undelivered = [record.describe() for record in self._pending]
             failures = list(self._failures)
@@ -177,15 +210,36 @@ class RunRecorder:
 
     def __exit__(self, exc_type, exc, traceback) -> None:
         """On an error, still delivers what was queued (completed epochs stay recorded), waiting at
-        most `abandon_timeout` seconds and never raising over the error; `close()` was not reached."""
+        most `abandon_timeout` seconds and never raising over the error; `close()` was not reached.
+        What is still undelivered then (the last good checkpoint among it) goes to `rescue_dir`."""
         if exc_type is None or self._closed:
             return
         try:
-            self.close(timeout=self.abandon_timeout)
-        except RecordingError as error:
+            self.close(timeout=0 if self._local_error else self.abandon_timeout)
+        except (RecordingError, LocalStorageError) as error:
             logger.warning("Not all records reached the tracking store: %s", error)
+            self.rescue_pending()
+
+    def rescue_pending(self) -> Path | None:
+        """Writes what is still undelivered to `rescue_dir`/unsent (see `export_pending`) and says
+        where in the log; returns that directory, or None when nothing was pending or kept."""
+        if not self.pending or self.rescue_dir is None:
+            return None
+        directory = self.rescue_dir / "unsent"
+        try:
+            kept = self.export_pending(directory)
+        except OSError as error:
+            logger.error("The undelivered records could not be kept in %s either: %s", directory, first_line(error))
+            return None
+        logger.warning("Kept locally in %s: %s", directory, _summarize(kept))
+        return directory
 
     # -- internals -------------------------------------------------------------------------
+
+    def _check_local_disk(self) -> None:
+        """Raises the local disk error the background thread met, on the caller's thread."""
+        if self._local_error is not None:
+            raise LocalStorageError(str(self._local_error))
 
     def _stage_dir(self) -> Path:
         directory = self._staging_dir / f"{next(self._sequence):06d}"
@@ -193,31 +247,38 @@ class RunRecorder:
         return directory
 
     def _enqueue_batch(self, metrics: list[Metric] | None = None, tags: list[RunTag] | None = None) -> None:
+        self._check_local_disk()
+        metrics, tags = list(metrics or []), list(tags or [])
         with self._condition:
             tail = self._pending[-1] if self._pending else None
             if self._delivering and len(self._pending) == 1:
                 tail = None  # being sent: a batch in flight never grows
-            if (
-                isinstance(tail, Batch)
-                and len(tail.metrics) + len(metrics or []) <= MAX_METRICS_PER_BATCH
-                and len(tail.tags) + len(tags or []) <= MAX_TAGS_PER_BATCH
-            ):
-                tail.metrics.extend(metrics or [])
-                tail.tags.extend(tags or [])
+            if isinstance(tail, Batch) and tail.can_take(len(metrics), len(tags)):
+                tail.metrics.extend(metrics)
+                tail.tags.extend(tags)
                 return
-        self._enqueue(Batch(list(metrics or []), list(tags or [])))
+        batch = Batch()
+        for item in [*tags, *metrics]:  # tags first: a batch of one call's tags stays whole
+            is_metric = isinstance(item, Metric)
+            if not batch.can_take(int(is_metric), int(not is_metric)):
+                self._enqueue(batch)
+                batch = Batch()
+            (batch.metrics if is_metric else batch.tags).append(item)
+        self._enqueue(batch)
 
     def _enqueue_file(self, record: FileRecord) -> None:
-        """Queues a file. A newer version of a file still waiting in the queue replaces the old
-        one in its place: the queue stays bounded during an outage (one entry per artifact
-        path, however many epochs pass), and what arrives is always the latest version."""
+        """Queues files. A newer version of files still waiting in the queue (the same artifact
+        paths) replaces the old ones in their place, as a whole: the queue stays bounded during an
+        outage (one entry per artifact path, however many epochs pass), what arrives is always the
+        latest version, and files queued together are never separated. The entry being sent is
+        never replaced: the newer version goes after it."""
         with self._condition:
             for index, pending in enumerate(self._pending):
                 if index == 0 and self._delivering:
                     continue  # being sent: the newer version goes after it
-                if isinstance(pending, FileRecord) and pending.artifact_path == record.artifact_path:
+                if isinstance(pending, FileRecord) and pending.artifact_paths == record.artifact_paths:
                     self._pending[index] = record
-                    shutil.rmtree(pending.staged_path.parent, ignore_errors=True)
+                    shutil.rmtree(pending.staging_dir, ignore_errors=True)
                     return
         self._enqueue(record)
 
@@ -243,6 +304,9 @@ class RunRecorder:
             try:
                 self._deliver(record)
             except Exception as error:  # noqa: BLE001 - every failure is retried or kept
+                if is_local_storage_error(error):
+                    self._note_local_error(error)
+                    return
                 if is_transient(error):
                     self._note_outage(error)
                     with self._condition:
@@ -268,7 +332,17 @@ class RunRecorder:
                 self._delivering = False
                 self._condition.notify_all()
             if isinstance(record, FileRecord):
-                shutil.rmtree(record.staged_path.parent, ignore_errors=True)
+                shutil.rmtree(record.staging_dir, ignore_errors=True)
+
+    def _note_local_error(self, error: OSError) -> None:
+        """A staged file could not be written (disk full, read-only): delivery stops here, and the
+        training thread is told at its next call."""
+        failure = local_storage_error(self._staging_dir, error)
+        logger.error("%s", failure)
+        with self._condition:
+            self._local_error = failure
+            self._delivering = False
+            self._condition.notify_all()
 
     def _note_outage(self, error: BaseException) -> None:
         if self._outage_since is None:
@@ -288,11 +362,25 @@ class RunRecorder:
     def _deliver(self, record: Batch | FileRecord) -> None:
         if isinstance(record, Batch):
             self.client.log_batch(self.run_id, metrics=record.metrics, tags=record.tags, synchronous=True)
-        else:
-            if record.writer is not None:
-                record.writer(record.staged_path)
-                record.writer = None
-            self.client.log_artifact(self.run_id, str(record.staged_path), record.artifact_dir)
+            return
+        for file in record.files:  # all written first: a full disk stops the unit before any upload
+            if file.writer is not None:
+                try:
+                    file.writer(file.staged_path)
+                except OSError as error:  # a failed write() names no file: this one
+                    raise OSError(error.errno, error.strerror, error.filename or str(file.staged_path)) from error
+                file.writer = None
+        for file in record.files:
+            self.client.log_artifact(self.run_id, str(file.staged_path), file.artifact_dir)
+
+
+def json_text(obj: Any) -> str:
+    """How the recorder writes a JSON artifact."""
+    return json.dumps(obj, indent=2) + "\n"
+
+
+def _bytes_writer(data: bytes) -> Callable[[Path], None]:
+    return lambda path: path.write_bytes(data)
 
 
 def _summarize(items: list[str], limit: int = 5) -> str:

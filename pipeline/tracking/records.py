@@ -1,4 +1,4 @@
-"""The records a `RunRecorder` queues: a batch of metrics and tags, or a file to upload."""
+"""The records a `RunRecorder` queues: a batch of metrics and tags, or files to upload together."""
 
 from __future__ import annotations
 
@@ -7,15 +7,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from mlflow.entities import Metric, RunTag
-
-# MLflow's log_batch limits.
-MAX_METRICS_PER_BATCH = 1000
-MAX_TAGS_PER_BATCH = 100
+from mlflow.utils.validation import MAX_ENTITIES_PER_BATCH, MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH
 
 
 @dataclasses.dataclass
 class Batch:
-    """Metrics and tags that travel in one `log_batch` call."""
+    """Metrics and tags that travel in one `log_batch` call, within MLflow's limits for one request."""
 
     metrics: list[Metric] = dataclasses.field(default_factory=list)
     tags: list[RunTag] = dataclasses.field(default_factory=list)
@@ -23,6 +20,14 @@ class Batch:
     @property
     def size(self) -> int:
         return len(self.metrics) + len(self.tags)
+
+    def can_take(self, metrics: int, tags: int) -> bool:
+        """Whether `metrics` more metrics and `tags` more tags keep this batch within MLflow's limits."""
+        return (
+            len(self.metrics) + metrics <= MAX_METRICS_PER_BATCH
+            and len(self.tags) + tags <= MAX_PARAMS_TAGS_PER_BATCH
+            and self.size + metrics + tags <= MAX_ENTITIES_PER_BATCH
+        )
 
     def split(self) -> list[Batch]:
         return [Batch(metrics=[metric]) for metric in self.metrics] + [Batch(tags=[tag]) for tag in self.tags]
@@ -33,7 +38,7 @@ class Batch:
 
 
 @dataclasses.dataclass
-class FileRecord:
+class StagedFile:
     """A file to upload as `artifact_path`, staged at `staged_path` (or written there first by `writer`)."""
 
     artifact_path: str
@@ -44,5 +49,22 @@ class FileRecord:
     def artifact_dir(self) -> str | None:
         return self.artifact_path.rpartition("/")[0] or None
 
+
+@dataclasses.dataclass
+class FileRecord:
+    """Files uploaded as one unit, in their order, one right after the other (e.g. a checkpoint and
+    its description): a newer unit replaces a waiting one as a whole, never one of its files. All are
+    staged in one directory of their own."""
+
+    files: list[StagedFile]
+
+    @property
+    def artifact_paths(self) -> tuple[str, ...]:
+        return tuple(file.artifact_path for file in self.files)
+
+    @property
+    def staging_dir(self) -> Path:
+        return self.files[0].staged_path.parent
+
     def describe(self) -> str:
-        return f"artifact {self.artifact_path}"
+        return "artifact " + " + ".join(self.artifact_paths)

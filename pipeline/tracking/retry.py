@@ -1,32 +1,66 @@
 """One rule for retrying what a busy or unreachable tracking store refused: which errors are worth
-another attempt, and how long to wait between attempts."""
+another attempt (network and server errors), which are this machine's own (a full or read-only local
+disk: never retried), and how long to wait between attempts."""
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import random
+import socket
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import TypeVar
 
 from mlflow.exceptions import MlflowException
 
-from pipeline.errors import first_line
+from pipeline.errors import LocalStorageError, first_line
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 
+# OS errors that mean "this machine's files cannot be written": a local error, never an outage.
+LOCAL_STORAGE_ERRORS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
+)
+# OS errors of a connection to the store: an outage, worth another attempt.
+NETWORK_ERRORS = frozenset({
+    errno.ECONNREFUSED, errno.ECONNRESET, errno.ECONNABORTED, errno.EPIPE, errno.ETIMEDOUT,
+    errno.EHOSTUNREACH, errno.EHOSTDOWN, errno.ENETUNREACH, errno.ENETDOWN, errno.ENETRESET,
+})
+
+
+def is_local_storage_error(error: BaseException) -> bool:
+    """True for a local disk that is full, read-only or unwritable (see LOCAL_STORAGE_ERRORS)."""
+    return isinstance(error, OSError) and error.errno in LOCAL_STORAGE_ERRORS
+
+
+def local_storage_error(directory: Path | str, error: OSError) -> LocalStorageError:
+    """The one line for a local disk error: the directory, the error and its errno, the file, and what to do."""
+    number = error.errno
+    code = f" [Errno {number} {errno.errorcode.get(number, '?')}]" if number is not None else ""
+    file = f" writing {error.filename}" if error.filename else ""
+    return LocalStorageError(
+        f"cannot write the run's local files in {directory} ({error.strerror or first_line(error)}){code}{file}; "
+        "free disk space or point TMPDIR at a writable disk"
+    )
+
+
 def is_transient(error: BaseException) -> bool:
-    """True when retrying may succeed: the store is unreachable, overloaded or busy."""
+    """True when retrying may succeed: the store is unreachable, overloaded or busy (network and
+    server errors). A local OS error (a full disk, a read-only directory) is not."""
     if isinstance(error, MlflowException):
         status = error.get_http_status_code()
         return status >= 500 or status in (408, 429)
-    return isinstance(error, (OSError, ConnectionError, TimeoutError)) or (
-        type(error).__module__.startswith(("requests", "urllib3", "sqlalchemy"))
-    )
+    if isinstance(error, (ConnectionError, TimeoutError, socket.herror, socket.gaierror)):
+        return True
+    if type(error).__module__.startswith(("requests", "urllib3", "sqlalchemy")):
+        return True
+    return isinstance(error, OSError) and error.errno in NETWORK_ERRORS
 
 
 @dataclasses.dataclass(frozen=True)

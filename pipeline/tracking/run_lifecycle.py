@@ -4,7 +4,6 @@ and the end, when every record must reach the store or be kept locally."""
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import shutil
@@ -15,28 +14,16 @@ from pathlib import Path
 import mlflow
 
 from pipeline import constants as names
-from pipeline.errors import LocalStorageError, RecordingError, first_line
+from pipeline.errors import RecordingError, first_line
 from pipeline.tracking.recorder import RunRecorder
-from pipeline.tracking.retry import remaining
+from pipeline.tracking.retry import LOCAL_STORAGE_ERRORS, local_storage_error, remaining
 
 logger = logging.getLogger(__name__)
-
-# OS errors that mean "the run's local files cannot be written", reported as LocalStorageError.
-LOCAL_STORAGE_ERRORS = frozenset(
-    {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
-)
 
 
 def default_rescue_dir() -> Path:
     """Where a run's records go when the tracking store does not come back (one directory per run)."""
     return Path.home() / ".cache" / "mnist-pipeline" / "unrecorded"
-
-
-def _storage_error(directory: Path | str, error: OSError) -> LocalStorageError:
-    return LocalStorageError(
-        f"cannot write the run's local files in {directory} ({error.strerror or error}); "
-        "free disk space or point TMPDIR at a writable disk"
-    )
 
 
 @contextlib.contextmanager
@@ -48,7 +35,7 @@ def local_workdir() -> Iterator[Path]:
     try:
         directory = tempfile.TemporaryDirectory(prefix="mnist-run-", dir=root)
     except OSError as error:
-        raise _storage_error(root, error) from None
+        raise local_storage_error(root, error) from None
     with directory as path:
         yield Path(path)
 
@@ -61,7 +48,7 @@ def local_storage_errors(workdir: Path) -> Iterator[None]:
     except OSError as error:
         if error.errno not in LOCAL_STORAGE_ERRORS:
             raise
-        raise _storage_error(workdir, error) from None
+        raise local_storage_error(workdir, error) from None
 
 
 @contextlib.contextmanager
@@ -95,13 +82,19 @@ def finish_recording(
         if local_model is not None:
             raise RecordingError(f"the model could not be logged as {names.MODEL_NAME}")
     except RecordingError as error:
-        rescue.mkdir(parents=True, exist_ok=True)
-        recorder.export_pending(rescue / "unsent")
-        for name in (names.BEST_MODEL_FILE, names.TRAINING_LOG_FILE):
-            if (workdir / name).exists():
-                shutil.copyfile(workdir / name, rescue / name)
-        if local_model is not None:
-            shutil.copytree(local_model, rescue / names.MODEL_NAME, dirs_exist_ok=True)
+        keep_local_copies(recorder, workdir, rescue, local_model)
         raise RecordingError(
             f"{error}; local copies of the best checkpoint, the model and the unsent records are in {rescue}"
         ) from None
+
+
+def keep_local_copies(recorder: RunRecorder, workdir: Path, rescue: Path, local_model: Path | None = None) -> None:
+    """Copies what the store did not get into `rescue`: the unsent records (`unsent/`), the best
+    checkpoint and the CSV log of the work directory (deleted on exit), and the model when given."""
+    rescue.mkdir(parents=True, exist_ok=True)
+    recorder.export_pending(rescue / "unsent")
+    for name in (names.BEST_MODEL_FILE, names.TRAINING_LOG_FILE):
+        if (workdir / name).exists():
+            shutil.copyfile(workdir / name, rescue / name)
+    if local_model is not None:
+        shutil.copytree(local_model, rescue / names.MODEL_NAME, dirs_exist_ok=True)

@@ -228,7 +228,7 @@ def _train_in_run(
     model = _build_model(config, training.distribution)
     log_run_header(client, run_id, _run_params(training, model), training.dataset)
 
-    with RunRecorder(client, run_id, workdir / "staging") as recorder:
+    with RunRecorder(client, run_id, workdir / "staging", rescue_dir=limits.rescue_dir / run_id) as recorder:
         state = resume.state if resume else None
         callbacks = build_callbacks(config, workdir, recorder, len(training.splits[0]), state, training.distribution)
         callbacks = dataclasses.replace(callbacks, trial_pruning=training.pruning)
@@ -245,7 +245,7 @@ def _train_in_run(
         fit_seconds = time.perf_counter() - fit_started
         stop_reason = record_end_of_fit(recorder, callbacks, workdir)
         if stop_reason == names.STOP_NAN_LOSS:
-            record_divergence(recorder, callbacks, limits.flush_timeout)
+            record_divergence(recorder, callbacks, workdir, limits.flush_timeout)
         # One deadline for everything after fit that may wait for an unreachable store.
         deadline = time.monotonic() + limits.flush_timeout
         test_loss, test_accuracy, local_model = evaluate_and_report(
