@@ -95,6 +95,8 @@ TAG_DATASET_DIGEST = "dataset_digest"
 STATE_DIR = "state"
 STATE_FILE = "training_state.npz"
 TAG_RESUMED_FROM_EPOCH = "resumed_from_epoch"
+PREVIOUS_STATE_FILE = "previous_training_state.npz"  # the state of the epoch before, if the newest cannot be read
+TAG_TRAINING_OWNER = "training_owner"  # the training process's heartbeat (pipeline.tracking.run_owner)
 
 # Model registry: the alias of the serving model, and the tags of a version (beside its metrics).
 CHAMPION_ALIAS = "champion"

@@ -34,6 +34,7 @@ from pipeline.training.run import run_training
 from tests.helpers import MNIST_SMALL, new_sqlite_store, run_cli
 
 STATE_ARTIFACT = f"{names.STATE_DIR}/{names.STATE_FILE}"
+PREVIOUS_STATE_ARTIFACT = f"{names.STATE_DIR}/{names.PREVIOUS_STATE_FILE}"
 MIN_LR = 0.0003  # 0.001 -> 0.0005 -> 0.00025 would pass below it: the second cut must stop at 0.0003
 PLATEAU_PARAMETERS = {
     "lr_patience": "0", "lr_factor": "0.5", "min_lr": str(MIN_LR), "es_patience": "4", "target_accuracy": "0",
@@ -59,7 +60,7 @@ def shuffled_validation_labels(directory: Path, validation_split: float = 0.2) -
 class Delivery:
     """One record as the recorder delivered it to the store.
 
-    kind: `checkpoint`, `checkpoint_info`, `lr_changes`, `state`, `metrics` (an epoch's metrics),
+    kind: `checkpoint`, `checkpoint_info`, `lr_changes`, `previous_state`, `state`, `metrics` (an epoch's metrics),
         `tags` (tags only), `other` (any other file or batch), or `epoch_begin` / `train_end`
         (markers put by DrainRecorder between epochs, not deliveries).
     epoch: the epoch the delivered content is of (read from the content itself).
@@ -111,6 +112,8 @@ class DeliveryLog(MlflowClient):
             delivery = Delivery("lr_changes", changes[-1]["epoch"] if changes else None)
         elif path == STATE_ARTIFACT:
             delivery = Delivery("state", TrainingState.load(Path(local_path)).epoch)
+        elif path == PREVIOUS_STATE_ARTIFACT:
+            delivery = Delivery("previous_state", TrainingState.load(Path(local_path)).epoch)
         result = super().log_artifact(run_id, local_path, artifact_path)
         self.deliveries.append(delivery)
         return result
@@ -221,10 +224,12 @@ def test_an_epochs_records_reach_the_store_checkpoint_lr_changes_state_then_metr
         expected = (
             (["checkpoint", "checkpoint_info"] if epoch in new_best_epochs else [])
             + (["lr_changes"] if epoch in cut_epochs else [])
+            + (["previous_state"] if epoch > 0 else [])  # the state of the epoch before, kept as a fallback
             + ["state", "metrics"]
         )
         assert kinds == expected, f"epoch {epoch}: {segment}"
-        assert all(d.epoch == epoch for d in segment if d.kind not in ("checkpoint", "tags")), segment
+        assert all(d.epoch == epoch for d in segment if d.kind not in ("checkpoint", "tags", "previous_state"))
+        assert all(d.epoch == epoch - 1 for d in segment if d.kind == "previous_state"), segment
         # the epoch's tags (best_epoch, lr_reductions) travel with its metrics or right after them
         assert [d.kind for d in segment][-1] in ("metrics", "tags")
         [metrics] = [d for d in segment if d.kind == "metrics"]

@@ -2,7 +2,10 @@
 
 Whether a run given by id (`--run-id`, or MLFLOW_RUN_ID under `mlflow run --run-id`) is a new run
 to train in, a run to resume, or one to refuse is decided here, from what the run itself holds, so
-a resume works on any machine that can reach the tracking store.
+a resume works on any machine that can reach the tracking store. A run that another process is
+training (its heartbeat, `pipeline.tracking.run_owner`) is refused. The run holds two states, the
+newest and the one of the epoch before (Keras' `BackupAndRestore(double_checkpoint=True)`): when the
+newest cannot be read, the resume continues from the other, with a warning.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import tempfile
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,15 +23,17 @@ from mlflow.tracking import MlflowClient
 
 from pipeline import constants as names
 from pipeline.config import TRAINING_PARAMETERS, TrainingConfig
-from pipeline.errors import ParameterError, UserInputError
+from pipeline.errors import ParameterError, UserInputError, first_line
 from pipeline.tracking.recorder import RunRecorder
+from pipeline.tracking.run_owner import HEARTBEAT_TIMEOUT_SECONDS, live_owner
 from pipeline.tracking.training_state import TrainingState
 
 logger = logging.getLogger(__name__)
 
 
 class RunNotResumable(UserInputError):
-    """The given run cannot be continued (finished, or trained with other parameters). Exit 2."""
+    """The given run cannot be continued (finished, trained by a live process, or with other
+    parameters). Exit 2."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,18 +57,29 @@ class ResumePoint:
         return self.state.epoch + 1
 
 
-def find_resume_point(client: MlflowClient, run_id: str, config: TrainingConfig) -> ResumePoint | None:
+def find_resume_point(
+    client: MlflowClient, run_id: str, config: TrainingConfig, heartbeat_timeout: float = HEARTBEAT_TIMEOUT_SECONDS
+) -> ResumePoint | None:
     """Returns where to resume run `run_id`, or None when it is a fresh run (one `mlflow run` has
     just created for us).
 
+    Args:
+        heartbeat_timeout: seconds after its last heartbeat that a training on another machine is
+            taken as gone (`pipeline.tracking.run_owner`).
+
     Raises:
         ParameterError: no such run.
-        RunNotResumable: the run is FINISHED, or its recorded parameters differ from `config`.
+        RunNotResumable: the run is FINISHED, another live process trains it, its recorded
+            parameters differ from `config`, or none of its saved states can be read.
     """
     try:
         run = client.get_run(run_id)
     except MlflowException:
         raise ParameterError("run_id", run_id, "the id of an existing run in the tracking store") from None
+    if run.info.status != RunStatus.to_string(RunStatus.FINISHED):
+        owner = live_owner(run, heartbeat_timeout)
+        if owner is not None:
+            raise RunNotResumable(f"run {run_id} is being trained by another process: {owner[1]}")
     run_type = run.data.tags.get(names.TAG_RUN_TYPE)
     if run_type is None:
         return None  # nothing of ours has happened in this run yet (e.g. `mlflow run` just made it)
@@ -102,12 +119,29 @@ def parameter_differences(run: Run, config: TrainingConfig) -> list[str]:
 
 
 def _download_state(client: MlflowClient, run_id: str) -> TrainingState | None:
-    artifact = f"{names.STATE_DIR}/{names.STATE_FILE}"
+    """The newest state the run holds that can be read (None when it holds none): the newest one,
+    else the previous epoch's, with a warning naming what could not be read."""
+    newest, previous = (f"{names.STATE_DIR}/{name}" for name in (names.STATE_FILE, names.PREVIOUS_STATE_FILE))
     listed = {item.path for item in client.list_artifacts(run_id, names.STATE_DIR)}
-    if artifact not in listed:
-        return None
+    states, unreadable = [], []
     with tempfile.TemporaryDirectory(prefix="mnist-resume-") as tmp:
-        return TrainingState.load(Path(client.download_artifacts(run_id, artifact, tmp)))
+        for artifact in (newest, previous):
+            if artifact not in listed:
+                continue
+            try:
+                states.append((TrainingState.load(Path(client.download_artifacts(run_id, artifact, tmp))), artifact))
+            except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as error:  # truncated, damaged
+                unreadable.append(f"{artifact} ({type(error).__name__}: {first_line(error, 120)})")
+    if not states:
+        if unreadable:
+            raise RunNotResumable(f"run {run_id}: no saved training state can be read: {'; '.join(unreadable)}; "
+                                  "start a new run")
+        return None
+    state, artifact = max(states, key=lambda loaded: loaded[0].epoch)
+    if unreadable:
+        logger.warning("Run %s: %s cannot be read; continuing from %s, the state of epoch %d",
+                       run_id, "; ".join(unreadable), artifact, state.epoch + 1)
+    return state
 
 
 def resend_missing_metrics(client: MlflowClient, recorder: RunRecorder, history: Sequence[dict[str, float]]) -> int:

@@ -45,6 +45,7 @@ from pipeline.tracking.run_lifecycle import (
     local_workdir,
     mlflow_run,
 )
+from pipeline.tracking.run_owner import HEARTBEAT_TIMEOUT_SECONDS, RunHeartbeat
 from pipeline.tracking.store import check_tracking_store, prepare_sqlite_store, use_experiment
 from pipeline.training.callback_list import TrainingCallbacks, build_callbacks
 from pipeline.training.data import ImageDataset, load_dataset, split_validation
@@ -70,11 +71,14 @@ class RunLimits:
         flush_timeout: seconds to wait at the end for an unreachable tracking server to come back.
         rescue_dir: where the local copies go when it does not, one directory per run.
         peer_timeout: multi_worker: seconds to wait for the other workers to answer.
+        heartbeat_timeout: seconds after its last heartbeat that a run's training process on another
+            machine is taken as gone, so that the run may be resumed (`pipeline.tracking.run_owner`).
     """
 
     flush_timeout: float = FLUSH_TIMEOUT_SECONDS
     rescue_dir: Path = dataclasses.field(default_factory=default_rescue_dir)
     peer_timeout: float = PEER_TIMEOUT_SECONDS
+    heartbeat_timeout: float = HEARTBEAT_TIMEOUT_SECONDS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,7 +155,7 @@ def run_training(
     prepare_sqlite_store(mlflow.get_tracking_uri())  # a new SQLite store is created one process at a time
     client = MlflowClient()
     run_id = run_id or os.environ.get(MLFLOW_RUN_ID.name) or None
-    resume = find_resume_point(client, run_id, config) if run_id else None
+    resume = find_resume_point(client, run_id, config, limits.heartbeat_timeout) if run_id else None
     if resume is not None and plan.cluster is not None:
         raise RunNotResumable(
             f"run {run_id} cannot be resumed with strategy={config.strategy}: the workers cannot restore its "
@@ -166,7 +170,12 @@ def run_training(
     distribution = plan.start(config, dataset.digest, limits.peer_timeout)
     if not run_id:
         use_experiment(experiment_name, client)
-    with mlflow_run(run_id, parent_run_id) as run, local_workdir() as workdir, local_storage_errors(workdir):
+    with (
+        mlflow_run(run_id, parent_run_id) as run,
+        RunHeartbeat(client, run.info.run_id, limits.heartbeat_timeout),
+        local_workdir() as workdir,
+        local_storage_errors(workdir),
+    ):
         training = _Training(config, dataset, splits, distribution, workdir, pruning)
         return _train_in_run(client, run, training, resume, limits)
 
