@@ -15,7 +15,10 @@ if TYPE_CHECKING:
 
 @experiment_command("register", REGISTER_PARAMETERS)
 def register(experiment_name: str | None, **values: str | None) -> None:
-    """Register the best finished training run's model; move the champion alias only if it beats it."""
+    """Register the best finished training run's model; move the champion alias only if it beats it.
+
+    The model's champion rule (metric, mode) is set by its first registration; another rule is refused
+    unless --change-rule true."""
     configure_console_logging()
     with one_line_errors():
         from pipeline import constants as names
@@ -25,7 +28,7 @@ def register(experiment_name: str | None, **values: str | None) -> None:
         options, workspace = open_experiment(REGISTER_PARAMETERS, values, names.RUN_TYPE_REGISTRATION, experiment_name)
         registration = register_best_run(
             workspace.client, workspace.experiment.experiment_id, options["model_name"],
-            Ranking.from_options(options), dry_run=options["dry_run"],
+            Ranking.from_options(options), dry_run=options["dry_run"], change_rule=options["change_rule"],
         )
         if workspace.project_run_id:
             record_registration(workspace.client, workspace.project_run_id, registration)

@@ -154,7 +154,8 @@ TRAINING_PARAMETERS: tuple[ParameterSpec, ...] = (
 TRAINING_RUN_OPTIONS: tuple[ParameterSpec, ...] = (
     ParameterSpec("register_as", str, "",
                   "empty (do not register) or a model name of letters, digits, '.', '_' and '-'",
-                  "After training, register the run's model under this name (champion rule as `register`).",
+                  "After training, register the run's model under this name (its champion picked by the model's rule; "
+                  "test_accuracy max for a new model).",
                   lambda v: v == "" or bool(_MODEL_NAME.match(v))),
 )
 
@@ -185,6 +186,9 @@ REGISTER_PARAMETERS: tuple[ParameterSpec, ...] = (
     *RANKING_PARAMETERS,
     ParameterSpec("dry_run", bool, False, "true or false",
                   "Only show what would be registered and whether the champion would move."),
+    ParameterSpec("change_rule", bool, False, "true or false",
+                  "Make metric and mode the model's champion rule from now on and re-pick its champion by them "
+                  "(without it, another rule than the model's is refused)."),
 )
 
 COMPARE_PARAMETERS: tuple[ParameterSpec, ...] = (

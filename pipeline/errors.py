@@ -50,6 +50,15 @@ class RunSelectionError(UserInputError):
     """
 
 
+class ChampionRuleError(UserInputError):
+    """A registration ranks by another rule (metric, mode) than the one stored with the registered
+    model, and does not ask to change it. Exit status 2.
+
+    Args:
+        message: the model, its rule, the rule asked for, and how to use either.
+    """
+
+
 class TrainingDiverged(Exception):
     """The loss became NaN or infinite; training stopped and the run is FAILED. Exit status 1."""
 

@@ -5,6 +5,7 @@ create a new SQLite store at the same instant."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import socket
@@ -244,20 +245,53 @@ def test_nan_mid_training_fails_the_run_and_keeps_an_earlier_loadable_checkpoint
 TRAININGS = 3
 
 
+def _waiting_for_flock(directory: Path) -> set[int]:
+    """The processes waiting for a flock on `directory`: Linux's /proc/locks lists each blocked request as
+    `N: -> FLOCK ADVISORY WRITE <pid> <major>:<minor>:<inode> ...`."""
+    status = directory.stat()
+    inode = f"{os.major(status.st_dev):02x}:{os.minor(status.st_dev):02x}:{status.st_ino}"
+    waiting = set()
+    for line in Path("/proc/locks").read_text().splitlines():
+        fields = line.split()
+        if fields[1:3] == ["->", "FLOCK"] and fields[6] == inode:
+            waiting.add(int(fields[5]))
+    return waiting
+
+
 def test_trainings_creating_a_new_sqlite_store_at_once_all_succeed(tmp_path):
     """Every process that opens a new SQLite store first creates its tables; done at once, MLflow's
     migrations collide (alembic: "Online migration expected to match one row ... 0 found", "table
-    _alembic_tmp_experiments already exists")."""
+    _alembic_tmp_experiments already exists").
+
+    The moment is forced from outside: the test holds the store's lock (a flock on its directory) until every
+    training waits for it, with no store created yet, then lets them all go at once."""
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    processes = [
-        subprocess.Popen(
-            [sys.executable, "-m", "mlflow_project", "train", "--epochs", "1", *SMALL, "--hidden-units", "16"],
-            cwd=tmp_path, env=project_env(MLFLOW_TRACKING_URI=store), stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, text=True,
-        )
-        for _ in range(TRAININGS)
-    ]
-    errors = [process.communicate(timeout=300)[1] for process in processes]
+    lock = os.open(tmp_path, os.O_RDONLY)
+    processes: list[subprocess.Popen] = []
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        processes = [
+            subprocess.Popen(
+                [sys.executable, "-m", "mlflow_project", "train", "--epochs", "1", *SMALL, "--hidden-units", "16"],
+                cwd=tmp_path, env=project_env(MLFLOW_TRACKING_URI=store), stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE, text=True,
+            )
+            for _ in range(TRAININGS)
+        ]
+        deadline = time.monotonic() + 240
+        while (waiting := _waiting_for_flock(tmp_path)) != {process.pid for process in processes}:
+            exited = [process.pid for process in processes if process.poll() is not None]
+            assert not exited and time.monotonic() < deadline, f"waiting {waiting}, exited without waiting {exited}"
+            time.sleep(0.05)
+        assert not (tmp_path / "mlflow.db").exists()  # nobody opened the store before taking the lock
+    except BaseException:
+        for process in processes:
+            process.kill()
+            process.wait()
+        raise
+    finally:
+        os.close(lock)  # all three go
+    errors = [process.communicate(timeout=240)[1] for process in processes]
     for process, err in zip(processes, errors, strict=True):
         assert process.returncode == 0 and "Traceback" not in err, err[-3000:]
     runs = _all_runs(MlflowClient(store))

@@ -159,7 +159,7 @@ SEARCH_RULES: dict[str, Callable[[str], object]] = {
 
 RULES: dict[str, dict[str, Callable[[str], object]]] = {
     "main": TRAINING_RULES | {"register_as": _text_where(lambda v: v == "" or _model_name(v))},
-    "register": {"model_name": _text_where(_model_name), **RANKING_RULES, "dry_run": _boolean},
+    "register": {"model_name": _text_where(_model_name), **RANKING_RULES, "dry_run": _boolean, "change_rule": _boolean},
     "compare": {
         "filter": _text_where(lambda v: True),  # an MLflow search filter: MLflow checks it when searching
         "top": _int_where(lambda v: v >= 1),

@@ -30,7 +30,16 @@ from pipeline.experiments.registry import NEW_VERSION, register_best_run, regist
 from pipeline.experiments.runs import Ranking, resolve_experiment, runs_frame, training_runs
 from pipeline.training.data import load_dataset
 from pipeline.training.run import run_training
-from tests.helpers import MNIST_SMALL, invoke, mlflow_project_run, models_serve, one_line_error, project_env, run_cli
+from tests.helpers import (
+    MNIST_SMALL,
+    invoke,
+    mlflow_project_run,
+    models_serve,
+    one_line_error,
+    project_env,
+    run_cli,
+    run_cli_here,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -271,14 +280,14 @@ def test_mlflow_run_register_records_its_decision_in_a_registration_run(store, t
     assert tags[names.TAG_REGISTERED_VERSION] == tags[names.TAG_CHAMPION_VERSION] == str(version.version)
     assert tags[names.TAG_REGISTRATION_DECISION].startswith("mnist-mlp@champion")
     assert registration_run.data.params == {"model_name": "mnist-mlp", "metric": "test_accuracy", "mode": "max",
-                                            "dry_run": "false"}
+                                            "dry_run": "false", "change_rule": "false"}
     # the registration run is not a training run: the candidates are unchanged
     finished = {run.info.run_id for run in training_runs(client, trained.experiment_id)}
     assert registration_run.info.run_id not in finished
 
 
-# A process that imports everything, says it is ready, and waits for the signal to go, so that
-# all of them hit the registry at the same moment.
+# A process that registers: `register` through the CLI, or one run through register_run. It imports everything,
+# says it is ready and waits for the signal to go, so that all of them reach the registry within a second or two.
 _RACER = """
 import sys, time
 from pathlib import Path
@@ -297,33 +306,88 @@ else:
 """
 
 
-def test_concurrent_registers_leave_one_version_per_run_and_the_best_champion(store, trained, tmp_path):
+def _connect(database_uri: str):
+    import psycopg2
+
+    return psycopg2.connect(database_uri.replace("postgresql+psycopg2://", "postgresql://"))
+
+
+def _creating_a_version(cursor) -> int:
+    """How many connections to the test's database wait for a lock to create a model version: MLflow's
+    create_model_version updates the registered model's row, then inserts the version (PostgreSQL's own view)."""
+    cursor.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock' "
+        "AND (query LIKE 'INSERT INTO model_versions %' OR query LIKE 'UPDATE registered_models %')"
+    )
+    return cursor.fetchone()[0]
+
+
+@pytest.mark.timeout(600)  # five processes' start-up on a loaded 2-core machine, then the race
+def test_concurrent_registers_leave_one_version_per_run_and_the_best_champion(store, trained, database_uri, tmp_path):
+    """Five processes create versions of one model at the same moment: the race is forced by holding MLflow's
+    model_versions table locked (PostgreSQL, the tracking server's backend store) until every one of them waits
+    to insert its version, so each has already seen its run without a version. Three of them register the best
+    run: two duplicates (at least) are created, and must be deleted."""
+    if not database_uri.startswith("postgresql"):
+        pytest.skip("the race is forced with a PostgreSQL lock (MNIST_TESTS_WITHOUT_POSTGRES=1)")
     client, model_name = store.client, _model_name("race")
     best = trained.best(client)
     racers = [["cli", "register", "--experiment-name", trained.experiment_name, "--model-name", model_name]] * 2
     racers += [["run", run_id, model_name] for run_id in trained.run_ids]
-    processes = [
-        subprocess.Popen(
-            [sys.executable, "-c", _RACER, str(tmp_path), str(number), *args], cwd=tmp_path,
-            env=project_env(**store.env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )
-        for number, args in enumerate(racers)
-    ]
-    deadline = time.monotonic() + 120
-    while len(list(tmp_path.glob("ready-*"))) < len(racers) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    (tmp_path / "go").touch()
-    outputs = [process.communicate(timeout=120) for process in processes]
-    for process, (_, stderr) in zip(processes, outputs, strict=True):
-        assert process.returncode == 0, stderr[-3000:]
+    holder, monitor = _connect(database_uri), _connect(database_uri)
+    monitor.autocommit = True
+    processes: list[subprocess.Popen] = []
+    try:
+        # EXCLUSIVE: reads go on (each racer finds no version of its run), every insert waits
+        holder.cursor().execute("LOCK TABLE model_versions IN EXCLUSIVE MODE")
+        processes = [
+            subprocess.Popen(
+                [sys.executable, "-c", _RACER, str(tmp_path), str(number), *args], cwd=tmp_path,
+                env=project_env(**store.env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            )
+            for number, args in enumerate(racers)
+        ]
+        deadline = time.monotonic() + 300
+        while len(list(tmp_path.glob("ready-*"))) < len(racers):
+            exited = [process.args[5:] for process in processes if process.poll() is not None]
+            assert not exited and time.monotonic() < deadline, exited
+            time.sleep(0.05)
+        (tmp_path / "go").touch()
+        watching = monitor.cursor()
+        while (waiting := _creating_a_version(watching)) < len(racers):
+            exited = [process.args[5:] for process in processes if process.poll() is not None]
+            assert not exited and time.monotonic() < deadline, (waiting, exited)
+            time.sleep(0.05)
+        holder.commit()  # all five go
+        outputs = [process.communicate(timeout=120) for process in processes]
+        for process, (_, stderr) in zip(processes, outputs, strict=True):
+            assert process.returncode == 0, stderr[-3000:]
 
+        # The race happened: each racer created a version, so the best run got three or more (MLflow's client may
+        # also re-send a create that waited past its timeout). Each run keeps one; the others were deleted (MLflow
+        # keeps a deleted version's row, its run id redacted).
+        cursor = monitor.cursor()
+        cursor.execute("SELECT run_id, version, current_stage FROM model_versions WHERE name = %s ORDER BY version",
+                       (model_name,))
+        created = cursor.fetchall()
+    finally:
+        holder.close()
+        monitor.close()
+        for process in processes:  # after a failure above
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    live = {run_id: str(version) for run_id, version, stage in created if stage != "Deleted_Internal"}
+    deleted = sum(stage == "Deleted_Internal" for _, _, stage in created)
+    assert len(created) >= len(racers) and deleted >= 2, created
+    # ... and was handled: one version per run, the best champion, every racer told the surviving version
     versions = _versions(client, model_name)
     assert sorted(v.run_id for v in versions) == sorted(trained.run_ids)  # one version per run, no duplicate
     champion = client.get_model_version_by_alias(model_name, names.CHAMPION_ALIAS)
-    assert champion.run_id == best
     surviving = {v.run_id: str(v.version) for v in versions}
-    for (stdout, _), args in zip(outputs[2:], racers[2:], strict=True):  # each was told its run's surviving version
-        assert stdout.split()[0] == surviving[args[1]]
+    assert surviving == live and champion.run_id == best
+    for (stdout, _), args in zip(outputs[2:], racers[2:], strict=True):
+        assert stdout.split() == [surviving[args[1]], surviving[best]]
     for stdout, _ in outputs[:2]:
         assert f"{model_name} version {surviving[best]} " in stdout
 
@@ -426,6 +490,116 @@ def test_mlflow_run_main_registers_the_run_it_trained(store):
     assert version.run_id == run.info.run_id
     assert _champion(client, model_name) == str(version.version)
     assert f"Registered {model_name} version {version.version} for run {run.info.run_id}" in result.stdout
+    # a new model gets the default champion rule, stored with it
+    assert client.get_registered_model(model_name).tags[names.TAG_CHAMPION_RULE] == Ranking().rule_text
+
+
+# --- one champion rule per model ------------------------------------------------------------------
+
+
+def _run_with_model(client: MlflowClient, experiment_id: str, accuracy: float, loss: float) -> str:
+    """A finished training run with these test metrics and a logged model (no training needed)."""
+    with mlflow.start_run(experiment_id=experiment_id, tags={names.TAG_RUN_TYPE: names.RUN_TYPE_TRAINING}) as run:
+        mlflow.log_metrics({names.TEST_ACCURACY: accuracy, names.TEST_LOSS: loss})
+        mlflow.pyfunc.log_model(name=names.MODEL_NAME, python_model=ConstantModel())
+    return run.info.run_id
+
+
+def test_the_champion_follows_the_models_one_rule_whichever_command_registers(store, tmp_path):
+    """The first registration stores the rule; `train --register-as` and `register` keep to it; another rule is
+    refused in one line (exit 2) unless change_rule=true, which re-picks the champion by the new rule."""
+    client, model_name = store.client, _model_name("rule")
+    # Two experiments, so that each `register` picks the run we want: the best by accuracy has a worse loss.
+    by_accuracy, by_loss = _model_name("rule-accuracy"), _model_name("rule-loss")
+    accurate = _run_with_model(client, client.create_experiment(by_accuracy), accuracy=0.99, loss=0.30)
+    low_loss = _run_with_model(client, client.create_experiment(by_loss), accuracy=0.50, loss=0.01)
+
+    def register(experiment: str, *options: str, process: bool = False) -> subprocess.CompletedProcess:
+        """`python -m mlflow_project register ...`; in this process (the same command, without ~10 s of start-up
+        on a loaded machine) unless `process`."""
+        args = ["register", "--experiment-name", experiment, "--model-name", model_name, *options]
+        return run_cli(args, cwd=tmp_path, timeout=120, **store.env) if process else run_cli_here(args, **store.env)
+
+    def version_of(run_id: str) -> str:
+        [version] = client.search_model_versions(f"name = '{model_name}' and run_id = '{run_id}'")
+        return str(version.version)
+
+    by_loss_rule = ("--metric", names.TEST_LOSS, "--mode", "min")
+    for experiment in (by_loss, by_accuracy):  # the first registration sets the rule: test_loss min
+        result = register(experiment, *by_loss_rule)
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert _champion(client, model_name) == version_of(low_loss)
+
+    # train --register-as ranks by the model's rule: the accurate run's higher test_accuracy does not win
+    trained = run_cli(["train", "--epochs", "1", "--hidden-units", "16", "--dataset", str(MNIST_SMALL),
+                       "--target-accuracy", "0", "--experiment-name", by_loss, "--register-as", model_name],
+                      cwd=tmp_path, timeout=300, **store.env)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert len(_versions(client, model_name)) == 3
+    assert _champion(client, model_name) == version_of(low_loss)
+    assert f"{model_name}@champion stays at version {version_of(low_loss)}" in trained.stdout
+    assert client.get_registered_model(model_name).tags[names.TAG_CHAMPION_RULE] == "test_loss min"
+
+    # another rule (here the default one) is refused in one line, and changes nothing
+    refused = register(by_accuracy, process=True)
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert one_line_error(refused) == (
+        f"error: registered model {model_name} picks its champion by 'test_loss min' (test_loss, lower is better), "
+        "not by 'test_accuracy max': register with metric=test_loss mode=min, or with change_rule=true to pick it "
+        "by 'test_accuracy max' from now on"
+    )
+    assert refused.stdout == ""
+    assert len(_versions(client, model_name)) == 3 and _champion(client, model_name) == version_of(low_loss)
+    # a dry run of the change says what would happen, and writes nothing
+    plan = register(by_accuracy, "--change-rule", "true", "--dry-run", "true")
+    assert plan.returncode == 0, plan.stderr[-3000:]
+    assert f"{model_name}@champion would move to version {version_of(accurate)}" in plan.stdout
+    assert f"{model_name}'s champion rule would change from 'test_loss min' to 'test_accuracy max'" in plan.stdout
+    assert client.get_registered_model(model_name).tags[names.TAG_CHAMPION_RULE] == "test_loss min"
+    assert _champion(client, model_name) == version_of(low_loss)
+
+    # asked to: the rule changes, and the champion is re-picked among the existing versions by it
+    changed = register(by_accuracy, "--change-rule", "true")
+    assert changed.returncode == 0, changed.stderr[-3000:]
+    assert client.get_registered_model(model_name).tags[names.TAG_CHAMPION_RULE] == "test_accuracy max"
+    assert len(_versions(client, model_name)) == 3  # the accurate run was registered already
+    assert _champion(client, model_name) == version_of(accurate)
+    assert f"Run {accurate} is already {model_name} version {version_of(accurate)}" in changed.stdout
+    assert f"{model_name}'s champion rule changed from 'test_loss min' to 'test_accuracy max'" in changed.stdout
+    # ... and from now on the old rule is the other one, refused
+    again = register(by_loss, *by_loss_rule)
+    assert again.returncode == 2, again.stderr[-3000:]
+    one_line_error(again, "picks its champion by 'test_accuracy max'")
+    assert _champion(client, model_name) == version_of(accurate)
+
+
+def test_a_model_without_a_stored_rule_has_the_default_one_and_a_bad_rule_is_named(store, tmp_path):
+    client, model_name = store.client, _model_name("untagged")
+    experiment = _model_name("untagged")
+    _run_with_model(client, client.create_experiment(experiment), accuracy=0.9, loss=0.2)
+    client.create_registered_model(model_name)  # by hand, or before the rule was stored: no tag
+
+    def register(*options: str) -> subprocess.CompletedProcess:
+        return run_cli_here(["register", "--experiment-name", experiment, "--model-name", model_name, *options],
+                            **store.env)
+
+    refused = register("--metric", names.TEST_LOSS, "--mode", "min")
+    assert refused.returncode == 2
+    one_line_error(refused, f"registered model {model_name} picks its champion by 'test_accuracy max'")
+    assert names.TAG_CHAMPION_RULE not in client.get_registered_model(model_name).tags and not _versions(
+        client, model_name)
+    assert register().returncode == 0  # the default rule, now written
+    assert client.get_registered_model(model_name).tags[names.TAG_CHAMPION_RULE] == "test_accuracy max"
+
+    client.set_registered_model_tag(model_name, names.TAG_CHAMPION_RULE, "accuracy highest")  # edited by hand
+    refused = register()
+    assert refused.returncode == 2
+    one_line_error(refused, f"registered model {model_name} has tag champion_rule='accuracy highest', which is not "
+                            "a rule: allowed is '<metric> max' or '<metric> min'")
+    changed = register("--change-rule", "true")
+    assert changed.returncode == 0, changed.stderr
+    assert "champion rule changed from 'accuracy highest' to 'test_accuracy max'" in changed.stdout
+    assert client.get_registered_model(model_name).tags[names.TAG_CHAMPION_RULE] == "test_accuracy max"
 
 
 # --- serving ------------------------------------------------------------------------------------

@@ -5,10 +5,16 @@ of the same run, or move the alias at the same time. Each process therefore, aft
 
 1. keeps only the lowest-numbered version of its run and deletes the later duplicates (versions are
    numbered in creation order, so every process agrees on which one survives);
-2. re-reads the versions, then the alias, and moves the alias to the best version until it reads it
-   back unchanged. The last process to move the alias re-reads after its write and sees every
-   version created before, and any version created later is checked by the process that created it;
-   so all of them end agreeing on the best version of all.
+2. re-reads the model's champion rule, the versions, then the alias, and moves the alias to the best
+   version by that rule until it reads it back unchanged. The last process to move the alias re-reads
+   after its write and sees every version created before, and any version created later (or a rule
+   changed later) is checked by the process that created it; so all of them end agreeing on the best
+   version of all, by the model's one rule.
+
+The rule is stored with the registered model (tag `champion_rule`), never taken from the caller: a
+process that registers by another rule is refused before it writes (`pipeline.experiments.registry`),
+and one that changes the rule writes the tag before it settles. A new model is created with its rule in
+the same call, so processes creating it at once all read the winner's rule.
 """
 
 from __future__ import annotations
@@ -17,13 +23,13 @@ import logging
 import time
 
 from mlflow.entities import Run
-from mlflow.entities.model_registry import ModelVersion
+from mlflow.entities.model_registry import ModelVersion, RegisteredModel
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, RESOURCE_DOES_NOT_EXIST, ErrorCode
 from mlflow.tracking import MlflowClient
 
 from pipeline import constants as names
-from pipeline.errors import RecordingError
+from pipeline.errors import ChampionRuleError, RecordingError
 from pipeline.experiments.runs import Ranking, all_pages
 from pipeline.tracking.retry import Backoff, retry
 
@@ -43,13 +49,51 @@ def champion_version(client: MlflowClient, model_name: str) -> str | None:
     return None if version is None else str(version)
 
 
-def create_registered_model(client: MlflowClient, model_name: str) -> None:
-    """Creates the registered model unless it exists (another process may create it at the same time)."""
+def create_registered_model(client: MlflowClient, model_name: str, rule: Ranking) -> bool:
+    """Creates the registered model with its champion rule unless it exists (another process may create
+    it at the same time: then the winner's rule is the model's); whether this call created it."""
     try:
-        client.create_registered_model(model_name)
+        client.create_registered_model(model_name, tags={names.TAG_CHAMPION_RULE: rule.rule_text})
     except MlflowException as error:
         if error.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
             raise
+        return False
+    return True
+
+
+def stored_rule_text(model: RegisteredModel) -> str | None:
+    """The model's `champion_rule` tag as stored, None when it has none (registered before rules were stored,
+    or created by hand)."""
+    return model.tags.get(names.TAG_CHAMPION_RULE)
+
+
+def model_rule(client: MlflowClient, model_name: str) -> Ranking:
+    """The rule that picks the model's champion: its `champion_rule` tag; the default ranking when it has none.
+
+    Raises:
+        ChampionRuleError: the tag is not a rule (edited by hand).
+    """
+    return rule_of(client.get_registered_model(model_name))
+
+
+def rule_of(model: RegisteredModel) -> Ranking:
+    """`model_rule` of a registered model already read."""
+    text = stored_rule_text(model)
+    if text is None:
+        return Ranking()
+    rule = Ranking.from_rule_text(text)
+    if rule is None:
+        raise ChampionRuleError(
+            f"registered model {model.name} has tag {names.TAG_CHAMPION_RULE}={text!r}, which is not a rule: "
+            f"allowed is '<metric> max' or '<metric> min' (e.g. '{Ranking().rule_text}'); "
+            "register with change_rule=true to set it"
+        )
+    return rule
+
+
+def set_rule(client: MlflowClient, model_name: str, rule: Ranking) -> None:
+    """Stores `rule` as the model's champion rule."""
+    client.set_registered_model_tag(model_name, names.TAG_CHAMPION_RULE, rule.rule_text)
 
 
 def versions_of_run(client: MlflowClient, model_name: str, run_id: str) -> list[ModelVersion]:
@@ -124,17 +168,19 @@ def run_or_none(client: MlflowClient, run_id: str) -> Run | None:
         raise
 
 
-def settle_champion(client: MlflowClient, model_name: str, ranking: Ranking) -> str | None:
-    """Moves the champion alias to the best version until it reads back unchanged; returns it."""
+def settle_champion(client: MlflowClient, model_name: str) -> tuple[str | None, Ranking]:
+    """Moves the champion alias to the best version by the model's stored rule until it reads back
+    unchanged; returns it, and the rule it was picked by."""
     pauses = RACE_BACKOFF.pauses()
     for _ in range(MAX_SETTLE_ROUNDS):
+        ranking = model_rule(client, model_name)  # each round: another process may have changed it
         candidates = champion_candidates(client, model_name, ranking)
         current = champion_version(client, model_name)
         if not candidates:
-            return current
+            return current, ranking
         best = candidates[0][0]
         if current == best:
-            return best
+            return best, ranking
         try:
             client.set_registered_model_alias(model_name, names.CHAMPION_ALIAS, best)
             logger.debug("Moved %s@%s from version %s to version %s",

@@ -25,7 +25,7 @@ from mlflow.store.entities.paged_list import PagedList
 from mlflow.tracking import MlflowClient
 
 from pipeline import constants as names
-from pipeline.config import COMPARE_PARAMETERS
+from pipeline.config import COMPARE_PARAMETERS, RANKING_PARAMETERS, parse_parameters
 from pipeline.errors import ParameterError, RunSelectionError
 from pipeline.tracking.store import check_tracking_store
 
@@ -91,6 +91,24 @@ class Ranking:
         """'test_accuracy=0.9612, test_loss=0.1301' for messages."""
         shown = dict.fromkeys((self.metric, names.TEST_LOSS))
         return ", ".join(f"{metric}={_format(run.data.metrics.get(metric))}" for metric in shown)
+
+    @property
+    def rule_text(self) -> str:
+        """The ranking as stored in a registered model's tag `champion_rule`: 'test_accuracy max'."""
+        return f"{self.metric} {self.mode}"
+
+    @classmethod
+    def from_rule_text(cls, text: str) -> Ranking | None:
+        """The ranking of a `rule_text`; None for a text that is not one (a tag edited by hand)."""
+        metric, _, mode = text.strip().rpartition(" ")
+        try:
+            return cls.from_options(parse_parameters(RANKING_PARAMETERS, {"metric": metric, "mode": mode}))
+        except ParameterError:
+            return None
+
+    def in_words(self) -> str:
+        """'test_accuracy, higher is better' for messages."""
+        return f"{self.metric}, {'higher' if self.mode == 'max' else 'lower'} is better"
 
 
 def _finite(value: float | None) -> float | None:
