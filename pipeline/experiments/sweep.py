@@ -15,7 +15,9 @@ import dataclasses
 import logging
 import os
 import subprocess
+import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 from mlflow.entities import Param, RunTag
@@ -40,6 +42,11 @@ from pipeline.experiments.trials import TrialRunner, worker_id
 from pipeline.tracking.store import check_tracking_store, use_experiment
 
 logger = logging.getLogger(__name__)
+
+# For tests that force a race: a directory in which every sweep process, before it queues a grid, leaves
+# a file `waiting-<pid>` and then waits (at most BARRIER_SECONDS) for a file `go`.
+BARRIER_VARIABLE = "MNIST_PIPELINE_SWEEP_BARRIER"
+BARRIER_SECONDS = 300.0
 
 # A worker process's command: (worker number, study name, storage location) -> argv.
 WorkerCommand = Callable[[int, str, str], list[str]]
@@ -92,6 +99,7 @@ def run_sweep(request: SweepRequest) -> SweepSummary:
             client.update_run(shared.parent_run_id, status="RUNNING")
         _log_parent_params(client, shared, options)
         if plan.sampler == "grid" and request.worker_number == 0:
+            _wait_at_barrier()
             enqueue_grid(shared, plan)
         if options["workers"] > 1 and request.worker_command is not None:
             _run_workers(client, shared, options["workers"], request.worker_command, experiment_id)
@@ -108,6 +116,17 @@ def run_sweep(request: SweepRequest) -> SweepSummary:
     if summary.running == 0:
         client.set_terminated(shared.parent_run_id, "FINISHED" if summary.best is not None else "FAILED")
     return summary
+
+
+def _wait_at_barrier() -> None:
+    """Waits at the test barrier BARRIER_VARIABLE names, if any."""
+    directory = os.environ.get(BARRIER_VARIABLE)
+    if not directory:
+        return
+    (Path(directory) / f"waiting-{os.getpid()}").touch()
+    deadline = time.monotonic() + BARRIER_SECONDS
+    while not (Path(directory) / "go").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def _new_parent(client: MlflowClient, request: SweepRequest, project_run_id: str | None) -> str:
