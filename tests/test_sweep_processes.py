@@ -73,7 +73,8 @@ def test_pods_started_together_train_each_grid_point_once(tmp_path, study_databa
     assert codes == [0, 0, 0], errors
 
     study = optuna.load_study(study_name="pods", storage=study_database)
-    trials = [(trial.state.name, trial.params.get("learning_rate"), trial.params.get("dropout")) for trial in study.trials]
+    trials = [(trial.state.name, trial.params.get("learning_rate"), trial.params.get("dropout"))
+              for trial in study.trials]
     assert sorted(trials) == [("COMPLETE", 0.003, 0.1), ("COMPLETE", 0.003, 0.3), ("COMPLETE", 0.01, 0.1),
                               ("COMPLETE", 0.01, 0.3)], trials  # each point trained once, nothing else queued
     client = MlflowClient(uri)
