@@ -3,6 +3,10 @@ forced to queue it at the same moment; workers killed, a sweep stopped by Ctrl-C
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -10,13 +14,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 import optuna
+import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline import constants as names
+from pipeline.experiments.study import JOURNAL_FILE
 from pipeline.experiments.sweep import BARRIER_VARIABLE
 from tests.conftest import create_database, drop_database
-from tests.helpers import MNIST_SMALL, cli_options, new_sqlite_store, project_env
+from tests.helpers import MNIST_SMALL, cli_options, new_sqlite_store, project_env, run_cli, stdout_lines
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 FIXED = {"dataset": str(MNIST_SMALL), "epochs": "1", "lr_patience": "1", "es_patience": "5"}
@@ -84,3 +90,109 @@ def test_pods_started_together_train_each_grid_point_once(tmp_path, study_databa
     assert sorted(run.data.tags[names.TAG_SWEEP_TRIAL] for run in children) == ["1", "2", "3", "4"]
     assert all(run.info.status == "FINISHED" for run in children)
     assert parent.info.status == "FINISHED" and parent.data.tags[names.TAG_FINISHED_TRIALS] == "4"
+
+
+def _journal_study(tmp_path: Path, name: str) -> optuna.Study:
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(tmp_path / JOURNAL_FILE)))
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def _workers_of(sweep: subprocess.Popen) -> dict[int, psutil.Process]:
+    """The worker processes a sweep started, by worker number."""
+    workers = {}
+    for process in psutil.Process(sweep.pid).children():
+        command = process.cmdline()
+        if "--worker-number" in command:
+            workers[int(command[command.index("--worker-number") + 1])] = process
+    return workers
+
+
+def _wait_for_lines(lines, *starts: str, timeout: float = 240) -> str:
+    """Reads a process's output until a line starting with each of `starts` has been seen; returns it all."""
+    seen, output, deadline = set(), [], time.monotonic() + timeout
+    while len(seen) < len(starts):
+        line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
+        assert line is not None, "".join(output)[-3000:]
+        output.append(line)
+        seen |= {start for start in starts if line.startswith(start)}
+    return "".join(output)
+
+
+def _gone(process: psutil.Process) -> bool:
+    try:
+        return process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_a_killed_worker_is_failed_within_seconds_while_the_other_still_runs(tmp_path):
+    # Worker 2 is killed while worker 1 trains: the sweep used to wait for worker 1 first.
+    values = FIXED | {"sampler": "random", "trials": "4", "pruner": "none", "learning_rate": "1e-3:1e-2:log",
+                      "workers": "2", "epochs": "4", "study": "killed"}
+    uri = new_sqlite_store(tmp_path)
+    sweep = subprocess.Popen(
+        [sys.executable, "-m", "mlflow_project", "sweep", *cli_options(values)], cwd=tmp_path,
+        env=project_env(MLFLOW_TRACKING_URI=uri), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        lines = stdout_lines(sweep)
+        _wait_for_lines(lines, "[worker 2] Epoch 1:")
+        workers = _workers_of(sweep)
+        workers[2].kill()
+        victim = f"{socket.gethostname()}:{workers[2].pid}"
+
+        def victim_trial_failed() -> bool:
+            trials = [t for t in _journal_study(tmp_path, "killed").trials if t.user_attrs.get("worker") == victim]
+            return bool(trials) and trials[0].state == optuna.trial.TrialState.FAIL
+
+        _wait_for(victim_trial_failed, 10, "worker 2's trial FAILED")
+        assert not _gone(workers[1])  # failed while the other worker still runs, not after it
+        assert sweep.wait(timeout=300) == 0
+    finally:
+        sweep.kill()
+    client = MlflowClient(uri)
+    [parent] = client.search_runs([client.get_experiment_by_name("Default").experiment_id],
+                                  f"tags.{names.TAG_RUN_TYPE} = '{names.RUN_TYPE_SWEEP}'")
+    assert parent.info.status == "FINISHED" and parent.data.tags[names.TAG_FAILED_TRIALS] == "1"
+
+
+@pytest.mark.parametrize("stop", ["sigterm_to_the_sweep", "ctrl_c_to_its_group"])
+def test_a_stopped_sweep_leaves_no_worker_and_no_running_trial_and_continues(tmp_path, stop):
+    # `docker stop` or a deleted pod: SIGTERM to the sweep alone; Ctrl-C: SIGINT to its process group.
+    values = FIXED | GRID | {"sampler": "grid", "workers": "2", "epochs": "3", "study": "stopped"}
+    uri = new_sqlite_store(tmp_path)
+    command = [sys.executable, "-m", "mlflow_project", "sweep", *cli_options(values)]
+    sweep = subprocess.Popen(
+        command, cwd=tmp_path, env=project_env(MLFLOW_TRACKING_URI=uri), stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as an interactive shell starts it
+    )
+    try:
+        lines = stdout_lines(sweep)
+        _wait_for_lines(lines, "[worker 1] Epoch 1:", "[worker 2] Epoch 1:")
+        workers = _workers_of(sweep)
+        assert sorted(workers) == [1, 2]
+        if stop == "sigterm_to_the_sweep":
+            sweep.send_signal(signal.SIGTERM)
+        else:
+            os.killpg(sweep.pid, signal.SIGINT)
+        _wait_for(lambda: all(_gone(worker) for worker in workers.values()), 30, "every worker gone")
+        assert sweep.wait(timeout=30) != 0
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(sweep.pid, signal.SIGKILL)
+    study = _journal_study(tmp_path, "stopped")
+    assert [trial.state.name for trial in study.trials if trial.state.name != "WAITING"] == ["FAIL", "FAIL"]
+    client = MlflowClient(uri)
+    experiment_id = client.get_experiment_by_name("Default").experiment_id
+    [parent] = client.search_runs([experiment_id], f"tags.{names.TAG_RUN_TYPE} = '{names.RUN_TYPE_SWEEP}'")
+    assert parent.info.status == "KILLED"
+    children = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(run.info.status for run in children) in (["FAILED", "FAILED"], ["FAILED", "KILLED"],
+                                                          ["KILLED", "KILLED"])
+
+    result = run_cli(["sweep", *cli_options(values)], cwd=tmp_path, timeout=300, MLFLOW_TRACKING_URI=uri)
+    assert result.returncode == 0, result.stderr[-3000:]  # the rest of the grid: the failed points are not retried
+    study = _journal_study(tmp_path, "stopped")
+    assert sorted(trial.state.name for trial in study.trials) == ["COMPLETE", "COMPLETE", "FAIL", "FAIL"]
+    assert client.get_run(parent.info.run_id).info.status == "FINISHED"
