@@ -273,7 +273,7 @@ class StudyLock:
 @contextlib.contextmanager
 def study_lock(shared: SharedStudy) -> Iterator[StudyLock]:
     """Holds the study's lock, shared by every process and machine on its storage: a PostgreSQL advisory
-    lock (MySQL: GET_LOCK) for a database, a lock file beside a journal or SQLite file. A process that
+    lock (MySQL: GET_LOCK) for a database, a lock file of the study beside a journal or SQLite file. A process that
     dies releases it (its database session or file closes). Yields the lock, to release it early."""
     name = f"mnist-pipeline-study-{hashlib.sha256(shared.study.study_name.encode()).hexdigest()[:32]}"
     if "://" in shared.location and not shared.location.startswith("sqlite"):
@@ -291,7 +291,8 @@ def study_lock(shared: SharedStudy) -> Iterator[StudyLock]:
         from sqlalchemy.engine import make_url
 
         path = make_url(shared.location).database if "://" in shared.location else shared.location
-        handle = open(f"{path}.lock", "a")  # noqa: SIM115 - closed by the lock's release
+        # not `{path}.lock`: Optuna's journal file takes that name for a lock of its own
+        handle = open(f"{path}.{name}.lock", "a")  # noqa: SIM115 - closed by the lock's release
         fcntl.flock(handle, fcntl.LOCK_EX)
         lock = StudyLock(handle.close)  # closing the file releases the lock
     try:

@@ -41,6 +41,9 @@ from pipeline.training.run import run_training
 logger = logging.getLogger(__name__)
 
 
+INTERRUPTED = "interrupted (Ctrl-C or SIGTERM)"
+
+
 class TrialFailed(Exception):
     """A trial that failed on its own (the sweep goes on)."""
 
@@ -112,6 +115,10 @@ class TrialRunner:
         try:
             result = run_training(config, run_id=run_id, pruning=pruning)
         except (UserInputError, TrackingUnavailable):
+            self._end(run_id, number, TrialState.FAIL)
+            raise
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: Optuna fails the trial, the sweep stops
+            trial.set_user_attr(ERROR_ATTR, INTERRUPTED)
             self._end(run_id, number, TrialState.FAIL)
             raise
         except Exception as failure:  # noqa: BLE001 - a failing trial is recorded, and the sweep goes on
