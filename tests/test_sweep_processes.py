@@ -82,7 +82,8 @@ def test_pods_started_together_train_each_grid_point_once(tmp_path, study_databa
     trials = [(trial.state.name, trial.params.get("learning_rate"), trial.params.get("dropout"))
               for trial in study.trials]
     assert sorted(trials) == [("COMPLETE", 0.003, 0.1), ("COMPLETE", 0.003, 0.3), ("COMPLETE", 0.01, 0.1),
-                              ("COMPLETE", 0.01, 0.3)], trials  # each point trained once, nothing else queued
+                              ("COMPLETE", 0.01, 0.3)], (  # each point trained once, nothing else queued
+        trials, [trial.user_attrs.get("error") for trial in study.trials], errors)
     client = MlflowClient(uri)
     experiment_id = client.get_experiment_by_name("pods").experiment_id
     [parent] = client.search_runs([experiment_id], f"tags.{names.TAG_RUN_TYPE} = '{names.RUN_TYPE_SWEEP}'")
