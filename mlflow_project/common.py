@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
@@ -164,3 +165,23 @@ def _fail_project_run() -> None:
             client.set_terminated(run_id, "FAILED")
     except Exception:  # noqa: BLE001 - the store may be the thing that failed
         pass
+
+
+def stop_on_first_signal() -> bool:
+    """The first SIGINT or SIGTERM raises KeyboardInterrupt (which stops the command), any later one is
+    ignored (so that a second Ctrl-C cannot cut the clean-up short). Returns whether Ctrl-C reaches this
+    process: not when it was started with SIGINT ignored, as a background job of a non-interactive shell
+    is (Ctrl-C at that terminal is not meant for it)."""
+    stopping = False
+
+    def interrupt(signal_number: int, frame: object) -> None:
+        nonlocal stopping
+        if not stopping:
+            stopping = True
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        return False
+    signal.signal(signal.SIGINT, interrupt)
+    return True

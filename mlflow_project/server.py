@@ -9,13 +9,12 @@ bounded: SIGTERM, then SIGKILL after 30 s) and leave the server running.
 from __future__ import annotations
 
 import os
-import signal
 import time
 from pathlib import Path
 
 import click
 
-from mlflow_project.common import configure_console_logging, one_line_errors
+from mlflow_project.common import configure_console_logging, one_line_errors, stop_on_first_signal
 from pipeline.errors import TrackingServerError
 from pipeline.tracking.server import TrackingServer
 from pipeline.tracking.server_stores import DEFAULT_DATABASE, choose_backend_store
@@ -45,32 +44,13 @@ def server(root: Path, backend_store_uri: str | None, database: str, host: str, 
         backend = choose_backend_store(root, backend_store_uri, database)
         click.echo(f"Backend store: {backend.description}")
         tracking_server = TrackingServer(root, backend.uri, host=host, port=port)
-        ctrl_c_stops = _stop_on_first_signal()
+        ctrl_c_stops = stop_on_first_signal()
         try:
             with tracking_server:
                 _announce(tracking_server, ctrl_c_stops)
                 _wait_while_running(tracking_server)
         except KeyboardInterrupt:
             click.echo("Stopped.")
-
-
-def _stop_on_first_signal() -> bool:
-    """The first SIGINT or SIGTERM raises KeyboardInterrupt (which stops the server), any later one is
-    ignored. Returns whether Ctrl-C reaches this process: not when it was started with SIGINT ignored,
-    as a background job of a non-interactive shell is (Ctrl-C at that terminal is not meant for it)."""
-    stopping = False
-
-    def interrupt(signal_number: int, frame: object) -> None:
-        nonlocal stopping
-        if not stopping:
-            stopping = True
-            raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, interrupt)
-    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
-        return False
-    signal.signal(signal.SIGINT, interrupt)
-    return True
 
 
 def _announce(tracking_server: TrackingServer, ctrl_c_stops: bool) -> None:

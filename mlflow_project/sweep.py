@@ -23,6 +23,7 @@ _WORKER_OPTIONS = ("workers", "study", "storage")
 def sweep(experiment_name: str | None, worker_number: int, **values: str | None) -> None:
     """Search the listed values or ranges with Optuna, each trial a child run of one sweep run."""
     common.configure_console_logging(f"[worker {worker_number}] " if worker_number else "")
+    common.stop_on_first_signal()  # SIGTERM (docker stop, a deleted pod) stops a sweep as Ctrl-C does
     user_values = common.given(values)
 
     def worker_command(number: int, study: str, storage: str) -> list[str]:

@@ -10,11 +10,14 @@ trial; on one machine the sweep's own supervisor does it at once (`fail_trials_o
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
+import hashlib
 import logging
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +38,6 @@ JOURNAL_FILE = "optuna-studies.journal"
 USER_CACHE = Path.home() / ".cache" / "mnist-pipeline"  # the default study file's place for a remote tracking server
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
 SPACE_ATTR = "search_space"
-ENQUEUED_ATTR = "grid_enqueued"
 RUN_ID_ATTR = "mlflow_run_id"
 WORKER_ATTR = "worker"
 ERROR_ATTR = "error"
@@ -249,12 +251,55 @@ def _joined_parent(study: optuna.Study, request: StudyRequest) -> str:
 
 
 def enqueue_grid(shared: SharedStudy, plan: SearchPlan) -> None:
-    """Queues the grid's first `plan.trials` points in order, once each (continuing a grid study queues
-    the rest), so that workers sharing the study take each point once, in the grid's order."""
-    queued = int(shared.study.user_attrs.get(ENQUEUED_ATTR, 0))
-    for point in plan.space.grid()[queued:plan.trials]:
-        shared.study.enqueue_trial(point)
-    shared.study.set_user_attr(ENQUEUED_ATTR, max(queued, plan.trials))
+    """Queues the grid's first `plan.trials` points in order, each unless the study already has it (in any
+    state: continuing a grid study queues the rest, and a failed point is not retried). Under the study's
+    lock, so that processes started together on one study queue each point once."""
+    with study_lock(shared):
+        for point in plan.space.grid()[:plan.trials]:
+            shared.study.enqueue_trial(point, skip_if_exists=True)
+
+
+class StudyLock:
+    """A held study lock; `release()` may come early, and again."""
+
+    def __init__(self, release: Callable[[], None]) -> None:
+        self._release: Callable[[], None] | None = release
+
+    def release(self) -> None:
+        release, self._release = self._release, None
+        if release is not None:
+            release()
+
+
+@contextlib.contextmanager
+def study_lock(shared: SharedStudy) -> Iterator[StudyLock]:
+    """Holds the study's lock, shared by every process and machine on its storage: a PostgreSQL advisory
+    lock (MySQL: GET_LOCK) for a database, a lock file of the study beside a journal or SQLite file. A process that
+    dies releases it (its database session or file closes). Yields the lock, to release it early."""
+    name = f"mnist-pipeline-study-{hashlib.sha256(shared.study.study_name.encode()).hexdigest()[:32]}"
+    if "://" in shared.location and not shared.location.startswith("sqlite"):
+        from sqlalchemy import create_engine, text
+        from sqlalchemy.pool import NullPool
+
+        engine = create_engine(shared.location, poolclass=NullPool)
+        connection = engine.connect()
+        if engine.dialect.name == "postgresql":
+            connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": int(name[-15:], 16)})
+        else:
+            connection.execute(text("SELECT GET_LOCK(:name, -1)"), {"name": name})
+        lock = StudyLock(connection.close)  # ends the session, and with it the lock
+    else:
+        from sqlalchemy.engine import make_url
+
+        path = make_url(shared.location).database if "://" in shared.location else shared.location
+        # not `{path}.lock`: Optuna's journal file takes that name for a lock of its own
+        handle = open(f"{path}.{name}.lock", "a")  # noqa: SIM115 - closed by the lock's release
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        lock = StudyLock(handle.close)  # closing the file releases the lock
+    try:
+        yield lock
+    finally:
+        lock.release()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,8 +5,10 @@ is reached: in this process, or in `workers` processes of its own that share the
 command started on other machines with the same `study` and a shared `storage` joins the same study
 and parent run. Each process records the parent's summary when its trials are done; the last one
 ends the parent (FINISHED when a trial finished, else FAILED). A worker process that dies has its
-running trial failed (not retried): by the supervising sweep at once, or, with a database storage,
-by Optuna's heartbeat check when another process starts a trial.
+running trial failed (not retried): by the supervising sweep within a second, or, with a database
+storage, by Optuna's heartbeat check when another process starts a trial. A sweep that is stopped
+(Ctrl-C, SIGTERM) fails its running trials, stops its workers and fails theirs, and ends the parent
+KILLED when no trial of the study still runs.
 """
 
 from __future__ import annotations
@@ -15,12 +17,15 @@ import dataclasses
 import logging
 import os
 import subprocess
+import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 from mlflow.entities import Param, RunTag
 from mlflow.environment_variables import MLFLOW_EXPERIMENT_ID, MLFLOW_RUN_ID
 from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
 
 from pipeline import constants as names
 from pipeline.errors import first_line
@@ -37,9 +42,18 @@ from pipeline.experiments.study import (
 )
 from pipeline.experiments.sweep_record import SweepSummary, record_summary, summarize
 from pipeline.experiments.trials import TrialRunner, worker_id
+from pipeline.tracking.process_group import poll
 from pipeline.tracking.store import check_tracking_store, use_experiment
 
 logger = logging.getLogger(__name__)
+
+# For tests that force a race: a directory in which every sweep process, before it queues a grid, leaves
+# a file `waiting-<pid>` and then waits (at most BARRIER_SECONDS) for a file `go`.
+BARRIER_VARIABLE = "MNIST_PIPELINE_SWEEP_BARRIER"
+BARRIER_SECONDS = 300.0
+
+# How often a sweep looks for a worker that exited; how long a stopped worker gets to end its trial.
+WORKER_POLL_SECONDS, WORKER_STOP_SECONDS = 0.5, 5.0
 
 # A worker process's command: (worker number, study name, storage location) -> argv.
 WorkerCommand = Callable[[int, str, str], list[str]]
@@ -92,6 +106,7 @@ def run_sweep(request: SweepRequest) -> SweepSummary:
             client.update_run(shared.parent_run_id, status="RUNNING")
         _log_parent_params(client, shared, options)
         if plan.sampler == "grid" and request.worker_number == 0:
+            _wait_at_barrier()
             enqueue_grid(shared, plan)
         if options["workers"] > 1 and request.worker_command is not None:
             _run_workers(client, shared, options["workers"], request.worker_command, experiment_id)
@@ -99,8 +114,9 @@ def run_sweep(request: SweepRequest) -> SweepSummary:
             TrialRunner(client, shared, plan, ranking, experiment_id).run()
         summary = summarize(client, shared, ranking, experiment_id)
         record_summary(client, summary, shared, ranking)
-    except KeyboardInterrupt:
-        _end_parent(client, shared.parent_run_id, "KILLED")
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: this process's trials are failed by now
+        if request.worker_number == 0 and not _running_trials(shared):
+            _end_parent(client, shared.parent_run_id, "KILLED")
         raise
     except BaseException:
         _end_parent(client, shared.parent_run_id, "FAILED")
@@ -108,6 +124,17 @@ def run_sweep(request: SweepRequest) -> SweepSummary:
     if summary.running == 0:
         client.set_terminated(shared.parent_run_id, "FINISHED" if summary.best is not None else "FAILED")
     return summary
+
+
+def _wait_at_barrier() -> None:
+    """Waits at the test barrier BARRIER_VARIABLE names, if any."""
+    directory = os.environ.get(BARRIER_VARIABLE)
+    if not directory:
+        return
+    (Path(directory) / f"waiting-{os.getpid()}").touch()
+    deadline = time.monotonic() + BARRIER_SECONDS
+    while not (Path(directory) / "go").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def _new_parent(client: MlflowClient, request: SweepRequest, project_run_id: str | None) -> str:
@@ -137,28 +164,69 @@ def _log_parent_params(client: MlflowClient, shared: SharedStudy, options: Mappi
 def _run_workers(
     client: MlflowClient, shared: SharedStudy, workers: int, command: WorkerCommand, experiment_id: str
 ) -> None:
-    """Starts `workers` processes on the study and waits for them; a worker that dies has its running
-    trial failed at once. Each worker gets an equal share of this machine's cores for TensorFlow."""
+    """Starts `workers` processes on the study and waits for them; a worker that exits, whichever it is,
+    has its running trial failed within WORKER_POLL_SECONDS. However this process stops, its workers
+    are stopped (SIGTERM, SIGKILL after WORKER_STOP_SECONDS) and a trial they leave running is failed.
+    Each worker gets an equal share of this machine's cores for TensorFlow."""
     threads = str(max(1, (os.cpu_count() or 1) // workers))
     environment = {**os.environ, MLFLOW_EXPERIMENT_ID.name: experiment_id,
                    "TF_NUM_INTRAOP_THREADS": os.environ.get("TF_NUM_INTRAOP_THREADS", threads)}
     environment.pop(MLFLOW_RUN_ID.name, None)
-    processes = {
-        number: subprocess.Popen(command(number, shared.study.study_name, shared.location), env=environment)
-        for number in range(1, workers + 1)
-    }
+    running: dict[int, subprocess.Popen] = {}
     try:
-        for number, process in processes.items():
-            if process.wait() != 0:
-                why = f"its worker process ({number} of {workers}) exited with status {process.returncode}"
-                failed = fail_trials_of(shared, client, worker_id(process.pid), why)
-                logger.warning("Worker %d exited with status %d%s", number, process.returncode,
-                               f"; trials {', '.join(str(n + 1) for n in failed)} FAILED" if failed else "")
+        for number in range(1, workers + 1):
+            running[number] = subprocess.Popen(command(number, shared.study.study_name, shared.location),
+                                               env=environment)
+        while running:
+            for number, process in list(running.items()):
+                if poll(process) is not None:
+                    _fail_trials_of_worker(client, shared, number, workers, process)
+                    del running[number]
+            if running:
+                time.sleep(WORKER_POLL_SECONDS)
     finally:
-        for process in processes.values():
-            if process.poll() is None:
-                process.terminate()
-                process.wait()
+        _stop_workers(client, shared, running, workers)
+
+
+def _stop_workers(client: MlflowClient, shared: SharedStudy, running: dict[int, subprocess.Popen],
+                  workers: int) -> None:
+    """Stops the workers still running, and fails the trials they leave running."""
+    for process in running.values():
+        if poll(process) is None:
+            process.terminate()
+    deadline = time.monotonic() + WORKER_STOP_SECONDS
+    for process in running.values():
+        try:
+            process.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    for number, process in running.items():
+        _fail_trials_of_worker(client, shared, number, workers, process)
+
+
+def _fail_trials_of_worker(
+    client: MlflowClient, shared: SharedStudy, number: int, workers: int, process: subprocess.Popen
+) -> None:
+    """Fails the trials an exited worker left running (none when it ended them itself)."""
+    why = f"its worker process ({number} of {workers}) exited with status {process.returncode}"
+    try:
+        failed = fail_trials_of(shared, client, worker_id(process.pid), why)
+    except Exception as error:  # noqa: BLE001 - the store may be the thing that failed; the others go on
+        logger.warning("Could not fail the trials of worker %d: %s", number, first_line(error, 160))
+        return
+    if process.returncode != 0 or failed:
+        logger.warning("Worker %d exited with status %d%s", number, process.returncode,
+                       f"; trials {', '.join(str(n + 1) for n in failed)} FAILED" if failed else "")
+
+
+def _running_trials(shared: SharedStudy) -> int:
+    """How many trials of the study still run (in any process); 0 when the storage cannot say."""
+    try:
+        return len(shared.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+    except Exception as error:  # noqa: BLE001 - the storage may be the thing that failed
+        logger.warning("Could not read the study's running trials: %s", first_line(error, 160))
+        return 0
 
 
 def _end_parent(client: MlflowClient, parent_run_id: str, status: str) -> None:

@@ -10,6 +10,7 @@ unreachable tracking server) stops the process.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -32,10 +33,15 @@ from pipeline.experiments.study import (
     WORKER_ATTR,
     SearchPlan,
     SharedStudy,
+    StudyLock,
+    study_lock,
 )
 from pipeline.training.run import run_training
 
 logger = logging.getLogger(__name__)
+
+
+INTERRUPTED = "interrupted (Ctrl-C or SIGTERM)"
 
 
 class TrialFailed(Exception):
@@ -67,10 +73,30 @@ class TrialRunner:
 
     def run(self) -> None:
         """Takes trials until the study has its budget of trials (counting those of every process)."""
+        if self.plan.sampler == "grid":
+            self._run_grid()
+            return
         if self.shared.done_count() >= self.plan.trials:
             return
         budget = optuna.study.MaxTrialsCallback(self.plan.trials, states=COUNTED_STATES)
         self.shared.study.optimize(self, catch=(TrialFailed,), callbacks=[budget])
+
+    def _run_grid(self) -> None:
+        """Takes the study's queued grid points one at a time until none is left. Finding one and taking it
+        happen under the study's lock: a process that found the queue empty when taking would have Optuna
+        sample a point again."""
+        study = self.shared.study
+        while True:
+            with study_lock(self.shared) as lock:
+                if (self.shared.done_count() >= self.plan.trials
+                        or not study.get_trials(deepcopy=False, states=(TrialState.WAITING,))):
+                    return
+                study.optimize(functools.partial(self._taken, lock), n_trials=1, catch=(TrialFailed,))
+
+    def _taken(self, lock: StudyLock, trial: optuna.Trial) -> float:
+        """The objective of a grid point this process has taken: others may take the next one now."""
+        lock.release()
+        return self(trial)
 
     def __call__(self, trial: optuna.Trial) -> float:
         number = trial.number + 1
@@ -89,6 +115,10 @@ class TrialRunner:
         try:
             result = run_training(config, run_id=run_id, pruning=pruning)
         except (UserInputError, TrackingUnavailable):
+            self._end(run_id, number, TrialState.FAIL)
+            raise
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: Optuna fails the trial, the sweep stops
+            trial.set_user_attr(ERROR_ATTR, INTERRUPTED)
             self._end(run_id, number, TrialState.FAIL)
             raise
         except Exception as failure:  # noqa: BLE001 - a failing trial is recorded, and the sweep goes on
