@@ -38,26 +38,17 @@ SILENT_LOADER_FILE = Path(silent_keras_pyfunc.__file__)
 SILENT_LOADER_MODULE = SILENT_LOADER_FILE.stem
 
 
-def compiled_for_inference(model: keras.Model) -> keras.Model:
-    """A copy of `model` with its weights, compiled as it was but one batch per call and no optimizer
-    state: the training's steps_per_execution makes every later predict() run (and print) 64 steps."""
-    copy = keras.models.clone_model(model)
-    copy.set_weights(model.get_weights())
-    if model.compiled:
-        copy.compile_from_config(model.get_compile_config() | {"steps_per_execution": 1})
-    return copy
-
-
 def save_model(model: keras.Model, path: str, mlflow_model: Model | None = None, validate_serving_input: bool = False,
                **options: object) -> None:
-    """`mlflow.tensorflow.save_model` of `model` compiled for inference, with the silent pyfunc loader.
+    """`mlflow.tensorflow.save_model` of `model`, with the silent pyfunc loader.
 
-    The `tensorflow` flavor stays MLflow's (`mlflow.tensorflow.load_model` gives the Keras model); the
-    `python_function` flavor (pyfunc, `mlflow models predict/serve`) loads it with silent_keras_pyfunc,
-    which predicts with verbose=0. Accepts the `validate_serving_input` flag `Model.log` passes on.
+    The `tensorflow` flavor stays MLflow's (`mlflow.tensorflow.load_model` gives the checkpoint as trained,
+    optimizer state and compile settings included); the `python_function` flavor (pyfunc,
+    `mlflow models predict/serve`) loads it with silent_keras_pyfunc: uncompiled, printing nothing.
+    Accepts the `validate_serving_input` flag `Model.log` passes on.
     """
     mlflow_model = mlflow_model or Model()
-    mlflow.tensorflow.save_model(compiled_for_inference(model), path=path, mlflow_model=mlflow_model,
+    mlflow.tensorflow.save_model(model, path=path, mlflow_model=mlflow_model,
                                  code_paths=[str(SILENT_LOADER_FILE)], **options)
     mlflow_model.flavors[mlflow.pyfunc.FLAVOR_NAME][mlflow.pyfunc.MAIN] = SILENT_LOADER_MODULE
     mlflow_model.save(os.path.join(path, MLMODEL_FILE_NAME))

@@ -14,13 +14,18 @@ import os
 from typing import Any
 
 import keras
+import numpy as np
 
 # Where mlflow.tensorflow.save_model puts a Keras 3 model inside the flavor's data directory.
 KERAS_FILE = "model.keras"
+# Rows per call of the model: bounds the memory of one call for any request size.
+BATCH_ROWS = 1024
 
 
 class SilentKerasModel:
-    """What `mlflow.pyfunc` predicts with: the Keras model, uncompiled, predicting with verbose=0."""
+    """What `mlflow.pyfunc` predicts with: the Keras model, uncompiled, one `predict_on_batch` per
+    BATCH_ROWS rows. `predict()` would cost ~100 ms more per call on this project's CPUs (it builds a
+    dataset and its callbacks each time) and print a progress bar unless told verbose=0."""
 
     def __init__(self, keras_model: keras.Model) -> None:
         self.keras_model = keras_model
@@ -29,7 +34,13 @@ class SilentKerasModel:
         return self.keras_model
 
     def predict(self, data: Any, params: dict[str, Any] | None = None) -> Any:
-        return self.keras_model.predict(data, verbose=0)
+        rows = np.asarray(data)
+        if len(rows) <= BATCH_ROWS:
+            return np.asarray(self.keras_model.predict_on_batch(rows))
+        return np.concatenate([
+            np.asarray(self.keras_model.predict_on_batch(rows[start:start + BATCH_ROWS]))
+            for start in range(0, len(rows), BATCH_ROWS)
+        ])
 
 
 def _load_pyfunc(path: str) -> SilentKerasModel:
