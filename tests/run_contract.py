@@ -139,8 +139,8 @@ def assert_run_contract(
     test_loss, test_accuracy = checkpoint.evaluate(dataset.x_test, dataset.y_test, verbose=0)
     assert run.data.metrics[names.TEST_ACCURACY] == pytest.approx(test_accuracy, abs=1e-6)
     assert run.data.metrics[names.TEST_LOSS] == pytest.approx(test_loss, rel=1e-5)
-    # by the logged model's own URI, as README tells teammates (runs:/ retries errors for minutes
-    # against the S3-backed team server before it falls back to the logged model)
+    # by the logged model's own URI, as README tells teammates (runs:/<id>/model gives the same model:
+    # tests/test_s3_artifacts.py loads it from the S3-backed team server)
     model_id = logged_models_by_run(client, run.info.experiment_id, run_id)[run_id]
     model = mlflow.pyfunc.load_model(f"models:/{model_id}")
     probabilities = model.predict(dataset.x_test)

@@ -33,6 +33,8 @@ pytestmark = pytest.mark.slow
 BUCKET = "mlflow-artifacts"
 # A client process loading a model: Python, TensorFlow and MLflow start-up included; minutes when broken.
 LOAD_SECONDS = 60
+# `runs:/<id>/model` the same way: the client's first request (the run artifact `model`) must fail at once.
+RUNS_URI_SECONDS = 30
 
 
 @pytest.fixture(scope="module")
@@ -96,11 +98,15 @@ def test_the_server_advertises_no_transfers_that_bypass_it(s3_server):
     assert info["multipart_downloads_enabled"] is False and info["multipart_uploads_enabled"] is False, info
 
 
-def _load_and_predict(model_uri: str, server: TrackingServer, cwd: Path) -> tuple[np.ndarray, float]:
-    """Loads `model_uri` in a new client process with default settings and no store keys; predicts 3 rows."""
+def _load_and_predict(model_uri: str, server: TrackingServer, cwd: Path,
+                      rows: np.ndarray | None = None) -> tuple[np.ndarray, float]:
+    """Loads `model_uri` in a new client process with default settings (no MLFLOW_* beyond the server's
+    URI and credentials) and no store keys; predicts `rows` (3 rows of zeros by default)."""
     environment = project_env(**server.client_environment())
     assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_S3_ENDPOINT_URL"} & set(environment)
-    return predict_in_new_process(model_uri, np.zeros((3, 784), np.float32), cwd, environment)
+    assert {name for name in environment if name.startswith("MLFLOW_")} == set(server.client_environment())
+    rows = np.zeros((3, 784), np.float32) if rows is None else rows
+    return predict_in_new_process(model_uri, rows, cwd, environment)
 
 
 def _assert_class_probabilities(predictions: np.ndarray) -> None:
@@ -108,21 +114,27 @@ def _assert_class_probabilities(predictions: np.ndarray) -> None:
     np.testing.assert_allclose(predictions.sum(axis=1), 1.0, rtol=1e-5)
 
 
-def test_a_training_stores_its_artifacts_in_the_bucket_and_any_client_loads_the_model_in_seconds(
-    s3_server, s3_settings, tmp_path
-):
+@pytest.fixture(scope="module")
+def trained(s3_server, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str, str]:
+    """One training through the S3-backed server: (experiment name, run id, model id)."""
     experiment = "s3-artifacts"
     ui_url = "http://ui.example:8080"  # what people open, as the compose trainer is given it
     trained = run_cli(
         ["train", "--epochs", "1", "--dataset", str(MNIST_SMALL), "--hidden-units", "32",
-         "--experiment-name", experiment], cwd=tmp_path, **s3_server.client_environment(),
+         "--experiment-name", experiment], cwd=tmp_path_factory.mktemp("train"), **s3_server.client_environment(),
         MNIST_PIPELINE_UI_URL=ui_url,
     )
     assert trained.returncode == 0, trained.stderr[-3000:]
     run_id = re.search(r"^Run (\w+):", trained.stdout, re.MULTILINE).group(1)
     assert re.search(rf"^View it at {ui_url}/#/experiments/\d+/runs/{run_id}$", trained.stdout, re.MULTILINE)
     model_id = re.search(r"^Model: models:/(m-\w+)$", trained.stdout, re.MULTILINE).group(1)
+    return experiment, run_id, model_id
 
+
+def test_a_training_stores_its_artifacts_in_the_bucket_and_any_client_loads_the_model_in_seconds(
+    s3_server, s3_settings, trained, tmp_path
+):
+    experiment, run_id, model_id = trained
     s3 = boto3.client(
         "s3", endpoint_url=s3_settings["MLFLOW_S3_ENDPOINT_URL"], aws_access_key_id=s3_settings["AWS_ACCESS_KEY_ID"],
         aws_secret_access_key=s3_settings["AWS_SECRET_ACCESS_KEY"], region_name=s3_settings["AWS_DEFAULT_REGION"],
@@ -149,3 +161,35 @@ def test_a_training_stores_its_artifacts_in_the_bucket_and_any_client_loads_the_
 
     # every byte went through the server: no client was handed a presigned URL on the store
     assert "/mlflow-artifacts/presigned/" not in s3_server.log_path.read_text()
+
+
+def test_a_missing_artifact_answers_404_as_mlflow_does_for_a_local_store(s3_server, trained):
+    """The request a `runs:/<id>/model` load makes first: the run artifact `model`, which MLflow 3 no longer
+    writes (the model is a LoggedModel). MLflow answers a missing S3 object with 500, which clients retry."""
+    _, run_id, _ = trained
+    auth = (s3_server.username, s3_server.password)
+    run = requests.get(f"{s3_server.uri}/api/2.0/mlflow/runs/get", params={"run_id": run_id}, auth=auth,
+                       timeout=10).json()["run"]
+    root = run["info"]["artifact_uri"].removeprefix("mlflow-artifacts:/")  # mlflow-artifacts:/EXPERIMENT/RUN/artifacts
+    assert root.endswith(f"{run_id}/artifacts"), root
+    answer = requests.get(f"{s3_server.uri}/api/2.0/mlflow-artifacts/artifacts/{root}/model", auth=auth, timeout=30)
+    assert answer.status_code == 404, answer.text
+    assert answer.json()["error_code"] == "RESOURCE_DOES_NOT_EXIST"
+    assert answer.json()["message"] == f"No such artifact: '{root}/model'"
+    present = requests.get(f"{s3_server.uri}/api/2.0/mlflow-artifacts/artifacts/{root}/{names.CHECKPOINT_DIR}/"
+                           f"{names.BEST_MODEL_FILE}", auth=auth, timeout=30)
+    assert present.status_code == 200 and len(present.content) > 1000
+
+
+@pytest.mark.timeout(600)  # minutes when broken: the failure must show as the time, not as a test timeout
+def test_a_default_client_loads_runs_uri_in_seconds_and_it_predicts_like_the_logged_model(
+    s3_server, trained, tmp_path
+):
+    """`runs:/<run id>/model`, MLflow's everyday form, with a default client (no retry settings)."""
+    _, run_id, model_id = trained
+    rows = np.random.default_rng(0).random((3, 784), dtype=np.float32)
+    by_run, seconds = _load_and_predict(f"runs:/{run_id}/model", s3_server, tmp_path, rows)
+    assert seconds < RUNS_URI_SECONDS, f"runs:/ took {seconds:.0f} s"
+    by_model, _ = _load_and_predict(f"models:/{model_id}", s3_server, tmp_path, rows)
+    np.testing.assert_allclose(by_run, by_model, atol=1e-6)
+    assert by_run.shape == (3, 10)

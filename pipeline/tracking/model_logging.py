@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 import types
 from importlib import metadata
@@ -11,12 +12,14 @@ from pathlib import Path
 import keras
 import mlflow
 import numpy as np
-from mlflow.models import ModelSignature
+from mlflow.models import Model, ModelSignature
+from mlflow.models.model import MLMODEL_FILE_NAME
 from mlflow.types import Schema, TensorSpec
 
 from pipeline import constants as names
 from pipeline.constants import NUM_CLASSES, NUM_PIXELS
 from pipeline.errors import first_line
+from pipeline.tracking import silent_keras_pyfunc
 from pipeline.tracking.recorder import RunRecorder
 from pipeline.tracking.retry import STORE_BACKOFF, is_transient, remaining
 
@@ -30,10 +33,25 @@ MODEL_SIGNATURE = ModelSignature(
 MODEL_REQUIREMENTS = ("tensorflow", "keras", "mlflow", "numpy")
 
 
-def _save_tensorflow_model(path: str, mlflow_model: mlflow.models.Model, validate_serving_input: bool = False,
-                           **options: object) -> None:
-    """`mlflow.tensorflow.save_model`, accepting the flag `Model.log` passes on to every flavor."""
-    mlflow.tensorflow.save_model(path=path, mlflow_model=mlflow_model, **options)
+# The pyfunc loader shipped in the model (code/silent_keras_pyfunc.py): predictions print nothing.
+SILENT_LOADER_FILE = Path(silent_keras_pyfunc.__file__)
+SILENT_LOADER_MODULE = SILENT_LOADER_FILE.stem
+
+
+def save_model(model: keras.Model, path: str, mlflow_model: Model | None = None, validate_serving_input: bool = False,
+               **options: object) -> None:
+    """`mlflow.tensorflow.save_model` of `model`, with the silent pyfunc loader.
+
+    The `tensorflow` flavor stays MLflow's (`mlflow.tensorflow.load_model` gives the checkpoint as trained,
+    optimizer state and compile settings included); the `python_function` flavor (pyfunc,
+    `mlflow models predict/serve`) loads it with silent_keras_pyfunc: uncompiled, printing nothing.
+    Accepts the `validate_serving_input` flag `Model.log` passes on.
+    """
+    mlflow_model = mlflow_model or Model()
+    mlflow.tensorflow.save_model(model, path=path, mlflow_model=mlflow_model,
+                                 code_paths=[str(SILENT_LOADER_FILE)], **options)
+    mlflow_model.flavors[mlflow.pyfunc.FLAVOR_NAME][mlflow.pyfunc.MAIN] = SILENT_LOADER_MODULE
+    mlflow_model.save(os.path.join(path, MLMODEL_FILE_NAME))
 
 
 # mlflow.tensorflow as a flavor for `mlflow.models.Model.log`, so that the model can be logged with
@@ -42,7 +60,7 @@ def _save_tensorflow_model(path: str, mlflow_model: mlflow.models.Model, validat
 # trick buys"). `Model.log` takes the flavor's module and calls its `save_model`;
 # tests/test_model_logging.py fails first if an MLflow upgrade changes that.
 TENSORFLOW_FLAVOR_WITHOUT_SERVING_CHECK = types.SimpleNamespace(
-    __name__="mlflow.tensorflow", save_model=_save_tensorflow_model
+    __name__="mlflow.tensorflow", save_model=save_model
 )
 
 
@@ -76,5 +94,5 @@ def log_model(recorder: RunRecorder, model: keras.Model, input_example: np.ndarr
         time.sleep(min(next(pauses), remaining(deadline)))
     logger.warning("The tracking store did not come back in time; keeping the model locally")
     local = workdir / names.MODEL_NAME
-    mlflow.tensorflow.save_model(model, str(local), **options)
+    save_model(model, str(local), **options)
     return local

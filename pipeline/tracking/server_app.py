@@ -7,31 +7,81 @@ so their model loads retry for ever. The server cannot be told not to advertise 
 `server-info` with both capabilities off, so every client, with default settings, downloads and
 uploads through the server, which holds the store's keys. The start script runs it as
 `mlflow server --app-name proxied-basic-auth` (an `mlflow.app` entry point of this package).
+
+A download of an artifact that does not exist answers 404 RESOURCE_DOES_NOT_EXIST, as MLflow's server
+does with a local artifact directory. With S3 it answers 500 (S3's 404 wrapped as an internal error),
+and clients retry a 500 for about 4 minutes (MLFLOW_HTTP_REQUEST_MAX_RETRIES=7, backoff factor 2):
+that is what `runs:/<run id>/model` asks first, for the run artifact `model` MLflow 3 no longer writes
+(the model is a LoggedModel), before it falls back to the run's logged model. A 500 of a download is
+turned into the 404 only when the store, asked again, lists no such file; any other 500 (the store
+unreachable) stays what it is, and is worth retrying.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
+import posixpath
+import re
 
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST
+from mlflow.server import ARTIFACTS_DESTINATION_ENV_VAR
+from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from mlflow.utils.server_info import (
     SERVER_INFO_MULTIPART_DOWNLOADS_ENABLED,
     SERVER_INFO_MULTIPART_UPLOADS_ENABLED,
 )
+from starlette.concurrency import run_in_threadpool
 from starlette.middleware.base import BaseHTTPMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
 
+logger = logging.getLogger(__name__)
+
 SERVER_INFO_PATH = "/mlflow/server-info"
 DIRECT_TRANSFERS = (SERVER_INFO_MULTIPART_DOWNLOADS_ENABLED, SERVER_INFO_MULTIPART_UPLOADS_ENABLED)
+# The proxied artifact download (REST API and the UI's ajax API); PATH is relative to the destination.
+ARTIFACT_DOWNLOAD = re.compile(r"/(?:ajax-)?api/2\.0/mlflow-artifacts/artifacts/(?P<path>.+)")
 
 
 def create_app():
-    """MLflow's basic-auth app (run by uvicorn, as `mlflow server` does) that advertises no direct transfers."""
+    """MLflow's basic-auth app (run by uvicorn, as `mlflow server` does) that advertises no direct transfers
+    and answers a download of a missing artifact with 404."""
     from mlflow.server.auth import create_app as create_basic_auth_app
 
     app = create_basic_auth_app()
+    app.add_middleware(BaseHTTPMiddleware, dispatch=_missing_artifact_not_found)
     app.add_middleware(BaseHTTPMiddleware, dispatch=_without_direct_transfers)
     return app
+
+
+async def _missing_artifact_not_found(request: Request, call_next) -> Response:
+    response = await call_next(request)
+    download = ARTIFACT_DOWNLOAD.fullmatch(request.url.path)
+    if response.status_code != 500 or request.method != "GET" or download is None:
+        return response
+    path = download["path"]
+    if await run_in_threadpool(_stored_file_exists, path) is not False:
+        return response
+    async for _ in response.body_iterator:  # the 500's body, not sent
+        pass
+    missing = MlflowException(f"No such artifact: '{path}'", error_code=RESOURCE_DOES_NOT_EXIST)
+    return Response(missing.serialize_as_json(), status_code=missing.get_http_status_code(),
+                    media_type="application/json")
+
+
+def _stored_file_exists(path: str) -> bool | None:
+    """Whether the artifact store lists the file `path` (relative to the server's artifact destination);
+    None when the store cannot be asked."""
+    parent, name = posixpath.split(path)
+    try:
+        listing = get_artifact_repository(os.environ[ARTIFACTS_DESTINATION_ENV_VAR]).list_artifacts(parent or None)
+    except Exception as error:  # noqa: BLE001 - the store's own error stays the answer
+        logger.warning("Could not list %s in the artifact store: %s", parent, error)
+        return None
+    return any(posixpath.basename(entry.path) == name for entry in listing)
 
 
 async def _without_direct_transfers(request: Request, call_next) -> Response:
