@@ -6,9 +6,24 @@ import dataclasses
 
 import pytest
 
-from pipeline.config import REGISTER_PARAMETERS, TRAINING_PARAMETERS, TrainingConfig
+from pipeline.config import (
+    COMPARE_PARAMETERS,
+    REGISTER_PARAMETERS,
+    TRAINING_PARAMETERS,
+    TrainingConfig,
+    parse_parameters,
+)
 from pipeline.errors import ParameterError
-from pipeline.search_space import SWEEP_GRID_SEPARATORS, SWEEP_PARAMETERS, sweep_grid
+from pipeline.search_space import (
+    SWEEP_GRID_SEPARATORS,
+    SWEEP_PARAMETERS,
+    Choices,
+    HiddenLayers,
+    Range,
+    SearchSpace,
+    parse_dimension,
+    sweep_grid,
+)
 
 # The contract of issue 2, as the user reads it in the README.
 CONTRACT_DEFAULTS = {
@@ -119,3 +134,165 @@ def test_a_bad_grid_names_the_parameter_and_what_is_allowed(name, value):
         sweep_grid({name: value})
     assert raised.value.name == name
     assert "one or more values separated by" in str(raised.value)
+
+
+# What a refusal carries, whatever the wrong value's type: the parameter, the value as given, and what is
+# allowed (the error's fields, which entry points print as one line).
+_WRONG_VALUES = {
+    int: ["ten", " ", "2.5", 2.5, None, [1], True, "nan", "-1"],
+    float: ["ten", "", None, [0.5], True, "inf", "-inf", "nan", float("nan"), "-1"],
+    str: [None, 5, 0.5, ["a"], True, "\n"],
+    bool: ["yes", "", "1", 1, 0, None],
+}
+
+
+@pytest.mark.parametrize("spec", TRAINING_PARAMETERS + REGISTER_PARAMETERS + COMPARE_PARAMETERS,
+                         ids=lambda spec: spec.name)
+def test_a_refusal_carries_the_parameter_the_value_as_given_and_what_is_allowed(spec):
+    for raw in _WRONG_VALUES[spec.kind]:
+        if spec.kind is str and spec.name == "filter" and isinstance(raw, str):
+            continue
+        with pytest.raises(ParameterError) as raised:
+            spec.parse(raw)
+        assert (raised.value.name, raised.value.allowed) == (spec.name, spec.allowed), raw
+        assert raised.value.value is raw
+        assert f"parameter {spec.name}={raw!r} is invalid: allowed is {spec.allowed}" == str(raised.value)
+
+
+def test_a_number_parameter_takes_an_integer_as_a_float():
+    learning_rate = next(spec for spec in TRAINING_PARAMETERS if spec.name == "learning_rate")
+    value = learning_rate.parse(1)
+    assert value == 1.0 and type(value) is float
+    epochs = next(spec for spec in TRAINING_PARAMETERS if spec.name == "epochs")
+    assert type(epochs.parse(3)) is int and epochs.parse(" 3 ") == 3
+
+
+def test_an_unknown_parameter_is_named_with_every_known_one():
+    with pytest.raises(ParameterError) as raised:
+        TrainingConfig.from_values({"epochs": "2", "epoch": 3})
+    known = ", ".join(sorted(spec.name for spec in TRAINING_PARAMETERS))
+    assert (raised.value.name, raised.value.value, raised.value.allowed) == ("epoch", 3, f"one of {known}")
+
+
+def test_config_as_mlflow_params_is_every_parameter_as_text_in_order():
+    config = TrainingConfig.from_values({"hidden_units": "256, 32", "dropout": "0"})
+    params = config.as_params()
+    assert list(params) == [spec.name for spec in TRAINING_PARAMETERS]
+    assert params["hidden_units"] == "256,32" and params["dropout"] == "0.0" and params["epochs"] == "20"
+    assert params["learning_rate"] == "0.001"
+
+
+# The sweep's ranges and lists, as docs/search.md writes them.
+@pytest.mark.parametrize(
+    ("name", "text", "dimension"),
+    [
+        ("learning_rate", " 1e-4 : 1e-2 : log ", Range("learning_rate", 1e-4, 1e-2, log=True, integer=False)),
+        ("dropout", "0.0:0.5", Range("dropout", 0.0, 0.5, log=False, integer=False)),
+        ("batch_size", "32:256:log", Range("batch_size", 32, 256, log=True, integer=True)),
+        ("epochs", "1:3", Range("epochs", 1, 3, log=False, integer=True)),
+        ("dropout", "0.2, 0.1,0.2", Choices("dropout", (0.2, 0.1))),
+        ("hidden_units", "128,64;256", Choices("hidden_units", ("128,64", "256"))),
+        ("hidden_units", "64:512:log, 32 ,16:64", HiddenLayers((
+            Range("hidden_units_1", 64, 512, log=True, integer=True),
+            Choices("hidden_units_2", (32,)),
+            Range("hidden_units_3", 16, 64, log=False, integer=True),
+        ))),
+    ],
+)
+def test_a_swept_parameter_is_a_list_or_a_range(name, text, dimension):
+    assert parse_dimension(name, text) == dimension
+
+
+_LIST_OR_RANGE = ("one or more values separated by ',', each {allowed}; or a range LOW:HIGH[:log] of such {kind} "
+                  "with LOW < HIGH (log: LOW > 0)")
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "kind"),
+    [
+        ("dropout", "0.1:0.1", "numbers"),  # LOW == HIGH
+        ("dropout", "0.3:0.1", "numbers"),
+        ("dropout", "0.0:0.5:log", "numbers"),  # log with LOW = 0
+        ("learning_rate", "1e-3:1e-2:lin", "numbers"),
+        ("learning_rate", "1e-3:1e-2:log:x", "numbers"),
+        ("learning_rate", "1e-3:", "numbers"),
+        ("batch_size", "32:64.5", "integers"),
+        ("epochs", "0:3", "integers"),
+        ("hidden_units", "64:512:log,0", None),
+        ("hidden_units", "64:64,32", None),
+    ],
+)
+def test_a_bad_range_names_the_parameter_the_text_and_what_is_allowed(name, text, kind):
+    with pytest.raises(ParameterError) as raised:
+        parse_dimension(name, f" {text} ")
+    spec = next(spec for spec in TRAINING_PARAMETERS if spec.name == name)
+    allowed = ("one or more values separated by ';', each comma-separated positive integers (e.g. '128,64;256'); "
+               "or one architecture whose layers may be integer ranges LOW:HIGH[:log] (e.g. '64:512:log,32')"
+               if kind is None else _LIST_OR_RANGE.format(allowed=spec.allowed, kind=kind))
+    assert (raised.value.name, raised.value.value, raised.value.allowed) == (name, text, allowed)
+
+
+def test_a_grid_refuses_a_range_naming_the_first_range_in_the_parameters_order():
+    values = {"learning_rate": "0.001,0.01", "dropout": "0.1:0.5", "batch_size": "32:64"}  # batch_size first
+    with pytest.raises(ParameterError) as raised:
+        sweep_grid(values)
+    assert (raised.value.name, raised.value.value, raised.value.allowed) == (
+        "batch_size", "32:64", "a list of values (a grid has no ranges)"
+    )
+
+
+def test_each_dimension_asks_an_optuna_trial_for_its_distribution():
+    import optuna
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    options = parse_parameters(SWEEP_PARAMETERS, {
+        "learning_rate": "1e-4:1e-2:log", "dropout": "0.1,0.3", "batch_size": "32:256:log",
+        "hidden_units": "64:512:log,32", "epochs": "2:4",
+    })
+    space = SearchSpace.from_options(options)
+    assert not space.is_grid
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3)).ask()
+    config = space.suggest(trial)
+    assert trial.distributions == {
+        "learning_rate": FloatDistribution(1e-4, 1e-2, log=True),
+        "dropout": CategoricalDistribution((0.1, 0.3)),
+        "batch_size": IntDistribution(32, 256, log=True),
+        "hidden_units_1": IntDistribution(64, 512, log=True),
+        "hidden_units_2": CategoricalDistribution((32,)),
+        "epochs": IntDistribution(2, 4),
+    }
+    params = trial.params
+    assert (config.learning_rate, config.dropout, config.batch_size, config.epochs) == (
+        params["learning_rate"], params["dropout"], params["batch_size"], params["epochs"]
+    )
+    assert config.hidden_units == f"{params['hidden_units_1']},32"
+    assert (config.seed, config.strategy) == (42, "default")  # the fixed values
+
+
+def test_each_training_parameter_as_the_sweep_takes_it():
+    """What `_swept` makes of each training parameter (SWEEP_PARAMETERS is built from it at import)."""
+    from pipeline.search_space import _dimension_allowed, _swept
+
+    for spec in TRAINING_PARAMETERS:
+        swept = _swept(spec)
+        if spec.name in SWEEP_GRID_SEPARATORS:
+            assert (swept.name, swept.kind, swept.default, swept.allowed, swept.help) == (
+                spec.name, str, str(spec.default), _dimension_allowed(spec), f"Values or range to search. {spec.help}"
+            )
+            assert swept.parse(f" {spec.default} ") == f" {spec.default} "  # the text, checked, kept as given
+        elif spec.name == "strategy":
+            assert (swept.name, swept.kind, swept.default, swept.help) == (spec.name, str, "default", spec.help)
+            assert swept.allowed == (
+                "one of default, mirrored (a trial runs in one process; multi_worker needs a cluster)"
+            )
+            assert swept.parse("mirrored") == "mirrored"
+            with pytest.raises(ParameterError):
+                swept.parse("multi_worker")
+        else:
+            assert swept is spec
+    learning_rate = _swept(next(spec for spec in TRAINING_PARAMETERS if spec.name == "learning_rate"))
+    assert learning_rate.parse("1e-4:1e-2:log") == "1e-4:1e-2:log"
+    with pytest.raises(ParameterError) as raised:
+        learning_rate.parse("0:1e-2:log")
+    assert raised.value.name == "learning_rate"

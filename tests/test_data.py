@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import logging
 import math
 import shutil
 import struct
@@ -227,3 +228,141 @@ def test_failed_keras_download_suggests_a_local_path(tmp_path, monkeypatch):
     with pytest.raises(DataError) as raised:
         load_dataset("mnist")
     _assert_one_line(raised.value, "dataset mnist", "download failed", "dataset=PATH")
+
+
+# Each refusal in full, where a looser check would let a changed message or bound through.
+
+
+def test_labels_and_images_are_float32_with_a_16_character_digest_and_a_log_line(caplog):
+    with caplog.at_level(logging.INFO, logger="pipeline.training.data"):
+        dataset = load_dataset(str(MNIST_SMALL))
+    assert {array.dtype for array in (dataset.x_train, dataset.y_train, dataset.x_test, dataset.y_test)} == {
+        np.dtype(np.float32)
+    }
+    assert len(dataset.digest) == 16 and int(dataset.digest, 16) >= 0
+    assert [record.getMessage() for record in caplog.records] == [
+        f"Dataset mnist-small.npz: 1500 training and 300 test images from {MNIST_SMALL}"
+    ]
+
+
+def test_the_digest_covers_the_arrays_shapes_not_only_their_bytes(tmp_path):
+    arrays = _real_arrays()
+    arrays["x_train"] = arrays["x_train"].reshape(-1, 784)  # the same bytes, flat
+    np.savez(tmp_path / "flat.npz", **arrays)
+    assert load_dataset(str(tmp_path / "flat.npz")).digest != load_dataset(str(MNIST_SMALL)).digest
+
+
+def test_float_images_are_scaled_unless_already_in_0_1(tmp_path):
+    reference = load_dataset(str(MNIST_SMALL)).x_train
+    arrays = _real_arrays()
+    arrays["x_train"] = arrays["x_train"].astype(np.float64)  # 0..255 as floats
+    np.savez(tmp_path / "float255.npz", **arrays)
+    np.testing.assert_allclose(load_dataset(str(tmp_path / "float255.npz")).x_train, reference, atol=1e-6)
+    arrays["x_train"] = np.minimum(_real_arrays()["x_train"], 2).astype(np.float64)  # 0..2: still 0..255 scale
+    np.savez(tmp_path / "float2.npz", **arrays)
+    assert load_dataset(str(tmp_path / "float2.npz")).x_train.max() == np.float32(2 / 255)
+    arrays["x_train"] = _real_arrays()["x_train"].astype(np.float64) / 255.0  # already 0..1: kept, as float32
+    np.savez(tmp_path / "float1.npz", **arrays)
+    prepared = load_dataset(str(tmp_path / "float1.npz")).x_train
+    assert prepared.dtype == np.float32
+    np.testing.assert_allclose(prepared, reference, atol=1e-6)
+
+
+def test_pixels_from_0_to_255_are_accepted_and_256_is_not(tmp_path):
+    arrays = _real_arrays()
+    arrays["x_train"] = arrays["x_train"].astype(np.uint16)
+    arrays["x_train"][0, 0, 0], arrays["x_train"][1, 0, 0] = 0, 255
+    np.savez(tmp_path / "edges.npz", **arrays)
+    assert load_dataset(str(tmp_path / "edges.npz")).x_train.max() == 1.0
+    arrays["x_train"][1, 0, 0] = 256
+    path = tmp_path / "over.npz"
+    np.savez(path, **arrays)
+    with pytest.raises(DataError) as raised:
+        load_dataset(str(path))
+    _assert_one_line(raised.value, f"dataset {path}: x_train has pixels in [0, 256]; expected 0..255 (or 0..1)")
+
+
+def test_float_labels_with_whole_values_are_accepted(tmp_path):
+    labels = _real_arrays()["y_train"]
+    path = _npz(tmp_path, y_train=labels.astype(np.float32))
+    np.testing.assert_array_equal(load_dataset(str(path)).y_train.argmax(axis=1), labels)
+
+
+def test_empty_labels_beside_images_are_refused_as_empty(tmp_path):
+    path = _npz(tmp_path, y_test=np.zeros(0, np.uint8))
+    with pytest.raises(DataError) as raised:
+        load_dataset(str(path))
+    _assert_one_line(raised.value, f"dataset {path}: y_test is empty; expected at least one label")
+    arrays = _real_arrays()
+    arrays["x_test"], arrays["y_test"] = arrays["x_test"][:1], arrays["y_test"][:1]  # one test example is enough
+    np.savez(tmp_path / "one.npz", **arrays)
+    assert load_dataset(str(tmp_path / "one.npz")).y_test.shape == (1, 10)
+
+
+def test_an_npz_error_names_the_file_and_lists_what_is_missing_or_found(tmp_path):
+    other = tmp_path / "other.npz"
+    np.savez(other, images=np.zeros((2, 784), np.uint8), labels=np.zeros(2, np.uint8))
+    with pytest.raises(DataError) as raised:
+        load_dataset(str(other))
+    _assert_one_line(raised.value, f"dataset {other}: is missing arrays x_train, y_train, x_test, y_test; "
+                     "expected keys x_train, y_train, x_test, y_test (found: images, labels)")
+    empty = tmp_path / "empty.npz"
+    np.savez(empty)
+    with pytest.raises(DataError) as raised:
+        load_dataset(str(empty))
+    _assert_one_line(raised.value, "(found: none)")
+    text = tmp_path / "text.npz"
+    text.write_text("not a zip")
+    with pytest.raises(DataError) as raised:
+        load_dataset(str(text))
+    _assert_one_line(raised.value, f"dataset {text}: is not an .npz (zip) file; allowed: 'mnist', ")
+
+
+def test_a_corrupt_member_of_a_valid_zip_is_reported_as_corrupt(tmp_path):
+    path = tmp_path / "corrupt.npz"
+    data = bytearray(MNIST_SMALL.read_bytes())
+    middle = len(data) // 3  # inside x_train's pixels: the zip's directory still reads, the CRC does not match
+    data[middle:middle + 64] = bytes(255 - byte for byte in data[middle:middle + 64])
+    path.write_bytes(bytes(data))
+    with pytest.raises(DataError) as raised:
+        load_dataset(str(path))
+    _assert_one_line(raised.value, f"dataset {path}: is corrupt or truncated (")
+
+
+def test_idx_errors_list_the_four_files_and_say_which_kind_of_file_was_expected(tmp_path):
+    directory = _idx_copy(tmp_path)
+    (directory / IDX_FILES["y_test"]).unlink()
+    with pytest.raises(DataError) as raised:
+        load_dataset(str(directory))
+    _assert_one_line(raised.value, "has no t10k-labels-idx1-ubyte.gz; an IDX directory needs "
+                     "train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, "
+                     "t10k-labels-idx1-ubyte.gz")
+    directory = _idx_copy(tmp_path / "again")
+    images = directory / IDX_FILES["x_train"]
+    images.write_bytes((directory / IDX_FILES["y_train"]).read_bytes())  # labels where images belong
+    with pytest.raises(DataError) as raised:
+        load_dataset(str(directory))
+    _assert_one_line(raised.value, f"dataset {images}: is not an IDX file of uint8 images (magic 2051)")
+    shutil.copy(FASHION_SMALL / IDX_FILES["x_train"], images)
+    labels = directory / IDX_FILES["y_test"]
+    labels.write_bytes(images.read_bytes())  # images where labels belong
+    with pytest.raises(DataError) as raised:
+        load_dataset(str(directory))
+    _assert_one_line(raised.value, f"dataset {labels}: is not an IDX file of uint8 labels (magic 2049)")
+
+
+def test_an_idx_file_of_only_a_header_is_read_as_empty(tmp_path):
+    directory = _idx_copy(tmp_path)
+    labels = directory / IDX_FILES["y_test"]
+    labels.write_bytes(gzip.compress(struct.pack(">II", 2049, 0)))  # a header for no label
+    with pytest.raises(DataError) as raised:
+        load_dataset(str(directory))
+    _assert_one_line(raised.value, f"dataset {directory.resolve()}: y_test is empty; expected at least one label")
+
+
+def test_a_split_that_leaves_a_part_empty_names_the_parameter_its_value_and_the_size():
+    with pytest.raises(ParameterError) as raised:
+        split_validation(np.zeros((3, 1)), np.zeros(3), 0.9)
+    assert (raised.value.name, raised.value.value, raised.value.allowed) == (
+        "validation_split", 0.9, "a fraction that leaves both parts non-empty for 3 training examples"
+    )
