@@ -88,6 +88,8 @@ def test_the_scoring_server_writes_no_progress_bar_per_request(sqlite_store, tmp
     its stdout and stderr together, as a container's log holds them."""
     model = build_model((16,), 0.0, 0.001, steps_per_execution=64)
     client = MlflowClient()
+    # its own experiment, not whichever one an earlier test in this process made active
+    mlflow.set_experiment("scoring-server-log")
     with mlflow.start_run() as run, RunRecorder(client, run.info.run_id, tmp_path / "staging") as recorder:
         log_model(recorder, model, np.zeros((5, 784), np.float32), tmp_path, deadline=float("inf"))
     model_id = logged_models_by_run(client, run.info.experiment_id, run.info.run_id)[run.info.run_id]

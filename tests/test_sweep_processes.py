@@ -61,7 +61,7 @@ def test_pods_started_together_train_each_grid_point_once(tmp_path, study_databa
     # Three identical pods (deploy/kubernetes/sweep/job.yaml with sampler=grid) held at a barrier just
     # before they queue the grid, then released together.
     uri = new_sqlite_store(tmp_path)
-    MlflowClient(uri).create_experiment("pods")
+    MlflowClient(uri).create_experiment("pods", artifact_location=str(tmp_path / "mlruns" / "pods"))
     barrier = tmp_path / "barrier"
     barrier.mkdir()
     values = FIXED | GRID | {"sampler": "grid", "study": "pods", "storage": study_database}
@@ -183,14 +183,17 @@ def test_a_stopped_sweep_leaves_no_worker_and_no_running_trial_and_continues(tmp
         with contextlib.suppress(ProcessLookupError):
             os.killpg(sweep.pid, signal.SIGKILL)
     study = _journal_study(tmp_path, "stopped")
-    assert [trial.state.name for trial in study.trials if trial.state.name != "WAITING"] == ["FAIL", "FAIL"]
+    # the two trials the workers were in fail; under load a worker may have finished one trial before
+    states = sorted(trial.state.name for trial in study.trials if trial.state.name != "WAITING")
+    assert states.count("FAIL") == 2 and set(states) <= {"COMPLETE", "FAIL"}, states
     client = MlflowClient(uri)
     experiment_id = client.get_experiment_by_name("Default").experiment_id
     [parent] = client.search_runs([experiment_id], f"tags.{names.TAG_RUN_TYPE} = '{names.RUN_TYPE_SWEEP}'")
     assert parent.info.status == "KILLED"
     children = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-    assert sorted(run.info.status for run in children) in (["FAILED", "FAILED"], ["FAILED", "KILLED"],
-                                                          ["KILLED", "KILLED"])
+    stopped = sorted(run.info.status for run in children if run.info.status != "FINISHED")
+    assert stopped in (["FAILED", "FAILED"], ["FAILED", "KILLED"], ["KILLED", "KILLED"]), stopped
+    assert len(children) == len(states)
 
     result = run_cli(["sweep", *cli_options(values)], cwd=tmp_path, timeout=300, MLFLOW_TRACKING_URI=uri)
     assert result.returncode == 0, result.stderr[-3000:]  # the rest of the grid: the failed points are not retried
