@@ -113,11 +113,15 @@ class TimedClient(MlflowClient):
 def train(client: TimedClient, experiment_id: str, payload: dict[str, bytes], artifacts: dict[str, str],
           epochs: int, epoch_seconds: float, staging: Path, result: dict) -> None:
     """One simulated training; fills `result` (run id, lateness, the error surfaced if any)."""
-    run = client.create_run(experiment_id, tags={names.TAG_RUN_TYPE: names.RUN_TYPE_TRAINING})
-    run_id = result["run_id"] = run.info.run_id
-    params = TrainingConfig.from_values().as_params()
-    client.log_batch(run_id, params=[Param(key, value) for key, value in params.items()])
     lateness = result["lateness"] = []
+    try:
+        run = client.create_run(experiment_id, tags={names.TAG_RUN_TYPE: names.RUN_TYPE_TRAINING})
+        run_id = result["run_id"] = run.info.run_id
+        params = TrainingConfig.from_values().as_params()
+        client.log_batch(run_id, params=[Param(key, value) for key, value in params.items()])
+    except Exception as error:  # noqa: BLE001 - a training that could not start its run is an error surfaced
+        result["error"] = f"run not started: {error}"
+        return
     start = time.monotonic()
     try:
         with RunRecorder(client, run_id, staging, abandon_timeout=0) as recorder:
@@ -153,6 +157,9 @@ def client_process(tracking_uri: str, credentials: dict[str, str], experiment_id
     timings: dict[str, list[float]] = {}
     raised: dict[str, int] = {}
     results = [{} for _ in range(trainings)]
+    # As in a training, the process's first MLflow call happens before any other thread runs: it sets MLflow's
+    # telemetry session variable in os.environ, which threads reading os.environ at that moment trip over.
+    MlflowClient(tracking_uri).get_experiment(experiment_id)
     with tempfile.TemporaryDirectory(prefix="server-load-") as scratch:
         threads = [
             threading.Thread(target=train, args=(
