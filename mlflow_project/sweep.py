@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -20,15 +21,22 @@ _WORKER_OPTIONS = ("workers", "study", "storage")
     "Under `mlflow run`, the run MLflow created is the parent."
 )
 @click.option("--worker-number", type=int, default=0, hidden=True)
-def sweep(experiment_name: str | None, worker_number: int, **values: str | None) -> None:
+@click.option("--parent-pid", type=int, default=0, hidden=True)  # a worker: the sweep that started it
+def sweep(experiment_name: str | None, worker_number: int, parent_pid: int, **values: str | None) -> None:
     """Search the listed values or ranges with Optuna, each trial a child run of one sweep run."""
     common.configure_console_logging(f"[worker {worker_number}] " if worker_number else "")
     common.stop_on_first_signal()  # SIGTERM (docker stop, a deleted pod) stops a sweep as Ctrl-C does
+    if parent_pid:  # a worker dies with its sweep, even a SIGKILLed one: SIGTERM fails its trial, as above
+        from pipeline.tracking.process_group import die_with_parent
+
+        if not die_with_parent(parent_pid):
+            click.echo(f"error: worker {worker_number}: its sweep (process {parent_pid}) is gone", err=True)
+            sys.exit(1)
     user_values = common.given(values)
 
     def worker_command(number: int, study: str, storage: str) -> list[str]:
         arguments = [sys.executable, "-m", "mlflow_project", "sweep", "--worker-number", str(number),
-                     "--workers", "1", "--study", study, "--storage", storage]
+                     "--parent-pid", str(os.getpid()), "--workers", "1", "--study", study, "--storage", storage]
         for spec in SWEEP_PARAMETERS:
             if spec.name in user_values and spec.name not in _WORKER_OPTIONS:
                 arguments += [spec.cli_flag, str(user_values[spec.name])]

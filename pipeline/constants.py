@@ -101,6 +101,8 @@ TAG_TRAINING_OWNER = "training_owner"  # the training process's heartbeat (pipel
 # Model registry: the alias of the serving model, and the tags of a version (beside its metrics).
 CHAMPION_ALIAS = "champion"
 TAG_VERSION_RUN_ID = "run_id"
+# A version's tag: a token of the one create call that made it (every re-send of that call carries it).
+TAG_REGISTRATION_TOKEN = "registration_token"
 # A registered model's tag: the one rule that picks its champion, "<metric> <mode>" (e.g. "test_accuracy max").
 # Its first registration sets it; only `register` with change_rule=true changes it.
 TAG_CHAMPION_RULE = "champion_rule"

@@ -26,7 +26,7 @@ from tests.helpers import PROJECT_DIR
 
 # Options that only the CLI has: under `mlflow run` the experiment is the run's own, and a resumed
 # run is `mlflow run --run-id` (train's --run-id, on main since the resume work).
-CLI_ONLY_OPTIONS = {"experiment_name", "run_id", "worker_number"}
+CLI_ONLY_OPTIONS = {"experiment_name", "run_id", "worker_number", "parent_pid"}
 
 
 def test_mlproject_file_is_generated_from_the_parameter_specs():

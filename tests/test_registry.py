@@ -15,7 +15,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import mlflow
 import numpy as np
@@ -390,6 +390,122 @@ def test_concurrent_registers_leave_one_version_per_run_and_the_best_champion(st
         assert stdout.split() == [surviving[args[1]], surviving[best]]
     for stdout, _ in outputs[:2]:
         assert f"{model_name} version {surviving[best]} " in stdout
+
+
+class _HoldingProxy:
+    """An HTTP proxy on loopback in front of the tracking server that holds the first `create model version`
+    request it gets. MLflow's client, after MLFLOW_HTTP_REQUEST_TIMEOUT without an answer, sends it again; that copy
+    goes through. The held one goes through only when the client, after that answer, looks for its run's versions a
+    second time (`release`), or when the test releases it: so it creates its version after the client's first look
+    for duplicates (a slow server that lands the first copy last)."""
+
+    def __init__(self, upstream: str) -> None:
+        import http.client
+        import http.server
+        import threading
+
+        target = urlsplit(upstream)
+        self.creates = self.run_searches = 0
+        self.answered, self.release, self.landed = threading.Event(), threading.Event(), threading.Event()
+        lock, proxy = threading.Lock(), self
+
+        class Forward(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def forward(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                create = self.command == "POST" and self.path.endswith("/model-versions/create")
+                with lock:
+                    proxy.creates += create
+                    held = create and proxy.creates == 1
+                if held:
+                    proxy.release.wait(120)
+                upstream_connection = http.client.HTTPConnection(target.hostname, target.port, timeout=120)
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
+                upstream_connection.request(self.command, self.path, body, headers)
+                response = upstream_connection.getresponse()
+                data = response.read()
+                upstream_connection.close()
+                try:
+                    self.send_response(response.status)
+                    for key, value in response.getheaders():
+                        if key.lower() not in ("transfer-encoding", "connection", "content-length"):
+                            self.send_header(key, value)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                    self.wfile.flush()
+                except OSError:  # the client gave up on the held request long ago
+                    pass
+                if held:
+                    proxy.landed.set()
+                elif create:
+                    proxy.answered.set()
+                elif proxy.answered.is_set() and "/model-versions/search" in self.path and "run_id" in unquote(
+                    self.path
+                ):
+                    with lock:
+                        proxy.run_searches += 1
+                    if proxy.run_searches >= 2:
+                        proxy.release.set()
+
+            do_GET = do_POST = do_PATCH = do_DELETE = forward
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Forward)
+        self.server.daemon_threads = True
+        self.uri = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_create_the_client_re_sent_leaves_one_version_even_when_its_first_copy_lands_last(
+    store, trained, database_uri, tmp_path
+):
+    """MLflow's HTTP client re-sends a create that got no answer within MLFLOW_HTTP_REQUEST_TIMEOUT; the server may
+    create both copies, the first one last (forced by _HoldingProxy: after the register process's first look for
+    duplicates). The process waits for the copies it sent and deletes the late one; a copy later still (after the
+    process ended) is deleted by the next registration."""
+    client, model_name = store.client, _model_name("resent")
+    best = trained.best(client)
+    register = ["register", "--experiment-name", trained.experiment_name, "--model-name", model_name]
+    proxy = _HoldingProxy(store.uri)
+    try:
+        through_the_proxy = {"MLFLOW_TRACKING_URI": proxy.uri, "MLFLOW_HTTP_REQUEST_TIMEOUT": "3",
+                             "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1"}
+        result = run_cli(register, cwd=tmp_path, timeout=180, **store.env | through_the_proxy)
+        released_by_the_process = proxy.release.is_set()
+        proxy.release.set()  # if the process did not wait for it, it lands now, after the process ended
+        assert proxy.landed.wait(60), "the held copy never reached the server"
+    finally:
+        proxy.close()
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert proxy.creates == 2  # one create call, its request sent twice by MLflow's client; both created a version
+    [version] = _versions(client, model_name)  # one live version: the late copy was deleted
+    assert released_by_the_process  # ... by the process that sent it, which waited for it
+    assert version.run_id == best and _champion(client, model_name) == str(version.version)
+    assert f"Registered {model_name} version {version.version} for run {best}" in result.stdout
+
+    # A copy that lands after its process ended (beyond its wait): the next registration deletes it.
+    client.create_model_version(model_name, source=version.source, run_id=best,
+                                model_id=version.source.removeprefix("models:/"))
+    assert run_cli(register, cwd=tmp_path, timeout=180, **store.env).returncode == 0
+    assert [(v.run_id, v.version) for v in _versions(client, model_name)] == [(best, version.version)]
+    if database_uri.startswith("postgresql"):  # MLflow keeps a deleted version's row
+        monitor = _connect(database_uri)
+        try:
+            cursor = monitor.cursor()
+            cursor.execute("SELECT version, current_stage FROM model_versions WHERE name = %s ORDER BY version",
+                           (model_name,))
+            assert [stage == "Deleted_Internal" for _, stage in cursor.fetchall()] == [False, True, True]
+        finally:
+            monitor.close()
 
 
 # --- compare ------------------------------------------------------------------------------------

@@ -425,3 +425,37 @@ def test_a_damaged_newest_state_resumes_from_the_previous_one_with_a_warning(sql
     rows = list(csv.DictReader(io.StringIO((local / names.TRAINING_LOG_FILE).read_text())))
     assert [int(row["epoch"]) for row in rows] == list(range(epochs))
     assert client.get_run(run_id).info.status == "FINISHED"
+
+
+@pytest.mark.timeout(420)
+def test_two_resumes_released_at_the_same_instant_train_the_run_once(sqlite_store, tmp_path):
+    """docs/failures.md: two processes that resume one killed run at the same instant both find it free; held at
+    a barrier just before they claim it (MNIST_PIPELINE_CLAIM_BARRIER) and released together, exactly one trains
+    it and the other is refused in one line (exit 2), naming the winner; every epoch is recorded once."""
+    client = MlflowClient(sqlite_store)
+    run_id = _kill_after_epochs(_start_training(sqlite_store, tmp_path), client, at_least=2)
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()
+    resumes = [_start_training(sqlite_store, tmp_path, "--run-id", run_id, MNIST_PIPELINE_CLAIM_BARRIER=str(barrier))
+               for _ in range(2)]
+    try:
+        deadline = time.monotonic() + 240
+        while len(list(barrier.glob("waiting-*"))) < 2:
+            assert time.monotonic() < deadline and all(r.poll() is None for r in resumes), \
+                [r.communicate() for r in resumes if r.poll() is not None]
+            time.sleep(0.05)
+        (barrier / "go").touch()
+        outputs = [resume.communicate(timeout=300) for resume in resumes]
+    finally:
+        for resume in resumes:
+            resume.kill()
+    codes = [resume.returncode for resume in resumes]
+    assert sorted(codes) == [0, 2], outputs
+    winner, loser = (resumes[0], resumes[1]) if codes[0] == 0 else (resumes[1], resumes[0])
+    refused = subprocess.CompletedProcess(loser.args, 2, *outputs[resumes.index(loser)])
+    assert one_line_error(refused) == (
+        f"error: run {run_id} is being trained by another process: process {winner.pid} on this machine still runs"
+    )
+    _assert_exactly_once(client, run_id, tmp_path / "artifacts")
+    owner = Owner.of_run(client.get_run(run_id))
+    assert (owner.pid, owner.ended) == (winner.pid, True)

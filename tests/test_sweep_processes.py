@@ -200,3 +200,45 @@ def test_a_stopped_sweep_leaves_no_worker_and_no_running_trial_and_continues(tmp
     study = _journal_study(tmp_path, "stopped")
     assert sorted(trial.state.name for trial in study.trials) == ["COMPLETE", "COMPLETE", "FAIL", "FAIL"]
     assert client.get_run(parent.info.run_id).info.status == "FINISHED"
+
+
+def test_a_sigkilled_sweep_leaves_no_worker_and_no_running_trial_and_continues(tmp_path):
+    # The sweep process itself is SIGKILLed (an OOM kill, `kill -9`): nothing of it runs to stop its workers.
+    # Each worker asked Linux for SIGTERM when its parent dies, and fails its trial as a stopped sweep does.
+    values = FIXED | GRID | {"sampler": "grid", "workers": "2", "epochs": "3", "study": "sigkilled"}
+    uri = new_sqlite_store(tmp_path)
+    sweep = subprocess.Popen(
+        [sys.executable, "-m", "mlflow_project", "sweep", *cli_options(values)], cwd=tmp_path,
+        env=project_env(MLFLOW_TRACKING_URI=uri), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,  # so that the clean-up below reaches any worker left behind
+    )
+    try:
+        lines = stdout_lines(sweep)
+        _wait_for_lines(lines, "[worker 1] Epoch 1:", "[worker 2] Epoch 1:")
+        workers = _workers_of(sweep)
+        assert sorted(workers) == [1, 2]
+        running = {trial.number for trial in _journal_study(tmp_path, "sigkilled").trials
+                   if trial.state == optuna.trial.TrialState.RUNNING}
+        sweep.kill()
+        killed = time.monotonic()
+        sweep.wait(timeout=30)
+        _wait_for(lambda: all(_gone(worker) for worker in workers.values()), 20, "every worker gone")
+        gone_after = time.monotonic() - killed
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(sweep.pid, signal.SIGKILL)
+    study = _journal_study(tmp_path, "sigkilled")
+    states = {trial.number: trial.state.name for trial in study.trials}
+    assert "RUNNING" not in states.values(), (states, gone_after)
+    assert running and all(states[number] == "FAIL" for number in running), (running, states)  # not finished
+    client = MlflowClient(uri)
+    experiment_id = client.get_experiment_by_name("Default").experiment_id
+    [parent] = client.search_runs([experiment_id], f"tags.{names.TAG_RUN_TYPE} = '{names.RUN_TYPE_SWEEP}'")
+    children = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert "RUNNING" not in [run.info.status for run in children]
+
+    result = run_cli(["sweep", *cli_options(values)], cwd=tmp_path, timeout=300, MLFLOW_TRACKING_URI=uri)
+    assert result.returncode == 0, result.stderr[-3000:]
+    study = _journal_study(tmp_path, "sigkilled")
+    assert sorted(trial.state.name for trial in study.trials) == ["COMPLETE", "COMPLETE", "FAIL", "FAIL"]
+    assert client.get_run(parent.info.run_id).info.status == "FINISHED"

@@ -1,10 +1,16 @@
 """The registry's writes, safe when several `register` processes race.
 
 MLflow's registry has no transactions, so concurrent `register` processes may both create a version
-of the same run, or move the alias at the same time. Each process therefore, after its writes:
+of the same run, or move the alias at the same time. And MLflow's HTTP client re-sends a request that
+got no answer within MLFLOW_HTTP_REQUEST_TIMEOUT: a create that waited in a slow server then lands
+twice, the first copy possibly after the answer to the second. Each process therefore, after its writes:
 
 1. keeps only the lowest-numbered version of its run and deletes the later duplicates (versions are
-   numbered in creation order, so every process agrees on which one survives);
+   numbered in creation order, so every process agrees on which one survives). Each create carries a
+   token of its own (version tag `registration_token`); when the call took longer than the HTTP timeout,
+   the process first waits (at most STRAY_WAIT_SECONDS) until every copy it may have sent is in the
+   registry, so that a late copy is deleted too. Settling the champion also deletes the later
+   duplicates of every run of the model, so a copy later still is deleted by the next registration;
 2. re-reads the model's champion rule, the versions, then the alias, and moves the alias to the best
    version by that rule until it reads it back unchanged. The last process to move the alias re-reads
    after its write and sees every version created before, and any version created later (or a rule
@@ -21,9 +27,11 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 
 from mlflow.entities import Run
 from mlflow.entities.model_registry import ModelVersion, RegisteredModel
+from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_MAX_RETRIES, MLFLOW_HTTP_REQUEST_TIMEOUT
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, RESOURCE_DOES_NOT_EXIST, ErrorCode
 from mlflow.tracking import MlflowClient
@@ -41,6 +49,8 @@ MAX_SETTLE_ROUNDS = 20
 MAX_WRITE_ATTEMPTS = 5
 # Short random pauses between those rounds and attempts (50-300 ms), so that racing processes part.
 RACE_BACKOFF = Backoff(first=0.3, longest=0.3, jitter=0.85)
+# How long a create whose request may have been re-sent waits for the copies it sent to land.
+STRAY_WAIT_SECONDS = 30.0
 
 
 def champion_version(client: MlflowClient, model_name: str) -> str | None:
@@ -115,30 +125,81 @@ def _version_tags(run: Run) -> dict[str, str]:
 
 
 def ensure_version(client: MlflowClient, model_name: str, run: Run, model_id: str) -> tuple[ModelVersion, bool]:
-    """The run's one version of the model, created if missing; later duplicates are deleted."""
+    """The run's one version of the model, created if missing; later duplicates are deleted, also those
+    that copies of this call's own request create late (see the module's docstring)."""
     run_id = run.info.run_id
     existing = versions_of_run(client, model_name, run_id)
     if existing:
         return existing[0], False
-    created = retry(lambda: client.create_model_version(
-        model_name,
-        source=f"models:/{model_id}",
-        run_id=run_id,
-        tags=_version_tags(run),
-        description=f"Training run {run_id}; its metrics and dataset digest are the version's tags.",
-        model_id=model_id,
-    ), MAX_WRITE_ATTEMPTS, RACE_BACKOFF, _lost_a_race)
-    versions = versions_of_run(client, model_name, run_id)
-    keep = versions[0] if versions else created
+    token = uuid.uuid4().hex
+    calls = 0
+
+    def create() -> ModelVersion:
+        nonlocal calls
+        calls += 1
+        return client.create_model_version(
+            model_name,
+            source=f"models:/{model_id}",
+            run_id=run_id,
+            tags=_version_tags(run) | {names.TAG_REGISTRATION_TOKEN: token},
+            description=f"Training run {run_id}; its metrics and dataset digest are the version's tags.",
+            model_id=model_id,
+        )
+
+    started = time.monotonic()
+    created = retry(create, MAX_WRITE_ATTEMPTS, RACE_BACKOFF, _lost_a_race)
+    _await_copies(client, model_name, run_id, token, _copies_sent(calls, time.monotonic() - started))
+    keep = _delete_duplicates(client, model_name, versions_of_run(client, model_name, run_id)) or created
+    return keep, str(keep.version) == str(created.version)
+
+
+def _copies_sent(calls: int, seconds: float) -> int:
+    """How many copies of a create request may land when `calls` calls took `seconds` in all, the last one
+    answered: MLflow's HTTP client re-sends a request after each MLFLOW_HTTP_REQUEST_TIMEOUT without an
+    answer, at most MLFLOW_HTTP_REQUEST_MAX_RETRIES times per call (a call refused outright created none)."""
+    timeout = MLFLOW_HTTP_REQUEST_TIMEOUT.get()
+    per_call = MLFLOW_HTTP_REQUEST_MAX_RETRIES.get() + 1
+    return 1 + min(int(seconds // timeout), calls * per_call - 1)  # the answered copy, and those that timed out
+
+
+def _await_copies(client: MlflowClient, model_name: str, run_id: str, token: str, sent: int) -> None:
+    """Waits until the registry holds `sent` versions of the run made by the create call `token` names (at
+    most STRAY_WAIT_SECONDS: a copy lost on the way never lands)."""
+    if sent <= 1:
+        return
+    deadline = time.monotonic() + STRAY_WAIT_SECONDS
+    while True:
+        landed = sum(v.tags.get(names.TAG_REGISTRATION_TOKEN) == token
+                     for v in versions_of_run(client, model_name, run_id))
+        if landed >= sent or time.monotonic() >= deadline:
+            logger.info("%s: %d of the %d copies of run %s's create request landed", model_name, landed, sent, run_id)
+            return
+        time.sleep(0.2)
+
+
+def _delete_duplicates(client: MlflowClient, model_name: str, versions: list[ModelVersion]) -> ModelVersion | None:
+    """Deletes every version of `versions` (one run's) but the lowest-numbered; returns that one."""
+    versions = sorted(versions, key=lambda version: int(version.version))
     for duplicate in versions[1:]:
         logger.info("Deleting %s version %s: a duplicate of version %s (run %s)",
-                    model_name, duplicate.version, keep.version, run_id)
+                    model_name, duplicate.version, versions[0].version, duplicate.run_id)
         try:
             client.delete_model_version(model_name, duplicate.version)
         except MlflowException as error:
             if error.error_code != ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
                 raise
-    return keep, str(keep.version) == str(created.version)
+    return versions[0] if versions else None
+
+
+def delete_all_duplicates(client: MlflowClient, model_name: str) -> None:
+    """Keeps the lowest-numbered version of each run of the model, deleting the others."""
+    by_run: dict[str, list[ModelVersion]] = {}
+    for version in _all_versions(client, model_name):
+        if version.run_id:
+            by_run.setdefault(version.run_id, []).append(version)
+    for versions in by_run.values():
+        if len(versions) > 1:
+            _delete_duplicates(client, model_name, versions)
 
 
 def champion_candidates(client: MlflowClient, model_name: str, ranking: Ranking) -> list[tuple[str, Run]]:
@@ -169,8 +230,9 @@ def run_or_none(client: MlflowClient, run_id: str) -> Run | None:
 
 
 def settle_champion(client: MlflowClient, model_name: str) -> tuple[str | None, Ranking]:
-    """Moves the champion alias to the best version by the model's stored rule until it reads back
-    unchanged; returns it, and the rule it was picked by."""
+    """Deletes the later duplicates of every run of the model, then moves the champion alias to the best
+    version by the model's stored rule until it reads back unchanged; returns it, and the rule it was picked by."""
+    delete_all_duplicates(client, model_name)
     pauses = RACE_BACKOFF.pauses()
     for _ in range(MAX_SETTLE_ROUNDS):
         ranking = model_rule(client, model_name)  # each round: another process may have changed it

@@ -4,15 +4,20 @@ short, waited for until every member is gone (what the native tracking server ne
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 _HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# prctl(2): the signal this process gets when the thread that started it exits (kept across execve).
+_PR_SET_PDEATHSIG = 1
 
 
 @contextlib.contextmanager
@@ -81,3 +86,33 @@ def wait_for_group(process: subprocess.Popen, group: int, timeout: float) -> boo
             return False
         time.sleep(0.1)
     return True
+
+
+def die_with_parent(parent_pid: int, signal_number: int = signal.SIGTERM) -> bool:
+    """Asks Linux to send this process `signal_number` when its parent dies, however it dies (SIGKILL
+    included): prctl(PR_SET_PDEATHSIG). Then checks that the parent is still `parent_pid`: a parent that
+    died before the request was made is never signalled, so the caller must stop when this returns False.
+    Elsewhere than Linux nothing is asked and it returns True.
+
+    Raises:
+        OSError: the kernel refused the request.
+    """
+    if not sys.platform.startswith("linux"):
+        return True
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, int(signal_number), 0, 0, 0) != 0:
+        number = ctypes.get_errno()
+        raise OSError(number, f"prctl(PR_SET_PDEATHSIG): {os.strerror(number)}")
+    return os.getppid() == parent_pid
+
+
+def wait_at_barrier(variable: str, seconds: float = 300.0) -> None:
+    """For tests that force a race: when the environment variable `variable` names a directory, leaves a
+    file `waiting-<pid>` in it and waits (at most `seconds`) for a file `go` there; else returns at once."""
+    directory = os.environ.get(variable)
+    if not directory:
+        return
+    (Path(directory) / f"waiting-{os.getpid()}").touch()
+    deadline = time.monotonic() + seconds
+    while not (Path(directory) / "go").exists() and time.monotonic() < deadline:
+        time.sleep(0.01)

@@ -79,7 +79,7 @@ def find_resume_point(
     if run.info.status != RunStatus.to_string(RunStatus.FINISHED):
         owner = live_owner(run, heartbeat_timeout)
         if owner is not None:
-            raise RunNotResumable(f"run {run_id} is being trained by another process: {owner[1]}")
+            raise RunNotResumable(trained_elsewhere(run_id, owner[1]))
     run_type = run.data.tags.get(names.TAG_RUN_TYPE)
     if run_type is None:
         return None  # nothing of ours has happened in this run yet (e.g. `mlflow run` just made it)
@@ -98,6 +98,11 @@ def find_resume_point(
     return ResumePoint(
         state=_download_state(client, run_id), dataset_digest=run.data.tags.get(names.TAG_DATASET_DIGEST)
     )
+
+
+def trained_elsewhere(run_id: str, why: str) -> str:
+    """The refusal of a run that another live process trains, `why` saying why it is taken as alive."""
+    return f"run {run_id} is being trained by another process: {why}"
 
 
 def parameter_differences(run: Run, config: TrainingConfig) -> list[str]:

@@ -16,6 +16,14 @@ A run is taken as trained by a live process (`live_owner`) when its tag is there
   (NTP); a machine cut off from the store for longer is taken as gone.
 The run's MLflow status is not evidence either way: `mlflow run` marks a run FAILED when a command
 refused to resume it, while its owner still trains it.
+
+Two processes may be given the same existing run at the same instant, and both find it free. MLflow
+has no compare-and-set on a tag, so a process takes an existing run with Fischer's protocol
+(`RunHeartbeat.claim`): it reads the tag, refuses a live owner, writes its own tag with a token of its
+own, waits `settle` seconds, and reads the tag back; only the process whose token is read back trains.
+This holds while every claim's write lands in the store within `settle` seconds of its read:
+`settle` is CLAIM_SETTLE_FACTOR times the claimer's own read and write, and at least
+CLAIM_SETTLE_SECONDS (a store slower than that for one process only can still let two through).
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ import os
 import socket
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import psutil
@@ -35,6 +44,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline import constants as names
 from pipeline.errors import first_line
+from pipeline.tracking.process_group import wait_at_barrier
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +52,12 @@ logger = logging.getLogger(__name__)
 HEARTBEAT_TIMEOUT_SECONDS = 60.0
 # The heartbeat is refreshed this many times within the timeout.
 BEATS_PER_TIMEOUT = 6
+# A claim waits this many times its own read and write, and at least CLAIM_SETTLE_SECONDS, before it reads
+# the tag back (see the module's docstring).
+CLAIM_SETTLE_FACTOR, CLAIM_SETTLE_SECONDS = 4.0, 1.0
+# For tests that force a race: a directory in which a claim, before it reads the tag, leaves a file
+# `waiting-<pid>` and then waits for a file `go` (`pipeline.tracking.process_group.wait_at_barrier`).
+CLAIM_BARRIER_VARIABLE = "MNIST_PIPELINE_CLAIM_BARRIER"
 
 
 def this_machine() -> str:
@@ -66,6 +82,7 @@ class Owner:
         started: its start time (seconds since the epoch), which tells it from a later process with its id.
         beat: the wall-clock time of its last heartbeat.
         ended: whether it has closed the run.
+        claim: a token of this owner's claim on the run, unique to it (empty in tags written before claims).
     """
 
     machine: str
@@ -73,10 +90,11 @@ class Owner:
     started: float
     beat: float
     ended: bool = False
+    claim: str = ""
 
     @classmethod
     def of_this_process(cls) -> Owner:
-        return cls(this_machine(), os.getpid(), psutil.Process().create_time(), time.time())
+        return cls(this_machine(), os.getpid(), psutil.Process().create_time(), time.time(), claim=uuid.uuid4().hex)
 
     @classmethod
     def of_run(cls, run: Run) -> Owner | None:
@@ -87,7 +105,7 @@ class Owner:
         try:
             value = json.loads(text)
             return cls(str(value["machine"]), int(value["pid"]), float(value["started"]), float(value["beat"]),
-                       bool(value.get("ended", False)))
+                       bool(value.get("ended", False)), str(value.get("claim", "")))
         except (ValueError, KeyError, TypeError):
             logger.warning("Run %s: unreadable %s tag %r, ignored", run.info.run_id, names.TAG_TRAINING_OWNER, text)
             return None
@@ -143,19 +161,50 @@ class RunHeartbeat:
     Example:
         with mlflow_run(run_id) as run, RunHeartbeat(client, run.info.run_id):
             ...train...
+
+    An existing run is claimed first (`claim`), before it is opened; entering then starts the heartbeat.
     """
 
     def __init__(self, client: MlflowClient, run_id: str, timeout: float = HEARTBEAT_TIMEOUT_SECONDS) -> None:
         self.client = client
         self.run_id = run_id
+        self.timeout = timeout
         self.interval = timeout / BEATS_PER_TIMEOUT
+        self._claimed = False
         self.owner = Owner.of_this_process()
         self._stop = threading.Event()
         self._lock = threading.Lock()  # one tag write at a time; none after the one that says `ended`
         self._thread = threading.Thread(target=self._beat_until_stopped, name="run-heartbeat", daemon=True)
 
+    def claim(self) -> tuple[Owner, str] | None:
+        """Takes the existing run for this process unless another live process has it or takes it at the
+        same moment (Fischer's protocol, in the module's docstring); returns that process and why it is
+        taken as alive, or None when this process won. Costs two reads, one write and the settle time.
+
+        Raises:
+            MlflowException: the store failed.
+        """
+        wait_at_barrier(CLAIM_BARRIER_VARIABLE)
+        started = time.monotonic()
+        other = live_owner(self.client.get_run(self.run_id), self.timeout)
+        if other is not None:
+            return other
+        with self._lock:
+            self.owner = dataclasses.replace(self.owner, beat=time.time())
+            self.client.set_tag(self.run_id, names.TAG_TRAINING_OWNER, self.owner.tag())
+        time.sleep(max(CLAIM_SETTLE_SECONDS, CLAIM_SETTLE_FACTOR * (time.monotonic() - started)))
+        run = self.client.get_run(self.run_id)
+        read = Owner.of_run(run)
+        if read is not None and read.claim == self.owner.claim:
+            self._claimed = True
+            return None
+        if read is None:
+            return self.owner, "its training_owner tag was removed while this process claimed the run"
+        return live_owner(run, self.timeout) or (read, f"{read.describe()} claimed it at the same moment")
+
     def __enter__(self) -> RunHeartbeat:
-        self._beat()  # the claim: before anything of the training reaches the run
+        if not self._claimed:
+            self._beat()  # a new run's claim: before anything of the training reaches the run
         self._thread.start()
         return self
 

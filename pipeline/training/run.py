@@ -37,7 +37,13 @@ from pipeline.callbacks import TrialPruning
 from pipeline.config import TrainingConfig
 from pipeline.errors import TrainingDiverged
 from pipeline.tracking.recorder import RunRecorder
-from pipeline.tracking.resume import ResumePoint, RunNotResumable, find_resume_point, resend_missing_metrics
+from pipeline.tracking.resume import (
+    ResumePoint,
+    RunNotResumable,
+    find_resume_point,
+    resend_missing_metrics,
+    trained_elsewhere,
+)
 from pipeline.tracking.run_lifecycle import (
     default_rescue_dir,
     finish_recording,
@@ -168,11 +174,17 @@ def run_training(
         )
     splits = split_validation(dataset.x_train, dataset.y_train, config.validation_split)
     distribution = plan.start(config, dataset.digest, limits.peer_timeout)
-    if not run_id:
+    heartbeat = None
+    if run_id:  # an existing run: taken for this process before it is opened, or refused
+        heartbeat = RunHeartbeat(client, run_id, limits.heartbeat_timeout)
+        taken = heartbeat.claim()
+        if taken is not None:
+            raise RunNotResumable(trained_elsewhere(run_id, taken[1]))
+    else:
         use_experiment(experiment_name, client)
     with (
         mlflow_run(run_id, parent_run_id) as run,
-        RunHeartbeat(client, run.info.run_id, limits.heartbeat_timeout),
+        heartbeat or RunHeartbeat(client, run.info.run_id, limits.heartbeat_timeout),
         local_workdir() as workdir,
         local_storage_errors(workdir),
     ):
