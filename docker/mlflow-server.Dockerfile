@@ -19,6 +19,8 @@ RUN pip install --no-cache-dir --no-deps /opt/mnist-pipeline
 
 COPY --chmod=0755 docker/start-mlflow-server.sh /usr/local/bin/start-mlflow-server
 COPY --chmod=0755 docker/create-bucket.py /usr/local/bin/create-bucket
+# Beside the start script, which runs it by that name (as it does natively, from docker/).
+COPY --chmod=0755 docker/create-accounts.py /usr/local/bin/create-accounts.py
 
 RUN useradd --system --create-home --uid 10001 mlflow
 USER mlflow

@@ -26,6 +26,15 @@
 #                                   worker serves concurrent clients on its own threads.
 #   MLFLOW_SERVER_ENABLE_JOB_EXECUTION  optional  false: MLflow's job runner (GenAI judges, scorers, trace
 #                                   archival) is not used by this project and costs ~1.8 GB and 8 processes
+#   MLFLOW_TRAINING_USERNAME        optional  with it, the accounts per job: create-accounts.py (beside this
+#                                   script) runs in the background once the server answers and creates or
+#                                   updates the training and serving accounts and their grants; then needs
+#   MLFLOW_TRAINING_PASSWORD, MLFLOW_SERVING_USERNAME, MLFLOW_SERVING_PASSWORD, MLFLOW_TRAINING_EXPERIMENT,
+#   MLFLOW_SERVED_MODEL             (pipeline/tracking/accounts.py says what each account may do)
+#   MLFLOW_ACCOUNTS_READY_FILE      optional  $TMPDIR/mlflow-accounts-ready: written once the accounts are set
+#                                   up (the compose healthcheck waits for it); removed at each start
+#   MLFLOW_READ_ONLY_USERS          optional  comma-separated users whose writes the server app refuses
+#                                   (pipeline/tracking/server_app.py); the serving account is added to it
 #
 # MLflow reads the auth settings from an ini file (MLFLOW_AUTH_CONFIG_PATH); it is written here,
 # readable by this user only, into TMPDIR. The last step replaces this shell with `mlflow server`,
@@ -67,6 +76,21 @@ auth_cache_ttl_seconds = ${auth_cache_ttl}
 INI
 export MLFLOW_AUTH_CONFIG_PATH="$auth_config"
 export MLFLOW_SERVER_ENABLE_JOB_EXECUTION="${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}"
+
+export MLFLOW_ACCOUNTS_READY_FILE="${MLFLOW_ACCOUNTS_READY_FILE:-${TMPDIR:-/tmp}/mlflow-accounts-ready}"
+rm -f "$MLFLOW_ACCOUNTS_READY_FILE"
+if [ -n "${MLFLOW_TRAINING_USERNAME:-}" ]; then
+    : "${MLFLOW_TRAINING_PASSWORD:?is required with MLFLOW_TRAINING_USERNAME: the password of the training account}"
+    : "${MLFLOW_SERVING_USERNAME:?is required with MLFLOW_TRAINING_USERNAME: the user name of the serving account}"
+    : "${MLFLOW_SERVING_PASSWORD:?is required with MLFLOW_TRAINING_USERNAME: the password of the serving account}"
+    : "${MLFLOW_TRAINING_EXPERIMENT:?is required with MLFLOW_TRAINING_USERNAME: the experiment the trainer records into}"
+    : "${MLFLOW_SERVED_MODEL:?is required with MLFLOW_TRAINING_USERNAME: the registered model the serving account reads}"
+    # The serving account only reads: the server app refuses its writes.
+    export MLFLOW_READ_ONLY_USERS="${MLFLOW_READ_ONLY_USERS:+$MLFLOW_READ_ONLY_USERS,}$MLFLOW_SERVING_USERNAME"
+    # In the background, so that the next line can make this process the server (signals reach it
+    # directly); it waits for /health itself, and ends when done.
+    python "$(dirname "$0")/create-accounts.py" &
+fi
 
 exec mlflow server \
     --backend-store-uri "$MLFLOW_BACKEND_STORE_URI" \

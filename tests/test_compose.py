@@ -19,7 +19,8 @@ COMPOSE = yaml.safe_load((PROJECT_DIR / "docker-compose.yml").read_text())
 SERVICES = COMPOSE["services"]
 # ${NAME}, ${NAME:-default}, ${NAME-default}, ${NAME:?message}, ${NAME?message}; $$ escapes a $.
 VARIABLE = re.compile(r"(?<!\$)\$\{(\w+)(?:(:?[-?])([^}]*))?\}")
-SECRETS = {"POSTGRES_PASSWORD", "S3_ACCESS_KEY", "S3_SECRET_KEY", "MLFLOW_ADMIN_PASSWORD", "MLFLOW_FLASK_SECRET_KEY"}
+SECRETS = {"POSTGRES_PASSWORD", "S3_ACCESS_KEY", "S3_SECRET_KEY", "MLFLOW_ADMIN_PASSWORD", "MLFLOW_FLASK_SECRET_KEY",
+           "MLFLOW_TRAINING_PASSWORD", "MLFLOW_SERVING_PASSWORD"}
 SECRET_SETTING = re.compile(r"PASSWORD|SECRET|ACCESS_KEY|TOKEN")
 
 
@@ -78,7 +79,8 @@ def build_dockerfile(service: str) -> str:
 
 
 def test_services_start_in_order_once_what_they_need_is_healthy():
-    assert set(SERVICES) == {"postgres", "objectstore", "create-bucket", "mlflow", "trainer", "serve"}
+    assert set(SERVICES) == {"postgres", "objectstore", "create-bucket", "mlflow", "proxy", "trainer", "serve"}
+    assert SERVICES["proxy"]["depends_on"] == {"mlflow": {"condition": "service_healthy"}}
     assert SERVICES["mlflow"]["depends_on"] == {
         "postgres": {"condition": "service_healthy"},
         "objectstore": {"condition": "service_healthy"},
@@ -98,7 +100,7 @@ def test_services_start_in_order_once_what_they_need_is_healthy():
 @pytest.mark.parametrize(
     ("service", "probe"),
     [("postgres", "pg_isready"), ("objectstore", "http://127.0.0.1:8333/status"), ("mlflow", "/health"),
-     ("serve", "/ping")],
+     ("mlflow", "/tmp/mlflow-accounts-ready"), ("proxy", "https://localhost/health"), ("serve", "/ping")],
 )
 def test_long_running_services_have_a_healthcheck_and_restart(service, probe):
     healthcheck = SERVICES[service]["healthcheck"]
@@ -126,6 +128,7 @@ def test_images_and_base_images_are_pinned_versions():
     assert images and bases
     assert all(pinned.match(image) for image in images + bases), images + bases
     assert SERVICES["postgres"]["image"].startswith("postgres:16.")
+    assert SERVICES["proxy"]["image"].startswith("caddy:2.")
     assert all("image" in service or "build" in service for service in SERVICES.values())
 
 
@@ -144,17 +147,19 @@ def test_dockerfiles_pin_the_mlflow_version_the_project_runs():
     assert re.search(r'"psycopg2-binary==[\d.]+"', server) and re.search(r'"boto3==[\d.]+"', server)
 
 
-def test_only_the_mlflow_port_is_published_and_on_localhost_unless_configured():
+def test_only_the_proxys_https_port_is_published_and_on_localhost_unless_configured():
     published = {name: service["ports"] for name, service in SERVICES.items() if "ports" in service}
-    assert list(published) == ["mlflow", "serve"]
+    # the MLflow server publishes nothing: the proxy is the only way in from outside the compose network
+    assert list(published) == ["proxy", "serve"]
     # the champion is served to this machine only
     [served] = published["serve"]
     assert interpolate(served, {}) == "127.0.0.1:5001:5001"
     assert interpolate(served, {"SERVE_PORT": "6001"}) == "127.0.0.1:6001:5001"
-    [port] = published["mlflow"]
-    assert interpolate(port, {}) == "127.0.0.1:5000:5000"
-    assert interpolate(port, filled_in()) == "127.0.0.1:5000:5000"
-    assert interpolate(port, {"MLFLOW_BIND_ADDRESS": "0.0.0.0", "MLFLOW_HOST_PORT": "8080"}) == "0.0.0.0:8080:5000"
+    [port] = published["proxy"]
+    assert interpolate(port, {}) == "127.0.0.1:8443:443"
+    assert interpolate(port, filled_in()) == "127.0.0.1:8443:443"
+    assert interpolate(port, {"MLFLOW_BIND_ADDRESS": "0.0.0.0", "MLFLOW_HTTPS_PORT": "443"}) == "0.0.0.0:443:443"
+    assert "expose" not in SERVICES["mlflow"]
 
 
 def test_secrets_come_only_from_env_and_compose_refuses_to_start_without_them():
@@ -222,15 +227,57 @@ def test_mlflow_service_proxies_artifacts_to_the_bucket_the_job_creates():
     )
 
 
-def test_trainer_runs_the_project_against_the_mlflow_service_with_the_admin_credentials():
+def test_trainer_runs_the_project_against_the_mlflow_service_with_the_training_account():
     trainer = resolved(SERVICES["trainer"], filled_in())
     assert trainer["command"][:5] == ["mlflow", "run", ".", "--env-manager", "local"]
     assert "epochs=20" in trainer["command"]
     assert resolved(SERVICES["trainer"]["command"], {"EPOCHS": "3"})[6] == "epochs=3"
     environment = trainer["environment"]
     assert environment["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
-    assert environment["MLFLOW_TRACKING_USERNAME"] == filled_in()["MLFLOW_ADMIN_USERNAME"]
-    assert environment["MLFLOW_TRACKING_PASSWORD"] == filled_in()["MLFLOW_ADMIN_PASSWORD"]
+    assert environment["MLFLOW_TRACKING_USERNAME"] == filled_in()["MLFLOW_TRAINING_USERNAME"]
+    assert environment["MLFLOW_TRACKING_PASSWORD"] == filled_in()["MLFLOW_TRAINING_PASSWORD"]
     # the server accepts the Host header the trainer sends
     allowed = resolved(SERVICES["mlflow"]["environment"], filled_in())["MLFLOW_SERVER_ALLOWED_HOSTS"].split(",")
     assert "mlflow:*" in allowed
+
+
+def test_each_job_signs_in_with_its_own_account_and_only_the_server_holds_the_admin_password():
+    settings = filled_in()
+    server = resolved(SERVICES["mlflow"]["environment"], settings)
+    serve = resolved(SERVICES["serve"]["environment"], settings)
+    assert (serve["MLFLOW_TRACKING_USERNAME"], serve["MLFLOW_TRACKING_PASSWORD"]) == (
+        settings["MLFLOW_SERVING_USERNAME"], settings["MLFLOW_SERVING_PASSWORD"])
+    # the server creates both accounts, and serves the model the serve service asks for
+    assert (server["MLFLOW_TRAINING_USERNAME"], server["MLFLOW_TRAINING_PASSWORD"]) == (
+        settings["MLFLOW_TRAINING_USERNAME"], settings["MLFLOW_TRAINING_PASSWORD"])
+    assert (server["MLFLOW_SERVING_USERNAME"], server["MLFLOW_SERVING_PASSWORD"]) == (
+        settings["MLFLOW_SERVING_USERNAME"], settings["MLFLOW_SERVING_PASSWORD"])
+    served = resolved(SERVICES["serve"]["command"], settings)
+    assert server["MLFLOW_SERVED_MODEL"] == served[served.index("--model-name") + 1]
+    assert server["MLFLOW_TRAINING_EXPERIMENT"] == resolved(SERVICES["trainer"]["environment"], settings)[
+        "MLFLOW_EXPERIMENT_NAME"]
+    # no service but the server gets the admin password, by any name
+    holders = {name for name, service in SERVICES.items()
+               if any(settings["MLFLOW_ADMIN_PASSWORD"] in str(value)
+                      for value in resolved(service.get("environment", {}), settings).values())}
+    assert holders == {"mlflow"}
+    assert settings["MLFLOW_DEFAULT_PERMISSION"] == "NO_PERMISSIONS" == server["MLFLOW_AUTH_DEFAULT_PERMISSION"]
+
+
+def test_the_proxy_terminates_tls_for_the_mlflow_service_with_a_pinned_caddy():
+    proxy = resolved(SERVICES["proxy"], filled_in())
+    caddyfile = (PROJECT_DIR / "docker" / "caddy" / "Caddyfile").read_text()
+    assert "./docker/caddy:/etc/caddy:ro" in proxy["volumes"]
+    assert "reverse_proxy mlflow:5000" in caddyfile
+    assert re.search(r"^\{\$MLFLOW_TLS_NAMES:localhost 127\.0\.0\.1\} \{$", caddyfile, re.MULTILINE)
+    assert "import /etc/caddy/tls-{$MLFLOW_TLS:internal}.caddy" in caddyfile
+    # each MLFLOW_TLS value .env.example names has its file, with the certificate it says
+    assert {path.name for path in (PROJECT_DIR / "docker" / "caddy").glob("tls-*.caddy")} == {
+        "tls-internal.caddy", "tls-files.caddy"}
+    assert "tls internal" in (PROJECT_DIR / "docker" / "caddy" / "tls-internal.caddy").read_text()
+    assert "tls /certificates/cert.pem /certificates/key.pem" in (
+        PROJECT_DIR / "docker" / "caddy" / "tls-files.caddy").read_text()
+    assert f"{filled_in()['MLFLOW_TLS_CERT_DIR']}:/certificates:ro" in proxy["volumes"]
+    assert proxy["environment"]["MLFLOW_TLS"] == filled_in()["MLFLOW_TLS"] == "internal"
+    # the links the trainer prints are the proxy's https address
+    assert filled_in()["MLFLOW_UI_URL"] == f"https://127.0.0.1:{filled_in()['MLFLOW_HTTPS_PORT']}"

@@ -1,6 +1,7 @@
 """The team stack for real: the project's unchanged docker-compose.yml, Dockerfiles and start script
 brought up with Docker Compose v2 and a fresh .env of generated secrets, then used from the host as
-README's "Team tracking server" says a teammate uses it.
+docs/team-server.md says a teammate uses it: over HTTPS through the proxy, with certificate verification
+on (the client trusts the proxy's internal CA, copied out as the docs show), each job with its account.
 
 Marker `compose`, run by `make test-compose` (not by `make test`): it needs a Docker engine, Compose v2
 and the images the compose file names (nothing is pulled here; `up --build` builds the project's own).
@@ -16,6 +17,7 @@ import os
 import re
 import secrets
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -51,7 +53,9 @@ PROJECT_NAME = "mnist-pipeline-test"  # not the stack's own name: a team's stack
 EXTRA_FILES = "MNIST_COMPOSE_EXTRA_FILES"
 EXPERIMENT = MODEL = "mnist-mlp"
 BUCKET = "mlflow-artifacts"
-LONG_RUNNING = ("postgres", "objectstore", "mlflow")
+LONG_RUNNING = ("postgres", "objectstore", "mlflow", "proxy")
+# Where the proxy keeps its internal CA's root certificate (docs/team-server.md copies it out from there).
+CA_IN_PROXY = "/data/caddy/pki/authorities/local/root.crt"
 # A client process loading a model: Python, TensorFlow and MLflow start-up included; minutes when broken.
 LOAD_SECONDS = 60
 # The host's training is made weak on purpose, so that the trainer container's run beats it.
@@ -74,10 +78,11 @@ class Stack:
     env_file: Path
     settings: dict[str, str]
     engine: docker.DockerClient
+    ca_file: Path  # the proxy's root certificate, once copied out
 
     @property
     def uri(self) -> str:
-        return f"http://127.0.0.1:{self.settings['MLFLOW_HOST_PORT']}"
+        return f"https://127.0.0.1:{self.settings['MLFLOW_HTTPS_PORT']}"
 
     @property
     def serve_url(self) -> str:
@@ -87,15 +92,29 @@ class Stack:
     def admin(self) -> tuple[str, str]:
         return self.settings["MLFLOW_ADMIN_USERNAME"], self.settings["MLFLOW_ADMIN_PASSWORD"]
 
-    def client_environment(self) -> dict[str, str]:
-        """The three variables README tells a teammate to set, and nothing else (no store keys)."""
-        username, password = self.admin
-        return {"MLFLOW_TRACKING_URI": self.uri, "MLFLOW_TRACKING_USERNAME": username,
-                "MLFLOW_TRACKING_PASSWORD": password}
+    @property
+    def training(self) -> tuple[str, str]:
+        return self.settings["MLFLOW_TRAINING_USERNAME"], self.settings["MLFLOW_TRAINING_PASSWORD"]
 
-    def client(self) -> MlflowClient:
-        os.environ.update(self.client_environment())  # MLflow reads the credentials at each request
+    @property
+    def serving(self) -> tuple[str, str]:
+        return self.settings["MLFLOW_SERVING_USERNAME"], self.settings["MLFLOW_SERVING_PASSWORD"]
+
+    def client_environment(self, account: tuple[str, str] | None = None) -> dict[str, str]:
+        """The variables docs/team-server.md tells a teammate to set, and nothing else (no store keys): the
+        training account's unless another is given."""
+        username, password = account or self.training
+        return {"MLFLOW_TRACKING_URI": self.uri, "MLFLOW_TRACKING_USERNAME": username,
+                "MLFLOW_TRACKING_PASSWORD": password, "MLFLOW_TRACKING_SERVER_CERT_PATH": str(self.ca_file)}
+
+    def client(self, account: tuple[str, str] | None = None) -> MlflowClient:
+        os.environ.update(self.client_environment(account or self.admin))  # read at each request
         return MlflowClient(self.uri)
+
+    def api(self, method: str, path: str, account: tuple[str, str], **kwargs) -> requests.Response:
+        """One REST call through the proxy, the certificate checked against the stack's CA."""
+        return requests.request(method, f"{self.uri}{path}", auth=account, verify=str(self.ca_file), timeout=30,
+                                **kwargs)
 
     def compose(self, *args: str, env_file: Path | None = None, timeout: float = 900,
                 check: bool = True) -> subprocess.CompletedProcess:
@@ -151,9 +170,9 @@ def _fresh_settings() -> dict[str, str]:
         if line and not line.startswith("#"):
             name, _, value = line.partition("=")
             settings[name] = value or secrets.token_urlsafe(24)
-    mlflow_port, serve_port = free_ports(2)
+    https_port, serve_port = free_ports(2)
     settings.update(
-        MLFLOW_HOST_PORT=str(mlflow_port), MLFLOW_UI_URL=f"http://127.0.0.1:{mlflow_port}",
+        MLFLOW_HTTPS_PORT=str(https_port), MLFLOW_UI_URL=f"https://127.0.0.1:{https_port}",
         SERVE_PORT=str(serve_port), EPOCHS=CONTAINER_EPOCHS, DATASET=DATA_IN_CONTAINER,
     )
     return settings
@@ -175,11 +194,14 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     _require_compose_v2()
     workdir = tmp_path_factory.mktemp("compose")
     settings = _fresh_settings()
-    stack = Stack(_write_env_file(workdir / ".env", settings), settings, docker.from_env(version="auto"))
+    stack = Stack(_write_env_file(workdir / ".env", settings), settings, docker.from_env(version="auto"),
+                  workdir / "mlflow-ca.crt")
     stack.compose("--profile", "serve", "down", "--volumes", "--remove-orphans")  # an aborted run's leftovers
     try:
         stack.compose("up", "--detach", "--build", timeout=1800)
         stack.wait_healthy(LONG_RUNNING)
+        # as docs/team-server.md shows: the internal CA's root, out of the proxy
+        stack.compose("cp", f"proxy:{CA_IN_PROXY}", str(stack.ca_file))
         yield stack
     finally:
         logs = stack.compose("--profile", "serve", "logs", "--no-color", check=False)
@@ -237,7 +259,7 @@ def second_registration(stack, container_run, tmp_path_factory) -> subprocess.Co
 def _champion_predictions(stack: Stack, cwd: Path) -> np.ndarray:
     """What a teammate's notebook gets from models:/mnist-mlp@champion (default settings, no store keys)."""
     predictions, seconds = predict_in_new_process(
-        f"models:/{MODEL}@{names.CHAMPION_ALIAS}", _rows(), cwd, project_env(**stack.client_environment())
+        f"models:/{MODEL}@{names.CHAMPION_ALIAS}", _rows(), cwd, project_env(**stack.client_environment(stack.serving))
     )
     assert seconds < LOAD_SECONDS
     return predictions
@@ -250,19 +272,70 @@ def test_the_services_come_up_healthy_and_the_bucket_job_succeeds(stack):
     assert (bucket_job["Status"], bucket_job["ExitCode"]) == ("exited", 0)
     assert f"bucket {BUCKET} created" in stack.logs("create-bucket")
     # only the UI/API is published, on 127.0.0.1; PostgreSQL and the object store are not
-    published = {service: [binding["HostIp"] for bindings in (c.attrs["HostConfig"]["PortBindings"] or {}).values()
-                           for binding in bindings] for service, c in containers.items()}
-    assert published == {"postgres": [], "objectstore": [], "create-bucket": [], "mlflow": ["127.0.0.1"]}
+    published = {service: {port: [binding["HostIp"] for binding in bindings]
+                           for port, bindings in (c.attrs["HostConfig"]["PortBindings"] or {}).items()}
+                 for service, c in containers.items()}
+    # the MLflow server's own port is not published: only the proxy's HTTPS port is
+    assert published == {"postgres": {}, "objectstore": {}, "create-bucket": {}, "mlflow": {},
+                         "proxy": {"443/tcp": ["127.0.0.1"]}}
+    assert "create-accounts: user trainer created" in stack.logs("mlflow")
 
 
 def test_requests_without_the_right_credentials_get_401(stack):
-    search = f"{stack.uri}/api/2.0/mlflow/experiments/search"
+    search = "/api/2.0/mlflow/experiments/search"
     username, password = stack.admin
-    assert requests.get(search, params={"max_results": 1}, timeout=30).status_code == 401
+    assert stack.api("GET", search, None, params={"max_results": 1}).status_code == 401
     wrong = (username, password + "x")
-    assert requests.get(search, params={"max_results": 1}, auth=wrong, timeout=30).status_code == 401
-    assert requests.get(search, params={"max_results": 1}, auth=stack.admin, timeout=30).status_code == 200
-    assert requests.get(f"{stack.uri}/health", timeout=30).status_code == 200
+    assert stack.api("GET", search, wrong, params={"max_results": 1}).status_code == 401
+    assert stack.api("GET", search, stack.admin, params={"max_results": 1}).status_code == 200
+    assert stack.api("GET", "/health", None).status_code == 200
+
+
+def test_plain_http_to_the_published_port_never_reaches_the_api(stack):
+    plain = f"http://127.0.0.1:{stack.settings['MLFLOW_HTTPS_PORT']}"
+    for path in ("/api/2.0/mlflow/experiments/search?max_results=1", "/health", "/"):
+        answer = requests.get(plain + path, auth=stack.admin, timeout=30, allow_redirects=False)
+        # Caddy's refusal (or a redirect to https), never MLflow's answer
+        refused = answer.status_code == 400 and "HTTP request to an HTTPS server" in answer.text
+        redirected = answer.status_code in (301, 302, 307, 308) and answer.headers["Location"].startswith("https://")
+        assert refused or redirected, (path, answer.status_code, answer.text[:300])
+        assert "experiments" not in answer.text and answer.text.strip() != "OK"
+    # HTTPS is verified: a client that does not trust the stack's CA refuses the certificate
+    with pytest.raises(requests.exceptions.SSLError):
+        requests.get(f"{stack.uri}/health", timeout=30)
+
+
+def test_each_job_has_its_account_and_only_the_server_holds_the_admin_password(stack, host_run, waiting_serve):
+    """The serving account reads its model only and writes nothing; the training account manages no users;
+    no container but the server's has the admin password in its environment."""
+    other = stack.api("POST", "/api/2.0/mlflow/registered-models/create", stack.admin, json={"name": "other-model"})
+    assert other.status_code == 200, other.text
+    refused = {
+        "serving creates an experiment": stack.api("POST", "/api/2.0/mlflow/experiments/create", stack.serving,
+                                                   json={"name": "by-serving"}),
+        "serving deletes a run": stack.api("POST", "/api/2.0/mlflow/runs/delete", stack.serving,
+                                           json={"run_id": host_run}),
+        "serving reads another model": stack.api("GET", "/api/2.0/mlflow/registered-models/get", stack.serving,
+                                                 params={"name": "other-model"}),
+        "training creates a user": stack.api("POST", "/api/2.0/mlflow/users/create", stack.training,
+                                             json={"username": "by-training", "password": "x" * 16}),
+    }
+    assert {action: answer.status_code for action, answer in refused.items()} == dict.fromkeys(refused, 403)
+    assert stack.client().get_run(host_run).info.lifecycle_stage == "active"
+    assert stack.api("GET", "/api/2.0/mlflow/users/get", stack.admin,
+                     params={"username": "by-training"}).status_code == 404
+    # the serve service's environment, as `docker compose exec serve env` shows it
+    environment = stack.compose("--profile", "serve", "exec", "-T", "serve", "env").stdout
+    assert f"MLFLOW_TRACKING_USERNAME={stack.serving[0]}" in environment.splitlines()
+    admin_password = stack.admin[1]
+    assert admin_password not in environment
+    # the trainer's, and every container's but the server's
+    trainer = stack.compose("--profile", "train", "run", "--rm", "--no-deps", "trainer", "env").stdout
+    assert f"MLFLOW_TRACKING_USERNAME={stack.training[0]}" in trainer.splitlines()
+    assert admin_password not in trainer
+    holders = {service for service, container in stack.containers().items()
+               if any(admin_password in variable for variable in container.attrs["Config"]["Env"])}
+    assert holders == {"mlflow"}
 
 
 def test_a_missing_secret_stops_compose_with_the_documented_message(stack, tmp_path):
@@ -322,7 +395,7 @@ def test_register_moves_the_champion_and_teammates_load_and_serve_it_in_seconds(
     assert predictions.shape == (ROW_COUNT, 10)
     np.testing.assert_allclose(predictions.sum(axis=1), 1.0, rtol=1e-5)
     with models_serve(f"models:/{MODEL}@{names.CHAMPION_ALIAS}", tmp_path,
-                      project_env(**stack.client_environment())) as url:
+                      project_env(**stack.client_environment(stack.serving))) as url:
         np.testing.assert_allclose(invoke(url, _rows()), predictions, atol=1e-6)
 
 
@@ -357,9 +430,12 @@ def test_the_served_model_follows_the_champion_after_a_restart(stack, host_run, 
 def test_down_then_up_keeps_runs_and_users(stack, host_run, container_run):
     _, container_run_id = container_run
     teammate, password = "teammate", secrets.token_urlsafe(16)
-    created = requests.post(f"{stack.uri}/api/2.0/mlflow/users/create", auth=stack.admin, timeout=30,
-                            json={"username": teammate, "password": password})
-    assert created.status_code == 200, created.text
+    # docs/team-server.md's "Add a teammate", as the admin
+    added = subprocess.run(
+        [sys.executable, "-c", "from pipeline.tracking.accounts import Account, add_teammate; "
+         f"add_teammate('{stack.uri}', Account('{teammate}', '{password}'))"],
+        env=project_env(**stack.client_environment(stack.admin)), capture_output=True, text=True, timeout=120)
+    assert added.returncode == 0, added.stderr[-3000:]
     stack.compose("--profile", "serve", "down")
     assert stack.containers() == {}
     stack.compose("up", "--detach", timeout=600)
@@ -368,6 +444,8 @@ def test_down_then_up_keeps_runs_and_users(stack, host_run, container_run):
     runs = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])
     assert {run.info.run_id: run.info.status for run in runs} == {host_run: "FINISHED", container_run_id: "FINISHED"}
     assert client.get_model_version_by_alias(MODEL, names.CHAMPION_ALIAS).run_id == container_run_id
-    signed_in = requests.get(f"{stack.uri}/api/2.0/mlflow/experiments/search", params={"max_results": 1},
-                             auth=(teammate, password), timeout=30)
-    assert signed_in.status_code == 200
+    # the teammate's account and READ on everything came back with the runs
+    found = stack.api("POST", "/api/2.0/mlflow/runs/search", (teammate, password),
+                      json={"experiment_ids": [runs[0].info.experiment_id]})
+    assert found.status_code == 200, found.text
+    assert {run["info"]["run_id"] for run in found.json()["runs"]} == {host_run, container_run_id}

@@ -15,10 +15,18 @@ that is what `runs:/<run id>/model` asks first, for the run artifact `model` MLf
 (the model is a LoggedModel), before it falls back to the run's logged model. A 500 of a download is
 turned into the 404 only when the store, asked again, lists no such file; any other 500 (the store
 unreachable) stays what it is, and is worth retrying.
+
+Read-only accounts (MLFLOW_READ_ONLY_USERS, comma-separated; the start script adds the serving account)
+get 403 PERMISSION_DENIED on every request that could write: MLflow lets every signed-in user create
+experiments, registered models, prompts and more, whatever their grants. A request is a read when its
+method is GET, HEAD or OPTIONS, or when it is one of the search calls MLflow's clients send as POST
+(READ_ONLY_POSTS); everything else is refused before MLflow sees it.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import logging
 import os
@@ -44,6 +52,13 @@ SERVER_INFO_PATH = "/mlflow/server-info"
 DIRECT_TRANSFERS = (SERVER_INFO_MULTIPART_DOWNLOADS_ENABLED, SERVER_INFO_MULTIPART_UPLOADS_ENABLED)
 # The proxied artifact download (REST API and the UI's ajax API); PATH is relative to the destination.
 ARTIFACT_DOWNLOAD = re.compile(r"/(?:ajax-)?api/2\.0/mlflow-artifacts/artifacts/(?P<path>.+)")
+READ_ONLY_USERS_ENV = "MLFLOW_READ_ONLY_USERS"
+READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+# The reads MLflow's clients and UI send as POST (a search body can be long).
+READ_ONLY_POSTS = re.compile(
+    r"/(?:ajax-)?api/[23]\.0/mlflow/(?:runs|experiments|logged-models|traces)/search"
+    r"|/ajax-api/2\.0/mlflow/metrics/get-history-bulk-interval"
+)
 
 
 def create_app():
@@ -53,8 +68,42 @@ def create_app():
 
     app = create_basic_auth_app()
     app.add_middleware(BaseHTTPMiddleware, dispatch=_missing_artifact_not_found)
+    read_only = read_only_users()
+    if read_only:
+        logger.info("Read-only accounts (every write refused): %s", ", ".join(sorted(read_only)))
+        app.add_middleware(BaseHTTPMiddleware, dispatch=_refuse_writes_of(read_only))
     app.add_middleware(BaseHTTPMiddleware, dispatch=_without_direct_transfers)
     return app
+
+
+def read_only_users() -> frozenset[str]:
+    return frozenset(filter(None, (name.strip() for name in os.environ.get(READ_ONLY_USERS_ENV, "").split(","))))
+
+
+def _basic_auth_username(request: Request) -> str | None:
+    scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        return base64.b64decode(credentials, validate=True).decode().partition(":")[0]
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+
+
+def is_write(method: str, path: str) -> bool:
+    """Whether a request with this method and path could change anything on the server."""
+    return method not in READ_METHODS and not (method == "POST" and READ_ONLY_POSTS.fullmatch(path))
+
+
+def _refuse_writes_of(read_only: frozenset[str]):
+    async def refuse_writes(request: Request, call_next) -> Response:
+        if is_write(request.method, request.url.path) and _basic_auth_username(request) in read_only:
+            denied = {"error_code": "PERMISSION_DENIED",
+                      "message": "Permission denied: this account is read-only (MLFLOW_READ_ONLY_USERS)"}
+            return Response(json.dumps(denied), status_code=403, media_type="application/json")
+        return await call_next(request)
+
+    return refuse_writes
 
 
 async def _missing_artifact_not_found(request: Request, call_next) -> Response:
