@@ -290,7 +290,9 @@ def test_a_training_from_the_host_records_the_whole_contract_with_its_objects_in
     code, output = stack.containers()["mlflow"].exec_run(["python", "-c", listing])
     keys = output.decode().splitlines()
     assert code == 0, output.decode()[-2000:]
-    assert any(key.endswith(f"{host_run}/artifacts/{names.CHECKPOINT_DIR}/{names.BEST_MODEL_FILE}") for key in keys)
+    checkpoint = rf"{host_run}/artifacts/{names.CHECKPOINT_DIR}/{names.CHECKPOINT_EPOCH_PREFIX}\d+/"
+    checkpoint += names.BEST_MODEL_FILE
+    assert any(re.search(checkpoint + "$", key) for key in keys), keys
     assert any(key.endswith(f"models/{model_id}/artifacts/MLmodel") for key in keys), keys
 
 

@@ -103,9 +103,11 @@ class DeliveryLog(MlflowClient):
     def log_artifact(self, run_id, local_path, artifact_path=None):
         path = f"{artifact_path}/{Path(local_path).name}" if artifact_path else Path(local_path).name
         delivery = Delivery("other")
-        if path == f"{names.CHECKPOINT_DIR}/{names.BEST_MODEL_FILE}":
-            delivery = Delivery("checkpoint")
-        elif path == f"{names.CHECKPOINT_DIR}/{names.BEST_MODEL_INFO_FILE}":
+        directory, _, name = path.rpartition("/")
+        checkpoint_epoch = re.fullmatch(rf"{names.CHECKPOINT_DIR}/{names.CHECKPOINT_EPOCH_PREFIX}(\d+)", directory)
+        if checkpoint_epoch and name == names.BEST_MODEL_FILE:
+            delivery = Delivery("checkpoint", int(checkpoint_epoch[1]))  # the epoch its directory names
+        elif checkpoint_epoch and name == names.BEST_MODEL_INFO_FILE:
             delivery = Delivery("checkpoint_info", json.loads(Path(local_path).read_text())["epoch"])
         elif path == names.LR_CHANGES_FILE:
             changes = json.loads(Path(local_path).read_text())
@@ -228,7 +230,7 @@ def test_an_epochs_records_reach_the_store_checkpoint_lr_changes_state_then_metr
             + ["state", "metrics"]
         )
         assert kinds == expected, f"epoch {epoch}: {segment}"
-        assert all(d.epoch == epoch for d in segment if d.kind not in ("checkpoint", "tags", "previous_state"))
+        assert all(d.epoch == epoch for d in segment if d.kind not in ("tags", "previous_state"))
         assert all(d.epoch == epoch - 1 for d in segment if d.kind == "previous_state"), segment
         # the epoch's tags (best_epoch, lr_reductions) travel with its metrics or right after them
         assert [d.kind for d in segment][-1] in ("metrics", "tags")

@@ -2,25 +2,27 @@
 
 from __future__ import annotations
 
+import json
+import posixpath
 from pathlib import Path
 from typing import Any
 
 import keras
+from mlflow.tracking import MlflowClient
 
 from pipeline import constants as names
 from pipeline.tracking.recorder import RunRecorder, json_text
-
-CHECKPOINT_ARTIFACT = f"{names.CHECKPOINT_DIR}/{names.BEST_MODEL_FILE}"
-CHECKPOINT_INFO_ARTIFACT = f"{names.CHECKPOINT_DIR}/{names.BEST_MODEL_INFO_FILE}"
 
 
 class BestCheckpoint(keras.callbacks.ModelCheckpoint):
     """Saves the model whenever `val_accuracy` reaches a new best, and sends that file to the run.
 
     A `keras.callbacks.ModelCheckpoint` (mode max, best only, `.keras`); right after the parent has
-    saved a new best it queues the file, `checkpoints/best_model.json` and the tag `best_epoch`, and
-    adds `best_val_accuracy` to the epoch's logs for the epoch-metrics logger. A NaN `val_accuracy`
-    (see DivergenceGuard) is never a new best.
+    saved a new best it queues the file and its description as `checkpoints/epoch_<epoch>/
+    best_model.keras` and `best_model.json`, and then, in the same unit, the tags `best_epoch` and
+    `mlflow.latest_checkpoint_artifact` pointing at it (see `upload`); it adds `best_val_accuracy` to
+    the epoch's logs for the epoch-metrics logger. A NaN `val_accuracy` (see DivergenceGuard) is never
+    a new best.
 
     Args:
         filepath: the local `.keras` file.
@@ -79,11 +81,33 @@ class BestCheckpoint(keras.callbacks.ModelCheckpoint):
             self.upload()
 
     def upload(self) -> None:
-        """Queues the best checkpoint (from the bytes already read), its description and `best_epoch`."""
+        """Queues the best checkpoint (from the bytes already read) and its description under the
+        epoch's own directory, then the tags `best_epoch` and `mlflow.latest_checkpoint_artifact`
+        naming it: the tags are written only once both files are stored, so whatever moment a kill
+        comes, the tags point at a complete checkpoint and its description. A newer best replaces a
+        waiting one (files and tags) as a whole."""
         if self.recorder is None or self.best_record is None or self.best_file is None:
             return
-        self.recorder.log_together(names.CHECKPOINT_DIR, {  # one unit: file and description always agree
-            names.BEST_MODEL_FILE: self.best_file,
-            names.BEST_MODEL_INFO_FILE: json_text(self.best_record).encode(),
-        })
-        self.recorder.set_tags({names.TAG_BEST_EPOCH: self.best_record["epoch"]})
+        epoch = self.best_record["epoch"]
+        self.recorder.log_together(
+            names.checkpoint_dir(epoch),
+            {names.BEST_MODEL_FILE: self.best_file, names.BEST_MODEL_INFO_FILE: json_text(self.best_record).encode()},
+            tags={names.TAG_BEST_EPOCH: epoch, names.TAG_LATEST_CHECKPOINT: names.checkpoint_file(epoch)},
+            slot=names.CHECKPOINT_DIR,
+        )
+
+
+def download_best_checkpoint(client: MlflowClient, run_id: str, directory: Path) -> tuple[Path, dict[str, Any]]:
+    """Downloads the best checkpoint the run's tag `mlflow.latest_checkpoint_artifact` points at, and
+    its description, into `directory`; returns the `.keras` file and the description.
+
+    Raises:
+        LookupError: the run has no such tag (no best checkpoint reached the store, or the run was
+            recorded before checkpoints had their own directories: `checkpoints/best_model.keras`).
+    """
+    pointer = client.get_run(run_id).data.tags.get(names.TAG_LATEST_CHECKPOINT)
+    if pointer is None:
+        raise LookupError(f"run {run_id} has no tag {names.TAG_LATEST_CHECKPOINT}")
+    local = Path(client.download_artifacts(run_id, posixpath.dirname(pointer), str(directory)))
+    info = json.loads((local / names.BEST_MODEL_INFO_FILE).read_text())
+    return local / posixpath.basename(pointer), info

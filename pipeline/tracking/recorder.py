@@ -22,6 +22,7 @@ import collections
 import itertools
 import json
 import logging
+import os
 import shutil
 import threading
 import time
@@ -43,6 +44,13 @@ from pipeline.tracking.retry import (
 )
 
 logger = logging.getLogger(__name__)
+
+# Tests only: a directory; between two files of a unit (a checkpoint and its description) the recorder
+# touches `<n>.waiting` there (n = 1, 2, ... counts such units) and waits until `<n>.go` exists, so
+# that a test can kill the process at that exact moment.
+BARRIER_VARIABLE = "MNIST_PIPELINE_RECORDER_BARRIER"
+BARRIER_SECONDS = 300.0
+
 
 class RunRecorder:
     """Sends one run's metrics, tags and files to MLflow from a background thread, in order.
@@ -82,6 +90,7 @@ class RunRecorder:
         self._closed = False
         self._stop_retrying = threading.Event()
         self._sequence = itertools.count()
+        self._units = itertools.count(1)  # units of several files, for the test barrier
         self._condition = threading.Condition()
         self._thread = threading.Thread(target=self._deliver_forever, name="mlflow-recorder", daemon=True)
         self._thread.start()
@@ -117,16 +126,23 @@ class RunRecorder:
         staged = self._stage_dir() / artifact_file.rpartition("/")[2]
         self._enqueue_file(FileRecord([StagedFile(artifact_file, staged, writer)]))
 
-    def log_together(self, artifact_dir: str, contents: Mapping[str, bytes]) -> None:
+    def log_together(
+        self, artifact_dir: str, contents: Mapping[str, bytes], tags: Mapping[str, object] | None = None,
+        slot: str | None = None,
+    ) -> None:
         """Queues files that must always describe the same thing (a checkpoint and its description):
-        uploaded into `artifact_dir` in this order, one right after the other, and a newer set
-        replaces a waiting one as a whole. The bytes are written to disk on the background thread."""
+        uploaded into `artifact_dir` in this order, one right after the other, then `tags` in one
+        call (a pointer to the files moves only once they are all stored). A newer set with the same
+        `slot` (default: the same artifact paths) replaces a waiting one as a whole. The bytes are
+        written to disk on the background thread."""
         self._check_local_disk()
         directory = self._stage_dir()
-        self._enqueue_file(FileRecord([
-            StagedFile(f"{artifact_dir}/{name}", directory / name, _bytes_writer(data))
-            for name, data in contents.items()
-        ]))
+        self._enqueue_file(FileRecord(
+            [StagedFile(f"{artifact_dir}/{name}", directory / name, _bytes_writer(data))
+             for name, data in contents.items()],
+            tags=[RunTag(key, str(value)) for key, value in (tags or {}).items()],
+            slot=slot,
+        ))
 
     # -- waiting ---------------------------------------------------------------------------
 
@@ -156,6 +172,7 @@ class RunRecorder:
                         file.writer(target)
                     else:
                         shutil.copyfile(file.staged_path, target)
+                records += [{"tag": t.key, "value": t.value} for t in record.tags]
             else:
                 records += [{"metric": m.key, "value": m.value, "step": m.step, "timestamp": m.timestamp}
                             for m in record.metrics]
@@ -268,15 +285,15 @@ class RunRecorder:
 
     def _enqueue_file(self, record: FileRecord) -> None:
         """Queues files. A newer version of files still waiting in the queue (the same artifact
-        paths) replaces the old ones in their place, as a whole: the queue stays bounded during an
-        outage (one entry per artifact path, however many epochs pass), what arrives is always the
-        latest version, and files queued together are never separated. The entry being sent is
-        never replaced: the newer version goes after it."""
+        paths, or the same slot) replaces the old ones in their place, as a whole, with their tags:
+        the queue stays bounded during an outage (one entry per artifact path or slot, however many
+        epochs pass), what arrives is always the latest version, and files queued together are never
+        separated. The entry being sent is never replaced: the newer version goes after it."""
         with self._condition:
             for index, pending in enumerate(self._pending):
                 if index == 0 and self._delivering:
                     continue  # being sent: the newer version goes after it
-                if isinstance(pending, FileRecord) and pending.artifact_paths == record.artifact_paths:
+                if isinstance(pending, FileRecord) and pending.replaces == record.replaces:
                     self._pending[index] = record
                     shutil.rmtree(pending.staging_dir, ignore_errors=True)
                     return
@@ -370,8 +387,24 @@ class RunRecorder:
                 except OSError as error:  # a failed write() names no file: this one
                     raise OSError(error.errno, error.strerror, error.filename or str(file.staged_path)) from error
                 file.writer = None
-        for file in record.files:
+        unit = next(self._units) if len(record.files) > 1 else None
+        for index, file in enumerate(record.files):
+            if index and unit is not None:
+                _wait_at_barrier(unit)
             self.client.log_artifact(self.run_id, str(file.staged_path), file.artifact_dir)
+        if record.tags:  # only once every file is stored: a pointer never names a half-stored unit
+            self.client.log_batch(self.run_id, tags=record.tags, synchronous=True)
+
+
+def _wait_at_barrier(unit: int) -> None:
+    """Waits at the test barrier BARRIER_VARIABLE names, if any (see there)."""
+    directory = os.environ.get(BARRIER_VARIABLE)
+    if not directory:
+        return
+    (Path(directory) / f"{unit}.waiting").touch()
+    deadline = time.monotonic() + BARRIER_SECONDS
+    while not (Path(directory) / f"{unit}.go").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def json_text(obj: Any) -> str:

@@ -53,18 +53,28 @@ class StagedFile:
 @dataclasses.dataclass
 class FileRecord:
     """Files uploaded as one unit, in their order, one right after the other (e.g. a checkpoint and
-    its description): a newer unit replaces a waiting one as a whole, never one of its files. All are
-    staged in one directory of their own."""
+    its description), then `tags` in one `log_batch` call: a tag pointing at the files is written only
+    once all of them are stored. A newer unit of the same `slot` (default: the same artifact paths)
+    replaces a waiting one as a whole, never one of its files. All are staged in one directory of
+    their own."""
 
     files: list[StagedFile]
+    tags: list[RunTag] = dataclasses.field(default_factory=list)
+    slot: str | None = None
 
     @property
     def artifact_paths(self) -> tuple[str, ...]:
         return tuple(file.artifact_path for file in self.files)
 
     @property
+    def replaces(self) -> str | tuple[str, ...]:
+        """What a newer unit must share with a waiting one to replace it."""
+        return self.slot if self.slot is not None else self.artifact_paths
+
+    @property
     def staging_dir(self) -> Path:
         return self.files[0].staged_path.parent
 
     def describe(self) -> str:
-        return "artifact " + " + ".join(self.artifact_paths)
+        text = "artifact " + " + ".join(self.artifact_paths)
+        return text + (" then tags " + ", ".join(tag.key for tag in self.tags) if self.tags else "")
