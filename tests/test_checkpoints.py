@@ -1,6 +1,8 @@
 """Each new best checkpoint as MLflow's checkpoint API finds it: `mlflow.tensorflow.load_checkpoint(run_id=...)`
-gives the best epoch's model, `epoch=E` any earlier best; and a training SIGKILLed between a checkpoint and its
-description leaves the run's pointer on a complete, consistent checkpoint, which a resume carries on from."""
+gives the best epoch's model, `epoch=E` any earlier best; each is a LoggedModel `checkpoint` of the run (step = its
+epoch, its metrics linked) that predicts as the checkpoint and can be registered; and a training SIGKILLed between a
+checkpoint and its description leaves the run's pointer on a complete, consistent checkpoint, which a resume carries
+on from without a second LoggedModel of the same epoch."""
 
 from __future__ import annotations
 
@@ -14,10 +16,11 @@ import keras
 import mlflow
 import numpy as np
 import pytest
+from mlflow.entities import LoggedModelStatus
 from mlflow.tracking import MlflowClient
 
 from pipeline import constants as names
-from pipeline.callbacks.best_checkpoint import download_best_checkpoint
+from pipeline.callbacks.best_checkpoint import LINKED_METRICS, download_best_checkpoint
 from pipeline.config import TrainingConfig
 from pipeline.tracking.recorder import BARRIER_VARIABLE
 from pipeline.training.data import load_dataset, split_validation
@@ -44,6 +47,20 @@ def _same_weights(first: keras.Model, second: keras.Model) -> bool:
     return all(np.array_equal(a, b) for a, b in zip(first.get_weights(), second.get_weights(), strict=True))
 
 
+def _checkpoint_models(client: MlflowClient, run_id: str) -> dict[int, list]:
+    """The run's LoggedModels `checkpoint`, by their step as outputs of the run."""
+    run = client.get_run(run_id)
+    steps = {output.model_id: output.step for output in run.outputs.model_outputs}
+    models = mlflow.search_logged_models(
+        experiment_ids=[run.info.experiment_id], output_format="list",
+        filter_string=f"name = '{names.CHECKPOINT_MODEL_NAME}' AND source_run_id = '{run_id}'",
+    )
+    by_step: dict[int, list] = {}
+    for model in models:
+        by_step.setdefault(steps[model.model_id], []).append(model)
+    return by_step
+
+
 @pytest.mark.timeout(300)
 def test_mlflow_load_checkpoint_gives_the_best_epochs_model_and_each_earlier_best(sqlite_store, tmp_path):
     config = TrainingConfig.from_values(PARAMS)
@@ -66,6 +83,29 @@ def test_mlflow_load_checkpoint_gives_the_best_epochs_model_and_each_earlier_bes
     for epoch in new_bests:  # every new best stays in the run, under its own epoch
         earlier = mlflow.tensorflow.load_checkpoint(run_id=result.run_id, epoch=epoch)
         assert _validation_accuracy(earlier, config) == pytest.approx(val_accuracy[epoch], abs=1e-6), epoch
+
+    # each new best is a LoggedModel `checkpoint` of the run: step = its epoch, the epoch's metrics linked
+    by_step = _checkpoint_models(client, result.run_id)
+    assert sorted(by_step) == new_bests and all(len(models) == 1 for models in by_step.values()), by_step
+    rows = load_dataset(config.dataset).x_test[:20]
+    for epoch, [model] in by_step.items():
+        assert model.status == LoggedModelStatus.READY and model.tags[names.MODEL_TAG_EPOCH] == str(epoch)
+        linked = {(metric.key, metric.step): metric.value for metric in model.metrics}
+        assert {key for key, _ in linked} == set(LINKED_METRICS) and {step for _, step in linked} == {epoch}
+        assert linked[(names.VAL_ACCURACY, epoch)] == pytest.approx(val_accuracy[epoch])
+        checkpoint = mlflow.tensorflow.load_checkpoint(run_id=result.run_id, epoch=epoch)
+        np.testing.assert_allclose(  # the MLflow model is that checkpoint (pyfunc: the silent loader)
+            mlflow.pyfunc.load_model(f"models:/{model.model_id}").predict(rows),
+            checkpoint.predict(rows, verbose=0), atol=1e-6)
+    # linking adds no value to the run's own metrics: still one per epoch
+    for key in LINKED_METRICS[:-1]:
+        assert [m.step for m in client.get_metric_history(result.run_id, key)] == list(range(len(val_accuracy))), key
+    # any checkpoint can be registered, as MLflow registers a logged model
+    [first] = by_step[new_bests[0]]
+    version = mlflow.register_model(f"models:/{first.model_id}", "checkpoint-of-epoch")
+    assert first.model_id in version.source
+    registered = mlflow.tensorflow.load_model(f"models:/checkpoint-of-epoch/{version.version}")
+    assert _validation_accuracy(registered, config) == pytest.approx(val_accuracy[new_bests[0]], abs=1e-6)
 
 
 def _wait_for(path: Path, process: subprocess.Popen, timeout: float = 180) -> None:
@@ -130,6 +170,11 @@ def test_a_kill_between_a_checkpoint_and_its_description_leaves_the_pointer_on_a
     assert run.data.tags[names.TAG_LATEST_CHECKPOINT] == names.checkpoint_file(final_best)
     checkpoint_file, info = download_best_checkpoint(client, run_id, tmp_path / "final")
     assert info["epoch"] == final_best
+    # one READY LoggedModel per new best: the restored best was not logged a second time
+    by_step = _checkpoint_models(client, run_id)
+    new_bests = {m.step for m in client.get_metric_history(run_id, names.BEST_VAL_ACCURACY)}
+    assert set(by_step) == new_bests and first in by_step, (by_step, new_bests)
+    assert all(len(models) == 1 and models[0].status == LoggedModelStatus.READY for models in by_step.values())
     final = mlflow.tensorflow.load_checkpoint(run_id=run_id)
     assert _validation_accuracy(final, config) == pytest.approx(val_accuracy[final_best], abs=1e-6)
 

@@ -236,7 +236,10 @@ def test_nan_mid_training_fails_the_run_and_keeps_an_earlier_loadable_checkpoint
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-4)
     accuracy = float((probabilities.argmax(1) == y_val.argmax(1)).mean())
     assert accuracy == pytest.approx(best["val_accuracy"], abs=1e-6)  # the checkpoint of that epoch
-    assert not client.search_logged_models([run.info.experiment_id])  # a diverged run logs no model
+    # a diverged run logs no model, only its good epochs' checkpoints
+    models = client.search_logged_models([run.info.experiment_id])
+    assert {model.name for model in models} == {names.CHECKPOINT_MODEL_NAME}
+    assert {model.tags[names.MODEL_TAG_EPOCH] for model in models} >= {str(best["epoch"])}
 
 
 # Trainings started together on a new store. Without the lock of pipeline.tracking.store.prepare_sqlite_store,

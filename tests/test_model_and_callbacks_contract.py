@@ -61,6 +61,7 @@ class Delivery:
     """One record as the recorder delivered it to the store.
 
     kind: `checkpoint`, `checkpoint_info`, `lr_changes`, `previous_state`, `state`, `metrics` (an epoch's metrics),
+        `model_link` (an epoch's metrics linked to its checkpoint's LoggedModel),
         `tags` (tags only), `other` (any other file or batch), or `epoch_begin` / `train_end`
         (markers put by DrainRecorder between epochs, not deliveries).
     epoch: the epoch the delivered content is of (read from the content itself).
@@ -91,7 +92,10 @@ class DeliveryLog(MlflowClient):
 
     def log_batch(self, run_id, metrics=(), params=(), tags=(), **options):
         steps = {metric.step for metric in metrics if metric.key == names.VAL_LOSS}
-        if steps:
+        if steps and all(metric.model_id for metric in metrics):
+            [step] = steps
+            delivery = Delivery("model_link", step)
+        elif steps:
             [step] = steps
             delivery = Delivery("metrics", step, self._stored_state_epoch(run_id))
         else:
@@ -224,14 +228,15 @@ def test_an_epochs_records_reach_the_store_checkpoint_lr_changes_state_then_metr
         segment = deliveries[start + 1:end]
         kinds = [d.kind for d in segment if d.kind != "tags"]
         expected = (
-            (["checkpoint", "checkpoint_info"] if epoch in new_best_epochs else [])
+            (["model_link"] if epoch - 1 in new_best_epochs else [])  # queued at this epoch's begin
+            + (["checkpoint", "checkpoint_info"] if epoch in new_best_epochs else [])
             + (["lr_changes"] if epoch in cut_epochs else [])
             + (["previous_state"] if epoch > 0 else [])  # the state of the epoch before, kept as a fallback
             + ["state", "metrics"]
         )
         assert kinds == expected, f"epoch {epoch}: {segment}"
-        assert all(d.epoch == epoch for d in segment if d.kind not in ("tags", "previous_state"))
-        assert all(d.epoch == epoch - 1 for d in segment if d.kind == "previous_state"), segment
+        assert all(d.epoch == epoch for d in segment if d.kind not in ("tags", "previous_state", "model_link"))
+        assert all(d.epoch == epoch - 1 for d in segment if d.kind in ("previous_state", "model_link")), segment
         # the epoch's tags (best_epoch, lr_reductions) travel with its metrics or right after them
         assert [d.kind for d in segment][-1] in ("metrics", "tags")
         [metrics] = [d for d in segment if d.kind == "metrics"]

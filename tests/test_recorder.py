@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import keras
 import pytest
 from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import MAX_ENTITIES_PER_BATCH, MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH
@@ -194,6 +195,13 @@ def test_flush_timeout_names_what_is_still_pending(run, held, tmp_path):
     recorder.close(timeout=30)
 
 
+def _checkpoint(tmp_path: Path, recorder: RunRecorder) -> BestCheckpoint:
+    """A BestCheckpoint of a small real Keras model (its MLflow model template is saved from it)."""
+    checkpoint = BestCheckpoint(tmp_path / "best.keras", recorder)
+    checkpoint.set_model(keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)]))
+    return checkpoint
+
+
 def _new_best(checkpoint: BestCheckpoint, epoch: int) -> None:
     """What BestCheckpoint does at a new best, with a file whose content says its epoch."""
     checkpoint.best_record = {"epoch": epoch, names.VAL_ACCURACY: 0.5 + epoch / 100, names.VAL_LOSS: 1.0 / epoch}
@@ -230,7 +238,7 @@ def test_a_checkpoint_and_its_description_always_describe_the_same_epoch(run, he
 
     held.before_each = before_each
     recorder = RunRecorder(held, run_id, tmp_path / "staging")
-    checkpoint = BestCheckpoint(tmp_path / "best.keras", recorder)
+    checkpoint = _checkpoint(tmp_path, recorder)
     held.hold()
     _new_best(checkpoint, 3)
     held.wait_started(1)  # epoch 3's checkpoint is being sent...
@@ -248,7 +256,7 @@ def test_a_checkpoint_and_its_description_always_describe_the_same_epoch(run, he
 def test_a_newer_checkpoint_replaces_a_waiting_one_as_a_whole(run, held, tmp_path):
     client, run_id = run
     recorder = RunRecorder(held, run_id, tmp_path / "staging")
-    checkpoint = BestCheckpoint(tmp_path / "best.keras", recorder)
+    checkpoint = _checkpoint(tmp_path, recorder)
     held.hold()
     recorder.log_metrics({"loss": 0.5}, step=0)
     held.wait_started(1)
@@ -257,11 +265,14 @@ def test_a_newer_checkpoint_replaces_a_waiting_one_as_a_whole(run, held, tmp_pat
     directory = names.checkpoint_dir(5)
     unit = (f"artifact {directory}/{names.BEST_MODEL_FILE} + {directory}/{names.BEST_MODEL_INFO_FILE} "
             f"then tags {names.TAG_BEST_EPOCH}, {names.TAG_LATEST_CHECKPOINT}")
-    assert recorder.pending == ["metrics/tags loss", unit]
+    # and one LoggedModel, the newest: the older ones were replaced while they waited
+    assert recorder.pending == ["metrics/tags loss", unit, f"logged model {names.CHECKPOINT_MODEL_NAME} (step 5)"]
     held.open()
     recorder.close(timeout=60)
     stored = {item.path for item in client.list_artifacts(run_id, names.CHECKPOINT_DIR)}
     assert stored == {directory}  # epochs 1-4 were replaced while they waited: never sent
+    [output] = client.get_run(run_id).outputs.model_outputs
+    assert output.step == 5 and client.get_logged_model(output.model_id).name == names.CHECKPOINT_MODEL_NAME
     local = Path(client.download_artifacts(run_id, directory, str(tmp_path / "out")))
     assert (local / names.BEST_MODEL_FILE).read_text() == "checkpoint of epoch 5"
     assert json.loads((local / names.BEST_MODEL_INFO_FILE).read_text())["epoch"] == 5
@@ -350,7 +361,7 @@ def test_an_error_with_records_undelivered_keeps_them_locally(run, held, tmp_pat
     _, run_id = run
     rescue = tmp_path / "rescue" / run_id
     recorder = RunRecorder(held, run_id, tmp_path / "staging", abandon_timeout=0.5, rescue_dir=rescue)
-    checkpoint = BestCheckpoint(tmp_path / "best.keras", recorder)
+    checkpoint = _checkpoint(tmp_path, recorder)
     held.hold()
     with caplog.at_level(logging.INFO, logger="pipeline"), pytest.raises(ZeroDivisionError), recorder:
         recorder.log_metrics({"loss": 0.5}, step=0)

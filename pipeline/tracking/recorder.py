@@ -30,11 +30,11 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from mlflow.entities import Metric, RunTag
+from mlflow.entities import LoggedModel, LoggedModelOutput, LoggedModelStatus, Metric, RunTag
 from mlflow.tracking import MlflowClient
 
 from pipeline.errors import LocalStorageError, RecordingError, first_line
-from pipeline.tracking.records import Batch, FileRecord, StagedFile
+from pipeline.tracking.records import Batch, FileRecord, ModelMetricsLink, ModelRecord, StagedFile
 from pipeline.tracking.retry import (
     STORE_BACKOFF,
     Backoff,
@@ -83,7 +83,8 @@ class RunRecorder:
         self.abandon_timeout = abandon_timeout
         self.rescue_dir = rescue_dir
         self._local_error: LocalStorageError | None = None
-        self._pending: collections.deque[Batch | FileRecord] = collections.deque()
+        self._pending: collections.deque[Record] = collections.deque()
+        self._experiment_id: str | None = None
         self._delivering = False  # the head of the queue is being sent
         self._failures: list[str] = []
         self._outage_since: float | None = None
@@ -144,6 +145,25 @@ class RunRecorder:
             slot=slot,
         ))
 
+    def log_model(
+        self, name: str, step: int, writer: Callable[[Path, LoggedModel], None], tags: Mapping[str, object],
+        slot: str, reuse_existing: bool = False,
+    ) -> ModelRecord:
+        """Queues an MLflow model as a LoggedModel of the run, output of the run at `step` (see
+        `ModelRecord`); `writer(directory, logged_model)` writes its files on the background thread.
+        Returns the record, for `link_model_metrics`."""
+        self._check_local_disk()
+        record = ModelRecord(name, step, self._stage_dir() / name, writer, {k: str(v) for k, v in tags.items()},
+                             slot, reuse_existing)
+        self._enqueue_file(record)
+        return record
+
+    def link_model_metrics(self, model: ModelRecord, keys: tuple[str, ...]) -> None:
+        """Queues the link of the run's metrics `keys` at the model's step to the model (queue it
+        after those metrics)."""
+        self._check_local_disk()
+        self._enqueue(ModelMetricsLink(model, keys))
+
     # -- waiting ---------------------------------------------------------------------------
 
     @property
@@ -173,7 +193,7 @@ class RunRecorder:
                     else:
                         shutil.copyfile(file.staged_path, target)
                 records += [{"tag": t.key, "value": t.value} for t in record.tags]
-            else:
+            elif isinstance(record, Batch):  # a checkpoint's logged model: its file is in the unit before it
                 records += [{"metric": m.key, "value": m.value, "step": m.step, "timestamp": m.timestamp}
                             for m in record.metrics]
                 records += [{"tag": t.key, "value": t.value} for t in record.tags]
@@ -283,7 +303,7 @@ class RunRecorder:
             (batch.metrics if is_metric else batch.tags).append(item)
         self._enqueue(batch)
 
-    def _enqueue_file(self, record: FileRecord) -> None:
+    def _enqueue_file(self, record: FileRecord | ModelRecord) -> None:
         """Queues files. A newer version of files still waiting in the queue (the same artifact
         paths, or the same slot) replaces the old ones in their place, as a whole, with their tags:
         the queue stays bounded during an outage (one entry per artifact path or slot, however many
@@ -293,13 +313,13 @@ class RunRecorder:
             for index, pending in enumerate(self._pending):
                 if index == 0 and self._delivering:
                     continue  # being sent: the newer version goes after it
-                if isinstance(pending, FileRecord) and pending.replaces == record.replaces:
+                if type(pending) is type(record) and pending.replaces == record.replaces:
                     self._pending[index] = record
                     shutil.rmtree(pending.staging_dir, ignore_errors=True)
                     return
         self._enqueue(record)
 
-    def _enqueue(self, record: Batch | FileRecord) -> None:
+    def _enqueue(self, record: Record) -> None:
         with self._condition:
             if self._closed:
                 raise RuntimeError("RunRecorder is closed")
@@ -348,7 +368,7 @@ class RunRecorder:
                 self._pending.popleft()
                 self._delivering = False
                 self._condition.notify_all()
-            if isinstance(record, FileRecord):
+            if isinstance(record, (FileRecord, ModelRecord)):
                 shutil.rmtree(record.staging_dir, ignore_errors=True)
 
     def _note_local_error(self, error: OSError) -> None:
@@ -376,9 +396,15 @@ class RunRecorder:
             )
             self._outage_since = None
 
-    def _deliver(self, record: Batch | FileRecord) -> None:
+    def _deliver(self, record: Record) -> None:
         if isinstance(record, Batch):
             self.client.log_batch(self.run_id, metrics=record.metrics, tags=record.tags, synchronous=True)
+            return
+        if isinstance(record, ModelRecord):
+            self._deliver_model(record)
+            return
+        if isinstance(record, ModelMetricsLink):
+            self._deliver_link(record)
             return
         for file in record.files:  # all written first: a full disk stops the unit before any upload
             if file.writer is not None:
@@ -394,6 +420,61 @@ class RunRecorder:
             self.client.log_artifact(self.run_id, str(file.staged_path), file.artifact_dir)
         if record.tags:  # only once every file is stored: a pointer never names a half-stored unit
             self.client.log_batch(self.run_id, tags=record.tags, synchronous=True)
+
+
+    def _deliver_model(self, record: ModelRecord) -> None:
+        """Creates the LoggedModel (once: a retry reuses it), writes and uploads its files, marks it
+        READY and makes it an output of the run at its step."""
+        if record.model_id is None and record.reuse_existing:
+            record.model_id = self._existing_model(record)
+            if record.model_id is not None:
+                record.done.add("reused")  # its metrics are linked already
+                return
+        if record.model_id is None:
+            if self._experiment_id is None:
+                self._experiment_id = self.client.get_run(self.run_id).info.experiment_id
+            record.model_id = self.client.create_logged_model(
+                self._experiment_id, name=record.name, source_run_id=self.run_id, tags=record.tags
+            ).model_id
+        if "uploaded" not in record.done:
+            shutil.rmtree(record.staged_dir, ignore_errors=True)
+            try:
+                record.writer(record.staged_dir, self.client.get_logged_model(record.model_id))
+            except OSError as error:
+                raise OSError(error.errno, error.strerror, error.filename or str(record.staged_dir)) from error
+            self.client.log_model_artifacts(record.model_id, str(record.staged_dir))
+            record.done.add("uploaded")  # each step once, also when a later one is retried
+        if "output" not in record.done:
+            self.client.log_outputs(self.run_id, [LoggedModelOutput(record.model_id, step=record.step)])
+            record.done.add("output")
+        self.client.finalize_logged_model(record.model_id, LoggedModelStatus.READY)
+
+    def _existing_model(self, record: ModelRecord) -> str | None:
+        """The id of a READY model of the run with this record's name and step, if any."""
+        outputs = self.client.get_run(self.run_id).outputs
+        for output in (outputs.model_outputs if outputs else None) or []:
+            if output.step != record.step:
+                continue
+            model = self.client.get_logged_model(output.model_id)
+            if model.name == record.name and model.status == LoggedModelStatus.READY:
+                return model.model_id
+        return None
+
+    def _deliver_link(self, record: ModelMetricsLink) -> None:
+        model = record.model
+        if model.model_id is None or "reused" in model.done:
+            return  # never created (a newer one replaced it while it waited), or linked before
+        metrics = [
+            Metric(key, metric.value, metric.timestamp, metric.step, model_id=model.model_id)
+            for key in record.keys
+            for metric in self.client.get_metric_history(self.run_id, key)
+            if metric.step == model.step
+        ]
+        if metrics:
+            self.client.log_batch(self.run_id, metrics=metrics, synchronous=True)
+
+
+Record = Batch | FileRecord | ModelRecord | ModelMetricsLink
 
 
 def _wait_at_barrier(unit: int) -> None:

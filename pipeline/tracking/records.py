@@ -6,7 +6,7 @@ import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
-from mlflow.entities import Metric, RunTag
+from mlflow.entities import LoggedModel, Metric, RunTag
 from mlflow.utils.validation import MAX_ENTITIES_PER_BATCH, MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH
 
 
@@ -78,3 +78,48 @@ class FileRecord:
     def describe(self) -> str:
         text = "artifact " + " + ".join(self.artifact_paths)
         return text + (" then tags " + ", ".join(tag.key for tag in self.tags) if self.tags else "")
+
+
+@dataclasses.dataclass
+class ModelRecord:
+    """An MLflow model logged as a LoggedModel of the run (a checkpoint): created in the store as
+    `name` with `tags`, its directory written by `writer(directory, logged_model)` on the background
+    thread, uploaded, finalized READY and made an output of the run at `step`. `model_id` is kept
+    once the store has created it, so that a retry reuses it and a later `ModelMetricsLink` can name
+    it. A newer record of the same `slot` replaces a waiting one. With `reuse_existing`, a READY model
+    of this name and step that the run already has is taken instead (a resumed training's restored best)."""
+
+    name: str
+    step: int
+    staged_dir: Path
+    writer: Callable[[Path, LoggedModel], None]
+    tags: dict[str, str]
+    slot: str
+    reuse_existing: bool = False
+    model_id: str | None = None
+    done: set[str] = dataclasses.field(default_factory=set)  # the delivery steps already through
+
+    @property
+    def replaces(self) -> str:
+        return self.slot
+
+    @property
+    def staging_dir(self) -> Path:
+        return self.staged_dir.parent
+
+    def describe(self) -> str:
+        return f"logged model {self.name} (step {self.step})"
+
+
+@dataclasses.dataclass
+class ModelMetricsLink:
+    """Links the run's stored metrics `keys` of `model.step` to `model`, as MLflow's own
+    `log_model(step=...)` does: the stored values are logged again, same timestamp, with the model's
+    id (MLflow keeps one value per key, step and timestamp in the run). Nothing when the model was
+    never created (replaced by a newer one while it waited)."""
+
+    model: ModelRecord
+    keys: tuple[str, ...]
+
+    def describe(self) -> str:
+        return f"metrics of logged model {self.model.name} (step {self.model.step})"
