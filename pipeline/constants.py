@@ -44,7 +44,11 @@ TEST_ACCURACY = "test_accuracy"
 RUN_METRICS = (*EPOCH_METRICS, BEST_VAL_ACCURACY, EPOCHS_COMPLETED, TEST_LOSS, TEST_ACCURACY)
 
 # Artifacts (paths inside the run's artifact root).
+# Each new best checkpoint: checkpoints/epoch_<epoch>/best_model.keras and its description best_model.json (MLflow's
+# own layout, so that mlflow.tensorflow.load_checkpoint(run_id=..., epoch=E) finds it); the tag
+# TAG_LATEST_CHECKPOINT points at the newest complete one, and is written only once both files are stored.
 CHECKPOINT_DIR = "checkpoints"
+CHECKPOINT_EPOCH_PREFIX = "epoch_"
 BEST_MODEL_FILE = "best_model.keras"
 BEST_MODEL_INFO_FILE = "best_model.json"
 LR_CHANGES_FILE = "lr_changes.json"
@@ -56,6 +60,10 @@ CONFUSION_MATRIX_FILE = "confusion_matrix.png"
 CLASSIFICATION_REPORT_FILE = "classification_report.json"
 WORKER_TIMING_FILE = "worker_epoch_seconds.json"  # distributed trainings: each worker's epoch times
 MODEL_NAME = "model"  # the logged MLflow model: runs:/<run_id>/model
+# Each new best checkpoint is also an MLflow model, a LoggedModel of the run named `checkpoint`: output of the
+# run at step = its epoch, tag `epoch`, and the run's metrics of that epoch linked to it (model_id).
+CHECKPOINT_MODEL_NAME = "checkpoint"
+MODEL_TAG_EPOCH = "epoch"
 
 # Tags.
 TAG_CALLBACKS = "callbacks"
@@ -64,6 +72,9 @@ TAG_BEST_EPOCH = "best_epoch"
 TAG_STOP_REASON = "stop_reason"
 TAG_RUN_TYPE = "run_type"
 TAG_NAN_AT = "nan_at"
+# MLflow's pointer to a run's checkpoint (mlflow.tensorflow.load_checkpoint reads it): the artifact path of the best
+# checkpoint's .keras file, checkpoints/epoch_<best_epoch>/best_model.keras.
+TAG_LATEST_CHECKPOINT = "mlflow.latest_checkpoint_artifact"
 
 # Values of the run_type tag. Only `training` runs are compared, swept over and registered; the
 # runs of the other entry points carry their own type so that they are never mistaken for one.
@@ -134,3 +145,13 @@ TAG_STUDY_STORAGE = "study_storage"
 SWEEP_HISTORY_PLOT = "optimization_history.png"
 SWEEP_IMPORTANCE_PLOT = "param_importances.png"
 BEST_METRIC_PREFIX = "best_"  # the parent's metric best_<metric>, e.g. best_test_accuracy
+
+
+def checkpoint_dir(epoch: int) -> str:
+    """The artifact directory of the best checkpoint of `epoch` (0-based): `checkpoints/epoch_<epoch>`."""
+    return f"{CHECKPOINT_DIR}/{CHECKPOINT_EPOCH_PREFIX}{epoch}"
+
+
+def checkpoint_file(epoch: int) -> str:
+    """The artifact path of the best checkpoint of `epoch`, the value of TAG_LATEST_CHECKPOINT."""
+    return f"{checkpoint_dir(epoch)}/{BEST_MODEL_FILE}"

@@ -34,9 +34,7 @@ CALLBACKS = (
     "TargetAccuracyStop,DivergenceGuard,BatchTiming,BestCheckpoint,EarlyStopping,ReduceLROnPlateau,LearningRateChanges,"
     "CSVLogger,TrainingStateBackup,EpochMetricsLogger"
 )
-EXPECTED_ARTIFACTS = {
-    f"{names.CHECKPOINT_DIR}/{names.BEST_MODEL_FILE}",
-    f"{names.CHECKPOINT_DIR}/{names.BEST_MODEL_INFO_FILE}",
+EXPECTED_ARTIFACTS = {  # beside checkpoints/epoch_<E>/ of each new best (checked below)
     names.LR_CHANGES_FILE,
     names.TRAINING_LOG_FILE,
     names.MODEL_SUMMARY_FILE,
@@ -102,10 +100,16 @@ def assert_run_contract(
     assert all(c["cause"] == "ReduceLROnPlateau(val_loss)" for c in changes)
     assert run.data.tags[names.TAG_LR_REDUCTIONS] == str(len(changes))
 
-    # best checkpoint: info file, metric, tag agree with the per-epoch val_accuracy
+    # best checkpoint: info file, metric, tags agree with the per-epoch val_accuracy; one directory per new best
     val_accuracy = [m.value for m in client.get_metric_history(run_id, names.VAL_ACCURACY)]
     best_epoch = int(np.argmax(val_accuracy))
-    info = json.loads((local / names.CHECKPOINT_DIR / names.BEST_MODEL_INFO_FILE).read_text())
+    new_bests = [m.step for m in client.get_metric_history(run_id, names.BEST_VAL_ACCURACY)]
+    assert {path for path in artifacts if path.startswith(f"{names.CHECKPOINT_DIR}/")} == {
+        f"{names.checkpoint_dir(epoch)}/{name}" for epoch in new_bests
+        for name in (names.BEST_MODEL_FILE, names.BEST_MODEL_INFO_FILE)
+    }
+    assert run.data.tags[names.TAG_LATEST_CHECKPOINT] == names.checkpoint_file(best_epoch)
+    info = json.loads((local / names.checkpoint_dir(best_epoch) / names.BEST_MODEL_INFO_FILE).read_text())
     assert info["epoch"] == best_epoch and info["val_accuracy"] == pytest.approx(val_accuracy[best_epoch])
     assert run.data.tags[names.TAG_BEST_EPOCH] == str(best_epoch)
     assert run.data.metrics[names.BEST_VAL_ACCURACY] == pytest.approx(max(val_accuracy))
@@ -135,7 +139,7 @@ def assert_run_contract(
     assert dataset.source in dataset_input.dataset.source
 
     # test metrics are the best checkpoint's, and the logged model predicts like the checkpoint
-    checkpoint = keras.models.load_model(local / names.CHECKPOINT_DIR / names.BEST_MODEL_FILE)
+    checkpoint = keras.models.load_model(local / names.checkpoint_file(best_epoch))
     test_loss, test_accuracy = checkpoint.evaluate(dataset.x_test, dataset.y_test, verbose=0)
     assert run.data.metrics[names.TEST_ACCURACY] == pytest.approx(test_accuracy, abs=1e-6)
     assert run.data.metrics[names.TEST_LOSS] == pytest.approx(test_loss, rel=1e-5)

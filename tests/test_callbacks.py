@@ -24,6 +24,7 @@ from pipeline.callbacks import (
     TrialPruning,
     WorkerTiming,
 )
+from pipeline.callbacks.best_checkpoint import download_best_checkpoint
 from pipeline.config import TrainingConfig
 from pipeline.tracking.recorder import RunRecorder
 from pipeline.tracking.training_state import TrainingState
@@ -359,10 +360,15 @@ def test_best_checkpoint_hooks_save_and_upload_only_a_new_best(recorder, tmp_pat
     assert checkpoint.best_record == {"epoch": 3, names.VAL_ACCURACY: 0.6, names.VAL_LOSS: 0.8}
     assert checkpoint.best_file == (tmp_path / "best.keras").read_bytes()
     recorder.flush(timeout=30)
-    info = json.loads(_artifact(recorder, f"{names.CHECKPOINT_DIR}/{names.BEST_MODEL_INFO_FILE}", tmp_path).read_text())
+    directory = names.checkpoint_dir(3)
+    info = json.loads(_artifact(recorder, f"{directory}/{names.BEST_MODEL_INFO_FILE}", tmp_path).read_text())
     assert info == checkpoint.best_record
-    assert recorder.client.get_run(recorder.run_id).data.tags[names.TAG_BEST_EPOCH] == "3"
-    uploaded = keras.models.load_model(_artifact(recorder, f"{names.CHECKPOINT_DIR}/{names.BEST_MODEL_FILE}", tmp_path))
+    tags = recorder.client.get_run(recorder.run_id).data.tags
+    assert tags[names.TAG_BEST_EPOCH] == "3"
+    assert tags[names.TAG_LATEST_CHECKPOINT] == f"{directory}/{names.BEST_MODEL_FILE}"
+    stored = {item.path for item in recorder.client.list_artifacts(recorder.run_id, names.CHECKPOINT_DIR)}
+    assert stored == {names.checkpoint_dir(0), directory}  # each new best in its own directory, none for epochs 1, 2
+    uploaded = keras.models.load_model(_artifact(recorder, f"{directory}/{names.BEST_MODEL_FILE}", tmp_path))
     assert all(np.array_equal(a, b) for a, b in zip(uploaded.get_weights(), model.get_weights(), strict=True))
 
 
@@ -528,11 +534,11 @@ def test_recording_callbacks_record_checkpoints_lr_changes_and_state_in_the_run(
     assert run.data.tags[names.TAG_BEST_EPOCH] == str(best["epoch"])
     downloaded = Path(client.download_artifacts(run_id, "", str(tmp_path / "artifacts")))
     assert json.loads((downloaded / names.LR_CHANGES_FILE).read_text()) == callbacks.lr_changes.changes
-    info = json.loads((downloaded / names.CHECKPOINT_DIR / names.BEST_MODEL_INFO_FILE).read_text())
+    info = json.loads((downloaded / names.checkpoint_dir(best["epoch"]) / names.BEST_MODEL_INFO_FILE).read_text())
     assert info["epoch"] == best["epoch"]
     state = TrainingState.load(downloaded / names.STATE_DIR / names.STATE_FILE)
     assert state.csv_log.count("\n") == 5  # header + 4 epochs
-    restored = keras.models.load_model(downloaded / names.CHECKPOINT_DIR / names.BEST_MODEL_FILE)
+    restored = keras.models.load_model(downloaded / names.checkpoint_file(best["epoch"]))
     x_val = data[2]
     assert restored.predict(x_val[:4], verbose=0).shape == (4, 10)
     history = client.get_metric_history(run_id, names.VAL_ACCURACY)
@@ -565,8 +571,9 @@ def test_nan_mid_training_keeps_the_last_good_checkpoint(data, recorder, tmp_pat
     assert best["epoch"] in (0, 1)
     recorder.flush(timeout=30)
     assert [m.step for m in recorder.client.get_metric_history(recorder.run_id, names.LOSS)] == [0, 1]
-    downloaded = Path(recorder.client.download_artifacts(recorder.run_id, names.CHECKPOINT_DIR, str(tmp_path / "a")))
-    restored = keras.models.load_model(downloaded / names.BEST_MODEL_FILE)
+    checkpoint_file, info = download_best_checkpoint(recorder.client, recorder.run_id, tmp_path / "a")
+    assert info == best
+    restored = keras.models.load_model(checkpoint_file)
     predictions = restored.predict(x_val, verbose=0)
     assert np.isfinite(predictions).all()
     accuracy = float((predictions.argmax(1) == y_val.argmax(1)).mean())

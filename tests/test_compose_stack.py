@@ -352,7 +352,8 @@ def test_a_training_from_the_host_records_the_whole_contract_with_its_objects_in
     config = TrainingConfig.from_values(HOST_VALUES)
     assert_run_contract(client, host_run, config, tmp_path, expected_params=config.as_params() | {"register_as": "''"})
     model_id = client.search_logged_models([client.get_run(host_run).info.experiment_id],
-                                           filter_string=f"source_run_id = '{host_run}'")[0].model_id
+                                           filter_string=f"name = '{names.MODEL_NAME}' AND source_run_id = '{host_run}'"
+                                           )[0].model_id
     # the bucket, listed through the S3 API by the one service that holds the keys
     listing = (
         "import boto3, botocore.config, os; s3 = boto3.client('s3', endpoint_url=os.environ['MLFLOW_S3_ENDPOINT_URL'],"
@@ -363,7 +364,9 @@ def test_a_training_from_the_host_records_the_whole_contract_with_its_objects_in
     code, output = stack.containers()["mlflow"].exec_run(["python", "-c", listing])
     keys = output.decode().splitlines()
     assert code == 0, output.decode()[-2000:]
-    assert any(key.endswith(f"{host_run}/artifacts/{names.CHECKPOINT_DIR}/{names.BEST_MODEL_FILE}") for key in keys)
+    checkpoint = rf"{host_run}/artifacts/{names.CHECKPOINT_DIR}/{names.CHECKPOINT_EPOCH_PREFIX}\d+/"
+    checkpoint += names.BEST_MODEL_FILE
+    assert any(re.search(checkpoint + "$", key) for key in keys), keys
     assert any(key.endswith(f"models/{model_id}/artifacts/MLmodel") for key in keys), keys
 
 

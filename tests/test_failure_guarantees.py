@@ -6,7 +6,6 @@ create a new SQLite store at the same instant."""
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import socket
 import subprocess
@@ -21,6 +20,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline import constants as names
+from pipeline.callbacks.best_checkpoint import download_best_checkpoint
 from pipeline.training.data import load_dataset, split_validation
 from tests.helpers import (
     MNIST_SMALL,
@@ -224,11 +224,11 @@ def test_nan_mid_training_fails_the_run_and_keeps_an_earlier_loadable_checkpoint
     assert f"training diverged: the loss became NaN/inf at {tags[names.TAG_NAN_AT]} " in line
     # Only the good epochs are recorded, and the best checkpoint is one of them.
     assert [m.step for m in client.get_metric_history(run_id, names.LOSS)] == list(range(NAN_EPOCH))
-    local = Path(client.download_artifacts(run_id, names.CHECKPOINT_DIR, str(tmp_path / "downloaded")))
-    best = json.loads((local / names.BEST_MODEL_INFO_FILE).read_text())
+    checkpoint_file, best = download_best_checkpoint(client, run_id, tmp_path / "downloaded")
     assert best["epoch"] < NAN_EPOCH and str(best["epoch"]) == tags[names.TAG_BEST_EPOCH]
-    assert f"the best checkpoint (epoch {best['epoch']}) is kept in the run" in line
-    model = keras.models.load_model(local / names.BEST_MODEL_FILE)
+    kept = f"the best checkpoint (epoch {best['epoch']}) is kept in the run as {names.checkpoint_file(best['epoch'])}"
+    assert kept in line
+    model = keras.models.load_model(checkpoint_file)
     dataset = load_dataset(str(MNIST_SMALL))
     _, _, x_val, y_val = split_validation(dataset.x_train, dataset.y_train, 0.2)
     probabilities = keras.ops.convert_to_numpy(model(x_val, training=False))
@@ -236,7 +236,10 @@ def test_nan_mid_training_fails_the_run_and_keeps_an_earlier_loadable_checkpoint
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-4)
     accuracy = float((probabilities.argmax(1) == y_val.argmax(1)).mean())
     assert accuracy == pytest.approx(best["val_accuracy"], abs=1e-6)  # the checkpoint of that epoch
-    assert not client.search_logged_models([run.info.experiment_id])  # a diverged run logs no model
+    # a diverged run logs no model, only its good epochs' checkpoints
+    models = client.search_logged_models([run.info.experiment_id])
+    assert {model.name for model in models} == {names.CHECKPOINT_MODEL_NAME}
+    assert {model.tags[names.MODEL_TAG_EPOCH] for model in models} >= {str(best["epoch"])}
 
 
 # Trainings started together on a new store. Without the lock of pipeline.tracking.store.prepare_sqlite_store,

@@ -61,6 +61,7 @@ class Delivery:
     """One record as the recorder delivered it to the store.
 
     kind: `checkpoint`, `checkpoint_info`, `lr_changes`, `previous_state`, `state`, `metrics` (an epoch's metrics),
+        `model_link` (an epoch's metrics linked to its checkpoint's LoggedModel),
         `tags` (tags only), `other` (any other file or batch), or `epoch_begin` / `train_end`
         (markers put by DrainRecorder between epochs, not deliveries).
     epoch: the epoch the delivered content is of (read from the content itself).
@@ -91,7 +92,10 @@ class DeliveryLog(MlflowClient):
 
     def log_batch(self, run_id, metrics=(), params=(), tags=(), **options):
         steps = {metric.step for metric in metrics if metric.key == names.VAL_LOSS}
-        if steps:
+        if steps and all(metric.model_id for metric in metrics):
+            [step] = steps
+            delivery = Delivery("model_link", step)
+        elif steps:
             [step] = steps
             delivery = Delivery("metrics", step, self._stored_state_epoch(run_id))
         else:
@@ -103,9 +107,11 @@ class DeliveryLog(MlflowClient):
     def log_artifact(self, run_id, local_path, artifact_path=None):
         path = f"{artifact_path}/{Path(local_path).name}" if artifact_path else Path(local_path).name
         delivery = Delivery("other")
-        if path == f"{names.CHECKPOINT_DIR}/{names.BEST_MODEL_FILE}":
-            delivery = Delivery("checkpoint")
-        elif path == f"{names.CHECKPOINT_DIR}/{names.BEST_MODEL_INFO_FILE}":
+        directory, _, name = path.rpartition("/")
+        checkpoint_epoch = re.fullmatch(rf"{names.CHECKPOINT_DIR}/{names.CHECKPOINT_EPOCH_PREFIX}(\d+)", directory)
+        if checkpoint_epoch and name == names.BEST_MODEL_FILE:
+            delivery = Delivery("checkpoint", int(checkpoint_epoch[1]))  # the epoch its directory names
+        elif checkpoint_epoch and name == names.BEST_MODEL_INFO_FILE:
             delivery = Delivery("checkpoint_info", json.loads(Path(local_path).read_text())["epoch"])
         elif path == names.LR_CHANGES_FILE:
             changes = json.loads(Path(local_path).read_text())
@@ -222,14 +228,15 @@ def test_an_epochs_records_reach_the_store_checkpoint_lr_changes_state_then_metr
         segment = deliveries[start + 1:end]
         kinds = [d.kind for d in segment if d.kind != "tags"]
         expected = (
-            (["checkpoint", "checkpoint_info"] if epoch in new_best_epochs else [])
+            (["model_link"] if epoch - 1 in new_best_epochs else [])  # queued at this epoch's begin
+            + (["checkpoint", "checkpoint_info"] if epoch in new_best_epochs else [])
             + (["lr_changes"] if epoch in cut_epochs else [])
             + (["previous_state"] if epoch > 0 else [])  # the state of the epoch before, kept as a fallback
             + ["state", "metrics"]
         )
         assert kinds == expected, f"epoch {epoch}: {segment}"
-        assert all(d.epoch == epoch for d in segment if d.kind not in ("checkpoint", "tags", "previous_state"))
-        assert all(d.epoch == epoch - 1 for d in segment if d.kind == "previous_state"), segment
+        assert all(d.epoch == epoch for d in segment if d.kind not in ("tags", "previous_state", "model_link"))
+        assert all(d.epoch == epoch - 1 for d in segment if d.kind in ("previous_state", "model_link")), segment
         # the epoch's tags (best_epoch, lr_reductions) travel with its metrics or right after them
         assert [d.kind for d in segment][-1] in ("metrics", "tags")
         [metrics] = [d for d in segment if d.kind == "metrics"]

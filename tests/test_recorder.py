@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import keras
 import pytest
 from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import MAX_ENTITIES_PER_BATCH, MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH
@@ -194,6 +195,13 @@ def test_flush_timeout_names_what_is_still_pending(run, held, tmp_path):
     recorder.close(timeout=30)
 
 
+def _checkpoint(tmp_path: Path, recorder: RunRecorder) -> BestCheckpoint:
+    """A BestCheckpoint of a small real Keras model (its MLflow model template is saved from it)."""
+    checkpoint = BestCheckpoint(tmp_path / "best.keras", recorder)
+    checkpoint.set_model(keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)]))
+    return checkpoint
+
+
 def _new_best(checkpoint: BestCheckpoint, epoch: int) -> None:
     """What BestCheckpoint does at a new best, with a file whose content says its epoch."""
     checkpoint.best_record = {"epoch": epoch, names.VAL_ACCURACY: 0.5 + epoch / 100, names.VAL_LOSS: 1.0 / epoch}
@@ -202,30 +210,35 @@ def _new_best(checkpoint: BestCheckpoint, epoch: int) -> None:
 
 
 def test_a_checkpoint_and_its_description_always_describe_the_same_epoch(run, held, tmp_path):
-    """Epoch 4 becomes the best while epoch 3's checkpoint is being sent: the store must never hold a
-    description of one epoch beside the checkpoint of another, at any moment the recorder moves on
-    to another record (what a kill there would leave), nor at the end."""
+    """Epoch 4 becomes the best while epoch 3's checkpoint is being sent: whatever moment a kill comes
+    (looked at as each delivery starts, between a checkpoint and its description too), the tags
+    `mlflow.latest_checkpoint_artifact` and `best_epoch` name one epoch whose checkpoint and
+    description are both stored and are that epoch's, and at the end they name epoch 4."""
     client, run_id = run
-    pairs: list[tuple[str | None, int | None]] = []
+    seen: list[int | str | None] = []
 
-    def stored_pair() -> None:
-        stored = {item.path for item in client.list_artifacts(run_id, names.CHECKPOINT_DIR)}
-        if not stored:
+    def pointed_epoch() -> None:
+        tags = client.get_run(run_id).data.tags
+        pointer = tags.get(names.TAG_LATEST_CHECKPOINT)
+        if pointer is None:
+            assert names.TAG_BEST_EPOCH not in tags
+            seen.append(None)
             return
-        local = Path(client.download_artifacts(run_id, names.CHECKPOINT_DIR, str(tmp_path / f"seen{len(pairs)}")))
-        checkpoint_file, info_file = local / names.BEST_MODEL_FILE, local / names.BEST_MODEL_INFO_FILE
-        pairs.append((
-            checkpoint_file.read_text() if checkpoint_file.exists() else None,
-            json.loads(info_file.read_text())["epoch"] if info_file.exists() else None,
-        ))
+        local = Path(client.download_artifacts(run_id, pointer.rpartition("/")[0], str(tmp_path / f"seen{len(seen)}")))
+        epoch = json.loads((local / names.BEST_MODEL_INFO_FILE).read_text())["epoch"]
+        assert (local / names.BEST_MODEL_FILE).read_text() == f"checkpoint of epoch {epoch}", pointer
+        assert pointer == names.checkpoint_file(epoch) and tags[names.TAG_BEST_EPOCH] == str(epoch)
+        seen.append(epoch)
 
     def before_each(path: str | None) -> None:
-        if path is None or not path.startswith(f"{names.CHECKPOINT_DIR}/"):
-            stored_pair()
+        try:
+            pointed_epoch()
+        except Exception as error:  # noqa: BLE001 - noted, asserted on the test's thread, not the recorder's
+            seen.append(f"broken before {path}: {error!r}")
 
     held.before_each = before_each
     recorder = RunRecorder(held, run_id, tmp_path / "staging")
-    checkpoint = BestCheckpoint(tmp_path / "best.keras", recorder)
+    checkpoint = _checkpoint(tmp_path, recorder)
     held.hold()
     _new_best(checkpoint, 3)
     held.wait_started(1)  # epoch 3's checkpoint is being sent...
@@ -233,30 +246,38 @@ def test_a_checkpoint_and_its_description_always_describe_the_same_epoch(run, he
     recorder.log_metrics({"loss": 0.1}, step=4)
     held.open()
     recorder.close(timeout=60)
-    stored_pair()
-    assert pairs, "the store was never looked at"
-    assert all(content == f"checkpoint of epoch {epoch}" for content, epoch in pairs), pairs
-    assert pairs[-1] == ("checkpoint of epoch 4", 4)
-    assert client.get_run(run_id).data.tags[names.TAG_BEST_EPOCH] == "4"
+    pointed_epoch()
+    # looked at before each of: 3's two files and tags, 4's two files and tags, the metrics; and at the end
+    assert seen == [None, None, None, 3, 3, 3, 4, 4], seen
+    stored = {item.path for item in client.list_artifacts(run_id, names.CHECKPOINT_DIR)}
+    assert stored == {names.checkpoint_dir(3), names.checkpoint_dir(4)}
 
 
 def test_a_newer_checkpoint_replaces_a_waiting_one_as_a_whole(run, held, tmp_path):
     client, run_id = run
     recorder = RunRecorder(held, run_id, tmp_path / "staging")
-    checkpoint = BestCheckpoint(tmp_path / "best.keras", recorder)
+    checkpoint = _checkpoint(tmp_path, recorder)
     held.hold()
     recorder.log_metrics({"loss": 0.5}, step=0)
     held.wait_started(1)
     for epoch in range(1, 6):
         _new_best(checkpoint, epoch)
-    directory = names.CHECKPOINT_DIR
-    pair = f"artifact {directory}/{names.BEST_MODEL_FILE} + {directory}/{names.BEST_MODEL_INFO_FILE}"
-    assert recorder.pending == ["metrics/tags loss", pair, "metrics/tags best_epoch"]
+    directory = names.checkpoint_dir(5)
+    unit = (f"artifact {directory}/{names.BEST_MODEL_FILE} + {directory}/{names.BEST_MODEL_INFO_FILE} "
+            f"then tags {names.TAG_BEST_EPOCH}, {names.TAG_LATEST_CHECKPOINT}")
+    # and one LoggedModel, the newest: the older ones were replaced while they waited
+    assert recorder.pending == ["metrics/tags loss", unit, f"logged model {names.CHECKPOINT_MODEL_NAME} (step 5)"]
     held.open()
     recorder.close(timeout=60)
-    local = Path(client.download_artifacts(run_id, names.CHECKPOINT_DIR, str(tmp_path / "out")))
+    stored = {item.path for item in client.list_artifacts(run_id, names.CHECKPOINT_DIR)}
+    assert stored == {directory}  # epochs 1-4 were replaced while they waited: never sent
+    [output] = client.get_run(run_id).outputs.model_outputs
+    assert output.step == 5 and client.get_logged_model(output.model_id).name == names.CHECKPOINT_MODEL_NAME
+    local = Path(client.download_artifacts(run_id, directory, str(tmp_path / "out")))
     assert (local / names.BEST_MODEL_FILE).read_text() == "checkpoint of epoch 5"
     assert json.loads((local / names.BEST_MODEL_INFO_FILE).read_text())["epoch"] == 5
+    tags = client.get_run(run_id).data.tags
+    assert (tags[names.TAG_BEST_EPOCH], tags[names.TAG_LATEST_CHECKPOINT]) == ("5", names.checkpoint_file(5))
 
 
 def test_batches_stay_within_mlflows_limits_for_one_request(run, held, tmp_path):
@@ -340,14 +361,16 @@ def test_an_error_with_records_undelivered_keeps_them_locally(run, held, tmp_pat
     _, run_id = run
     rescue = tmp_path / "rescue" / run_id
     recorder = RunRecorder(held, run_id, tmp_path / "staging", abandon_timeout=0.5, rescue_dir=rescue)
-    checkpoint = BestCheckpoint(tmp_path / "best.keras", recorder)
+    checkpoint = _checkpoint(tmp_path, recorder)
     held.hold()
     with caplog.at_level(logging.INFO, logger="pipeline"), pytest.raises(ZeroDivisionError), recorder:
         recorder.log_metrics({"loss": 0.5}, step=0)
         _new_best(checkpoint, 2)
         held.wait_started(1)
         _ = 1 / 0  # an error after fit (evaluation, plots, ...)
-    kept = rescue / "unsent" / "artifacts" / names.CHECKPOINT_DIR
+    kept = rescue / "unsent" / "artifacts" / names.checkpoint_dir(2)
     assert (kept / names.BEST_MODEL_FILE).read_text() == "checkpoint of epoch 2"
     assert json.loads((kept / names.BEST_MODEL_INFO_FILE).read_text())["epoch"] == 2
+    pending = json.loads((rescue / "unsent" / "pending_records.json").read_text())
+    assert {"tag": names.TAG_LATEST_CHECKPOINT, "value": names.checkpoint_file(2)} in pending
     assert f"Kept locally in {rescue / 'unsent'}" in caplog.text

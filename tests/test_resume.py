@@ -116,7 +116,9 @@ def _assert_exactly_once(client: MlflowClient, run_id: str, tmp: Path, epochs: i
     rates = [metric.value for metric in client.get_metric_history(run_id, names.LEARNING_RATE)]
     assert rates == pytest.approx(expected_rates, rel=1e-6)
     assert run.data.tags[names.TAG_LR_REDUCTIONS] == str(len(changes))
-    best = json.loads((local / names.CHECKPOINT_DIR / names.BEST_MODEL_INFO_FILE).read_text())
+    pointed = local / run.data.tags[names.TAG_LATEST_CHECKPOINT]  # the best checkpoint's .keras file
+    best = json.loads((pointed.parent / names.BEST_MODEL_INFO_FILE).read_text())
+    assert pointed.exists()
     val_accuracy = [metric.value for metric in client.get_metric_history(run_id, names.VAL_ACCURACY)]
     assert best["epoch"] == int(run.data.tags[names.TAG_BEST_EPOCH])
     assert best["val_accuracy"] == pytest.approx(max(val_accuracy))

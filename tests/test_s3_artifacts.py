@@ -141,7 +141,9 @@ def test_a_training_stores_its_artifacts_in_the_bucket_and_any_client_loads_the_
     )
     keys = [item["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET)
             for item in page.get("Contents", [])]
-    assert any(key.endswith(f"{run_id}/artifacts/{names.CHECKPOINT_DIR}/{names.BEST_MODEL_FILE}") for key in keys)
+    checkpoint = rf"{run_id}/artifacts/{names.CHECKPOINT_DIR}/{names.CHECKPOINT_EPOCH_PREFIX}\d+/"
+    checkpoint += names.BEST_MODEL_FILE
+    assert any(re.search(checkpoint + "$", key) for key in keys), keys
     assert any(key.endswith(f"models/{model_id}/artifacts/MLmodel") for key in keys), keys
 
     predictions, seconds = _load_and_predict(f"models:/{model_id}", s3_server, tmp_path)
@@ -176,8 +178,9 @@ def test_a_missing_artifact_answers_404_as_mlflow_does_for_a_local_store(s3_serv
     assert answer.status_code == 404, answer.text
     assert answer.json()["error_code"] == "RESOURCE_DOES_NOT_EXIST"
     assert answer.json()["message"] == f"No such artifact: '{root}/model'"
-    present = requests.get(f"{s3_server.uri}/api/2.0/mlflow-artifacts/artifacts/{root}/{names.CHECKPOINT_DIR}/"
-                           f"{names.BEST_MODEL_FILE}", auth=auth, timeout=30)
+    pointer = {tag["key"]: tag["value"] for tag in run["data"]["tags"]}[names.TAG_LATEST_CHECKPOINT]
+    present = requests.get(f"{s3_server.uri}/api/2.0/mlflow-artifacts/artifacts/{root}/{pointer}", auth=auth,
+                           timeout=30)
     assert present.status_code == 200 and len(present.content) > 1000
 
 

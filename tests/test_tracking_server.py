@@ -25,6 +25,7 @@ from mlflow.tracking import MlflowClient
 from mlflow_project.server import _announce
 from pipeline import constants as names
 from pipeline.config import TrainingConfig
+from pipeline.experiments.runs import logged_models_by_run
 from pipeline.tracking.process_group import signals_held
 from pipeline.tracking.server import SERVER_SCRIPT, TrackingServer
 from pipeline.tracking.server_stores import AdminCredentials, choose_backend_store
@@ -193,7 +194,7 @@ def _all_experiment_ids() -> list[str]:
 def _snapshot(client: MlflowClient, run_id: str, workdir: Path) -> dict:
     """Everything about a run that must survive a server restart, read through the server."""
     run = client.get_run(run_id)
-    [model] = run.outputs.model_outputs
+    model_id = logged_models_by_run(client, run.info.experiment_id, run_id)[run_id]  # the model, not a checkpoint
     report = client.download_artifacts(run_id, names.CLASSIFICATION_REPORT_FILE, str(workdir))
     return {
         "info": (run.info.status, run.info.artifact_uri, run.info.experiment_id),
@@ -203,7 +204,7 @@ def _snapshot(client: MlflowClient, run_id: str, workdir: Path) -> dict:
             for metric in names.EPOCH_METRICS
         },
         "artifacts": _files(partial(client.list_artifacts, run_id)),
-        "model": _files(partial(client.list_logged_model_artifacts, model.model_id)),
+        "model": _files(partial(client.list_logged_model_artifacts, model_id)),
         "report": Path(report).read_bytes(),
     }
 

@@ -73,7 +73,11 @@ def test_run_records_the_whole_contract_in_the_database_store(postgres_store, tm
     run = MlflowClient().get_run(result.run_id)
     assert run.data.params == config.as_params() | derived
     assert run.info.status == "FINISHED"
-    assert artifact_paths(MlflowClient(), result.run_id) >= EXPECTED_ARTIFACTS
+    artifacts = artifact_paths(MlflowClient(), result.run_id)
+    assert artifacts >= EXPECTED_ARTIFACTS
+    pointer = run.data.tags[names.TAG_LATEST_CHECKPOINT]  # the best checkpoint, its description beside it
+    assert pointer == names.checkpoint_file(result.best_epoch)
+    assert {pointer, pointer.replace(names.BEST_MODEL_FILE, names.BEST_MODEL_INFO_FILE)} <= artifacts
     for metric in names.EPOCH_METRICS:
         assert len(MlflowClient().get_metric_history(result.run_id, metric)) == 3
 

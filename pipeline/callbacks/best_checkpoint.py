@@ -2,25 +2,35 @@
 
 from __future__ import annotations
 
+import json
+import posixpath
+import shutil
 from pathlib import Path
 from typing import Any
 
 import keras
+from mlflow.tracking import MlflowClient
 
 from pipeline import constants as names
+from pipeline.tracking.model_logging import checkpoint_model_writer, save_checkpoint_template
 from pipeline.tracking.recorder import RunRecorder, json_text
+from pipeline.tracking.records import ModelRecord
 
-CHECKPOINT_ARTIFACT = f"{names.CHECKPOINT_DIR}/{names.BEST_MODEL_FILE}"
-CHECKPOINT_INFO_ARTIFACT = f"{names.CHECKPOINT_DIR}/{names.BEST_MODEL_INFO_FILE}"
+# The run's metrics of a new best's epoch that its LoggedModel gets linked (model_id).
+LINKED_METRICS = (*names.EPOCH_METRICS, names.BEST_VAL_ACCURACY)
 
 
 class BestCheckpoint(keras.callbacks.ModelCheckpoint):
     """Saves the model whenever `val_accuracy` reaches a new best, and sends that file to the run.
 
     A `keras.callbacks.ModelCheckpoint` (mode max, best only, `.keras`); right after the parent has
-    saved a new best it queues the file, `checkpoints/best_model.json` and the tag `best_epoch`, and
-    adds `best_val_accuracy` to the epoch's logs for the epoch-metrics logger. A NaN `val_accuracy`
-    (see DivergenceGuard) is never a new best.
+    saved a new best it queues the file and its description as `checkpoints/epoch_<epoch>/
+    best_model.keras` and `best_model.json`, and then, in the same unit, the tags `best_epoch` and
+    `mlflow.latest_checkpoint_artifact` pointing at it (see `upload`); it adds `best_val_accuracy` to
+    the epoch's logs for the epoch-metrics logger. Each new best is also queued as an MLflow model, a
+    LoggedModel `checkpoint` of the run at step = its epoch, to which the run's metrics of that epoch
+    are linked once they are queued (at the next epoch's begin, or the training's end). A NaN
+    `val_accuracy` (see DivergenceGuard) is never a new best.
 
     Args:
         filepath: the local `.keras` file.
@@ -34,6 +44,7 @@ class BestCheckpoint(keras.callbacks.ModelCheckpoint):
         best: the best `val_accuracy` of this fit (Keras' ModelCheckpoint's), -inf before the first.
         best_record: `{epoch, val_accuracy, val_loss}` of the best checkpoint, or None.
         best_file: the best checkpoint's bytes as saved (kept for the training state), or None.
+        best_model: the best checkpoint's LoggedModel as queued (its `model_id` once created), or None.
 
     Example:
         checkpoint = BestCheckpoint("best.keras", recorder)
@@ -51,6 +62,9 @@ class BestCheckpoint(keras.callbacks.ModelCheckpoint):
         self.recorder = recorder
         self.best_record: dict[str, Any] | None = None
         self.best_file: bytes | None = None
+        self.best_model: ModelRecord | None = None
+        self._unlinked: ModelRecord | None = None  # a new best whose epoch's metrics are not queued yet
+        self._template: tuple[Path, Path] | None = None  # the MLflow model checkpoints are made from
 
     @property
     def best_epoch(self) -> int | None:
@@ -61,6 +75,18 @@ class BestCheckpoint(keras.callbacks.ModelCheckpoint):
         self.best = self.INITIAL_BEST
         self.best_record = None
         self.best_file = None
+        self.best_model = None
+        self._unlinked = None
+        if self.recorder is not None:
+            self._checkpoint_template()  # before any checkpoint takes room on the local disk
+
+    def on_epoch_begin(self, epoch: int, logs=None) -> None:
+        super().on_epoch_begin(epoch, logs)
+        self._link_metrics()
+
+    def on_train_end(self, logs=None) -> None:
+        super().on_train_end(logs)
+        self._link_metrics()
 
     def on_epoch_end(self, epoch: int, logs=None) -> None:
         previous = self.best
@@ -79,11 +105,53 @@ class BestCheckpoint(keras.callbacks.ModelCheckpoint):
             self.upload()
 
     def upload(self) -> None:
-        """Queues the best checkpoint (from the bytes already read), its description and `best_epoch`."""
+        """Queues the best checkpoint (from the bytes already read) and its description under the
+        epoch's own directory, then the tags `best_epoch` and `mlflow.latest_checkpoint_artifact`
+        naming it: the tags are written only once both files are stored, so whatever moment a kill
+        comes, the tags point at a complete checkpoint and its description. A newer best replaces a
+        waiting one (files and tags) as a whole."""
         if self.recorder is None or self.best_record is None or self.best_file is None:
             return
-        self.recorder.log_together(names.CHECKPOINT_DIR, {  # one unit: file and description always agree
-            names.BEST_MODEL_FILE: self.best_file,
-            names.BEST_MODEL_INFO_FILE: json_text(self.best_record).encode(),
-        })
-        self.recorder.set_tags({names.TAG_BEST_EPOCH: self.best_record["epoch"]})
+        epoch = self.best_record["epoch"]
+        self.recorder.log_together(
+            names.checkpoint_dir(epoch),
+            {names.BEST_MODEL_FILE: self.best_file, names.BEST_MODEL_INFO_FILE: json_text(self.best_record).encode()},
+            tags={names.TAG_BEST_EPOCH: epoch, names.TAG_LATEST_CHECKPOINT: names.checkpoint_file(epoch)},
+            slot=names.CHECKPOINT_DIR,
+        )
+        template, keras_file = self._checkpoint_template()
+        self.best_model = self._unlinked = self.recorder.log_model(
+            names.CHECKPOINT_MODEL_NAME, epoch, checkpoint_model_writer(template, keras_file, self.best_file),
+            tags={names.MODEL_TAG_EPOCH: epoch}, slot=names.CHECKPOINT_MODEL_NAME,
+            reuse_existing=True,  # a resumed training's restored best may be in the run already
+        )
+
+    def _link_metrics(self) -> None:
+        if self._unlinked is not None and self.recorder is not None:
+            self.recorder.link_model_metrics(self._unlinked, LINKED_METRICS)
+        self._unlinked = None
+
+    def _checkpoint_template(self) -> tuple[Path, Path]:
+        """The MLflow model directory each checkpoint's LoggedModel is made from, saved once per
+        training (on the training thread: Keras), and its `.keras` file."""
+        if self._template is None:
+            directory = Path(self.filepath).parent / "checkpoint-model"
+            shutil.rmtree(directory, ignore_errors=True)
+            self._template = (directory, save_checkpoint_template(self.model, directory))
+        return self._template
+
+
+def download_best_checkpoint(client: MlflowClient, run_id: str, directory: Path) -> tuple[Path, dict[str, Any]]:
+    """Downloads the best checkpoint the run's tag `mlflow.latest_checkpoint_artifact` points at, and
+    its description, into `directory`; returns the `.keras` file and the description.
+
+    Raises:
+        LookupError: the run has no such tag (no best checkpoint reached the store, or the run was
+            recorded before checkpoints had their own directories: `checkpoints/best_model.keras`).
+    """
+    pointer = client.get_run(run_id).data.tags.get(names.TAG_LATEST_CHECKPOINT)
+    if pointer is None:
+        raise LookupError(f"run {run_id} has no tag {names.TAG_LATEST_CHECKPOINT}")
+    local = Path(client.download_artifacts(run_id, posixpath.dirname(pointer), str(directory)))
+    info = json.loads((local / names.BEST_MODEL_INFO_FILE).read_text())
+    return local / posixpath.basename(pointer), info

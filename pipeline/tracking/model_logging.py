@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 import types
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 
 import keras
 import mlflow
 import numpy as np
+from mlflow.entities import LoggedModel
 from mlflow.models import Model, ModelSignature
 from mlflow.models.model import MLMODEL_FILE_NAME
 from mlflow.types import Schema, TensorSpec
@@ -31,6 +34,10 @@ MODEL_SIGNATURE = ModelSignature(
 )
 # The logged model's requirements, pinned to what trained it (no inference at log time).
 MODEL_REQUIREMENTS = ("tensorflow", "keras", "mlflow", "numpy")
+
+
+def pinned_requirements() -> list[str]:
+    return [f"{package}=={metadata.version(package)}" for package in MODEL_REQUIREMENTS]
 
 
 # The pyfunc loader shipped in the model (code/silent_keras_pyfunc.py): predictions print nothing.
@@ -72,7 +79,7 @@ def log_model(recorder: RunRecorder, model: keras.Model, input_example: np.ndarr
     options = {
         "signature": MODEL_SIGNATURE,
         "input_example": input_example,
-        "pip_requirements": [f"{package}=={metadata.version(package)}" for package in MODEL_REQUIREMENTS],
+        "pip_requirements": pinned_requirements(),
     }
     pauses = STORE_BACKOFF.pauses()
     while True:
@@ -96,3 +103,39 @@ def log_model(recorder: RunRecorder, model: keras.Model, input_example: np.ndarr
     local = workdir / names.MODEL_NAME
     save_model(model, str(local), **options)
     return local
+
+
+def save_checkpoint_template(model: keras.Model, directory: Path) -> Path:
+    """Saves `model` as the MLflow model every checkpoint's LoggedModel is made from (see
+    `checkpoint_model_writer`): the same flavors, signature and pinned requirements as the final
+    model, without an input example. Returns where its `.keras` file goes, which each checkpoint
+    fills: the template keeps no model file (no second copy of the model on the local disk). A local
+    disk error is raised as the OSError it is (MLflow wraps some in an MlflowException)."""
+    try:
+        save_model(model, str(directory), signature=MODEL_SIGNATURE, pip_requirements=pinned_requirements())
+    except mlflow.exceptions.MlflowException as error:
+        if isinstance(error.__cause__, OSError):
+            raise error.__cause__ from None
+        raise
+    [keras_file] = directory.rglob("*.keras")
+    keras_file.unlink()
+    return keras_file
+
+
+def checkpoint_model_writer(template: Path, keras_file: Path, checkpoint: bytes) -> Callable[[Path, LoggedModel], None]:
+    """Writes a checkpoint's MLflow model (on the recorder's thread, no Keras): the template's files
+    with `checkpoint` (a `.keras` file as ModelCheckpoint saved it) as the model, and the MLmodel
+    naming the LoggedModel it is uploaded to, as `mlflow.models.Model.log` names it."""
+    inner = keras_file.relative_to(template)
+
+    def write(directory: Path, logged: LoggedModel) -> None:
+        shutil.copytree(template, directory)
+        (directory / inner).write_bytes(checkpoint)
+        mlmodel = Model.load(str(directory / MLMODEL_FILE_NAME))
+        mlmodel.model_id = mlmodel.model_uuid = logged.model_id
+        mlmodel.run_id = logged.source_run_id
+        mlmodel.artifact_path = logged.artifact_location
+        mlmodel.model_size_bytes = sum(path.stat().st_size for path in directory.rglob("*") if path.is_file())
+        mlmodel.save(str(directory / MLMODEL_FILE_NAME))
+
+    return write

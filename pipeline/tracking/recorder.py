@@ -22,6 +22,7 @@ import collections
 import itertools
 import json
 import logging
+import os
 import shutil
 import threading
 import time
@@ -29,11 +30,11 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from mlflow.entities import Metric, RunTag
+from mlflow.entities import LoggedModel, LoggedModelOutput, LoggedModelStatus, Metric, RunTag
 from mlflow.tracking import MlflowClient
 
 from pipeline.errors import LocalStorageError, RecordingError, first_line
-from pipeline.tracking.records import Batch, FileRecord, StagedFile
+from pipeline.tracking.records import Batch, FileRecord, ModelMetricsLink, ModelRecord, StagedFile
 from pipeline.tracking.retry import (
     STORE_BACKOFF,
     Backoff,
@@ -43,6 +44,13 @@ from pipeline.tracking.retry import (
 )
 
 logger = logging.getLogger(__name__)
+
+# Tests only: a directory; between two files of a unit (a checkpoint and its description) the recorder
+# touches `<n>.waiting` there (n = 1, 2, ... counts such units) and waits until `<n>.go` exists, so
+# that a test can kill the process at that exact moment.
+BARRIER_VARIABLE = "MNIST_PIPELINE_RECORDER_BARRIER"
+BARRIER_SECONDS = 300.0
+
 
 class RunRecorder:
     """Sends one run's metrics, tags and files to MLflow from a background thread, in order.
@@ -75,13 +83,15 @@ class RunRecorder:
         self.abandon_timeout = abandon_timeout
         self.rescue_dir = rescue_dir
         self._local_error: LocalStorageError | None = None
-        self._pending: collections.deque[Batch | FileRecord] = collections.deque()
+        self._pending: collections.deque[Record] = collections.deque()
+        self._experiment_id: str | None = None
         self._delivering = False  # the head of the queue is being sent
         self._failures: list[str] = []
         self._outage_since: float | None = None
         self._closed = False
         self._stop_retrying = threading.Event()
         self._sequence = itertools.count()
+        self._units = itertools.count(1)  # units of several files, for the test barrier
         self._condition = threading.Condition()
         self._thread = threading.Thread(target=self._deliver_forever, name="mlflow-recorder", daemon=True)
         self._thread.start()
@@ -117,16 +127,42 @@ class RunRecorder:
         staged = self._stage_dir() / artifact_file.rpartition("/")[2]
         self._enqueue_file(FileRecord([StagedFile(artifact_file, staged, writer)]))
 
-    def log_together(self, artifact_dir: str, contents: Mapping[str, bytes]) -> None:
+    def log_together(
+        self, artifact_dir: str, contents: Mapping[str, bytes], tags: Mapping[str, object] | None = None,
+        slot: str | None = None,
+    ) -> None:
         """Queues files that must always describe the same thing (a checkpoint and its description):
-        uploaded into `artifact_dir` in this order, one right after the other, and a newer set
-        replaces a waiting one as a whole. The bytes are written to disk on the background thread."""
+        uploaded into `artifact_dir` in this order, one right after the other, then `tags` in one
+        call (a pointer to the files moves only once they are all stored). A newer set with the same
+        `slot` (default: the same artifact paths) replaces a waiting one as a whole. The bytes are
+        written to disk on the background thread."""
         self._check_local_disk()
         directory = self._stage_dir()
-        self._enqueue_file(FileRecord([
-            StagedFile(f"{artifact_dir}/{name}", directory / name, _bytes_writer(data))
-            for name, data in contents.items()
-        ]))
+        self._enqueue_file(FileRecord(
+            [StagedFile(f"{artifact_dir}/{name}", directory / name, _bytes_writer(data))
+             for name, data in contents.items()],
+            tags=[RunTag(key, str(value)) for key, value in (tags or {}).items()],
+            slot=slot,
+        ))
+
+    def log_model(
+        self, name: str, step: int, writer: Callable[[Path, LoggedModel], None], tags: Mapping[str, object],
+        slot: str, reuse_existing: bool = False,
+    ) -> ModelRecord:
+        """Queues an MLflow model as a LoggedModel of the run, output of the run at `step` (see
+        `ModelRecord`); `writer(directory, logged_model)` writes its files on the background thread.
+        Returns the record, for `link_model_metrics`."""
+        self._check_local_disk()
+        record = ModelRecord(name, step, self._stage_dir() / name, writer, {k: str(v) for k, v in tags.items()},
+                             slot, reuse_existing)
+        self._enqueue_file(record)
+        return record
+
+    def link_model_metrics(self, model: ModelRecord, keys: tuple[str, ...]) -> None:
+        """Queues the link of the run's metrics `keys` at the model's step to the model (queue it
+        after those metrics)."""
+        self._check_local_disk()
+        self._enqueue(ModelMetricsLink(model, keys))
 
     # -- waiting ---------------------------------------------------------------------------
 
@@ -156,7 +192,8 @@ class RunRecorder:
                         file.writer(target)
                     else:
                         shutil.copyfile(file.staged_path, target)
-            else:
+                records += [{"tag": t.key, "value": t.value} for t in record.tags]
+            elif isinstance(record, Batch):  # a checkpoint's logged model: its file is in the unit before it
                 records += [{"metric": m.key, "value": m.value, "step": m.step, "timestamp": m.timestamp}
                             for m in record.metrics]
                 records += [{"tag": t.key, "value": t.value} for t in record.tags]
@@ -266,23 +303,23 @@ class RunRecorder:
             (batch.metrics if is_metric else batch.tags).append(item)
         self._enqueue(batch)
 
-    def _enqueue_file(self, record: FileRecord) -> None:
+    def _enqueue_file(self, record: FileRecord | ModelRecord) -> None:
         """Queues files. A newer version of files still waiting in the queue (the same artifact
-        paths) replaces the old ones in their place, as a whole: the queue stays bounded during an
-        outage (one entry per artifact path, however many epochs pass), what arrives is always the
-        latest version, and files queued together are never separated. The entry being sent is
-        never replaced: the newer version goes after it."""
+        paths, or the same slot) replaces the old ones in their place, as a whole, with their tags:
+        the queue stays bounded during an outage (one entry per artifact path or slot, however many
+        epochs pass), what arrives is always the latest version, and files queued together are never
+        separated. The entry being sent is never replaced: the newer version goes after it."""
         with self._condition:
             for index, pending in enumerate(self._pending):
                 if index == 0 and self._delivering:
                     continue  # being sent: the newer version goes after it
-                if isinstance(pending, FileRecord) and pending.artifact_paths == record.artifact_paths:
+                if type(pending) is type(record) and pending.replaces == record.replaces:
                     self._pending[index] = record
                     shutil.rmtree(pending.staging_dir, ignore_errors=True)
                     return
         self._enqueue(record)
 
-    def _enqueue(self, record: Batch | FileRecord) -> None:
+    def _enqueue(self, record: Record) -> None:
         with self._condition:
             if self._closed:
                 raise RuntimeError("RunRecorder is closed")
@@ -331,7 +368,7 @@ class RunRecorder:
                 self._pending.popleft()
                 self._delivering = False
                 self._condition.notify_all()
-            if isinstance(record, FileRecord):
+            if isinstance(record, (FileRecord, ModelRecord)):
                 shutil.rmtree(record.staging_dir, ignore_errors=True)
 
     def _note_local_error(self, error: OSError) -> None:
@@ -359,9 +396,15 @@ class RunRecorder:
             )
             self._outage_since = None
 
-    def _deliver(self, record: Batch | FileRecord) -> None:
+    def _deliver(self, record: Record) -> None:
         if isinstance(record, Batch):
             self.client.log_batch(self.run_id, metrics=record.metrics, tags=record.tags, synchronous=True)
+            return
+        if isinstance(record, ModelRecord):
+            self._deliver_model(record)
+            return
+        if isinstance(record, ModelMetricsLink):
+            self._deliver_link(record)
             return
         for file in record.files:  # all written first: a full disk stops the unit before any upload
             if file.writer is not None:
@@ -370,8 +413,79 @@ class RunRecorder:
                 except OSError as error:  # a failed write() names no file: this one
                     raise OSError(error.errno, error.strerror, error.filename or str(file.staged_path)) from error
                 file.writer = None
-        for file in record.files:
+        unit = next(self._units) if len(record.files) > 1 else None
+        for index, file in enumerate(record.files):
+            if index and unit is not None:
+                _wait_at_barrier(unit)
             self.client.log_artifact(self.run_id, str(file.staged_path), file.artifact_dir)
+        if record.tags:  # only once every file is stored: a pointer never names a half-stored unit
+            self.client.log_batch(self.run_id, tags=record.tags, synchronous=True)
+
+
+    def _deliver_model(self, record: ModelRecord) -> None:
+        """Creates the LoggedModel (once: a retry reuses it), writes and uploads its files, marks it
+        READY and makes it an output of the run at its step."""
+        if record.model_id is None and record.reuse_existing:
+            record.model_id = self._existing_model(record)
+            if record.model_id is not None:
+                record.done.add("reused")  # its metrics are linked already
+                return
+        if record.model_id is None:
+            if self._experiment_id is None:
+                self._experiment_id = self.client.get_run(self.run_id).info.experiment_id
+            record.model_id = self.client.create_logged_model(
+                self._experiment_id, name=record.name, source_run_id=self.run_id, tags=record.tags
+            ).model_id
+        if "uploaded" not in record.done:
+            shutil.rmtree(record.staged_dir, ignore_errors=True)
+            try:
+                record.writer(record.staged_dir, self.client.get_logged_model(record.model_id))
+            except OSError as error:
+                raise OSError(error.errno, error.strerror, error.filename or str(record.staged_dir)) from error
+            self.client.log_model_artifacts(record.model_id, str(record.staged_dir))
+            record.done.add("uploaded")  # each step once, also when a later one is retried
+        if "output" not in record.done:
+            self.client.log_outputs(self.run_id, [LoggedModelOutput(record.model_id, step=record.step)])
+            record.done.add("output")
+        self.client.finalize_logged_model(record.model_id, LoggedModelStatus.READY)
+
+    def _existing_model(self, record: ModelRecord) -> str | None:
+        """The id of a READY model of the run with this record's name and step, if any."""
+        outputs = self.client.get_run(self.run_id).outputs
+        for output in (outputs.model_outputs if outputs else None) or []:
+            if output.step != record.step:
+                continue
+            model = self.client.get_logged_model(output.model_id)
+            if model.name == record.name and model.status == LoggedModelStatus.READY:
+                return model.model_id
+        return None
+
+    def _deliver_link(self, record: ModelMetricsLink) -> None:
+        model = record.model
+        if model.model_id is None or "reused" in model.done:
+            return  # never created (a newer one replaced it while it waited), or linked before
+        metrics = [
+            Metric(key, metric.value, metric.timestamp, metric.step, model_id=model.model_id)
+            for key in record.keys
+            for metric in self.client.get_metric_history(self.run_id, key)
+            if metric.step == model.step
+        ]
+        if metrics:
+            self.client.log_batch(self.run_id, metrics=metrics, synchronous=True)
+
+
+Record = Batch | FileRecord | ModelRecord | ModelMetricsLink
+
+
+def _wait_at_barrier(unit: int) -> None:
+    """Waits at the test barrier BARRIER_VARIABLE names, if any (see there)."""
+    directory = os.environ.get(BARRIER_VARIABLE)
+    if not directory:
+        return
+    (Path(directory) / f"{unit}.waiting").touch()
+    deadline = time.monotonic() + BARRIER_SECONDS
+    while not (Path(directory) / f"{unit}.go").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def json_text(obj: Any) -> str:

@@ -6,7 +6,7 @@ import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
-from mlflow.entities import Metric, RunTag
+from mlflow.entities import LoggedModel, Metric, RunTag
 from mlflow.utils.validation import MAX_ENTITIES_PER_BATCH, MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH
 
 
@@ -53,18 +53,73 @@ class StagedFile:
 @dataclasses.dataclass
 class FileRecord:
     """Files uploaded as one unit, in their order, one right after the other (e.g. a checkpoint and
-    its description): a newer unit replaces a waiting one as a whole, never one of its files. All are
-    staged in one directory of their own."""
+    its description), then `tags` in one `log_batch` call: a tag pointing at the files is written only
+    once all of them are stored. A newer unit of the same `slot` (default: the same artifact paths)
+    replaces a waiting one as a whole, never one of its files. All are staged in one directory of
+    their own."""
 
     files: list[StagedFile]
+    tags: list[RunTag] = dataclasses.field(default_factory=list)
+    slot: str | None = None
 
     @property
     def artifact_paths(self) -> tuple[str, ...]:
         return tuple(file.artifact_path for file in self.files)
 
     @property
+    def replaces(self) -> str | tuple[str, ...]:
+        """What a newer unit must share with a waiting one to replace it."""
+        return self.slot if self.slot is not None else self.artifact_paths
+
+    @property
     def staging_dir(self) -> Path:
         return self.files[0].staged_path.parent
 
     def describe(self) -> str:
-        return "artifact " + " + ".join(self.artifact_paths)
+        text = "artifact " + " + ".join(self.artifact_paths)
+        return text + (" then tags " + ", ".join(tag.key for tag in self.tags) if self.tags else "")
+
+
+@dataclasses.dataclass
+class ModelRecord:
+    """An MLflow model logged as a LoggedModel of the run (a checkpoint): created in the store as
+    `name` with `tags`, its directory written by `writer(directory, logged_model)` on the background
+    thread, uploaded, finalized READY and made an output of the run at `step`. `model_id` is kept
+    once the store has created it, so that a retry reuses it and a later `ModelMetricsLink` can name
+    it. A newer record of the same `slot` replaces a waiting one. With `reuse_existing`, a READY model
+    of this name and step that the run already has is taken instead (a resumed training's restored best)."""
+
+    name: str
+    step: int
+    staged_dir: Path
+    writer: Callable[[Path, LoggedModel], None]
+    tags: dict[str, str]
+    slot: str
+    reuse_existing: bool = False
+    model_id: str | None = None
+    done: set[str] = dataclasses.field(default_factory=set)  # the delivery steps already through
+
+    @property
+    def replaces(self) -> str:
+        return self.slot
+
+    @property
+    def staging_dir(self) -> Path:
+        return self.staged_dir.parent
+
+    def describe(self) -> str:
+        return f"logged model {self.name} (step {self.step})"
+
+
+@dataclasses.dataclass
+class ModelMetricsLink:
+    """Links the run's stored metrics `keys` of `model.step` to `model`, as MLflow's own
+    `log_model(step=...)` does: the stored values are logged again, same timestamp, with the model's
+    id (MLflow keeps one value per key, step and timestamp in the run). Nothing when the model was
+    never created (replaced by a newer one while it waited)."""
+
+    model: ModelRecord
+    keys: tuple[str, ...]
+
+    def describe(self) -> str:
+        return f"metrics of logged model {self.model.name} (step {self.model.step})"

@@ -43,7 +43,7 @@ def record_divergence(recorder: RunRecorder, callbacks: TrainingCallbacks, workd
     try:
         recorder.close(timeout=flush_timeout)
         kept = (
-            f"{checkpoint} is kept in the run as {names.CHECKPOINT_DIR}/{names.BEST_MODEL_FILE}"
+            f"{checkpoint} is kept in the run as {names.checkpoint_file(best['epoch'])}"
             if checkpoint
             else "no checkpoint was saved before it"
         )
