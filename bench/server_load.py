@@ -12,7 +12,8 @@ own MLflow client, in client processes of at most --per-process trainings each (
 not one Python interpreter's GIL). A training creates its run with the pipeline's parameters, then every
 --epoch-seconds queues what a real epoch queues, in the same order and at the real sizes (a `.keras` file
 and a resumable state of the default model, made once with Keras): the epoch's metrics, the best checkpoint
-and its description with the `best_epoch` tag (on every epoch: worst case, a new best each time), the
+and its description in the epoch's directory, then the tags pointing at it (on every epoch: worst case, a new
+best each time; the LoggedModel a training also makes of each best is left out: it needs Keras), the
 previous and the newest state; at the end `epochs_completed` and the stop reason, then it closes the
 recorder (which waits for delivery) and ends the run FINISHED.
 
@@ -130,11 +131,13 @@ def train(client: TimedClient, experiment_id: str, payload: dict[str, bytes], ar
                 time.sleep(max(0.0, due - time.monotonic()))
                 lateness.append(max(0.0, time.monotonic() - due))
                 record = {"epoch": epoch, names.VAL_ACCURACY: 0.5 + epoch / 1000, names.VAL_LOSS: 1.0 - epoch / 1000}
-                recorder.log_together(names.CHECKPOINT_DIR, {
-                    names.BEST_MODEL_FILE: payload["checkpoint"],
-                    names.BEST_MODEL_INFO_FILE: json_text(record).encode(),
-                })
-                recorder.set_tags({names.TAG_BEST_EPOCH: epoch})
+                recorder.log_together(
+                    names.checkpoint_dir(epoch),
+                    {names.BEST_MODEL_FILE: payload["checkpoint"],
+                     names.BEST_MODEL_INFO_FILE: json_text(record).encode()},
+                    tags={names.TAG_BEST_EPOCH: epoch, names.TAG_LATEST_CHECKPOINT: names.checkpoint_file(epoch)},
+                    slot=names.CHECKPOINT_DIR,
+                )
                 if epoch:
                     recorder.log_written(lambda path: path.write_bytes(payload["state"]), artifacts["previous_state"])
                 recorder.log_written(lambda path: path.write_bytes(payload["state"]), artifacts["state"])
@@ -206,7 +209,7 @@ def check_runs(client: MlflowClient, results: list[dict], epochs: int, sizes: di
     """What the store lacks: every epoch metric once per epoch, every artifact at its size."""
     missing = []
     expected_files = {
-        f"{names.CHECKPOINT_DIR}/{names.BEST_MODEL_FILE}": sizes["checkpoint"],
+        names.checkpoint_file(epochs - 1): sizes["checkpoint"],
         artifacts["state"]: sizes["state"],
         **({artifacts["previous_state"]: sizes["state"]} if epochs > 1 else {}),
     }
@@ -224,8 +227,10 @@ def check_runs(client: MlflowClient, results: list[dict], epochs: int, sizes: di
                 missing.append(f"{run_id}: {key} steps {sorted(steps)}")
         if run.data.tags.get(names.TAG_BEST_EPOCH) != str(epochs - 1):
             missing.append(f"{run_id}: best_epoch {run.data.tags.get(names.TAG_BEST_EPOCH)}")
+        if run.data.tags.get(names.TAG_LATEST_CHECKPOINT) != names.checkpoint_file(epochs - 1):
+            missing.append(f"{run_id}: {names.TAG_LATEST_CHECKPOINT} {run.data.tags.get(names.TAG_LATEST_CHECKPOINT)}")
         listed = {}
-        for directory in (names.CHECKPOINT_DIR, names.STATE_DIR):
+        for directory in (names.checkpoint_dir(epochs - 1), names.STATE_DIR):
             listed |= {item.path: item.file_size for item in client.list_artifacts(run_id, directory)}
         for path, size in expected_files.items():
             if listed.get(path) != size:

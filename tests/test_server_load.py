@@ -48,6 +48,7 @@ def test_eight_trainings_at_once_lose_nothing_and_surface_no_error(tracking_serv
     for run in runs:
         for key in names.EPOCH_METRICS:
             assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == list(range(EPOCHS)), key
-        files = {item.path for item in client.list_artifacts(run.info.run_id, names.CHECKPOINT_DIR)}
-        assert files == {f"{names.CHECKPOINT_DIR}/{names.BEST_MODEL_FILE}",
-                         f"{names.CHECKPOINT_DIR}/{names.BEST_MODEL_INFO_FILE}"}
+        last = names.checkpoint_dir(EPOCHS - 1)
+        files = {item.path for item in client.list_artifacts(run.info.run_id, last)}
+        assert files == {f"{last}/{names.BEST_MODEL_FILE}", f"{last}/{names.BEST_MODEL_INFO_FILE}"}
+        assert run.data.tags[names.TAG_LATEST_CHECKPOINT] == names.checkpoint_file(EPOCHS - 1)
