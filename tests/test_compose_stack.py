@@ -277,7 +277,7 @@ def test_a_training_from_the_host_records_the_whole_contract_with_its_objects_in
 ):
     client = stack.client()
     config = TrainingConfig.from_values(HOST_VALUES)
-    assert_run_contract(client, host_run, config, tmp_path, expected_params=config.as_params() | {"register_as": "''"})
+    assert_run_contract(client, host_run, config, tmp_path, expected_params=config.as_params())
     model_id = client.search_logged_models([client.get_run(host_run).info.experiment_id],
                                            filter_string=f"source_run_id = '{host_run}'")[0].model_id
     # the bucket, listed through the S3 API by the one service that holds the keys
