@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import optuna
@@ -40,18 +41,21 @@ class Sweep:
 
 
 @pytest.fixture(scope="module")
-def sweep(shared_tracking, tmp_path_factory) -> Sweep:
+def sweep(shared_tracking, tmp_path_factory) -> Iterator[Sweep]:
     """`mlflow run . -e sweep` with the default storage (HOME in a temporary directory: the journal file in its
     ~/.cache/mnist-pipeline, as for any remote tracking server) and no `study` or `storage` given."""
     home = tmp_path_factory.mktemp("home")
     experiment = f"sweep-ui-{uuid.uuid4().hex[:8]}"
-    client = MlflowClient(shared_tracking["MLFLOW_TRACKING_URI"])
-    experiment_id = client.create_experiment(experiment)
-    result = mlflow_project_run("sweep", FIXED | GRID, experiment, home, shared_tracking | {"HOME": str(home)},
-                                timeout=540)
-    assert result.returncode == 0, result.stderr[-3000:]
-    journal = home / USER_CACHE.relative_to(Path.home()) / JOURNAL_FILE
-    return Sweep(result, client, experiment_id, journal)
+    with pytest.MonkeyPatch.context() as environment:  # this process's client signs in as the processes do
+        for name, value in shared_tracking.items():
+            environment.setenv(name, value)
+        client = MlflowClient(shared_tracking["MLFLOW_TRACKING_URI"])
+        experiment_id = client.create_experiment(experiment)
+        result = mlflow_project_run("sweep", FIXED | GRID, experiment, home, shared_tracking | {"HOME": str(home)},
+                                    timeout=540)
+        assert result.returncode == 0, result.stderr[-3000:]
+        journal = home / USER_CACHE.relative_to(Path.home()) / JOURNAL_FILE
+        yield Sweep(result, client, experiment_id, journal)
 
 
 def test_child_runs_carry_optunas_trial_numbers_study_name_and_states(sweep):
