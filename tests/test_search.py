@@ -18,7 +18,7 @@ from pipeline import constants as names
 from pipeline.config import TrainingConfig
 from pipeline.experiments.study import JOURNAL_FILE
 from tests.conftest import create_database, drop_database
-from tests.helpers import MNIST_SMALL, cli_options, one_line_error, project_env, run_cli, run_cli_here
+from tests.helpers import MNIST_SMALL, PROJECT_DIR, cli_options, one_line_error, project_env, run_cli, run_cli_here
 from tests.run_contract import CALLBACKS, assert_run_contract
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
@@ -139,6 +139,16 @@ def test_a_sweep_ranked_by_a_per_epoch_metric_ranks_records_and_shows_it(tmp_pat
     rows = pd.read_csv(client.download_artifacts(parent.info.run_id, names.SWEEP_TRIALS_FILE, str(tmp_path)))
     assert rows.set_index("trial")[names.LOSS].to_dict() == losses
     assert f"Best: trial {best}, run {trials[best].info.run_id} (loss={losses[best]:.4f})" in result.stdout
+    # a sweep started from the CLI names its source as `mlflow.start_run` would (program, LOCAL, git commit, user);
+    # its trials, created through the client, copy it: the UI's Source column is never "-"
+    source = {key: parent.data.tags.get(key) for key in names.SOURCE_TAGS if key in parent.data.tags}
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_DIR, capture_output=True, text=True).stdout
+    assert source["mlflow.source.type"] == "LOCAL"
+    assert source["mlflow.source.name"] == str(PROJECT_DIR / "mlflow_project" / "__main__.py")
+    assert source["mlflow.source.git.commit"] == commit.strip()
+    assert source["mlflow.user"]
+    for run in trials.values():
+        assert {key: run.data.tags.get(key) for key in source} == source
 
 
 @pytest.mark.timeout(120)
