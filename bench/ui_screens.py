@@ -67,11 +67,13 @@ def mlflow_run(entry_point: str, params: dict[str, str], env: dict[str, str], cw
 
 
 def shoot(page, url: str, path: Path, wait_text: str | None = None, full_page: bool = False) -> None:
-    page.goto(url)
-    page.wait_for_load_state("networkidle")
-    if wait_text:
-        page.get_by_text(wait_text).first.wait_for(timeout=30_000)
-    time.sleep(2)  # charts and tables settle after the last request
+    page.goto(url, wait_until="load")  # not "networkidle": the MLflow UI keeps polling
+    try:
+        if wait_text:
+            page.get_by_text(wait_text).first.wait_for(timeout=30_000)
+    except Exception as error:  # noqa: BLE001 - a screenshot of what did show is still worth having
+        print(f"{path}: {wait_text!r} not shown within 30 s ({type(error).__name__})")
+    time.sleep(5)  # charts and tables settle after the last request
     page.screenshot(path=str(path), full_page=full_page)
     print(f"{path}: {url}")
 
