@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -73,8 +74,11 @@ def parameter_options(specs: Sequence[ParameterSpec]) -> Callable[[Callable[...,
 
     def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
         for spec in reversed(specs):
+            # `mlflow run` passes a parameter the MLproject leaves out (an empty default) as `--name value`
+            aliases = (spec.mlflow_run_flag,) if not spec.in_mlproject and spec.mlflow_run_flag != spec.cli_flag else ()
             command = click.option(
                 spec.cli_flag,
+                *aliases,
                 spec.name,
                 type=str,
                 default=None,
@@ -116,6 +120,27 @@ def open_experiment(
     from pipeline.experiments.runs import open_workspace
 
     return parse_parameters(specs, given(values)), open_workspace(run_type, experiment_name)
+
+
+def source_tags() -> dict[str, str]:
+    """MLflow's source tags for a run this command creates through the client (which sets none), as
+    `mlflow.start_run` sets them on a new run: this program, LOCAL, the git commit it was run from
+    (when it is in a git work tree), the user. The UI's Source and User columns show them."""
+    import getpass
+    import subprocess
+
+    program = os.path.abspath(sys.argv[0])
+    tags = {"mlflow.source.name": program, "mlflow.source.type": "LOCAL"}
+    with contextlib.suppress(KeyError, OSError):  # no name for this uid (a container's)
+        tags["mlflow.user"] = getpass.getuser()
+    try:
+        commit = subprocess.run(["git", "-C", os.path.dirname(program), "rev-parse", "HEAD"],
+                                capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):  # no git, or it hangs
+        return tags
+    if commit.returncode == 0 and commit.stdout.strip():
+        tags["mlflow.source.git.commit"] = commit.stdout.strip()
+    return tags
 
 
 def given(values: dict[str, Any]) -> dict[str, Any]:

@@ -1,5 +1,8 @@
 """Renders the MLproject file from the parameter specs, so that it cannot drift from the CLI.
 
+A parameter whose default is empty is left out of its entry point: `mlflow run` then logs it only when
+it is given, and passes it on as `--name value`, which the CLI accepts beside `--name-with-dashes`.
+
     python -m mlflow_project mlproject > MLproject
 """
 
@@ -37,7 +40,8 @@ def render_mlproject() -> str:
         "conda_env: conda.yaml",
         "entry_points:",
     ]
-    for entry_point, (command, specs) in ENTRY_POINTS.items():
+    for entry_point, (command, all_specs) in ENTRY_POINTS.items():
+        specs = [spec for spec in all_specs if spec.in_mlproject]  # `-P name=value` still reaches the others
         lines += [f"  {entry_point}:", "    parameters:"]
         for spec in specs:
             lines.append(f"      {spec.name}: {{type: {spec.mlproject_type}, default: {_yaml_scalar(spec)}}}")

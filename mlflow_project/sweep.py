@@ -54,10 +54,11 @@ def sweep(experiment_name: str | None, worker_number: int, parent_pid: int, **va
         tf.get_logger().setLevel("ERROR")  # retracing notices: several models train in one process
         import optuna
 
-        optuna.logging.set_verbosity(optuna.logging.WARNING)  # its trial lines count from 0; ours from 1
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # our trial lines say the same, with their run
         from pipeline.experiments.sweep import SweepRequest, run_sweep
 
-        summary = run_sweep(SweepRequest(options, experiment_name, worker_command, worker_number))
+        summary = run_sweep(SweepRequest(options, experiment_name, worker_command, worker_number,
+                                         common.source_tags()))
     if worker_number:
         return
     counts = ", ".join(f"{summary.count(state)} {state}" for state in ("finished", "pruned", "failed"))

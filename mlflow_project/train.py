@@ -67,9 +67,12 @@ def train(experiment_name: str | None, run_id: str | None, **values: str | None)
     model_id = logged_models_by_run(MlflowClient(), result.experiment_id, result.run_id).get(result.run_id)
     if model_id:  # the fast URI: runs:/ID/model first probes a run artifact that MLflow 3 no longer writes
         click.echo(f"Model: models:/{model_id}")
+    # The record counts epochs from 0 (the tag best_epoch, the metrics' steps); Keras' console lines from 1.
+    best_epoch = result.best_epoch
+    best = "no best epoch" if best_epoch is None else f"best epoch {best_epoch + 1} (step {best_epoch})"
     click.echo(
         f"Run {result.run_id}: test_accuracy={result.test_accuracy:.4f} test_loss={result.test_loss:.4f} "
-        f"after {result.epochs_completed} epochs ({result.stop_reason}), best epoch {result.best_epoch}"
+        f"after {result.epochs_completed} epochs ({result.stop_reason}), {best}"
     )
     ui_url = run_ui_url(result.experiment_id, result.run_id)
     if ui_url:

@@ -58,6 +58,17 @@ class ParameterSpec:
         return "--" + self.name.replace("_", "-")
 
     @property
+    def mlflow_run_flag(self) -> str:
+        """How `mlflow run -P name=...` passes a parameter its MLproject entry point does not list."""
+        return "--" + self.name
+
+    @property
+    def in_mlproject(self) -> bool:
+        """Whether the MLproject file lists it: not when its default is empty, so that `mlflow run` logs it
+        as a param only when it is given (a blank param is noise in the UI; the CLI takes it as ever)."""
+        return self.default_text != ""
+
+    @property
     def default_text(self) -> str:
         """The default as a user types it (`false`, not `False`)."""
         return str(self.default).lower() if self.kind is bool else str(self.default)

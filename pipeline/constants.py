@@ -142,6 +142,21 @@ TAG_PRUNED_TRIALS = "pruned_trials"
 TAG_FAILED_TRIALS = "failed_trials"
 TAG_STUDY_NAME = "study_name"
 TAG_STUDY_STORAGE = "study_storage"
+# MLflow's system tags that say where a run comes from (the UI's Source and User columns): `mlflow run` sets
+# them on the runs it creates, `mlflow.start_run` on a new run; a sweep sets them on its parent and copies them
+# to its trials (runs it creates through the client, which sets none).
+SOURCE_TAGS = (
+    "mlflow.source.name",
+    "mlflow.source.type",
+    "mlflow.source.git.commit",
+    "mlflow.source.git.repoURL",
+    "mlflow.source.git.branch",
+    "mlflow.gitRepoURL",
+    "mlflow.project.entryPoint",
+    "mlflow.project.env",
+    "mlflow.project.backend",
+    "mlflow.user",
+)
 SWEEP_HISTORY_PLOT = "optimization_history.png"
 SWEEP_IMPORTANCE_PLOT = "param_importances.png"
 BEST_METRIC_PREFIX = "best_"  # the parent's metric best_<metric>, e.g. best_test_accuracy

@@ -63,13 +63,14 @@ def assert_run_contract(
     expected_params: dict[str, str] | None = None,
     derived_params: dict[str, str] | None = None,
     callbacks: str = CALLBACKS,
+    status: str = "FINISHED",
 ) -> None:
     """Every item of the run contract (README, "What a run records"), checked in the store.
 
-    `derived_params` overrides DERIVED_PARAMS (a distributed training's replicas and workers), and
-    `callbacks` is the expected `callbacks` tag."""
+    `derived_params` overrides DERIVED_PARAMS (a distributed training's replicas and workers),
+    `callbacks` is the expected `callbacks` tag, and `status` the run's (KILLED: a pruned sweep trial)."""
     run = client.get_run(run_id)
-    assert run.info.status == "FINISHED"
+    assert run.info.status == status
     assert run.data.params == (expected_params or config.as_params()) | DERIVED_PARAMS | (derived_params or {})
 
     completed = int(run.data.metrics[names.EPOCHS_COMPLETED])

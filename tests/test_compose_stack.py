@@ -350,7 +350,7 @@ def test_a_training_from_the_host_records_the_whole_contract_with_its_objects_in
 ):
     client = stack.client()
     config = TrainingConfig.from_values(HOST_VALUES)
-    assert_run_contract(client, host_run, config, tmp_path, expected_params=config.as_params() | {"register_as": "''"})
+    assert_run_contract(client, host_run, config, tmp_path, expected_params=config.as_params())
     model_id = client.search_logged_models([client.get_run(host_run).info.experiment_id],
                                            filter_string=f"name = '{names.MODEL_NAME}' AND source_run_id = '{host_run}'"
                                            )[0].model_id

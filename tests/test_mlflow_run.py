@@ -78,10 +78,10 @@ def test_mlflow_run_records_the_whole_contract(tmp_path):
     config = TrainingConfig.from_values(
         {"epochs": "4", "dataset": str(MNIST_SMALL), "learning_rate": "2e-3", "lr_patience": "1"}
     )
-    # MLflow logged the entry point's parameters as typed ("2e-3"), and the empty run option
-    # register_as shell-quoted; the pipeline added the rest.
+    # MLflow logged the entry point's parameters as typed ("2e-3"), and not the run option register_as,
+    # which MLproject leaves out while it is empty; the pipeline added the rest.
     assert run.data.params["learning_rate"] == "2e-3"
-    params_as_typed = config.as_params() | {"learning_rate": "2e-3", "register_as": "''"}
+    params_as_typed = config.as_params() | {"learning_rate": "2e-3"}
     import mlflow
 
     mlflow.set_tracking_uri(client.tracking_uri)

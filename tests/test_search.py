@@ -18,7 +18,7 @@ from pipeline import constants as names
 from pipeline.config import TrainingConfig
 from pipeline.experiments.study import JOURNAL_FILE
 from tests.conftest import create_database, drop_database
-from tests.helpers import MNIST_SMALL, cli_options, one_line_error, project_env, run_cli, run_cli_here
+from tests.helpers import MNIST_SMALL, PROJECT_DIR, cli_options, one_line_error, project_env, run_cli, run_cli_here
 from tests.run_contract import CALLBACKS, assert_run_contract
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
@@ -42,13 +42,13 @@ def _parent_and_children(tmp_path: Path, experiment: str):
 
 def test_a_pruned_trial_stops_early_with_its_whole_record(tmp_path):
     # A grid in this order: three good learning rates, then one far too small. The median pruner (3
-    # start-up trials, from the third epoch on) stops the fourth after its third epoch.
+    # start-up trials, from the third epoch on) stops the fourth (Optuna's trial 3) after its third epoch.
     _sweep(tmp_path, {"sampler": "grid", "pruner": "median", "learning_rate": "0.01,0.003,0.005,0.00001"}, "pruned")
     client, parent, trials = _parent_and_children(tmp_path, "pruned")
-    assert sorted(trials) == [1, 2, 3, 4]
-    pruned = trials[4]
-    assert pruned.info.status == "FINISHED"
-    assert pruned.info.run_name == "trial-4-pruned"
+    assert sorted(trials) == [0, 1, 2, 3]
+    pruned = trials[3]
+    assert pruned.info.status == "KILLED"  # not a green "Finished" in the UI
+    assert pruned.info.run_name == "trial-3-pruned"
     assert pruned.data.tags[names.TAG_STOP_REASON] == names.STOP_PRUNED
     assert pruned.data.tags[names.TAG_TRIAL_STATE] == "pruned"
     assert pruned.data.metrics[names.EPOCHS_COMPLETED] == 3
@@ -56,10 +56,11 @@ def test_a_pruned_trial_stops_early_with_its_whole_record(tmp_path):
     mlflow.set_tracking_uri(client.tracking_uri)  # the contract loads the model through the fluent API
     try:
         assert_run_contract(client, pruned.info.run_id, config, tmp_path / "contract",
-                            callbacks=CALLBACKS + ",TrialPruning")
+                            callbacks=CALLBACKS + ",TrialPruning", status="KILLED")
     finally:
         mlflow.set_tracking_uri(None)
-    for number in (1, 2, 3):
+    for number in (0, 1, 2):
+        assert trials[number].info.status == "FINISHED"
         assert trials[number].data.tags[names.TAG_TRIAL_STATE] == "finished"
         assert trials[number].data.tags[names.TAG_STOP_REASON] != names.STOP_PRUNED
     tags = parent.data.tags
@@ -77,8 +78,8 @@ def test_a_pruned_trial_stops_early_with_its_whole_record(tmp_path):
 
     rows = pd.read_csv(table).set_index("trial")
     assert list(rows["state"]) == ["finished", "finished", "finished", "pruned"]
-    assert rows.loc[4, names.TAG_STOP_REASON] == names.STOP_PRUNED
-    assert rows.loc[4, names.BEST_VAL_ACCURACY] == pruned.data.metrics[names.BEST_VAL_ACCURACY]
+    assert rows.loc[3, names.TAG_STOP_REASON] == names.STOP_PRUNED
+    assert rows.loc[3, names.BEST_VAL_ACCURACY] == pruned.data.metrics[names.BEST_VAL_ACCURACY]
 
 
 @pytest.mark.timeout(120)
@@ -99,7 +100,7 @@ def test_a_pruned_trial_is_never_the_best_even_when_its_record_scores_best(tmp_p
     study = optuna.create_study(storage=storage, direction="maximize")
     scores = {TrialState.COMPLETE: (0.80, 0.60), TrialState.PRUNED: (0.95, 0.20)}  # test_accuracy, test_loss
     runs = {}
-    for number, (state, (accuracy, loss)) in enumerate(scores.items(), start=1):
+    for number, (state, (accuracy, loss)) in enumerate(scores.items()):
         run_id = client.create_run(experiment_id, run_name=f"trial-{number}", tags={
             "mlflow.parentRunId": parent, names.TAG_RUN_TYPE: names.RUN_TYPE_TRAINING}).info.run_id
         client.log_metric(run_id, names.TEST_ACCURACY, accuracy)
@@ -118,7 +119,7 @@ def test_a_pruned_trial_is_never_the_best_even_when_its_record_scores_best(tmp_p
     record_summary(client, summary, shared, Ranking())
     recorded = client.get_run(parent).data
     assert recorded.tags[names.TAG_BEST_RUN_ID] == runs[TrialState.COMPLETE]
-    assert recorded.tags[names.TAG_BEST_TRIAL] == "1"
+    assert recorded.tags[names.TAG_BEST_TRIAL] == "0"  # Optuna's number of the finished trial
     assert recorded.metrics[names.BEST_METRIC_PREFIX + names.TEST_ACCURACY] == 0.80
 
 
@@ -138,6 +139,16 @@ def test_a_sweep_ranked_by_a_per_epoch_metric_ranks_records_and_shows_it(tmp_pat
     rows = pd.read_csv(client.download_artifacts(parent.info.run_id, names.SWEEP_TRIALS_FILE, str(tmp_path)))
     assert rows.set_index("trial")[names.LOSS].to_dict() == losses
     assert f"Best: trial {best}, run {trials[best].info.run_id} (loss={losses[best]:.4f})" in result.stdout
+    # a sweep started from the CLI names its source as `mlflow.start_run` would (program, LOCAL, git commit, user);
+    # its trials, created through the client, copy it: the UI's Source column is never "-"
+    source = {key: parent.data.tags.get(key) for key in names.SOURCE_TAGS if key in parent.data.tags}
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_DIR, capture_output=True, text=True).stdout
+    assert source["mlflow.source.type"] == "LOCAL"
+    assert source["mlflow.source.name"] == str(PROJECT_DIR / "mlflow_project" / "__main__.py")
+    assert source["mlflow.source.git.commit"] == commit.strip()
+    assert source["mlflow.user"]
+    for run in trials.values():
+        assert {key: run.data.tags.get(key) for key in source} == source
 
 
 @pytest.mark.timeout(120)
@@ -166,8 +177,8 @@ def test_two_workers_share_one_study_and_one_parent_and_take_each_grid_point_onc
     grid = {"learning_rate": "0.01,0.003", "dropout": "0.1,0.3"}
     result = _sweep(tmp_path, grid | {"workers": "2", "storage": study_database, "study": "shared"}, "workers")
     client, parent, trials = _parent_and_children(tmp_path, "workers")
-    assert sorted(trials) == [1, 2, 3, 4]  # every trial a child of the one parent, none twice
-    expected = {1: ("0.01", "0.1"), 2: ("0.01", "0.3"), 3: ("0.003", "0.1"), 4: ("0.003", "0.3")}
+    assert sorted(trials) == [0, 1, 2, 3]  # every trial a child of the one parent, none twice
+    expected = {0: ("0.01", "0.1"), 1: ("0.01", "0.3"), 2: ("0.003", "0.1"), 3: ("0.003", "0.3")}
     assert {n: (r.data.params["learning_rate"], r.data.params["dropout"]) for n, r in trials.items()} == expected
     assert all(run.info.status == "FINISHED" for run in trials.values())
     assert parent.info.status == "FINISHED"
@@ -213,9 +224,9 @@ def test_the_same_study_name_continues_the_study_and_its_parent(tmp_path):
     result = _sweep(tmp_path, values | {"trials": "3"}, "continued")
     client, parent, trials = _parent_and_children(tmp_path, "continued")
     assert parent.info.run_id == first.info.run_id
-    assert sorted(trials) == [1, 2, 3]
+    assert sorted(trials) == [0, 1, 2]
     assert parent.info.status == "FINISHED" and parent.data.tags[names.TAG_FINISHED_TRIALS] == "3"
-    assert "Trial 3/3" in result.stdout and "Trial 1/" not in result.stdout  # only the new trial ran
+    assert "Trial 2 (3/3)" in result.stdout and "Trial 0 " not in result.stdout  # only the new trial ran
 
     other = run_cli_here(["sweep", *cli_options(FIXED | values | {"dropout": "0.0:0.5"})],
                          MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")

@@ -33,24 +33,24 @@ def test_sweep_runs_every_trial_as_a_child_and_goes_on_after_a_failure(shared_tr
     [parent] = client.search_runs([experiment_id], f"tags.{names.TAG_RUN_TYPE} = '{names.RUN_TYPE_SWEEP}'")
     children = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     by_trial = {int(run.data.tags[names.TAG_SWEEP_TRIAL]): run for run in children}
-    assert sorted(by_trial) == [1, 2, 3, 4]
-    expected = {1: ("1e+30", "0.1"), 2: ("1e+30", "0.2"), 3: ("0.002", "0.1"), 4: ("0.002", "0.2")}
+    assert sorted(by_trial) == [0, 1, 2, 3]  # Optuna's trial numbers
+    expected = {0: ("1e+30", "0.1"), 1: ("1e+30", "0.2"), 2: ("0.002", "0.1"), 3: ("0.002", "0.2")}
     for number, run in by_trial.items():
         assert (run.data.params["learning_rate"], run.data.params["dropout"]) == expected[number]
         assert run.data.tags[names.TAG_RUN_TYPE] == names.RUN_TYPE_TRAINING
 
-    for number in (1, 2):  # the diverged trials: FAILED with their reason, the sweep went on
+    for number in (0, 1):  # the diverged trials: FAILED with their reason, the sweep went on
         assert by_trial[number].info.status == "FAILED"
         assert by_trial[number].data.tags[names.TAG_STOP_REASON] == names.STOP_NAN_LOSS
     mlflow.set_tracking_uri(uri)
     try:
-        for number in (3, 4):  # the others are full training runs: the whole run contract
+        for number in (2, 3):  # the others are full training runs: the whole run contract
             config = TrainingConfig.from_values(fixed | {"learning_rate": "0.002", "dropout": expected[number][1]})
             assert_run_contract(client, by_trial[number].info.run_id, config, tmp_path / f"trial-{number}")
     finally:
         mlflow.set_tracking_uri(None)
 
-    best = max((by_trial[3], by_trial[4]), key=lambda run: run.data.metrics[names.TEST_ACCURACY])
+    best = max((by_trial[2], by_trial[3]), key=lambda run: run.data.metrics[names.TEST_ACCURACY])
     assert parent.info.status == "FINISHED" and parent.info.run_name == "sweep"
     assert parent.data.tags[names.TAG_BEST_RUN_ID] == best.info.run_id
     assert parent.data.tags[names.TAG_BEST_TRIAL] == best.data.tags[names.TAG_SWEEP_TRIAL]
@@ -65,8 +65,8 @@ def test_sweep_runs_every_trial_as_a_child_and_goes_on_after_a_failure(shared_tr
         assert rows[number]["run_id"] == run.info.run_id
         assert rows[number]["status"] == run.info.status
         assert (rows[number]["error"] != "") == (run.info.status == "FAILED")
-    assert float(rows[4][names.TEST_ACCURACY]) == by_trial[4].data.metrics[names.TEST_ACCURACY]
-    assert "training diverged" in rows[1]["error"]
+    assert float(rows[3][names.TEST_ACCURACY]) == by_trial[3].data.metrics[names.TEST_ACCURACY]
+    assert "training diverged" in rows[0]["error"]
     assert f"Best: trial {parent.data.tags[names.TAG_BEST_TRIAL]}" in result.stdout
 
 

@@ -88,7 +88,7 @@ def test_pods_started_together_train_each_grid_point_once(tmp_path, study_databa
     experiment_id = client.get_experiment_by_name("pods").experiment_id
     [parent] = client.search_runs([experiment_id], f"tags.{names.TAG_RUN_TYPE} = '{names.RUN_TYPE_SWEEP}'")
     children = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-    assert sorted(run.data.tags[names.TAG_SWEEP_TRIAL] for run in children) == ["1", "2", "3", "4"]
+    assert sorted(run.data.tags[names.TAG_SWEEP_TRIAL] for run in children) == ["0", "1", "2", "3"]
     assert all(run.info.status == "FINISHED" for run in children)
     assert parent.info.status == "FINISHED" and parent.data.tags[names.TAG_FINISHED_TRIALS] == "4"
 

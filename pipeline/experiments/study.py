@@ -203,12 +203,14 @@ class StudyRequest:
         space_text: the search space as given (a joining process must search the same).
         name: the study's name ("" for a new study named after its parent run).
         seed_offset: added to the sampler's seed (parallel workers must not propose the same trials).
+        metric: the objective's name in Optuna (`study.metric_names`: the dashboard's label of the value).
     """
 
     plan: SearchPlan
     space_text: dict[str, str]
     name: str
     seed_offset: int = 0
+    metric: str = ""
 
 
 def open_study(
@@ -232,6 +234,10 @@ def open_study(
         study = optuna.load_study(study_name=name, storage=backend, sampler=sampler, pruner=pruner)
         return SharedStudy(study, backend, location, _joined_parent(study, request), created=False)
     study.set_user_attr(SPACE_ATTR, request.space_text)
+    if request.metric:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names([request.metric])
     study.set_user_attr(PARENT_RUN_ATTR, parent_run_id or new_parent())
     return SharedStudy(study, backend, location, study.user_attrs[PARENT_RUN_ATTR], created=True)
 
@@ -315,7 +321,7 @@ class _FailRun:
 def fail_trial_run(client: MlflowClient, trial: FrozenTrial, why: str) -> None:
     """Marks a dead trial's MLflow run FAILED, if it had one and it is still RUNNING."""
     run_id = trial.user_attrs.get(RUN_ID_ATTR)
-    logger.warning("Trial %d failed: %s", trial.number + 1, why)
+    logger.warning("Trial %d failed: %s", trial.number, why)
     if run_id and client.get_run(run_id).info.status == RunStatus.to_string(RunStatus.RUNNING):
         client.set_tag(run_id, names.TAG_TRIAL_STATE, TRIAL_STATES[TrialState.FAIL])
         client.set_terminated(run_id, "FAILED")

@@ -68,12 +68,15 @@ class SweepRequest:
         experiment_name: where a new sweep goes (default: MLFLOW_EXPERIMENT_NAME, else `Default`).
         worker_command: how to start one more process of this sweep (needed for `workers` > 1).
         worker_number: 0 for a sweep started by a user; N for the N-th worker a sweep started.
+        source_tags: MLflow's source tags (names.SOURCE_TAGS) of a parent this process creates outside
+            `mlflow run` (which sets its own); the trials copy the parent's.
     """
 
     options: Mapping[str, Any]
     experiment_name: str | None = None
     worker_command: WorkerCommand | None = None
     worker_number: int = 0
+    source_tags: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
 
 def run_sweep(request: SweepRequest) -> SweepSummary:
@@ -94,7 +97,8 @@ def run_sweep(request: SweepRequest) -> SweepSummary:
     client = MlflowClient()
     project_run_id = os.environ.pop(MLFLOW_RUN_ID.name, None)
     storage = open_storage(options["storage"], client.tracking_uri, client)
-    study_request = StudyRequest(plan, plan.space_text(options), options["study"], request.worker_number)
+    study_request = StudyRequest(plan, plan.space_text(options), options["study"], request.worker_number,
+                                 ranking.metric)
     shared = open_study(study_request, storage, lambda: _new_parent(client, request, project_run_id))
     parent = client.get_run(shared.parent_run_id)
     experiment_id = parent.info.experiment_id
@@ -104,7 +108,7 @@ def run_sweep(request: SweepRequest) -> SweepSummary:
     try:
         if parent.info.status != "RUNNING":  # a study continued: its parent runs again
             client.update_run(shared.parent_run_id, status="RUNNING")
-        _log_parent_params(client, shared, options)
+        _log_parent_params(client, shared, options, plan)
         if plan.sampler == "grid" and request.worker_number == 0:
             _wait_at_barrier()
             enqueue_grid(shared, plan)
@@ -145,17 +149,22 @@ def _new_parent(client: MlflowClient, request: SweepRequest, project_run_id: str
         return project_run_id
     experiment = use_experiment(request.experiment_name, client) or client.get_experiment(DEFAULT_EXPERIMENT_ID)
     return client.create_run(experiment.experiment_id, run_name="sweep",
-                             tags={names.TAG_RUN_TYPE: names.RUN_TYPE_SWEEP}).info.run_id
+                             tags={**request.source_tags, names.TAG_RUN_TYPE: names.RUN_TYPE_SWEEP}).info.run_id
 
 
-def _log_parent_params(client: MlflowClient, shared: SharedStudy, options: Mapping[str, Any]) -> None:
-    """The sweep's parameters as given (once: a joining process keeps the first ones), the study's name
-    and storage (a database URL without its password)."""
+def _log_parent_params(
+    client: MlflowClient, shared: SharedStudy, options: Mapping[str, Any], plan: SearchPlan
+) -> None:
+    """The sweep's parameters (once: a joining process keeps the first ones): as given, with `sampler`,
+    `pruner` and `trials` as the plan resolved them; empty ones (`storage`, `study` by default) are not
+    params. The study's name and storage (a database URL without its password) are tags."""
     existing = client.get_run(shared.parent_run_id).data.params
+    resolved = {"sampler": plan.sampler, "pruner": plan.pruner, "trials": plan.trials}
+    values = {key: resolved.get(key, value) if value == "" else value for key, value in options.items()}
     client.log_batch(
         shared.parent_run_id,
         params=[Param(key, shown_location(str(value)) if key == "storage" else str(value))
-                for key, value in options.items() if key not in existing],
+                for key, value in values.items() if key not in existing and value != ""],
         tags=[RunTag(names.TAG_STUDY_NAME, shared.study.study_name),
               RunTag(names.TAG_STUDY_STORAGE, shown_location(shared.location))],
     )
@@ -217,7 +226,7 @@ def _fail_trials_of_worker(
         return
     if process.returncode != 0 or failed:
         logger.warning("Worker %d exited with status %d%s", number, process.returncode,
-                       f"; trials {', '.join(str(n + 1) for n in failed)} FAILED" if failed else "")
+                       f"; trials {', '.join(str(n) for n in failed)} FAILED" if failed else "")
 
 
 def _running_trials(shared: SharedStudy) -> int:

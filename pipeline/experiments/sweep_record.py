@@ -14,14 +14,14 @@ from pathlib import Path
 
 import optuna
 import pandas as pd
-from mlflow.entities import Metric, RunTag
+from mlflow.entities import LoggedModelOutput, Metric, RunTag
 from mlflow.tracking import MlflowClient
 from mlflow.utils.time import get_current_time_millis
 from optuna.trial import TrialState
 
 from pipeline import constants as names
 from pipeline.experiments.comparison import KEY_PARAMETERS, console_text, run_table
-from pipeline.experiments.runs import Ranking, runs_frame
+from pipeline.experiments.runs import Ranking, logged_models_by_run, runs_frame
 from pipeline.experiments.study import ERROR_ATTR, RUN_ID_ATTR, TRIAL_STATES, SharedStudy
 
 logger = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ class SweepSummary:
 
     Args:
         parent_run_id: the parent run.
-        table: one row per trial in trial order: trial (1-based), state, run, the trial's parameters,
+        table: one row per trial in trial order: trial (Optuna's number, from 0), state, run, the trial's parameters,
             the run's final metrics (the ranking metric among them), best val_accuracy and its epoch, stop
             reason, error.
         best: the best finished trial's row (None while no trial has finished).
@@ -60,7 +60,7 @@ def summarize(client: MlflowClient, shared: SharedStudy, ranking: Ranking, exper
     """The trials table: Optuna's trials joined to their MLflow runs (`mlflow.search_runs`)."""
     trials = shared.study.get_trials(deepcopy=False)
     rows = pd.DataFrame({
-        "trial": [trial.number + 1 for trial in trials],
+        "trial": [trial.number for trial in trials],
         "state": [TRIAL_STATES[trial.state] for trial in trials],
         "run_id": [trial.user_attrs.get(RUN_ID_ATTR, "") for trial in trials],
         "error": [trial.user_attrs.get(ERROR_ATTR, "") for trial in trials],
@@ -93,12 +93,30 @@ def record_summary(client: MlflowClient, summary: SweepSummary, shared: SharedSt
         value = float(summary.best[ranking.metric])
         metrics.append(Metric(names.BEST_METRIC_PREFIX + ranking.metric, value, get_current_time_millis(), 0))
     client.log_batch(summary.parent_run_id, metrics=metrics, tags=tags)
+    if summary.best is not None:
+        _log_best_model_output(client, summary.parent_run_id, summary.best["run_id"])
     with tempfile.TemporaryDirectory(prefix="mnist-sweep-") as directory:
         table = Path(directory) / names.SWEEP_TRIALS_FILE
         summary.table.to_csv(table, index=False)
         client.log_artifact(summary.parent_run_id, str(table))
         for plot in _study_plots(shared.study, Path(directory)):
             client.log_artifact(summary.parent_run_id, str(plot), names.PLOTS_DIR)
+
+
+def _log_best_model_output(client: MlflowClient, parent_run_id: str, best_run_id: str) -> None:
+    """Links the best trial's logged model to the parent as its output (MLflow 3 `log_outputs`), unless it
+    already is: the UI then files the sweep with the runs that produced a model, and its page leads to it. A
+    continued study whose best trial changes adds the new best."""
+    parent = client.get_run(parent_run_id)
+    models = logged_models_by_run(client, parent.info.experiment_id, best_run_id)
+    model_id = models.get(best_run_id)
+    if model_id is None:
+        logger.warning("The best trial's run %s has no logged model to link to the sweep run", best_run_id)
+        return
+    outputs = parent.outputs.model_outputs if parent.outputs else []
+    if any(output.model_id == model_id for output in outputs):
+        return
+    client.log_outputs(parent_run_id, [LoggedModelOutput(model_id=model_id, step=0)])
 
 
 def _study_plots(study: optuna.Study, directory: Path) -> list[Path]:

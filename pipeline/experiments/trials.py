@@ -1,10 +1,11 @@
 """One sweep trial: a full training run, nested under the sweep's parent, whose outcome Optuna learns from.
 
-The trial's child run is created first (named `trial-N`, tagged with its number and the parent), so
-that its id is in the study before training starts and a trial whose process dies can be found and
-failed. A pruned trial stops at an epoch's end and keeps its whole record (`stop_reason=pruned`); a
-failing trial is FAILED and the sweep goes on; what would fail every trial alike (bad data, an
-unreachable tracking server) stops the process.
+The trial's child run is created first (named `trial-N`, N being Optuna's trial number from 0, tagged with
+that number, the study's name, the parent and the parent's source), so that its id is in the study before
+training starts and a trial whose process dies can be found and failed. A pruned trial stops at an epoch's
+end and keeps its whole record (`stop_reason=pruned`, run KILLED: it did not finish); a failing trial is
+FAILED and the sweep goes on; what would fail every trial alike (bad data, an unreachable tracking server)
+stops the process.
 """
 
 from __future__ import annotations
@@ -99,13 +100,15 @@ class TrialRunner:
         return self(trial)
 
     def __call__(self, trial: optuna.Trial) -> float:
-        number = trial.number + 1
+        number = trial.number  # Optuna's own number, from 0: the dashboard's, its plots' and the run name's
         config = self.plan.space.suggest(trial)
         settings = ", ".join(f"{name}={value}" for name, value in trial.params.items())
-        logger.info("Trial %d/%d: %s", number, self.plan.trials, settings)
+        logger.info("Trial %d (%d/%d): %s", number, number + 1, self.plan.trials, settings)
         trial.set_user_attr(WORKER_ATTR, worker_id())
         run_id = self.client.create_run(self.experiment_id, run_name=f"trial-{number}", tags={
+            **self._source_tags(),
             "mlflow.parentRunId": self.shared.parent_run_id,
+            names.TAG_STUDY_NAME: self.shared.study.study_name,
             names.TAG_SWEEP_TRIAL: str(number),
             names.TAG_TRIAL_STATE: TRIAL_STATES[TrialState.RUNNING],
         }).info.run_id
@@ -134,12 +137,18 @@ class TrialRunner:
         logger.info("Trial %d finished: %s=%.4f", number, self.ranking.metric, value)
         return value
 
+    def _source_tags(self) -> dict[str, str]:
+        """The parent's source tags (what `mlflow run` or the sweep command set), so that the UI shows the
+        trial's Source, user and commit as the sweep's."""
+        tags = self.client.get_run(self.shared.parent_run_id).data.tags
+        return {key: tags[key] for key in names.SOURCE_TAGS if key in tags}
+
     def _fail(self, trial: optuna.Trial, run_id: str, error: str) -> None:
-        logger.warning("Trial %d failed: %s", trial.number + 1, error)
+        logger.warning("Trial %d failed: %s", trial.number, error)
         trial.set_user_attr(ERROR_ATTR, error)
         if self.client.get_run(run_id).info.status == "RUNNING":  # failed before its run was opened
             self.client.set_terminated(run_id, "FAILED")
-        self._end(run_id, trial.number + 1, TrialState.FAIL)
+        self._end(run_id, trial.number, TrialState.FAIL)
         raise TrialFailed(error)
 
     def _end(self, run_id: str, number: int, state: TrialState) -> None:

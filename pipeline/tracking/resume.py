@@ -69,7 +69,7 @@ def find_resume_point(
 
     Raises:
         ParameterError: no such run.
-        RunNotResumable: the run is FINISHED, another live process trains it, its recorded
+        RunNotResumable: the run is FINISHED or a pruned sweep trial, another live process trains it, its recorded
             parameters differ from `config`, or none of its saved states can be read.
     """
     try:
@@ -85,6 +85,11 @@ def find_resume_point(
         return None  # nothing of ours has happened in this run yet (e.g. `mlflow run` just made it)
     if run_type != names.RUN_TYPE_TRAINING:
         raise RunNotResumable(f"run {run_id} is a {run_type} run, not a training run")
+    if run.data.tags.get(names.TAG_STOP_REASON) == names.STOP_PRUNED:
+        raise RunNotResumable(
+            f"run {run_id} is a sweep trial its pruner stopped (stop_reason={names.STOP_PRUNED}); a pruned trial "
+            "is not trained again (start a new run, or continue the sweep's study)"
+        )
     if run.info.status == RunStatus.to_string(RunStatus.FINISHED):
         raise RunNotResumable(
             f"run {run_id} is FINISHED; a finished run is not trained again (start a new run instead)"

@@ -4,6 +4,7 @@ and the end, when every record must reach the store or be kept locally."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import shutil
@@ -51,17 +52,27 @@ def local_storage_errors(workdir: Path) -> Iterator[None]:
         raise local_storage_error(workdir, error) from None
 
 
+@dataclasses.dataclass
+class RunEnd:
+    """The status a run gets on a clean exit: FINISHED, unless its training says otherwise (a sweep
+    trial its pruner stopped is KILLED: it has its whole record, but did not finish its training)."""
+
+    status: str = "FINISHED"
+
+
 @contextlib.contextmanager
-def mlflow_run(run_id: str | None, parent_run_id: str | None = None) -> Iterator[mlflow.ActiveRun]:
+def mlflow_run(
+    run_id: str | None, parent_run_id: str | None = None, end: RunEnd | None = None
+) -> Iterator[mlflow.ActiveRun]:
     """Like `mlflow.start_run()`, but an unreachable store at the end cannot hide the real outcome:
-    the run is ended FINISHED only after a clean exit, FAILED (KILLED on Ctrl-C) otherwise, and a
-    failure to say so is logged, not raised over the error that caused it. MLflow's system metrics
-    (CPU, memory; GPU when present) are recorded while the run is open."""
+    the run is ended FINISHED (or `end.status`) only after a clean exit, FAILED (KILLED on Ctrl-C)
+    otherwise, and a failure to say so is logged, not raised over the error that caused it. MLflow's
+    system metrics (CPU, memory; GPU when present) are recorded while the run is open."""
     run = mlflow.start_run(run_id=run_id, parent_run_id=parent_run_id, log_system_metrics=True)
     status = "FAILED"
     try:
         yield run
-        status = "FINISHED"
+        status = end.status if end is not None else "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
         raise

@@ -11,7 +11,8 @@ before an MLflow run is touched, and so that a run is only ever FINISHED with it
 6. evaluate the best checkpoint on the test split, log the report, plots and the model;
 7. wait for every queued record to reach the store, then mark the run FINISHED.
 
-Any exception on the way ends the run FAILED (KILLED on Ctrl-C).
+Any exception on the way ends the run FAILED (KILLED on Ctrl-C). A sweep trial its pruner stopped ends
+KILLED with its whole record (`stop_reason=pruned`).
 
 With `strategy=multi_worker` every worker runs this, and only the chief does steps 2, 4 and 5: the
 other workers train with the same callbacks minus the recording ones, in a private temporary directory,
@@ -45,6 +46,7 @@ from pipeline.tracking.resume import (
     trained_elsewhere,
 )
 from pipeline.tracking.run_lifecycle import (
+    RunEnd,
     default_rescue_dir,
     finish_recording,
     local_storage_errors,
@@ -141,7 +143,8 @@ def run_training(
             at its first unfinished epoch (see `pipeline.tracking.resume`).
         parent_run_id: makes a new run the nested child of this run (a sweep's trials).
         limits: timeouts and the rescue directory (default: `RunLimits()`).
-        pruning: a sweep trial's pruning callback; a pruned training ends FINISHED with stop_reason=pruned.
+        pruning: a sweep trial's pruning callback; a pruned training ends KILLED (its record whole) with
+            stop_reason=pruned.
 
     Raises:
         TrackingUnavailable: the tracking server does not answer or refuses the credentials.
@@ -182,14 +185,18 @@ def run_training(
             raise RunNotResumable(trained_elsewhere(run_id, taken[1]))
     else:
         use_experiment(experiment_name, client)
+    end = RunEnd()
     with (
-        mlflow_run(run_id, parent_run_id) as run,
+        mlflow_run(run_id, parent_run_id, end) as run,
         heartbeat or RunHeartbeat(client, run.info.run_id, limits.heartbeat_timeout),
         local_workdir() as workdir,
         local_storage_errors(workdir),
     ):
         training = _Training(config, dataset, splits, distribution, workdir, pruning)
-        return _train_in_run(client, run, training, resume, limits)
+        result = _train_in_run(client, run, training, resume, limits)
+        if result.stop_reason == names.STOP_PRUNED:
+            end.status = "KILLED"  # the UI shows it stopped, not a green "Finished"; never registered
+        return result
 
 
 def _train_as_worker(config: TrainingConfig, plan: DistributionPlan, peer_timeout: float) -> WorkerResult:

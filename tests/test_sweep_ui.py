@@ -1,0 +1,146 @@
+"""What users see of a sweep in MLflow and Optuna: one numbering (Optuna's, from 0) across the child runs, their
+tags, the parent's best trial and the console; pruned trials KILLED, never resumed nor registered; the parent's
+params, source and best model as the UI reads them; the objective named after the metric.
+
+One real sweep through `mlflow run -e sweep` against the session's tracking server (the REST API the UI reads),
+the study in a journal file; its records are checked by several tests."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipeline import constants as names
+from pipeline.experiments.study import JOURNAL_FILE, USER_CACHE
+from tests.helpers import MNIST_SMALL, cli_options, mlflow_project_run, new_sqlite_store, one_line_error, run_cli
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+# A grid in this order: three good learning rates, then one far too small. The median pruner (3 start-up
+# trials, from the third epoch on) stops the last one (Optuna's trial 3) after its third epoch.
+GRID = {"sampler": "grid", "pruner": "median", "learning_rate": "0.01,0.003,0.005,0.00001"}
+FIXED = {"dataset": str(MNIST_SMALL), "epochs": "4", "lr_patience": "1", "es_patience": "5"}
+
+
+class Sweep:
+    """The finished sweep: its console, client, parent, children by tag `sweep_trial`, and Optuna study."""
+
+    def __init__(self, result, client: MlflowClient, experiment_id: str, journal: Path) -> None:
+        self.result, self.client, self.experiment_id = result, client, experiment_id
+        [self.parent] = client.search_runs([experiment_id], f"tags.{names.TAG_RUN_TYPE} = '{names.RUN_TYPE_SWEEP}'")
+        children = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{self.parent.info.run_id}'")
+        self.children = {int(run.data.tags[names.TAG_SWEEP_TRIAL]): run for run in children}
+        storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
+        self.study = optuna.load_study(study_name=self.parent.data.tags[names.TAG_STUDY_NAME], storage=storage)
+
+
+@pytest.fixture(scope="module")
+def sweep(shared_tracking, tmp_path_factory) -> Iterator[Sweep]:
+    """`mlflow run . -e sweep` with the default storage (HOME in a temporary directory: the journal file in its
+    ~/.cache/mnist-pipeline, as for any remote tracking server) and no `study` or `storage` given."""
+    home = tmp_path_factory.mktemp("home")
+    experiment = f"sweep-ui-{uuid.uuid4().hex[:8]}"
+    with pytest.MonkeyPatch.context() as environment:  # this process's client signs in as the processes do
+        for name, value in shared_tracking.items():
+            environment.setenv(name, value)
+        client = MlflowClient(shared_tracking["MLFLOW_TRACKING_URI"])
+        experiment_id = client.create_experiment(experiment)
+        result = mlflow_project_run("sweep", FIXED | GRID, experiment, home, shared_tracking | {"HOME": str(home)},
+                                    timeout=540)
+        assert result.returncode == 0, result.stderr[-3000:]
+        journal = home / USER_CACHE.relative_to(Path.home()) / JOURNAL_FILE
+        yield Sweep(result, client, experiment_id, journal)
+
+
+def test_child_runs_carry_optunas_trial_numbers_study_name_and_states(sweep):
+    trials = sweep.study.trials
+    assert [trial.state.name for trial in trials] == ["COMPLETE", "COMPLETE", "COMPLETE", "PRUNED"]
+    assert sorted(sweep.children) == [trial.number for trial in trials] == [0, 1, 2, 3]
+    shown = {"COMPLETE": ("FINISHED", "finished", ""), "PRUNED": ("KILLED", "pruned", "-pruned")}
+    for trial in trials:
+        run = sweep.children[trial.number]
+        status, state, suffix = shown[trial.state.name]
+        assert run.info.run_id == trial.user_attrs["mlflow_run_id"]
+        assert run.info.run_name == f"trial-{trial.number}{suffix}"
+        assert run.info.status == status  # a pruned trial is not shown as a green "Finished"
+        assert run.data.tags[names.TAG_TRIAL_STATE] == state
+        assert run.data.tags[names.TAG_STUDY_NAME] == sweep.study.study_name
+        assert run.data.params["learning_rate"] == str(trial.params["learning_rate"])
+    assert sweep.children[3].data.tags[names.TAG_STOP_REASON] == names.STOP_PRUNED
+
+
+def test_the_objective_is_named_after_the_ranking_metric(sweep):
+    assert sweep.study.metric_names == [names.TEST_ACCURACY]  # optuna-dashboard's label, not "Objective 0"
+
+
+def test_the_parent_names_the_best_trial_by_optunas_number_and_outputs_its_model(sweep):
+    best = sweep.study.best_trial
+    best_run = sweep.children[best.number]
+    tags = sweep.parent.data.tags
+    assert tags[names.TAG_BEST_TRIAL] == str(best.number)
+    assert tags[names.TAG_BEST_RUN_ID] == best_run.info.run_id
+    assert best_run.data.metrics[names.TEST_ACCURACY] == best.value
+    # the best trial's logged model is the parent's output: the UI files the sweep with the runs, not under
+    # "Evaluation runs", and its page links the model
+    [model] = sweep.client.search_logged_models([sweep.experiment_id], filter_string=(
+        f"name = '{names.MODEL_NAME}' and source_run_id = '{best_run.info.run_id}'"))
+    outputs = sweep.client.get_run(sweep.parent.info.run_id).outputs.model_outputs
+    assert [output.model_id for output in outputs] == [model.model_id]
+
+
+def test_the_parent_logs_only_params_with_a_value_and_its_runs_name_their_source(sweep):
+    params = sweep.parent.data.params
+    assert "storage" not in params and "study" not in params  # defaults: the study's name and file are tags
+    assert "" not in params.values() and "''" not in params.values()
+    assert (params["sampler"], params["pruner"]) == ("grid", "median")  # given
+    assert params["trials"] == "4"  # not given: the grid's size, as the sweep resolved it
+    assert sweep.parent.data.tags[names.TAG_STUDY_STORAGE].endswith(JOURNAL_FILE)
+    # `mlflow run` set the parent's source; the trials (created by the sweep through the client) copy it
+    source = {key: sweep.parent.data.tags.get(key) for key in names.SOURCE_TAGS}
+    assert source["mlflow.source.type"] == "PROJECT" and source["mlflow.project.entryPoint"] == "sweep"
+    assert re.fullmatch(r"[0-9a-f]{40}", source["mlflow.source.git.commit"] or "")
+    for run in sweep.children.values():
+        assert {key: run.data.tags.get(key) for key in names.SOURCE_TAGS} == source
+
+
+def test_the_console_numbers_trials_as_optuna_does(sweep):
+    output = sweep.result.stdout
+    for number in range(4):
+        assert f"Trial {number} ({number + 1}/4): learning_rate=" in output
+    assert "Trial 3 pruned after epoch 3" in output
+    best = sweep.study.best_trial
+    assert f"Best: trial {best.number}, run {sweep.children[best.number].info.run_id}" in output
+
+
+def test_a_pruned_trial_is_never_resumed_nor_registered(sweep, shared_tracking, tmp_path):
+    from pipeline.experiments.runs import training_runs
+
+    pruned = sweep.children[3]
+    assert pruned.info.run_id not in {run.info.run_id for run in training_runs(sweep.client, sweep.experiment_id)}
+    result = run_cli(["train", "--run-id", pruned.info.run_id, *cli_options(FIXED | {"learning_rate": "0.00001"})],
+                     cwd=tmp_path, timeout=240, **shared_tracking)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert one_line_error(result, pruned.info.run_id, "pruned").startswith("error: ")
+    assert sweep.client.get_run(pruned.info.run_id).info.status == "KILLED"  # untouched
+
+
+@pytest.mark.timeout(300)
+def test_the_training_summary_gives_the_best_epoch_as_keras_prints_it_and_as_recorded(tmp_path):
+    """The record counts epochs from 0 (tag best_epoch, the metrics' steps); Keras' lines `Epoch N:` from 1."""
+    uri = new_sqlite_store(tmp_path)
+    result = run_cli(["train", *cli_options(FIXED | {"epochs": "3", "target_accuracy": "0"})], cwd=tmp_path,
+                     timeout=240, MLFLOW_TRACKING_URI=uri)
+    assert result.returncode == 0, result.stderr[-3000:]
+    [run] = MlflowClient(uri).search_runs(["0"])
+    best = int(run.data.tags[names.TAG_BEST_EPOCH])
+    history = MlflowClient(uri).get_metric_history(run.info.run_id, names.VAL_ACCURACY)
+    assert best == max(history, key=lambda metric: (metric.value, -metric.step)).step
+    best_line = next(line for line in result.stdout.splitlines() if line.startswith(f"Epoch {best + 1}:"))
+    assert f"val_accuracy={run.data.metrics[names.BEST_VAL_ACCURACY]:.4f}" in best_line
+    assert f"best epoch {best + 1} (step {best})" in result.stdout
