@@ -23,13 +23,14 @@ run: setup
 server: setup
 	$(BIN)/python -m mlflow_project server
 
-## The whole test suite (what CI runs), on two workers: most tests wait on real processes.
+## The whole test suite (what CI runs), on two workers: most tests wait on real processes. Longest first, a module
+## with a module-scoped training kept on one worker (tests/conftest.py, docs/tests.md "Time").
 test: setup
-	$(BIN)/python -m pytest -n 2 --dist loadfile
+	$(BIN)/python -m pytest -n 2 --dist loadgroup
 
 ## Everything but the end-to-end process tests.
 test-fast: setup
-	$(BIN)/python -m pytest -n 2 --dist loadfile -m "not slow"
+	$(BIN)/python -m pytest -n 2 --dist loadgroup -m "not slow"
 
 ## The team stack for real (docker compose up, train, register, serve, down/up): Docker with Compose v2.
 test-compose: setup

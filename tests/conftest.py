@@ -4,6 +4,7 @@ and a real MLflow tracking server process (auth on, artifacts proxied)."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import uuid
@@ -16,6 +17,25 @@ from pipeline.tracking.server import TrackingServer
 from tests.helpers import new_sqlite_store
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+# --- Two workers that end together (make test: `-n 2 --dist loadgroup`) ------------------------------------------
+# Each worker takes the next unit of work when it is almost idle, in collection order. So the collection is sorted
+# longest unit first (the classic "longest processing time first" rule): the long process tests start at once and
+# the short ones fill the gaps at the end. A unit is one test, except the modules below, whose module-scoped fixture
+# trains or starts servers: their tests stay together on one worker (an xdist_group), so it is built once.
+KEPT_ON_ONE_WORKER = {
+    "tests/test_registry.py": "trains the selection's runs and registers them once",
+    "tests/test_s3_artifacts.py": "starts an S3 server and a tracking server on it",
+    "tests/test_scale_out.py": "trains the single-device reference",
+    "tests/test_model_and_callbacks_contract.py": "trains the plateau run",
+    "tests/test_tracking_server.py": "trains one run through `mlflow run` against the server",
+}
+# Seconds each test took (set-up and tear-down included) in a whole run on this machine; written by a run with
+# MNIST_TESTS_RECORD_DURATIONS=1 (docs/tests.md, "Time"). Only the order depends on it: a test missing from it
+# counts as UNKNOWN_TEST_SECONDS.
+DURATIONS_FILE = Path(__file__).with_name("durations.json")
+RECORD_DURATIONS = "MNIST_TESTS_RECORD_DURATIONS"
+UNKNOWN_TEST_SECONDS = 1.0
 
 POSTGRES_HOST = "127.0.0.1"
 POSTGRES_PORT = 5432
@@ -169,3 +189,44 @@ def server_store(tracking_server: TrackingServer, monkeypatch: pytest.MonkeyPatc
     with _tracking_store(tracking_server.uri, tracking_server.client_environment(), monkeypatch):
         yield tracking_server
     tracking_server.start()
+
+
+def _unit(item: pytest.Item) -> str:
+    """What one worker runs as a whole: a module of KEPT_ON_ONE_WORKER, or one test."""
+    module = item.nodeid.split("::", 1)[0]
+    return module if module in KEPT_ON_ONE_WORKER else item.nodeid
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the xdist_group marks
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Longest unit first (a unit's own tests keep their order); KEPT_ON_ONE_WORKER's modules as xdist groups."""
+    seconds = json.loads(DURATIONS_FILE.read_text()) if DURATIONS_FILE.exists() else {}
+    cost: dict[str, float] = {}
+    first: dict[str, int] = {}
+    for index, item in enumerate(items):
+        unit = _unit(item)
+        cost[unit] = cost.get(unit, 0.0) + seconds.get(item.nodeid, UNKNOWN_TEST_SECONDS)
+        first.setdefault(unit, index)
+        if unit != item.nodeid:
+            item.add_marker(pytest.mark.xdist_group(unit))
+    items.sort(key=lambda item: (-cost[_unit(item)], first[_unit(item)]))
+
+
+_durations: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """With MNIST_TESTS_RECORD_DURATIONS=1: adds up each test's phases (in the controller, from every worker)."""
+    if os.environ.get(RECORD_DURATIONS) == "1":
+        nodeid = report.nodeid
+        if "@" in nodeid and nodeid.rfind("@") > nodeid.rfind("]"):  # xdist's "@group" suffix
+            nodeid = nodeid.rsplit("@", 1)[0]
+        _durations[nodeid] = _durations.get(nodeid, 0.0) + report.duration
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """With MNIST_TESTS_RECORD_DURATIONS=1: writes tests/durations.json (the controller's, or a run without xdist)."""
+    if os.environ.get(RECORD_DURATIONS) == "1" and _durations and not hasattr(session.config, "workerinput"):
+        DURATIONS_FILE.write_text(
+            json.dumps({nodeid: round(value, 1) for nodeid, value in sorted(_durations.items())}, indent=0) + "\n"
+        )
