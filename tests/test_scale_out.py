@@ -313,7 +313,7 @@ def test_workers_started_with_other_parameters_stop_in_one_line_before_any_run(s
     configs = [_config(strategy="multi_worker"), _config(strategy="multi_worker", epochs="4")]
     workers, _, _ = _start_workers(configs, tmp_path / "workers", sqlite_store)
     for code, _, err in _finish(workers, timeout=120):
-        assert code == 2
+        assert code == 2, err[-3000:]
         assert "worker 1 of 2 started with other parameters or data than worker 0" in _one_line_error(err)
     assert MlflowClient().search_runs([e.experiment_id for e in MlflowClient().search_experiments()]) == []
 
