@@ -19,7 +19,6 @@ import os
 import subprocess
 import time
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any
 
 from mlflow.entities import Param, RunTag
@@ -42,7 +41,7 @@ from pipeline.experiments.study import (
 )
 from pipeline.experiments.sweep_record import SweepSummary, record_summary, summarize
 from pipeline.experiments.trials import TrialRunner, worker_id
-from pipeline.tracking.process_group import poll
+from pipeline.tracking.process_group import poll, wait_at_barrier
 from pipeline.tracking.store import check_tracking_store, use_experiment
 
 logger = logging.getLogger(__name__)
@@ -110,7 +109,7 @@ def run_sweep(request: SweepRequest) -> SweepSummary:
             client.update_run(shared.parent_run_id, status="RUNNING")
         _log_parent_params(client, shared, options, plan)
         if plan.sampler == "grid" and request.worker_number == 0:
-            _wait_at_barrier()
+            wait_at_barrier(BARRIER_VARIABLE, BARRIER_SECONDS)
             enqueue_grid(shared, plan)
         if options["workers"] > 1 and request.worker_command is not None:
             _run_workers(client, shared, options["workers"], request.worker_command, experiment_id)
@@ -128,17 +127,6 @@ def run_sweep(request: SweepRequest) -> SweepSummary:
     if summary.running == 0:
         client.set_terminated(shared.parent_run_id, "FINISHED" if summary.best is not None else "FAILED")
     return summary
-
-
-def _wait_at_barrier() -> None:
-    """Waits at the test barrier BARRIER_VARIABLE names, if any."""
-    directory = os.environ.get(BARRIER_VARIABLE)
-    if not directory:
-        return
-    (Path(directory) / f"waiting-{os.getpid()}").touch()
-    deadline = time.monotonic() + BARRIER_SECONDS
-    while not (Path(directory) / "go").exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
 
 
 def _new_parent(client: MlflowClient, request: SweepRequest, project_run_id: str | None) -> str:

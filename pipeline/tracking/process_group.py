@@ -106,13 +106,14 @@ def die_with_parent(parent_pid: int, signal_number: int = signal.SIGTERM) -> boo
     return os.getppid() == parent_pid
 
 
-def wait_at_barrier(variable: str, seconds: float = 300.0) -> None:
+def wait_at_barrier(variable: str, seconds: float = 300.0, waiting: str | None = None, go: str = "go") -> None:
     """For tests that force a race: when the environment variable `variable` names a directory, leaves a
-    file `waiting-<pid>` in it and waits (at most `seconds`) for a file `go` there; else returns at once."""
+    file `waiting` (default `waiting-<pid>`) in it and waits (at most `seconds`) for a file `go` there;
+    else returns at once."""
     directory = os.environ.get(variable)
     if not directory:
         return
-    (Path(directory) / f"waiting-{os.getpid()}").touch()
+    (Path(directory) / (waiting or f"waiting-{os.getpid()}")).touch()
     deadline = time.monotonic() + seconds
-    while not (Path(directory) / "go").exists() and time.monotonic() < deadline:
+    while not (Path(directory) / go).exists() and time.monotonic() < deadline:
         time.sleep(0.01)

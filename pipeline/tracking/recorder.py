@@ -22,7 +22,6 @@ import collections
 import itertools
 import json
 import logging
-import os
 import shutil
 import threading
 import time
@@ -34,6 +33,7 @@ from mlflow.entities import LoggedModel, LoggedModelOutput, LoggedModelStatus, M
 from mlflow.tracking import MlflowClient
 
 from pipeline.errors import LocalStorageError, RecordingError, first_line
+from pipeline.tracking.process_group import wait_at_barrier
 from pipeline.tracking.records import Batch, FileRecord, ModelMetricsLink, ModelRecord, StagedFile
 from pipeline.tracking.retry import (
     STORE_BACKOFF,
@@ -416,7 +416,7 @@ class RunRecorder:
         unit = next(self._units) if len(record.files) > 1 else None
         for index, file in enumerate(record.files):
             if index and unit is not None:
-                _wait_at_barrier(unit)
+                wait_at_barrier(BARRIER_VARIABLE, BARRIER_SECONDS, waiting=f"{unit}.waiting", go=f"{unit}.go")
             self.client.log_artifact(self.run_id, str(file.staged_path), file.artifact_dir)
         if record.tags:  # only once every file is stored: a pointer never names a half-stored unit
             self.client.log_batch(self.run_id, tags=record.tags, synchronous=True)
@@ -475,17 +475,6 @@ class RunRecorder:
 
 
 Record = Batch | FileRecord | ModelRecord | ModelMetricsLink
-
-
-def _wait_at_barrier(unit: int) -> None:
-    """Waits at the test barrier BARRIER_VARIABLE names, if any (see there)."""
-    directory = os.environ.get(BARRIER_VARIABLE)
-    if not directory:
-        return
-    (Path(directory) / f"{unit}.waiting").touch()
-    deadline = time.monotonic() + BARRIER_SECONDS
-    while not (Path(directory) / f"{unit}.go").exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
 
 
 def json_text(obj: Any) -> str:
