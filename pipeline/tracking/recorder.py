@@ -421,7 +421,6 @@ class RunRecorder:
         if record.tags:  # only once every file is stored: a pointer never names a half-stored unit
             self.client.log_batch(self.run_id, tags=record.tags, synchronous=True)
 
-
     def _deliver_model(self, record: ModelRecord) -> None:
         """Creates the LoggedModel (once: a retry reuses it), writes and uploads its files, marks it
         READY and makes it an output of the run at its step."""
