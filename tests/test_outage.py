@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -265,3 +266,77 @@ def test_four_trainings_at_once_and_a_concurrent_register(server_store, tmp_path
     for path in server_store.artifacts_dir.rglob("*"):
         if path.is_file():
             assert password.encode() not in path.read_bytes(), path
+
+
+def test_a_run_that_loses_the_race_to_create_its_dataset_links_the_one_created(server_store, database_uri):
+    # Trainings starting together on one dataset race to create its entity: the server checks that the
+    # dataset is not there, then inserts it. Forced here: an open transaction holds the same dataset's row,
+    # so the server's insert waits on it; the transaction commits, and the server's insert fails with the
+    # unique violation a losing run gets.
+    import mlflow
+    import psycopg2
+
+    from pipeline.training.data import load_dataset
+    from pipeline.training.run_header import log_run_header
+
+    if not database_uri.startswith("postgresql"):
+        pytest.fail("this race needs the PostgreSQL backend store")
+    client = MlflowClient(server_store.uri)
+    experiment_id = client.create_experiment(f"dataset-race-{time.time_ns()}")
+    dataset = load_dataset(str(MNIST_SMALL))
+    holder = psycopg2.connect(_libpq_uri(database_uri))
+    try:
+        with holder.cursor() as cursor:
+            cursor.execute(
+                "INSERT INTO datasets (dataset_uuid, experiment_id, name, digest, dataset_source_type, dataset_source)"
+                " VALUES (%s, %s, %s, %s, 'local', %s)",
+                (uuid.uuid4().hex, int(experiment_id), dataset.name, dataset.digest, dataset.source),
+            )
+        failure: list[BaseException] = []
+        run_ids: list[str] = []
+
+        def header() -> None:  # a run of its own, as a training process starts one
+            try:
+                with mlflow.start_run(experiment_id=experiment_id) as run:
+                    run_ids.append(run.info.run_id)
+                    log_run_header(client, run.info.run_id, {"epochs": "1"}, dataset)
+            except BaseException as error:  # noqa: BLE001 - surfaced by the assertion below
+                failure.append(error)
+
+        thread = threading.Thread(target=header, daemon=True)
+        thread.start()
+        _wait_for_an_insert_waiting_on_a_lock(database_uri, "INSERT INTO datasets", thread)
+        holder.commit()
+        thread.join(60)
+    finally:
+        holder.close()
+    assert not thread.is_alive() and failure == [], failure
+    [run_id] = run_ids
+    inputs = client.get_run(run_id).inputs.dataset_inputs
+    assert [(item.dataset.name, item.dataset.digest) for item in inputs] == [(dataset.name, dataset.digest)]
+
+
+def _libpq_uri(uri: str) -> str:
+    return uri.replace("postgresql+psycopg2://", "postgresql://")
+
+
+def _wait_for_an_insert_waiting_on_a_lock(database_uri: str, statement: str, thread: threading.Thread) -> None:
+    """Waits (at most 60 s, while `thread` lives) until a session of the database waits on a lock in a
+    statement starting with `statement`."""
+    import psycopg2
+
+    watcher = psycopg2.connect(_libpq_uri(database_uri))
+    watcher.autocommit = True
+    deadline = time.monotonic() + 60
+    try:
+        with watcher.cursor() as cursor:
+            while True:
+                cursor.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                               " AND starts_with(query, %s)", (statement,))
+                if cursor.fetchone()[0]:
+                    return
+                assert thread.is_alive(), "the call ended before it waited on the lock"
+                assert time.monotonic() < deadline, f"no {statement} waited on the lock within 60 s"
+                time.sleep(0.05)
+    finally:
+        watcher.close()

@@ -7,10 +7,11 @@ import warnings
 from collections.abc import Mapping
 
 import mlflow
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pipeline import constants as names
-from pipeline.tracking.retry import retry
+from pipeline.tracking.retry import is_transient, retry
 from pipeline.training.data import ImageDataset
 
 
@@ -22,10 +23,20 @@ def log_run_header(client: MlflowClient, run_id: str, params: Mapping[str, str],
     existing = client.get_run(run_id).data.params
     mlflow.log_params({key: value for key, value in params.items() if key not in existing})
     mlflow.set_tags({names.TAG_RUN_TYPE: names.RUN_TYPE_TRAINING, names.TAG_DATASET_DIGEST: dataset.digest})
-    # Runs starting together race to create the same dataset entity in the store; the loser gets an
-    # integrity error (HTTP 500) once, and a retry finds the entity.
     input_dataset = _mlflow_dataset(dataset)
-    retry(lambda: mlflow.log_input(input_dataset, context=names.DATASET_CONTEXT_TRAINING), attempts=3)
+    retry(lambda: mlflow.log_input(input_dataset, context=names.DATASET_CONTEXT_TRAINING), attempts=3,
+          retry_if=lambda error: is_transient(error) or lost_dataset_race(error))
+
+
+def lost_dataset_race(error: Exception) -> bool:
+    """True when the store refused a dataset input because another run created the same dataset entity
+    between its check and its insert: runs starting together on one dataset race there. PostgreSQL
+    answers a unique violation on `dataset_pk` (HTTP 400 from a server), SQLite a failed UNIQUE
+    constraint on `datasets`; a second attempt finds the entity and links it."""
+    if not isinstance(error, MlflowException):
+        return False
+    message = str(error)
+    return ("dataset_pk" in message and "duplicate key" in message) or "UNIQUE constraint failed: datasets." in message
 
 
 def _mlflow_dataset(dataset: ImageDataset) -> mlflow.data.Dataset:
