@@ -5,9 +5,11 @@ create a new SQLite store at the same instant."""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -299,3 +301,6 @@ def test_trainings_creating_a_new_sqlite_store_at_once_all_succeed(tmp_path):
         assert process.returncode == 0 and "Traceback" not in err, err[-3000:]
     runs = _all_runs(MlflowClient(store))
     assert len(runs) == TRAININGS and {run.info.status for run in runs} == {"FINISHED"}
+    # ... and left in SQLite's write-ahead-log mode, where a sweep's workers do not queue behind each other's reads
+    with contextlib.closing(sqlite3.connect(tmp_path / "mlflow.db")) as connection:
+        assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"

@@ -8,9 +8,12 @@ database, one process at a time (see `prepare_sqlite_store`).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
+import logging
 import os
+import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import urlencode
@@ -24,6 +27,8 @@ from mlflow.utils.credentials import get_default_host_creds
 from mlflow.utils.rest_utils import http_request
 
 from pipeline.errors import TrackingUnavailable
+
+logger = logging.getLogger(__name__)
 
 CREDENTIAL_VARIABLES = "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD"
 # Where `mlflow ui` serves a local store (SQLite, PostgreSQL, files) by default.
@@ -116,6 +121,12 @@ def prepare_sqlite_store(uri: str) -> None:
     other's migrations (alembic's "Online migration expected to match one row ... 0 found", "table
     _alembic_tmp_params already exists"). With the lock, the first process creates the store and the
     others find it complete. A directory that cannot be opened is left for MLflow to report.
+
+    The database is then switched to SQLite's write-ahead log (`journal_mode=WAL`, kept in the file):
+    in its default mode every reader blocks a writer, and a sweep's workers (each with its recorder,
+    heartbeat and system-metrics threads) queue on the file's lock for seconds at a time, long enough
+    that a stopped worker took over 20 s to record its end. With WAL, readers and the one writer do not
+    wait for each other. A database that another process holds at that moment keeps its mode.
     """
     from sqlalchemy.engine import make_url
 
@@ -131,8 +142,21 @@ def prepare_sqlite_store(uri: str) -> None:
     try:
         fcntl.flock(directory, fcntl.LOCK_EX)
         MlflowClient(uri).search_experiments(max_results=1)  # creates the tables if they are missing
+        _use_write_ahead_log(database)
     finally:
         os.close(directory)  # releases the lock
+
+
+def _use_write_ahead_log(database: str) -> None:
+    """Puts the SQLite database in WAL mode (see `prepare_sqlite_store`), unless it is busy."""
+    try:
+        with contextlib.closing(sqlite3.connect(database, timeout=1.0)) as connection:
+            mode = connection.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+    except sqlite3.Error as error:
+        logger.debug("SQLite store %s keeps its journal mode: %s", database, error)
+        return
+    if mode.lower() != "wal":
+        logger.debug("SQLite store %s keeps its journal mode %s", database, mode)
 
 
 def _connection_failure(text: str, timeout: float) -> str:
