@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from pipeline.config import ParameterSpec
+from pipeline.stop_request import request_stop
 
 if TYPE_CHECKING:
     from pipeline.experiments.runs import Workspace
@@ -206,6 +207,7 @@ def stop_on_first_signal() -> bool:
         nonlocal stopping
         if not stopping:
             stopping = True
+            request_stop()  # kept: the KeyboardInterrupt may be dropped (see pipeline.stop_request)
             raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, interrupt)

@@ -32,7 +32,7 @@ DERIVED_PARAMS = {
 }
 CALLBACKS = (
     "TargetAccuracyStop,DivergenceGuard,BatchTiming,BestCheckpoint,EarlyStopping,ReduceLROnPlateau,LearningRateChanges,"
-    "CSVLogger,TrainingStateBackup,EpochMetricsLogger"
+    "CSVLogger,TrainingStateBackup,EpochMetricsLogger,StopRequestCheck"
 )
 EXPECTED_ARTIFACTS = {  # beside checkpoints/epoch_<E>/ of each new best (checked below)
     names.LR_CHANGES_FILE,

@@ -20,12 +20,14 @@ from pipeline.callbacks import (
     DivergenceGuard,
     EpochMetricsLogger,
     LearningRateChanges,
+    StopRequestCheck,
     TargetAccuracyStop,
     TrialPruning,
     WorkerTiming,
 )
 from pipeline.callbacks.best_checkpoint import download_best_checkpoint
 from pipeline.config import TrainingConfig
+from pipeline.stop_request import clear_stop_request, request_stop, stop_requested
 from pipeline.tracking.recorder import RunRecorder
 from pipeline.tracking.training_state import TrainingState
 from pipeline.training.callback_list import TrainingCallbacks, build_callbacks
@@ -44,6 +46,7 @@ EXPECTED_ORDER = [
     "CSVLogger",
     "TrainingStateBackup",
     "EpochMetricsLogger",
+    "StopRequestCheck",
 ]
 
 
@@ -447,7 +450,7 @@ def _ordered(callbacks: TrainingCallbacks, move: tuple[str, str] | None) -> list
 def test_callbacks_are_composed_in_the_documented_order(tmp_path, recorder):
     callbacks = build_callbacks(TrainingConfig.from_values(), tmp_path, recorder, 1000)
     assert callbacks.names == EXPECTED_ORDER
-    assert callbacks.ordered[-1] is callbacks.epoch_metrics
+    assert callbacks.ordered[-2:] == [callbacks.epoch_metrics, callbacks.stop_check]
     assert len({id(callback) for callback in callbacks.ordered}) == len(EXPECTED_ORDER)
     checkpoint = callbacks.checkpoint
     assert isinstance(checkpoint, keras.callbacks.ModelCheckpoint)
@@ -597,3 +600,43 @@ def test_the_stop_reason_is_read_from_the_callbacks_after_fit(data, tmp_path):
     assert reasons == {
         "target": names.STOP_TARGET_ACCURACY, "early": names.STOP_EARLY_STOPPING, "completed": names.STOP_COMPLETED
     }
+
+
+@pytest.fixture
+def stop_request():
+    """A stop request of this process (as the entry points' signal handler makes), cleared after the test."""
+    yield request_stop
+    clear_stop_request()
+
+
+def test_stop_request_check_raises_after_a_batch_and_an_epoch_once_a_stop_was_requested(stop_request):
+    check = StopRequestCheck()
+    check.on_train_batch_end(0)
+    check.on_epoch_end(0)  # no stop asked for: nothing happens
+    stop_request()
+    with pytest.raises(KeyboardInterrupt):
+        check.on_train_batch_end(1)
+    with pytest.raises(KeyboardInterrupt):
+        check.on_epoch_end(0)
+
+
+class _DroppedInterrupt(keras.callbacks.Callback):
+    """What a signal handler's KeyboardInterrupt raised inside a finalizer comes to: the stop is requested,
+    the exception is lost, and training goes on."""
+
+    def on_train_batch_end(self, batch: int, logs=None) -> None:
+        if batch == 2:
+            request_stop()
+
+
+def test_a_training_whose_interrupt_was_dropped_still_stops_after_that_batch(data, tmp_path, stop_request):
+    x, y, x_val, y_val = data
+    config = TrainingConfig.from_values({"target_accuracy": "0"})
+    callbacks = build_callbacks(config, tmp_path, None, len(x))
+    batches = keras.callbacks.LambdaCallback(on_train_batch_end=lambda batch, logs: seen.append(batch))
+    seen: list[int] = []
+    model = _model()
+    with pytest.raises(KeyboardInterrupt):
+        model.fit(x, y, validation_data=(x_val, y_val), epochs=3, batch_size=32, verbose=0,
+                  callbacks=[_DroppedInterrupt(), batches, *callbacks.ordered])
+    assert stop_requested() and seen == [0, 1, 2]  # stopped right after the batch, not after 3 epochs

@@ -6,6 +6,7 @@ from pipeline.callbacks.best_checkpoint import BestCheckpoint
 from pipeline.callbacks.divergence_guard import DivergenceGuard
 from pipeline.callbacks.epoch_metrics import EpochMetricsLogger
 from pipeline.callbacks.lr_changes import LearningRateChanges
+from pipeline.callbacks.stop_request_check import StopRequestCheck
 from pipeline.callbacks.target_accuracy import TargetAccuracyStop
 from pipeline.callbacks.training_backup import CarriedCallbacks, TrainingStateBackup
 from pipeline.callbacks.trial_pruning import TrialPruning
@@ -13,5 +14,6 @@ from pipeline.callbacks.worker_timing import WorkerTiming
 
 __all__ = [
     "BatchTiming", "BestCheckpoint", "CarriedCallbacks", "DivergenceGuard", "EpochMetricsLogger",
-    "LearningRateChanges", "TargetAccuracyStop", "TrainingStateBackup", "TrialPruning", "WorkerTiming",
+    "LearningRateChanges", "StopRequestCheck", "TargetAccuracyStop", "TrainingStateBackup", "TrialPruning",
+    "WorkerTiming",
 ]

@@ -37,6 +37,7 @@ from pipeline.experiments.study import (
     StudyLock,
     study_lock,
 )
+from pipeline.stop_request import raise_if_stop_requested
 from pipeline.training.run import run_training
 
 logger = logging.getLogger(__name__)
@@ -80,7 +81,9 @@ class TrialRunner:
         if self.shared.done_count() >= self.plan.trials:
             return
         budget = optuna.study.MaxTrialsCallback(self.plan.trials, states=COUNTED_STATES)
-        self.shared.study.optimize(self, catch=(TrialFailed,), callbacks=[budget])
+        raise_if_stop_requested()
+        self.shared.study.optimize(self, catch=(TrialFailed,),
+                                   callbacks=[budget, lambda _study, _trial: raise_if_stop_requested()])
 
     def _run_grid(self) -> None:
         """Takes the study's queued grid points one at a time until none is left. Finding one and taking it
@@ -88,6 +91,7 @@ class TrialRunner:
         sample a point again."""
         study = self.shared.study
         while True:
+            raise_if_stop_requested()  # a stop whose KeyboardInterrupt was dropped (pipeline.stop_request)
             with study_lock(self.shared) as lock:
                 if (self.shared.done_count() >= self.plan.trials
                         or not study.get_trials(deepcopy=False, states=(TrialState.WAITING,))):

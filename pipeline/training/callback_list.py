@@ -19,6 +19,9 @@ order is part of the behaviour:
 10. EpochMetricsLogger - the epoch's final logs to the run.
 11. TrialPruning       - sweep trials only: the epoch's validation metric to the pruner, which may stop
                          training after the epoch is recorded.
+12. StopRequestCheck   - a stop asked for by Ctrl-C or SIGTERM whose KeyboardInterrupt was dropped
+                         (pipeline.stop_request): raised again after the batch, or after the epoch is
+                         recorded.
 
 In a multi-worker training only the chief records: the other workers run 1-6 and 8 (with
 worker-local checkpoint and CSV files), so that they all stop at the same epoch.
@@ -39,6 +42,7 @@ from pipeline.callbacks import (
     DivergenceGuard,
     EpochMetricsLogger,
     LearningRateChanges,
+    StopRequestCheck,
     TargetAccuracyStop,
     TrainingStateBackup,
     TrialPruning,
@@ -67,6 +71,7 @@ class TrainingCallbacks:
     backup: TrainingStateBackup | None
     epoch_metrics: EpochMetricsLogger | None
     trial_pruning: TrialPruning | None = None
+    stop_check: StopRequestCheck = dataclasses.field(default_factory=StopRequestCheck)
 
     @property
     def ordered(self) -> list[keras.callbacks.Callback]:

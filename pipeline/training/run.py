@@ -37,6 +37,7 @@ from pipeline import constants as names
 from pipeline.callbacks import TrialPruning
 from pipeline.config import TrainingConfig
 from pipeline.errors import TrainingDiverged
+from pipeline.stop_request import raise_if_stop_requested
 from pipeline.tracking.recorder import RunRecorder
 from pipeline.tracking.resume import (
     ResumePoint,
@@ -271,6 +272,7 @@ def _train_in_run(
         fit_started = time.perf_counter()
         _fit(model, config, training.distribution, training.splits, callbacks, initial_epoch)
         fit_seconds = time.perf_counter() - fit_started
+        raise_if_stop_requested()  # a stop whose KeyboardInterrupt was dropped (pipeline.stop_request)
         stop_reason = record_end_of_fit(recorder, callbacks, workdir)
         if stop_reason == names.STOP_NAN_LOSS:
             record_divergence(recorder, callbacks, workdir, limits.flush_timeout)
@@ -279,6 +281,7 @@ def _train_in_run(
         test_loss, test_accuracy, local_model = evaluate_and_report(
             recorder, callbacks, training.dataset, workdir, deadline
         )
+        raise_if_stop_requested()
         finish_recording(recorder, workdir, local_model, deadline, limits.rescue_dir / run_id)
     after_fit_seconds = time.perf_counter() - fit_started - fit_seconds
     logger.info("Timing: fit %.2f s, after fit %.2f s", fit_seconds, after_fit_seconds)
