@@ -183,6 +183,21 @@ def test_trial_pruning_hooks_report_each_epoch_and_stop_when_the_pruner_says_so(
     assert pruning.pruned_epoch is None
 
 
+def test_trial_pruning_never_prunes_at_the_last_epoch():
+    """A trial the pruner would stop after its last epoch has trained fully: it finishes (and can be the best)."""
+    study = optuna.create_study(direction="maximize", pruner=optuna.pruners.ThresholdPruner(lower=0.5))
+    model = _model()
+    pruning = TrialPruning(study.ask())
+    pruning.set_model(model)
+    pruning.set_params({"epochs": 3})  # as fit(epochs=3) gives its callbacks
+    pruning.on_train_begin()
+    pruning.on_epoch_end(2, {"val_accuracy": 0.3})  # below the threshold, at the last epoch
+    assert pruning.pruned_epoch is None and not model.stop_training
+    pruning.on_train_begin()
+    pruning.on_epoch_end(1, {"val_accuracy": 0.3})  # one epoch before the last: pruned
+    assert pruning.pruned_epoch == 1 and model.stop_training
+
+
 def test_trial_pruning_warns_once_per_fit_when_its_metric_is_missing(caplog):
     """As optuna-integration's Keras callback warns, but once a fit: a pruner that never hears of the
     trial can never prune it."""

@@ -25,7 +25,8 @@ class TrialPruning(keras.callbacks.Callback):
     training the way EarlyStopping does, so a pruned trial still gets its whole record (evaluation,
     model) and the stop reason `pruned`. Like it, it warns when `monitor` is not in an epoch's logs
     (once a fit): the pruner cannot judge an epoch it never hears of. A NaN value (a diverged epoch,
-    which DivergenceGuard stops) is skipped silently.
+    which DivergenceGuard stops) is skipped silently. A trial is never pruned at its last epoch (`fit`'s
+    `epochs`): it trained fully, so it finishes and may be the best.
 
     Args:
         trial: the trial (its study's pruner decides).
@@ -69,6 +70,9 @@ class TrialPruning(keras.callbacks.Callback):
             return
         self.trial.report(float(value), epoch)
         if self.trial.should_prune():
+            if epoch + 1 >= (self.params or {}).get("epochs", math.inf):  # nothing left to save: it trained fully
+                logger.info("Epoch %d: the pruner would stop this trial at its last epoch; it finishes", epoch + 1)
+                return
             logger.info("Epoch %d: pruned (%s=%.4f is losing against the other trials)", epoch + 1,
                         self.monitor, value)
             self.pruned_epoch = epoch
