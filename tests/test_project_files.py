@@ -168,7 +168,7 @@ def test_the_readme_check_notices_a_name_whose_documentation_is_removed(name):
 
 # pipeline/'s layers, lowest first: a module may import its own layer and the ones below, never above.
 LAYERS = {"base": 0, "tracking": 1, "callbacks": 2, "training": 3, "experiments": 4}
-BASE_MODULES = {"config", "constants", "errors", "search_space"}
+BASE_MODULES = {"config", "constants", "errors", "search_space", "stop_request"}
 
 
 def _layer(module: str) -> int | None:
