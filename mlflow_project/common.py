@@ -69,6 +69,22 @@ def configure_console_logging(prefix: str = "") -> None:
     pipeline_logger.propagate = False
 
 
+class _NoInterruptTraceback(logging.Filter):
+    """Keeps a record's message but drops the traceback of a KeyboardInterrupt attached to it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt):
+            record.exc_info = record.exc_text = None
+        return True
+
+
+def no_interrupt_tracebacks(library: str) -> None:
+    """A Ctrl-C or SIGTERM is a stop, not an error: the handlers of `library`'s root logger print the line it
+    logs for one without the KeyboardInterrupt's traceback (Optuna logs one per interrupted trial)."""
+    for handler in logging.getLogger(library).handlers:
+        handler.addFilter(_NoInterruptTraceback())
+
+
 def parameter_options(specs: Sequence[ParameterSpec]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """click options for `specs`, all taken as text: parsing and checking happen in one place,
     `pipeline.config`, so the CLI and `mlflow run -P` report a bad value the same way."""

@@ -55,6 +55,7 @@ def sweep(experiment_name: str | None, worker_number: int, parent_pid: int, **va
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # our trial lines say the same, with their run
+        common.no_interrupt_tracebacks("optuna")
         from pipeline.experiments.sweep import SweepRequest, run_sweep
 
         summary = run_sweep(SweepRequest(options, experiment_name, worker_command, worker_number,
