@@ -23,7 +23,7 @@ order is part of the behaviour:
                          (pipeline.stop_request): raised again after the batch, or after the epoch is
                          recorded.
 
-In a multi-worker training only the chief records: the other workers run 1-6 and 8 (with
+In a multi-worker training only the chief records: the other workers run 1-6, 8 and 12 (with
 worker-local checkpoint and CSV files), so that they all stop at the same epoch.
 """
 
