@@ -131,11 +131,37 @@ def checkpoint_model_writer(template: Path, keras_file: Path, checkpoint: bytes)
     def write(directory: Path, logged: LoggedModel) -> None:
         shutil.copytree(template, directory)
         (directory / inner).write_bytes(checkpoint)
-        mlmodel = Model.load(str(directory / MLMODEL_FILE_NAME))
-        mlmodel.model_id = mlmodel.model_uuid = logged.model_id
-        mlmodel.run_id = logged.source_run_id
-        mlmodel.artifact_path = logged.artifact_location
-        mlmodel.model_size_bytes = sum(path.stat().st_size for path in directory.rglob("*") if path.is_file())
-        mlmodel.save(str(directory / MLMODEL_FILE_NAME))
+        _name_logged_model(directory, logged)
 
     return write
+
+
+def save_final_model(model: keras.Model, input_example: np.ndarray, directory: Path) -> Path:
+    """Saves `model` as the run's final MLflow model (on the training thread: Keras), with an input
+    example besides the checkpoints' signature and pinned requirements; returns `directory`. It is
+    what `final_model_writer` uploads, and what is kept locally when the store does not take it."""
+    shutil.rmtree(directory, ignore_errors=True)
+    save_model(model, str(directory), signature=MODEL_SIGNATURE, input_example=input_example,
+               pip_requirements=pinned_requirements())
+    return directory
+
+
+def final_model_writer(saved: Path) -> Callable[[Path, LoggedModel], None]:
+    """Writes the final model (on the recorder's thread): the files `save_final_model` wrote, the
+    MLmodel naming the LoggedModel it is uploaded to."""
+
+    def write(directory: Path, logged: LoggedModel) -> None:
+        shutil.copytree(saved, directory)
+        _name_logged_model(directory, logged)
+
+    return write
+
+
+def _name_logged_model(directory: Path, logged: LoggedModel) -> None:
+    """Names `logged` in the MLmodel of `directory`, as `mlflow.models.Model.log` does."""
+    mlmodel = Model.load(str(directory / MLMODEL_FILE_NAME))
+    mlmodel.model_id = mlmodel.model_uuid = logged.model_id
+    mlmodel.run_id = logged.source_run_id
+    mlmodel.artifact_path = logged.artifact_location
+    mlmodel.model_size_bytes = sum(path.stat().st_size for path in directory.rglob("*") if path.is_file())
+    mlmodel.save(str(directory / MLMODEL_FILE_NAME))
