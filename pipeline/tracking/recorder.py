@@ -31,7 +31,7 @@ from typing import Any
 
 from mlflow.entities import LoggedModel, LoggedModelOutput, LoggedModelStatus, Metric, RunTag
 from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
+from mlflow.protos.databricks_pb2 import PERMISSION_DENIED, RESOURCE_DOES_NOT_EXIST, ErrorCode
 from mlflow.tracking import MlflowClient
 
 from pipeline.errors import LocalStorageError, RecordingError, first_line
@@ -422,8 +422,7 @@ class RunRecorder:
             self._deliver_link(record)
             return
         if isinstance(record, ModelDeletion):
-            if record.model.model_id is not None:
-                self.client.delete_logged_model(record.model.model_id)
+            self._deliver_deletion(record)
             return
         for file in record.files:  # all written first: a full disk stops the unit before any upload
             if file.writer is not None:
@@ -469,6 +468,20 @@ class RunRecorder:
             self.client.log_outputs(self.run_id, [LoggedModelOutput(record.model_id, step=record.step)])
             record.done.add("output")
         self.client.finalize_logged_model(record.model_id, LoggedModelStatus.READY)
+
+    def _deliver_deletion(self, record: ModelDeletion) -> None:
+        """Deletes the model (MLflow's delete is idempotent). An account that may not delete (a team
+        server's training account holds EDIT, deleting takes MANAGE) keeps it: said once, not a failure."""
+        model = record.model
+        if model.model_id is None:
+            return
+        try:
+            self.client.delete_logged_model(model.model_id)
+        except MlflowException as error:
+            if error.error_code != ErrorCode.Name(PERMISSION_DENIED):
+                raise
+            logger.warning("The logged model %s of step %d is kept (%s): deleting it takes MANAGE on the experiment",
+                           model.name, model.step, first_line(error, 160))
 
     def _existing_model(self, record: ModelRecord) -> str | None:
         """The id of a READY model of the run with this record's name and step, if any."""
