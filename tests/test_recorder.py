@@ -273,6 +273,7 @@ def test_a_new_bests_metrics_are_linked_from_the_values_queued_without_reading_t
             _new_best(checkpoint, epoch)
         queued[epoch] = {names.LOSS: 1 / (epoch + 1), names.VAL_ACCURACY: 0.5 + epoch / 100, names.VAL_LOSS: 2 - epoch}
         recorder.log_metrics(queued[epoch], step=epoch)
+        assert recorder.wait_until_delivered(60)  # a waiting best would be replaced by the next one, never sent
     checkpoint.on_train_end()
     recorder.close(timeout=60)
     assert held.history_reads == 0
