@@ -4,16 +4,22 @@ works in experiments of their own; with NO_PERMISSIONS the admin's experiment is
 
 from __future__ import annotations
 
+import logging
 import secrets
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import mlflow.server
 import pytest
 import requests
+from mlflow.entities import LoggedModel, LoggedModelStatus
+from mlflow.tracking import MlflowClient
 
+from pipeline import constants as names
 from pipeline.tracking.accounts import Account, add_teammate
+from pipeline.tracking.recorder import RunRecorder
 from pipeline.tracking.server import TrackingServer
 
 pytestmark = pytest.mark.slow
@@ -300,3 +306,31 @@ def test_a_restart_keeps_the_accounts_and_what_they_created(team_server, team):
     assert deleted.status_code == 200, deleted.text
     assert team.serving.get("registered-models/alias", name=SERVED_MODEL, alias="champion").status_code == 200
     assert team.serving.post("experiments/create", name="by-serving").status_code == 403
+
+
+def test_the_training_account_keeps_a_checkpoint_it_may_not_delete_and_says_so(team_server, team, tmp_path,
+                                                                                monkeypatch, caplog):
+    """Deleting a LoggedModel takes MANAGE on its experiment and the training account holds EDIT: the final model's
+    clean-up (deleting the best epoch's `checkpoint`, docs/run-record.md) is refused. The recorder keeps that model,
+    says so once, and does not fail the run's record for it; the admin may delete it."""
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", team.training.auth[0])
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", team.training.auth[1])
+    client = MlflowClient(team_server.uri)
+
+    def write(directory: Path, logged: LoggedModel) -> None:
+        directory.mkdir(parents=True)
+        (directory / "MLmodel").write_text(f"model_id: {logged.model_id}\nflavors: {{}}\n")
+
+    recorder = RunRecorder(client, team.run_id, tmp_path / "staging")
+    checkpoint = recorder.log_model(names.CHECKPOINT_MODEL_NAME, 3, write, tags={names.MODEL_TAG_EPOCH: 3},
+                                    slot=names.CHECKPOINT_MODEL_NAME)
+    recorder.delete_model(checkpoint)
+    with caplog.at_level(logging.WARNING, logger="pipeline.tracking.recorder"):
+        recorder.close(timeout=60)  # no RecordingError: the refusal is no failure of the record
+    assert client.get_logged_model(checkpoint.model_id).status == LoggedModelStatus.READY
+    kept = [record.getMessage() for record in caplog.records if "is kept" in record.getMessage()]
+    assert len(kept) == 1 and "checkpoint of step 3" in kept[0] and "MANAGE" in kept[0], kept
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", team.admin.auth[0])
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", team.admin.auth[1])
+    client.delete_logged_model(checkpoint.model_id)
+    assert not client.search_logged_models([team.experiment_id], filter_string=f"source_run_id = '{team.run_id}'")
