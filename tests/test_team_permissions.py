@@ -139,6 +139,7 @@ class Team:
     run_id: str  # a training run there, with one artifact
     other_experiment_id: str  # a teammate's own experiment
     other_model: str  # a registered model that is not the served one
+    model_id: str  # a logged model (a checkpoint) of the training run
 
 
 @pytest.fixture(scope="module")
@@ -169,11 +170,18 @@ def team(team_server: TrackingServer) -> Team:
     assert version.status_code == 200, version.text
     alias = training.post("registered-models/alias", name=SERVED_MODEL, alias="champion", version="1")
     assert alias.status_code == 200, alias.text
+    logged = training.post("logged-models", experiment_id=experiment_id, name="checkpoint", source_run_id=run_id)
+    assert logged.status_code == 200, logged.text
 
     other_experiment_id, _ = _experiment_with_a_run(teammate, f"teammates-{secrets.token_hex(4)}")
     other_model = f"other-{secrets.token_hex(4)}"
     assert admin.post("registered-models/create", name=other_model).status_code == 200
-    return Team(admin, training, serving, teammate, experiment_id, run_id, other_experiment_id, other_model)
+    return Team(admin, training, serving, teammate, experiment_id, run_id, other_experiment_id, other_model,
+                logged.json()["model"]["info"]["model_id"])
+
+
+def _delete_logged_model(client: Client, team: Team) -> requests.Response:
+    return requests.delete(f"{client.base}/logged-models/{team.model_id}", auth=client.auth, timeout=30)
 
 
 def _artifact(client: Client, team: Team) -> requests.Response:
@@ -210,6 +218,7 @@ CANNOT = [
         json={"username": SERVING[0], "resource_type": "experiment", "resource_id": t.experiment_id,
               "permission": "EDIT"}, timeout=30)),
     ("training", "delete a run", lambda t: t.training.post("runs/delete", run_id=t.run_id)),
+    ("training", "delete a logged model", lambda t: _delete_logged_model(t.training, t)),
     ("training", "delete the training experiment",
      lambda t: t.training.post("experiments/delete", experiment_id=t.experiment_id)),
     ("training", "read a teammate's experiment",
@@ -222,6 +231,7 @@ CANNOT = [
     ("serving", "log a metric", lambda t: t.serving.post("runs/log-metric", run_id=t.run_id, key="x", value=1.0,
                                                          timestamp=0)),
     ("serving", "delete a run", lambda t: t.serving.post("runs/delete", run_id=t.run_id)),
+    ("serving", "delete a logged model", lambda t: _delete_logged_model(t.serving, t)),
     ("serving", "upload an artifact", lambda t: requests.put(
         f"{t.serving.base.rsplit('/api/', 1)[0]}/api/2.0/mlflow-artifacts/artifacts/{t.experiment_id}/{t.run_id}"
         "/artifacts/x.txt", data=b"x", auth=t.serving.auth, timeout=30)),
@@ -241,6 +251,7 @@ CANNOT = [
     ("teammate", "log into a training run", lambda t: t.teammate.post("runs/log-metric", run_id=t.run_id, key="x",
                                                                       value=1.0, timestamp=0)),
     ("teammate", "delete a run", lambda t: t.teammate.post("runs/delete", run_id=t.run_id)),
+    ("teammate", "delete a logged model", lambda t: _delete_logged_model(t.teammate, t)),
     ("teammate", "register a version of the served model", lambda t: t.teammate.post(
         "model-versions/create", name=SERVED_MODEL, run_id=t.run_id,
         source=f"mlflow-artifacts:/{t.experiment_id}/{t.run_id}/artifacts/model")),
@@ -265,6 +276,7 @@ def test_nothing_an_account_cannot_do_happened(team):
     versions = team.admin.get("model-versions/search", filter=f"name='{SERVED_MODEL}'").json()["model_versions"]
     assert [version["version"] for version in versions] == ["1"]
     assert team.admin.get("users/get", username="x-by-training").status_code == 404
+    assert team.admin.get(f"logged-models/{team.model_id}").status_code == 200
 
 
 def test_the_admin_grants_a_teammate_edit_on_one_experiment_or_denies_one(team_server, team, monkeypatch):
@@ -333,4 +345,5 @@ def test_the_training_account_keeps_a_checkpoint_it_may_not_delete_and_says_so(t
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", team.admin.auth[0])
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", team.admin.auth[1])
     client.delete_logged_model(checkpoint.model_id)
-    assert not client.search_logged_models([team.experiment_id], filter_string=f"source_run_id = '{team.run_id}'")
+    found = client.search_logged_models([team.experiment_id], filter_string=f"source_run_id = '{team.run_id}'")
+    assert checkpoint.model_id not in {model.model_id for model in found}
