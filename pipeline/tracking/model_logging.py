@@ -73,7 +73,9 @@ TENSORFLOW_FLAVOR_WITHOUT_SERVING_CHECK = types.SimpleNamespace(
 
 def log_model(recorder: RunRecorder, model: keras.Model, input_example: np.ndarray, workdir: Path,
               deadline: float) -> Path | None:
-    """Logs `model` as the MLflow model `model` of the run. While the store is unreachable it waits,
+    """Logs `model` as the MLflow model `model` of the run, on the calling thread (a model made outside a
+    training: the benches and tests; a training's `model` is its best checkpoint, sent by its recorder:
+    `BestCheckpoint.log_final_model`). While the store is unreachable it waits,
     until `deadline` (time.monotonic()), for the store to take the backlog and then the model; after
     that it saves the model locally instead and returns that directory (None when logged)."""
     options = {
