@@ -61,7 +61,8 @@ CLASSIFICATION_REPORT_FILE = "classification_report.json"
 WORKER_TIMING_FILE = "worker_epoch_seconds.json"  # distributed trainings: each worker's epoch times
 MODEL_NAME = "model"  # the logged MLflow model: runs:/<run_id>/model
 # Each new best checkpoint is also an MLflow model, a LoggedModel of the run named `checkpoint`: output of the
-# run at step = its epoch, tag `epoch`, and the run's metrics of that epoch linked to it (model_id).
+# run at step = its epoch, tag `epoch`, and the run's metrics of that epoch linked to it (model_id). At the end the
+# best one is logged as MODEL_NAME the same way, and its `checkpoint` deleted: one LoggedModel per set of weights.
 CHECKPOINT_MODEL_NAME = "checkpoint"
 MODEL_TAG_EPOCH = "epoch"
 

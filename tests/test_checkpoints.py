@@ -1,6 +1,7 @@
 """Each new best checkpoint as MLflow's checkpoint API finds it: `mlflow.tensorflow.load_checkpoint(run_id=...)`
-gives the best epoch's model, `epoch=E` any earlier best; each is a LoggedModel `checkpoint` of the run (step = its
-epoch, its metrics linked) that predicts as the checkpoint and can be registered; and a training SIGKILLed between a
+gives the best epoch's model, `epoch=E` any earlier best; each is one LoggedModel of the run (step = its epoch, its
+metrics linked) that predicts as the checkpoint and can be registered: the earlier bests `checkpoint`, the best one the
+final `model` (`runs:/<id>/model`), stored once; and a training SIGKILLed between a
 checkpoint and its description leaves the run's pointer on a complete, consistent checkpoint, which a resume carries
 on from without a second LoggedModel of the same epoch."""
 
@@ -47,13 +48,12 @@ def _same_weights(first: keras.Model, second: keras.Model) -> bool:
     return all(np.array_equal(a, b) for a, b in zip(first.get_weights(), second.get_weights(), strict=True))
 
 
-def _checkpoint_models(client: MlflowClient, run_id: str) -> dict[int, list]:
-    """The run's LoggedModels `checkpoint`, by their step as outputs of the run."""
+def _logged_models(client: MlflowClient, run_id: str) -> dict[int, list]:
+    """The run's LoggedModels (`checkpoint` and `model`, deleted ones left out), by their step as outputs of the run."""
     run = client.get_run(run_id)
     steps = {output.model_id: output.step for output in run.outputs.model_outputs}
     models = mlflow.search_logged_models(
-        experiment_ids=[run.info.experiment_id], output_format="list",
-        filter_string=f"name = '{names.CHECKPOINT_MODEL_NAME}' AND source_run_id = '{run_id}'",
+        experiment_ids=[run.info.experiment_id], output_format="list", filter_string=f"source_run_id = '{run_id}'",
     )
     by_step: dict[int, list] = {}
     for model in models:
@@ -75,8 +75,11 @@ def test_mlflow_load_checkpoint_gives_the_best_epochs_model_and_each_earlier_bes
     assert info["epoch"] == result.best_epoch
     assert _same_weights(best, keras.models.load_model(checkpoint_file))
     assert best.optimizer.iterations.numpy() > 0  # the checkpoint as trained, optimizer state included
-    # the logged model is that same checkpoint
+    # the logged model is that same checkpoint, and predicts as it does through MLflow's everyday URI
     assert _same_weights(best, mlflow.tensorflow.load_model(f"runs:/{result.run_id}/{names.MODEL_NAME}"))
+    x_test = load_dataset(config.dataset).x_test[:20]
+    np.testing.assert_allclose(mlflow.pyfunc.load_model(f"runs:/{result.run_id}/{names.MODEL_NAME}").predict(x_test),
+                               best.predict(x_test, verbose=0), atol=1e-6)
 
     new_bests = [m.step for m in client.get_metric_history(result.run_id, names.BEST_VAL_ACCURACY)]
     assert len(new_bests) >= 2 and new_bests[-1] == result.best_epoch, new_bests
@@ -84,15 +87,19 @@ def test_mlflow_load_checkpoint_gives_the_best_epochs_model_and_each_earlier_bes
         earlier = mlflow.tensorflow.load_checkpoint(run_id=result.run_id, epoch=epoch)
         assert _validation_accuracy(earlier, config) == pytest.approx(val_accuracy[epoch], abs=1e-6), epoch
 
-    # each new best is a LoggedModel `checkpoint` of the run: step = its epoch, the epoch's metrics linked
-    by_step = _checkpoint_models(client, result.run_id)
+    # each new best is one LoggedModel of the run, step = its epoch, tag `epoch`, the epoch's metrics linked: the
+    # earlier bests as `checkpoint`, the best one as the final `model` (its `checkpoint` deleted: stored once)
+    by_step = _logged_models(client, result.run_id)
     assert sorted(by_step) == new_bests and all(len(models) == 1 for models in by_step.values()), by_step
+    names_by_step = {epoch: model.name for epoch, [model] in by_step.items()}
+    assert names_by_step == {epoch: names.CHECKPOINT_MODEL_NAME for epoch in new_bests[:-1]} | {
+        result.best_epoch: names.MODEL_NAME}
+    history = {key: {m.step: m.value for m in client.get_metric_history(result.run_id, key)} for key in LINKED_METRICS}
     rows = load_dataset(config.dataset).x_test[:20]
     for epoch, [model] in by_step.items():
         assert model.status == LoggedModelStatus.READY and model.tags[names.MODEL_TAG_EPOCH] == str(epoch)
         linked = {(metric.key, metric.step): metric.value for metric in model.metrics}
-        assert {key for key, _ in linked} == set(LINKED_METRICS) and {step for _, step in linked} == {epoch}
-        assert linked[(names.VAL_ACCURACY, epoch)] == pytest.approx(val_accuracy[epoch])
+        assert linked == {(key, epoch): history[key][epoch] for key in LINKED_METRICS}, (epoch, model.name)
         checkpoint = mlflow.tensorflow.load_checkpoint(run_id=result.run_id, epoch=epoch)
         np.testing.assert_allclose(  # the MLflow model is that checkpoint (pyfunc: the silent loader)
             mlflow.pyfunc.load_model(f"models:/{model.model_id}").predict(rows),
@@ -102,6 +109,7 @@ def test_mlflow_load_checkpoint_gives_the_best_epochs_model_and_each_earlier_bes
         assert [m.step for m in client.get_metric_history(result.run_id, key)] == list(range(len(val_accuracy))), key
     # any checkpoint can be registered, as MLflow registers a logged model
     [first] = by_step[new_bests[0]]
+    assert first.name == names.CHECKPOINT_MODEL_NAME
     version = mlflow.register_model(f"models:/{first.model_id}", "checkpoint-of-epoch")
     assert first.model_id in version.source
     registered = mlflow.tensorflow.load_model(f"models:/checkpoint-of-epoch/{version.version}")
@@ -170,11 +178,15 @@ def test_a_kill_between_a_checkpoint_and_its_description_leaves_the_pointer_on_a
     assert run.data.tags[names.TAG_LATEST_CHECKPOINT] == names.checkpoint_file(final_best)
     checkpoint_file, info = download_best_checkpoint(client, run_id, tmp_path / "final")
     assert info["epoch"] == final_best
-    # one READY LoggedModel per new best: the restored best was not logged a second time
-    by_step = _checkpoint_models(client, run_id)
+    # one READY LoggedModel per new best: the restored best was not logged a second time, the final best is `model`
+    by_step = _logged_models(client, run_id)
     new_bests = {m.step for m in client.get_metric_history(run_id, names.BEST_VAL_ACCURACY)}
     assert set(by_step) == new_bests and first in by_step, (by_step, new_bests)
     assert all(len(models) == 1 and models[0].status == LoggedModelStatus.READY for models in by_step.values())
+    assert {epoch for epoch, [model] in by_step.items() if model.name == names.MODEL_NAME} == {final_best}
+    [model] = by_step[final_best]
+    linked = {metric.key: metric.value for metric in model.metrics if metric.step == final_best}
+    assert linked[names.VAL_ACCURACY] == val_accuracy[final_best] and set(linked) == set(LINKED_METRICS)
     final = mlflow.tensorflow.load_checkpoint(run_id=run_id)
     assert _validation_accuracy(final, config) == pytest.approx(val_accuracy[final_best], abs=1e-6)
 

@@ -33,7 +33,8 @@ class HeldStore(MlflowClient):
     each delivery (`log_batch`, `log_artifact`) starts, is counted, and waits until the test lets it
     through (`allow(n)`, `open()`). No timeout lets a held delivery go on its own: a test that never
     opens it is stopped by pytest-timeout, never passes by luck. `before_each(path)` is called as
-    each delivery starts (the artifact path, or None for a batch), and every `log_batch` is noted."""
+    each delivery starts (the artifact path, or None for a batch), and every `log_batch` is noted, and
+    every read of a metric's history counted."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -41,6 +42,7 @@ class HeldStore(MlflowClient):
         self._permits = math.inf
         self.started = 0
         self.batches: list[tuple[int, int]] = []  # (metrics, tags) of each log_batch call
+        self.history_reads = 0
         self.before_each: Callable[[str | None], None] | None = None
 
     def hold(self) -> None:
@@ -73,6 +75,10 @@ class HeldStore(MlflowClient):
         self._pass(None)
         self.batches.append((len(metrics), len(tags)))
         return super().log_batch(run_id, metrics=metrics, params=params, tags=tags, **options)
+
+    def get_metric_history(self, run_id, key):
+        self.history_reads += 1
+        return super().get_metric_history(run_id, key)
 
     def log_artifact(self, run_id, local_path, artifact_path=None):
         self._pass(f"{artifact_path}/{Path(local_path).name}" if artifact_path else Path(local_path).name)
@@ -251,6 +257,34 @@ def test_a_checkpoint_and_its_description_always_describe_the_same_epoch(run, he
     assert seen == [None, None, None, 3, 3, 3, 4, 4], seen
     stored = {item.path for item in client.list_artifacts(run_id, names.CHECKPOINT_DIR)}
     assert stored == {names.checkpoint_dir(3), names.checkpoint_dir(4)}
+
+
+def test_a_new_bests_metrics_are_linked_from_the_values_queued_without_reading_the_store(run, held, tmp_path):
+    """Epochs 0-3, new bests at 1 and 3: each checkpoint's LoggedModel gets exactly its epoch's metrics
+    (the values and timestamps queued, so the run keeps one value per epoch), and no metric history
+    is read from the store for it."""
+    client, run_id = run
+    recorder = RunRecorder(held, run_id, tmp_path / "staging")
+    checkpoint = _checkpoint(tmp_path, recorder)
+    queued = {}
+    for epoch in range(4):
+        checkpoint.on_epoch_begin(epoch)  # links the previous epoch's new best, as in a training
+        if epoch in (1, 3):
+            _new_best(checkpoint, epoch)
+        queued[epoch] = {names.LOSS: 1 / (epoch + 1), names.VAL_ACCURACY: 0.5 + epoch / 100, names.VAL_LOSS: 2 - epoch}
+        recorder.log_metrics(queued[epoch], step=epoch)
+        assert recorder.wait_until_delivered(60)  # a waiting best would be replaced by the next one, never sent
+    checkpoint.on_train_end()
+    recorder.close(timeout=60)
+    assert held.history_reads == 0
+    outputs = client.get_run(run_id).outputs.model_outputs
+    assert sorted(output.step for output in outputs) == [1, 3]
+    for output in outputs:
+        model = client.get_logged_model(output.model_id)
+        linked = {(metric.key, metric.step): metric.value for metric in model.metrics}
+        assert linked == {(key, output.step): value for key, value in queued[output.step].items()}, output.step
+    for key in (names.LOSS, names.VAL_ACCURACY, names.VAL_LOSS):  # linking added no value to the run's own
+        assert [m.step for m in client.get_metric_history(run_id, key)] == [0, 1, 2, 3], key
 
 
 def test_a_newer_checkpoint_replaces_a_waiting_one_as_a_whole(run, held, tmp_path):

@@ -4,16 +4,22 @@ works in experiments of their own; with NO_PERMISSIONS the admin's experiment is
 
 from __future__ import annotations
 
+import logging
 import secrets
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import mlflow.server
 import pytest
 import requests
+from mlflow.entities import LoggedModel, LoggedModelStatus
+from mlflow.tracking import MlflowClient
 
+from pipeline import constants as names
 from pipeline.tracking.accounts import Account, add_teammate
+from pipeline.tracking.recorder import RunRecorder
 from pipeline.tracking.server import TrackingServer
 
 pytestmark = pytest.mark.slow
@@ -133,6 +139,7 @@ class Team:
     run_id: str  # a training run there, with one artifact
     other_experiment_id: str  # a teammate's own experiment
     other_model: str  # a registered model that is not the served one
+    model_id: str  # a logged model (a checkpoint) of the training run
 
 
 @pytest.fixture(scope="module")
@@ -163,11 +170,18 @@ def team(team_server: TrackingServer) -> Team:
     assert version.status_code == 200, version.text
     alias = training.post("registered-models/alias", name=SERVED_MODEL, alias="champion", version="1")
     assert alias.status_code == 200, alias.text
+    logged = training.post("logged-models", experiment_id=experiment_id, name="checkpoint", source_run_id=run_id)
+    assert logged.status_code == 200, logged.text
 
     other_experiment_id, _ = _experiment_with_a_run(teammate, f"teammates-{secrets.token_hex(4)}")
     other_model = f"other-{secrets.token_hex(4)}"
     assert admin.post("registered-models/create", name=other_model).status_code == 200
-    return Team(admin, training, serving, teammate, experiment_id, run_id, other_experiment_id, other_model)
+    return Team(admin, training, serving, teammate, experiment_id, run_id, other_experiment_id, other_model,
+                logged.json()["model"]["info"]["model_id"])
+
+
+def _delete_logged_model(client: Client, team: Team) -> requests.Response:
+    return requests.delete(f"{client.base}/logged-models/{team.model_id}", auth=client.auth, timeout=30)
 
 
 def _artifact(client: Client, team: Team) -> requests.Response:
@@ -204,6 +218,7 @@ CANNOT = [
         json={"username": SERVING[0], "resource_type": "experiment", "resource_id": t.experiment_id,
               "permission": "EDIT"}, timeout=30)),
     ("training", "delete a run", lambda t: t.training.post("runs/delete", run_id=t.run_id)),
+    ("training", "delete a logged model", lambda t: _delete_logged_model(t.training, t)),
     ("training", "delete the training experiment",
      lambda t: t.training.post("experiments/delete", experiment_id=t.experiment_id)),
     ("training", "read a teammate's experiment",
@@ -216,6 +231,7 @@ CANNOT = [
     ("serving", "log a metric", lambda t: t.serving.post("runs/log-metric", run_id=t.run_id, key="x", value=1.0,
                                                          timestamp=0)),
     ("serving", "delete a run", lambda t: t.serving.post("runs/delete", run_id=t.run_id)),
+    ("serving", "delete a logged model", lambda t: _delete_logged_model(t.serving, t)),
     ("serving", "upload an artifact", lambda t: requests.put(
         f"{t.serving.base.rsplit('/api/', 1)[0]}/api/2.0/mlflow-artifacts/artifacts/{t.experiment_id}/{t.run_id}"
         "/artifacts/x.txt", data=b"x", auth=t.serving.auth, timeout=30)),
@@ -235,6 +251,7 @@ CANNOT = [
     ("teammate", "log into a training run", lambda t: t.teammate.post("runs/log-metric", run_id=t.run_id, key="x",
                                                                       value=1.0, timestamp=0)),
     ("teammate", "delete a run", lambda t: t.teammate.post("runs/delete", run_id=t.run_id)),
+    ("teammate", "delete a logged model", lambda t: _delete_logged_model(t.teammate, t)),
     ("teammate", "register a version of the served model", lambda t: t.teammate.post(
         "model-versions/create", name=SERVED_MODEL, run_id=t.run_id,
         source=f"mlflow-artifacts:/{t.experiment_id}/{t.run_id}/artifacts/model")),
@@ -259,6 +276,7 @@ def test_nothing_an_account_cannot_do_happened(team):
     versions = team.admin.get("model-versions/search", filter=f"name='{SERVED_MODEL}'").json()["model_versions"]
     assert [version["version"] for version in versions] == ["1"]
     assert team.admin.get("users/get", username="x-by-training").status_code == 404
+    assert team.admin.get(f"logged-models/{team.model_id}").status_code == 200
 
 
 def test_the_admin_grants_a_teammate_edit_on_one_experiment_or_denies_one(team_server, team, monkeypatch):
@@ -300,3 +318,32 @@ def test_a_restart_keeps_the_accounts_and_what_they_created(team_server, team):
     assert deleted.status_code == 200, deleted.text
     assert team.serving.get("registered-models/alias", name=SERVED_MODEL, alias="champion").status_code == 200
     assert team.serving.post("experiments/create", name="by-serving").status_code == 403
+
+
+def test_the_training_account_keeps_a_checkpoint_it_may_not_delete_and_says_so(team_server, team, tmp_path,
+                                                                                monkeypatch, caplog):
+    """Deleting a LoggedModel takes MANAGE on its experiment and the training account holds EDIT: the final model's
+    clean-up (deleting the best epoch's `checkpoint`, docs/run-record.md) is refused. The recorder keeps that model,
+    says so once, and does not fail the run's record for it; the admin may delete it."""
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", team.training.auth[0])
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", team.training.auth[1])
+    client = MlflowClient(team_server.uri)
+
+    def write(directory: Path, logged: LoggedModel) -> None:
+        directory.mkdir(parents=True)
+        (directory / "MLmodel").write_text(f"model_id: {logged.model_id}\nflavors: {{}}\n")
+
+    recorder = RunRecorder(client, team.run_id, tmp_path / "staging")
+    checkpoint = recorder.log_model(names.CHECKPOINT_MODEL_NAME, 3, write, tags={names.MODEL_TAG_EPOCH: 3},
+                                    slot=names.CHECKPOINT_MODEL_NAME)
+    recorder.delete_model(checkpoint)
+    with caplog.at_level(logging.WARNING, logger="pipeline.tracking.recorder"):
+        recorder.close(timeout=60)  # no RecordingError: the refusal is no failure of the record
+    assert client.get_logged_model(checkpoint.model_id).status == LoggedModelStatus.READY
+    kept = [record.getMessage() for record in caplog.records if "is kept" in record.getMessage()]
+    assert len(kept) == 1 and "checkpoint of step 3" in kept[0] and "MANAGE" in kept[0], kept
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", team.admin.auth[0])
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", team.admin.auth[1])
+    client.delete_logged_model(checkpoint.model_id)
+    found = client.search_logged_models([team.experiment_id], filter_string=f"source_run_id = '{team.run_id}'")
+    assert checkpoint.model_id not in {model.model_id for model in found}

@@ -12,7 +12,7 @@ import keras
 from mlflow.tracking import MlflowClient
 
 from pipeline import constants as names
-from pipeline.tracking.model_logging import checkpoint_model_writer, save_checkpoint_template
+from pipeline.tracking.model_logging import checkpoint_model_writer, final_model_writer, save_checkpoint_template
 from pipeline.tracking.recorder import RunRecorder, json_text
 from pipeline.tracking.records import ModelRecord
 
@@ -30,7 +30,9 @@ class BestCheckpoint(keras.callbacks.ModelCheckpoint):
     the epoch's logs for the epoch-metrics logger. Each new best is also queued as an MLflow model, a
     LoggedModel `checkpoint` of the run at step = its epoch, to which the run's metrics of that epoch
     are linked once they are queued (at the next epoch's begin, or the training's end). A NaN
-    `val_accuracy` (see DivergenceGuard) is never a new best.
+    `val_accuracy` (see DivergenceGuard) is never a new best. After training, `log_final_model`
+    makes the best one the run's model `model` and deletes its `checkpoint`: each set of weights is
+    one LoggedModel; a training that never gets there keeps all its checkpoints.
 
     Args:
         filepath: the local `.keras` file.
@@ -125,6 +127,24 @@ class BestCheckpoint(keras.callbacks.ModelCheckpoint):
             tags={names.MODEL_TAG_EPOCH: epoch}, slot=names.CHECKPOINT_MODEL_NAME,
             reuse_existing=True,  # a resumed training's restored best may be in the run already
         )
+
+    def log_final_model(self, saved: Path) -> ModelRecord | None:
+        """Queues the best checkpoint, saved as the final MLflow model in `saved` (see
+        `save_final_model`), as the run's LoggedModel `model`: output of the run at step = the best
+        epoch, tag `epoch`, the run's params, that epoch's metrics linked; then the deletion of the
+        LoggedModel `checkpoint` of that epoch, so that those weights are stored once. Returns the
+        record (None without a recorder or a best)."""
+        if self.recorder is None or self.best_record is None:
+            return None
+        epoch = self.best_record["epoch"]
+        final = self.recorder.log_model(
+            names.MODEL_NAME, epoch, final_model_writer(saved), tags={names.MODEL_TAG_EPOCH: epoch},
+            slot=names.MODEL_NAME, copy_run_params=True,
+        )
+        self.recorder.link_model_metrics(final, LINKED_METRICS)
+        if self.best_model is not None and self.best_model.step == epoch:
+            self.recorder.delete_model(self.best_model)
+        return final
 
     def _link_metrics(self) -> None:
         if self._unlinked is not None and self.recorder is not None:

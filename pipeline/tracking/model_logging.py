@@ -73,7 +73,9 @@ TENSORFLOW_FLAVOR_WITHOUT_SERVING_CHECK = types.SimpleNamespace(
 
 def log_model(recorder: RunRecorder, model: keras.Model, input_example: np.ndarray, workdir: Path,
               deadline: float) -> Path | None:
-    """Logs `model` as the MLflow model `model` of the run. While the store is unreachable it waits,
+    """Logs `model` as the MLflow model `model` of the run, on the calling thread (a model made outside a
+    training: the benches and tests; a training's `model` is its best checkpoint, sent by its recorder:
+    `BestCheckpoint.log_final_model`). While the store is unreachable it waits,
     until `deadline` (time.monotonic()), for the store to take the backlog and then the model; after
     that it saves the model locally instead and returns that directory (None when logged)."""
     options = {
@@ -131,11 +133,37 @@ def checkpoint_model_writer(template: Path, keras_file: Path, checkpoint: bytes)
     def write(directory: Path, logged: LoggedModel) -> None:
         shutil.copytree(template, directory)
         (directory / inner).write_bytes(checkpoint)
-        mlmodel = Model.load(str(directory / MLMODEL_FILE_NAME))
-        mlmodel.model_id = mlmodel.model_uuid = logged.model_id
-        mlmodel.run_id = logged.source_run_id
-        mlmodel.artifact_path = logged.artifact_location
-        mlmodel.model_size_bytes = sum(path.stat().st_size for path in directory.rglob("*") if path.is_file())
-        mlmodel.save(str(directory / MLMODEL_FILE_NAME))
+        _name_logged_model(directory, logged)
 
     return write
+
+
+def save_final_model(model: keras.Model, input_example: np.ndarray, directory: Path) -> Path:
+    """Saves `model` as the run's final MLflow model (on the training thread: Keras), with an input
+    example besides the checkpoints' signature and pinned requirements; returns `directory`. It is
+    what `final_model_writer` uploads, and what is kept locally when the store does not take it."""
+    shutil.rmtree(directory, ignore_errors=True)
+    save_model(model, str(directory), signature=MODEL_SIGNATURE, input_example=input_example,
+               pip_requirements=pinned_requirements())
+    return directory
+
+
+def final_model_writer(saved: Path) -> Callable[[Path, LoggedModel], None]:
+    """Writes the final model (on the recorder's thread): the files `save_final_model` wrote, the
+    MLmodel naming the LoggedModel it is uploaded to."""
+
+    def write(directory: Path, logged: LoggedModel) -> None:
+        shutil.copytree(saved, directory)
+        _name_logged_model(directory, logged)
+
+    return write
+
+
+def _name_logged_model(directory: Path, logged: LoggedModel) -> None:
+    """Names `logged` in the MLmodel of `directory`, as `mlflow.models.Model.log` does."""
+    mlmodel = Model.load(str(directory / MLMODEL_FILE_NAME))
+    mlmodel.model_id = mlmodel.model_uuid = logged.model_id
+    mlmodel.run_id = logged.source_run_id
+    mlmodel.artifact_path = logged.artifact_location
+    mlmodel.model_size_bytes = sum(path.stat().st_size for path in directory.rglob("*") if path.is_file())
+    mlmodel.save(str(directory / MLMODEL_FILE_NAME))

@@ -30,11 +30,13 @@ from pathlib import Path
 from typing import Any
 
 from mlflow.entities import LoggedModel, LoggedModelOutput, LoggedModelStatus, Metric, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import PERMISSION_DENIED, RESOURCE_DOES_NOT_EXIST, ErrorCode
 from mlflow.tracking import MlflowClient
 
 from pipeline.errors import LocalStorageError, RecordingError, first_line
 from pipeline.tracking.process_group import wait_at_barrier
-from pipeline.tracking.records import Batch, FileRecord, ModelMetricsLink, ModelRecord, StagedFile
+from pipeline.tracking.records import Batch, FileRecord, ModelDeletion, ModelMetricsLink, ModelRecord, StagedFile
 from pipeline.tracking.retry import (
     STORE_BACKOFF,
     Backoff,
@@ -84,6 +86,7 @@ class RunRecorder:
         self.rescue_dir = rescue_dir
         self._local_error: LocalStorageError | None = None
         self._pending: collections.deque[Record] = collections.deque()
+        self._metrics: dict[tuple[str, int], Metric] = {}  # (key, step) -> the value queued or found stored
         self._experiment_id: str | None = None
         self._delivering = False  # the head of the queue is being sent
         self._failures: list[str] = []
@@ -102,6 +105,12 @@ class RunRecorder:
         timestamp = int(time.time() * 1000)
         records = [Metric(key, float(value), timestamp, step) for key, value in metrics.items()]
         self._enqueue_batch(metrics=records)
+        self.remember_metrics(records)
+
+    def remember_metrics(self, metrics: list[Metric]) -> None:
+        """Keeps `metrics` (queued here, or found in the store by a resumed training) as the values
+        `link_model_metrics` links: the newest per key and step."""
+        self._metrics.update({(metric.key, metric.step): metric for metric in metrics})
 
     def set_tags(self, tags: Mapping[str, object]) -> None:
         self._enqueue_batch(tags=[RunTag(key, str(value)) for key, value in tags.items()])
@@ -147,22 +156,28 @@ class RunRecorder:
 
     def log_model(
         self, name: str, step: int, writer: Callable[[Path, LoggedModel], None], tags: Mapping[str, object],
-        slot: str, reuse_existing: bool = False,
+        slot: str, reuse_existing: bool = False, copy_run_params: bool = False,
     ) -> ModelRecord:
         """Queues an MLflow model as a LoggedModel of the run, output of the run at `step` (see
         `ModelRecord`); `writer(directory, logged_model)` writes its files on the background thread.
-        Returns the record, for `link_model_metrics`."""
+        Returns the record, for `link_model_metrics` and `delete_model`."""
         self._check_local_disk()
         record = ModelRecord(name, step, self._stage_dir() / name, writer, {k: str(v) for k, v in tags.items()},
-                             slot, reuse_existing)
+                             slot, reuse_existing, copy_run_params)
         self._enqueue_file(record)
         return record
 
     def link_model_metrics(self, model: ModelRecord, keys: tuple[str, ...]) -> None:
-        """Queues the link of the run's metrics `keys` at the model's step to the model (queue it
-        after those metrics)."""
+        """Queues the link of the run's metrics `keys` at the model's step to the model, from the
+        values queued (or remembered) here: no read of the store. Queue it after those metrics."""
         self._check_local_disk()
-        self._enqueue(ModelMetricsLink(model, keys))
+        metrics = [self._metrics[key, model.step] for key in keys if (key, model.step) in self._metrics]
+        self._enqueue(ModelMetricsLink(model, metrics))
+
+    def delete_model(self, model: ModelRecord) -> None:
+        """Queues the deletion of `model`'s LoggedModel (after its creation, in queue order)."""
+        self._check_local_disk()
+        self._enqueue(ModelDeletion(model))
 
     # -- waiting ---------------------------------------------------------------------------
 
@@ -406,6 +421,9 @@ class RunRecorder:
         if isinstance(record, ModelMetricsLink):
             self._deliver_link(record)
             return
+        if isinstance(record, ModelDeletion):
+            self._deliver_deletion(record)
+            return
         for file in record.files:  # all written first: a full disk stops the unit before any upload
             if file.writer is not None:
                 try:
@@ -430,10 +448,13 @@ class RunRecorder:
                 record.done.add("reused")  # its metrics are linked already
                 return
         if record.model_id is None:
-            if self._experiment_id is None:
-                self._experiment_id = self.client.get_run(self.run_id).info.experiment_id
+            params = None
+            if self._experiment_id is None or record.copy_run_params:
+                run = self.client.get_run(self.run_id)
+                self._experiment_id = run.info.experiment_id
+                params = run.data.params if record.copy_run_params else None
             record.model_id = self.client.create_logged_model(
-                self._experiment_id, name=record.name, source_run_id=self.run_id, tags=record.tags
+                self._experiment_id, name=record.name, source_run_id=self.run_id, tags=record.tags, params=params
             ).model_id
         if "uploaded" not in record.done:
             shutil.rmtree(record.staged_dir, ignore_errors=True)
@@ -448,13 +469,32 @@ class RunRecorder:
             record.done.add("output")
         self.client.finalize_logged_model(record.model_id, LoggedModelStatus.READY)
 
+    def _deliver_deletion(self, record: ModelDeletion) -> None:
+        """Deletes the model (MLflow's delete is idempotent). An account that may not delete (a team
+        server's training account holds EDIT, deleting takes MANAGE) keeps it: said once, not a failure."""
+        model = record.model
+        if model.model_id is None:
+            return
+        try:
+            self.client.delete_logged_model(model.model_id)
+        except MlflowException as error:
+            if error.error_code != ErrorCode.Name(PERMISSION_DENIED):
+                raise
+            logger.warning("The logged model %s of step %d is kept (%s): deleting it takes MANAGE on the experiment",
+                           model.name, model.step, first_line(error, 160))
+
     def _existing_model(self, record: ModelRecord) -> str | None:
         """The id of a READY model of the run with this record's name and step, if any."""
         outputs = self.client.get_run(self.run_id).outputs
         for output in (outputs.model_outputs if outputs else None) or []:
             if output.step != record.step:
                 continue
-            model = self.client.get_logged_model(output.model_id)
+            try:
+                model = self.client.get_logged_model(output.model_id)
+            except MlflowException as error:
+                if error.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+                    continue  # deleted (a checkpoint the final model replaced)
+                raise
             if model.name == record.name and model.status == LoggedModelStatus.READY:
                 return model.model_id
         return None
@@ -464,16 +504,14 @@ class RunRecorder:
         if model.model_id is None or "reused" in model.done:
             return  # never created (a newer one replaced it while it waited), or linked before
         metrics = [
-            Metric(key, metric.value, metric.timestamp, metric.step, model_id=model.model_id)
-            for key in record.keys
-            for metric in self.client.get_metric_history(self.run_id, key)
-            if metric.step == model.step
+            Metric(metric.key, metric.value, metric.timestamp, metric.step, model_id=model.model_id)
+            for metric in record.metrics
         ]
         if metrics:
             self.client.log_batch(self.run_id, metrics=metrics, synchronous=True)
 
 
-Record = Batch | FileRecord | ModelRecord | ModelMetricsLink
+Record = Batch | FileRecord | ModelRecord | ModelMetricsLink | ModelDeletion
 
 
 def json_text(obj: Any) -> str:

@@ -87,7 +87,8 @@ class ModelRecord:
     thread, uploaded, finalized READY and made an output of the run at `step`. `model_id` is kept
     once the store has created it, so that a retry reuses it and a later `ModelMetricsLink` can name
     it. A newer record of the same `slot` replaces a waiting one. With `reuse_existing`, a READY model
-    of this name and step that the run already has is taken instead (a resumed training's restored best)."""
+    of this name and step that the run already has is taken instead (a resumed training's restored best);
+    with `copy_run_params`, the run's params are the model's."""
 
     name: str
     step: int
@@ -96,6 +97,7 @@ class ModelRecord:
     tags: dict[str, str]
     slot: str
     reuse_existing: bool = False
+    copy_run_params: bool = False  # the run's params as the model's, as `mlflow.models.Model.log` does
     model_id: str | None = None
     done: set[str] = dataclasses.field(default_factory=set)  # the delivery steps already through
 
@@ -113,13 +115,25 @@ class ModelRecord:
 
 @dataclasses.dataclass
 class ModelMetricsLink:
-    """Links the run's stored metrics `keys` of `model.step` to `model`, as MLflow's own
-    `log_model(step=...)` does: the stored values are logged again, same timestamp, with the model's
-    id (MLflow keeps one value per key, step and timestamp in the run). Nothing when the model was
-    never created (replaced by a newer one while it waited)."""
+    """Links the run's metrics `metrics` (as they were queued: same value, step and timestamp) to
+    `model`, as MLflow's own `log_model(step=...)` does: the values are logged again with the model's
+    id (MLflow keeps one value per key, step and timestamp in the run), from what the client already
+    holds, with no read of the store. Nothing when the model was never created (replaced by a newer
+    one while it waited) or was taken over from an earlier process (linked then)."""
 
     model: ModelRecord
-    keys: tuple[str, ...]
+    metrics: list[Metric]
 
     def describe(self) -> str:
         return f"metrics of logged model {self.model.name} (step {self.model.step})"
+
+
+@dataclasses.dataclass
+class ModelDeletion:
+    """Deletes `model`'s LoggedModel (MLflow's soft delete: `mlflow gc` removes its files), once it
+    is created; nothing when it never was."""
+
+    model: ModelRecord
+
+    def describe(self) -> str:
+        return f"deletion of logged model {self.model.name} (step {self.model.step})"

@@ -157,10 +157,13 @@ def _download_state(client: MlflowClient, run_id: str) -> TrainingState | None:
 def resend_missing_metrics(client: MlflowClient, recorder: RunRecorder, history: Sequence[dict[str, float]]) -> int:
     """Logs the metrics of the saved epochs that the run does not hold yet (the state of an epoch
     is delivered before its metrics, so a kill can leave the last epoch's metrics out). Returns how
-    many values were sent."""
+    many values were sent. The stored values are given to the recorder, which links a model's
+    metrics from what it holds (a best epoch before the kill included)."""
     sent = 0
     for key in sorted({key for row in history for key in row}):
-        present = {metric.step for metric in client.get_metric_history(recorder.run_id, key)}
+        stored = client.get_metric_history(recorder.run_id, key)
+        recorder.remember_metrics(stored)
+        present = {metric.step for metric in stored}
         for epoch, row in enumerate(history):
             if key in row and epoch not in present:
                 recorder.log_metrics({key: row[key]}, step=epoch)

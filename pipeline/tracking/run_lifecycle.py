@@ -83,15 +83,12 @@ def mlflow_run(
             logger.warning("Could not mark run %s %s: %s", run.info.run_id, status, first_line(error, 160))
 
 
-def finish_recording(
-    recorder: RunRecorder, workdir: Path, local_model: Path | None, deadline: float, rescue: Path
-) -> None:
-    """Waits for every record to reach the store. When the store does not come back in time, keeps
-    local copies of the best checkpoint, the model and the unsent records, and raises RecordingError."""
+def finish_recording(recorder: RunRecorder, workdir: Path, local_model: Path, deadline: float, rescue: Path) -> None:
+    """Waits for every record (the model `model` among them) to reach the store. When the store does
+    not come back in time, keeps local copies of the best checkpoint, the model (`local_model`, its
+    local MLflow directory) and the unsent records, and raises RecordingError."""
     try:
         recorder.close(timeout=remaining(deadline))
-        if local_model is not None:
-            raise RecordingError(f"the model could not be logged as {names.MODEL_NAME}")
     except RecordingError as error:
         keep_local_copies(recorder, workdir, rescue, local_model)
         raise RecordingError(

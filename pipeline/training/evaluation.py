@@ -12,7 +12,7 @@ import numpy as np
 from pipeline import constants as names
 from pipeline.constants import NUM_CLASSES
 from pipeline.tracking import reporting
-from pipeline.tracking.model_logging import log_model
+from pipeline.tracking.model_logging import save_final_model
 from pipeline.tracking.plot_process import PlotProcess
 from pipeline.tracking.recorder import RunRecorder
 from pipeline.training.callback_list import TrainingCallbacks
@@ -45,14 +45,16 @@ def categorical_loss_and_accuracy(one_hot: np.ndarray, probabilities: np.ndarray
 
 
 def evaluate_and_report(
-    recorder: RunRecorder, callbacks: TrainingCallbacks, dataset: ImageDataset, workdir: Path, deadline: float
-) -> tuple[float, float, Path | None]:
+    recorder: RunRecorder, callbacks: TrainingCallbacks, dataset: ImageDataset, workdir: Path
+) -> tuple[float, float, Path]:
     """Evaluates the best checkpoint on the test split and records the results and the model.
 
     One prediction pass gives the loss, the accuracy and the confusion matrix. A PlotProcess draws
-    the plots on the other core meanwhile: the training curves while the checkpoint is evaluated, the
-    confusion matrix while the model is logged. Returns test loss, test accuracy, and a local MLflow
-    model directory when the store could not take the model (None when it is logged in the run)."""
+    the plots on the other core meanwhile: the training curves while the model is saved and the
+    checkpoint evaluated, then the confusion matrix. The best checkpoint becomes the run's model
+    `model` (see `BestCheckpoint.log_final_model`), queued first: the recorder's thread sends it
+    while the test split is evaluated. Returns test loss, test
+    accuracy, and the model's local MLflow directory (kept if the store does not take it)."""
     curves, matrix = workdir / names.TRAINING_CURVES_FILE, workdir / names.CONFUSION_MATRIX_FILE
     with PlotProcess() as plotter:
         plotter.submit(
@@ -60,6 +62,8 @@ def evaluate_and_report(
             callbacks.checkpoint.best_epoch, curves,
         )
         best_model = keras.models.load_model(callbacks.checkpoint.filepath)
+        local_model = save_final_model(best_model, dataset.x_test[:5], workdir / names.MODEL_NAME)
+        callbacks.checkpoint.log_final_model(local_model)  # the recorder sends it while the test split is evaluated
         probabilities = predict_probabilities(best_model, dataset.x_test)
         test_loss, test_accuracy = categorical_loss_and_accuracy(dataset.y_test, probabilities)
         counts = reporting.confusion_matrix(dataset.y_test.argmax(axis=1), probabilities.argmax(axis=1))
@@ -67,7 +71,6 @@ def evaluate_and_report(
         recorder.log_json(reporting.classification_report(counts), names.CLASSIFICATION_REPORT_FILE)
         logger.info("Test accuracy of the best checkpoint: %.4f (loss %.4f)", test_accuracy, test_loss)
         plotter.submit("plot_confusion_matrix", counts, matrix)
-        local_model = log_model(recorder, best_model, dataset.x_test[:5], workdir, deadline)
     recorder.log_file(curves, names.PLOTS_DIR)
     recorder.log_file(matrix, names.PLOTS_DIR)
     return test_loss, test_accuracy, local_model

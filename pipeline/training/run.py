@@ -278,9 +278,7 @@ def _train_in_run(
             record_divergence(recorder, callbacks, workdir, limits.flush_timeout)
         # One deadline for everything after fit that may wait for an unreachable store.
         deadline = time.monotonic() + limits.flush_timeout
-        test_loss, test_accuracy, local_model = evaluate_and_report(
-            recorder, callbacks, training.dataset, workdir, deadline
-        )
+        test_loss, test_accuracy, local_model = evaluate_and_report(recorder, callbacks, training.dataset, workdir)
         raise_if_stop_requested()
         finish_recording(recorder, workdir, local_model, deadline, limits.rescue_dir / run_id)
     after_fit_seconds = time.perf_counter() - fit_started - fit_seconds
