@@ -180,6 +180,24 @@ class Distribution:
                 "with the same ones"
             )
 
+    def share_from_chief(self, payload: bytes | None) -> bytes | None:
+        """The chief's `payload` on every worker (what the others pass is ignored), through two
+        collectives: every worker must call it at the same point. Without a cluster, `payload` itself."""
+        if self.cluster is None:
+            return payload
+        own_size = len(payload) if self.cluster.is_chief and payload is not None else -1
+        size = int(gather_per_worker(self.strategy, own_size, self.num_workers, dtype=tf.int64)[0])
+        if size <= 0:
+            return None if size < 0 else b""
+        words = -(-size // 4)  # sent as int32 words: the collectives take no bytes
+        own = np.zeros(words * 4, dtype=np.uint8)
+        if own_size >= 0:
+            own[:size] = np.frombuffer(payload, dtype=np.uint8)
+        per_replica = self.strategy.experimental_distribute_values_from_function(
+            lambda _: tf.constant(own.view(np.int32)[np.newaxis, :])
+        )
+        return self.strategy.gather(per_replica, axis=0).numpy()[0].tobytes()[:size]
+
     @contextlib.contextmanager
     def peer_failures(self) -> Iterator[None]:
         """Turns TensorFlow's error about a lost peer (dead, killed, cut off) into one line."""
@@ -191,7 +209,7 @@ class Distribution:
         except PEER_FAILURES as error:
             raise ClusterUnavailable(
                 f"multi_worker: lost {_lost_peer(error.message or str(error), self.cluster)} during training; "
-                "the whole training stops: start it again on every worker"
+                "the whole training stops: start every worker again with the chief's run id to continue it"
             ) from None
 
 
