@@ -51,7 +51,8 @@ test: setup
 test-fast: setup
 	$(BIN)/python -m pytest -n 2 --dist loadgroup -m "not slow"
 
-## The team stack for real (docker compose up, train, register, serve, down/up): Docker with Compose v2.
+## The team stack for real (docker compose up, train, register, serve, down/up; the cluster on it): Docker with
+## Compose v2.
 test-compose: setup
 	$(BIN)/python -m pytest -m compose
 
