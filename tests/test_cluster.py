@@ -11,7 +11,7 @@ import pytest
 
 from pipeline.errors import ClusterConfigError, ClusterUnavailable
 from pipeline.training.cluster import Cluster, platform_tf_config, read_cluster, wait_for_peers
-from pipeline.training.distribution import plan_distribution
+from pipeline.training.distribution import _lost_peer, plan_distribution
 from tests.helpers import free_ports, tf_config
 
 
@@ -98,6 +98,21 @@ def test_a_platforms_bad_worker_environment_is_one_line(change, fragment):
     with pytest.raises(ClusterConfigError) as raised:
         platform_tf_config(PLATFORM | change)
     assert fragment in str(raised.value) and "\n" not in str(raised.value)
+
+
+def test_the_lost_peer_is_the_other_task_the_error_names_not_this_workers_own():
+    """TensorFlow's text names this worker's own task too (the device of the aborted collective): seen over a
+    compose network, where the chief first named itself as the lost worker."""
+    message = ("Collective ops is aborted by: recvmsg:Connection reset by peer [/job:worker/replica:0/task:{own}/"
+               "device:CPU:0] Additional GRPC error information from remote target /job:worker/replica:0/task:{other} "
+               "while calling /tensorflow.WorkerService/RecvBuf")
+    for own, other in ((0, 1), (1, 0)):
+        cluster = _cluster({"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": own}})
+        lost = _lost_peer(message.format(own=own, other=other), cluster)
+        assert lost.startswith(f"worker {other} ({['a:1', 'b:2'][other]}) (recvmsg:Connection reset by peer"), lost
+    # only the own task named: nobody is blamed by name
+    cluster = _cluster({"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 0}})
+    assert _lost_peer("aborted by: reset /job:worker/replica:0/task:0", cluster).startswith("contact with another")
 
 
 def test_multi_worker_strategy_needs_tf_config_and_the_others_ignore_it(caplog):

@@ -40,6 +40,7 @@ PEER_TIMEOUT_SECONDS = 120.0
 # What TensorFlow raises in a worker whose peer died or was cut off during training.
 PEER_FAILURES = (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.errors.CancelledError)
 _FAILED_TASK = re.compile(r"/job:(chief|worker)/replica:\d+/task:(\d+)")
+_REMOTE_TASK = re.compile(r"remote target /job:(chief|worker)/replica:\d+/task:(\d+)")
 _ABORT_REASON = re.compile(r"aborted by: (.+)")
 
 
@@ -214,13 +215,17 @@ class Distribution:
 
 
 def _lost_peer(message: str, cluster: Cluster) -> str:
-    """'worker 1 (host:port) (why)' from TensorFlow's error text, as far as it tells."""
-    task = _FAILED_TASK.search(message)
+    """'worker 1 (host:port) (why)' from TensorFlow's error text, as far as it tells: the task the gRPC error came
+    from ("remote target /job:..."), else the first task named that is another worker of the cluster (the text
+    may name this worker's own task too, e.g. as the device of the aborted collective)."""
     reason = _ABORT_REASON.search(message)
     who = "contact with another worker"
-    if task and task.group(1) in cluster.jobs and int(task.group(2)) < len(cluster.jobs[task.group(1)]):
+    for task in [*_REMOTE_TASK.finditer(message), *_FAILED_TASK.finditer(message)]:
         task_type, index = task.group(1), int(task.group(2))
-        who = f"{task_type} {index} ({cluster.jobs[task_type][index]})"
+        own = (task_type, index) == (cluster.task_type, cluster.task_index)
+        if not own and task_type in cluster.jobs and index < len(cluster.jobs[task_type]):
+            who = f"{task_type} {index} ({cluster.jobs[task_type][index]})"
+            break
     return f"{who} ({reason.group(1).strip()[:160] if reason else message.strip().splitlines()[0][:160]})"
 
 
