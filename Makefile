@@ -4,8 +4,15 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 EPOCHS ?= 20
 DATASET ?= mnist
+# The cluster on the running compose stack (docs/scaling-out.md, "A cluster on the team stack").
+WORKERS ?= 2
+RUN_ID ?=
+STUDY ?= cluster-sweep
+TRIALS ?=
+SEARCH ?= --learning-rate 3e-4,1e-3,3e-3 --dropout 0.0,0.2,0.4
+ARGS ?=
 
-.PHONY: setup run test test-fast test-compose mutants lint mlproject server
+.PHONY: setup run test test-fast test-compose mutants lint mlproject server cluster-train cluster-sweep
 
 setup: $(VENV)/.installed
 
@@ -23,6 +30,18 @@ run: setup
 server: setup
 	$(BIN)/python -m mlflow_project server
 
+## One multi_worker training of WORKERS containers on the running stack, recorded as one run (RUN_ID=id
+## continues that run); DATASET may be a file here (mounted into every container). ARGS: more `train` options.
+cluster-train:
+	WORKERS=$(WORKERS) docker/cluster.sh train --epochs $(EPOCHS) --dataset $(DATASET) \
+		$(if $(RUN_ID),--run-id $(RUN_ID)) $(ARGS)
+
+## One sweep of WORKERS containers on the running stack: study STUDY (in the stack's PostgreSQL), one parent
+## run, SEARCH the swept values (a grid by default), TRIALS the budget. ARGS: more `sweep` options.
+cluster-sweep:
+	WORKERS=$(WORKERS) docker/cluster.sh sweep --study $(STUDY) --epochs $(EPOCHS) --dataset $(DATASET) \
+		$(if $(TRIALS),--trials $(TRIALS)) $(SEARCH) $(ARGS)
+
 ## The whole test suite (what CI runs), on two workers: most tests wait on real processes. Longest first, a module
 ## with a module-scoped training kept on one worker (tests/conftest.py, docs/tests.md "Time").
 test: setup
@@ -32,7 +51,8 @@ test: setup
 test-fast: setup
 	$(BIN)/python -m pytest -n 2 --dist loadgroup -m "not slow"
 
-## The team stack for real (docker compose up, train, register, serve, down/up): Docker with Compose v2.
+## The team stack for real (docker compose up, train, register, serve, down/up; the cluster on it): Docker with
+## Compose v2.
 test-compose: setup
 	$(BIN)/python -m pytest -m compose
 

@@ -1,6 +1,7 @@
 # The team tracking server's image: MLflow at the project's version with basic-auth, the PostgreSQL
 # driver and boto3 (the S3 artifact store). It runs the same start script as the native launcher
-# (`python -m mlflow_project server`, the tests), and the one-shot bucket job of docker-compose.yml.
+# (`python -m mlflow_project server`, the tests), and the one-shot jobs of docker-compose.yml (the
+# bucket, the studies' database).
 FROM python:3.11.13-slim-bookworm
 
 # The project's MLflow version: tests/test_compose.py checks that it is the version the tests run
@@ -19,6 +20,7 @@ RUN pip install --no-cache-dir --no-deps /opt/mnist-pipeline
 
 COPY --chmod=0755 docker/start-mlflow-server.sh /usr/local/bin/start-mlflow-server
 COPY --chmod=0755 docker/create-bucket.py /usr/local/bin/create-bucket
+COPY --chmod=0755 docker/create-study-database.py /usr/local/bin/create-study-database
 # Beside the start script, which runs it by that name (as it does natively, from docker/).
 COPY --chmod=0755 docker/create-accounts.py /usr/local/bin/create-accounts.py
 

@@ -10,8 +10,8 @@ import time
 import pytest
 
 from pipeline.errors import ClusterConfigError, ClusterUnavailable
-from pipeline.training.cluster import Cluster, read_cluster, wait_for_peers
-from pipeline.training.distribution import plan_distribution
+from pipeline.training.cluster import Cluster, platform_tf_config, read_cluster, wait_for_peers
+from pipeline.training.distribution import _lost_peer, plan_distribution
 from tests.helpers import free_ports, tf_config
 
 
@@ -70,6 +70,49 @@ def test_invalid_tf_config_is_one_line_naming_what_is_wrong(config, fragment):
     assert '"task": {"type": "worker", "index": 0}' in message  # an example of what is expected
     assert "\n" not in message
     assert raised.value.exit_code == 2
+
+
+PLATFORM = {"WORKER_INDEX": "2", "NUM_WORKERS": "3", "WORKER_HOSTS": "cluster-worker-{index}", "WORKER_PORT": "2222"}
+
+
+def test_a_platforms_worker_gets_the_tf_config_of_its_index_among_the_named_hosts():
+    cluster = _cluster(platform_tf_config(PLATFORM))
+    assert cluster.addresses == ("cluster-worker-0:2222", "cluster-worker-1:2222", "cluster-worker-2:2222")
+    assert (cluster.worker_id, cluster.is_chief) == (2, False)
+    # Kubernetes' own index variable, and the default port
+    kubernetes = {"JOB_COMPLETION_INDEX": "0", "NUM_WORKERS": "2", "WORKER_HOSTS": "train-{index}.train"}
+    assert _cluster(platform_tf_config(kubernetes)).addresses == ("train-0.train:2222", "train-1.train:2222")
+
+
+@pytest.mark.parametrize(
+    ("change", "fragment"),
+    [
+        ({"WORKER_INDEX": "3"}, "WORKER_INDEX='3' is not an index of the 3 workers (0..2)"),
+        ({"WORKER_INDEX": ""}, "WORKER_INDEX='' is not an index of the 3 workers"),
+        ({"NUM_WORKERS": "0"}, "NUM_WORKERS='0' is not a number of workers"),
+        ({"WORKER_HOSTS": "cluster-worker"}, "WORKER_HOSTS='cluster-worker' does not hold {index}"),
+        ({"WORKER_PORT": "99999"}, "port 1..65535"),
+    ],
+)
+def test_a_platforms_bad_worker_environment_is_one_line(change, fragment):
+    with pytest.raises(ClusterConfigError) as raised:
+        platform_tf_config(PLATFORM | change)
+    assert fragment in str(raised.value) and "\n" not in str(raised.value)
+
+
+def test_the_lost_peer_is_the_other_task_the_error_names_not_this_workers_own():
+    """TensorFlow's text names this worker's own task too (the device of the aborted collective): seen over a
+    compose network, where the chief first named itself as the lost worker."""
+    message = ("Collective ops is aborted by: recvmsg:Connection reset by peer [/job:worker/replica:0/task:{own}/"
+               "device:CPU:0] Additional GRPC error information from remote target /job:worker/replica:0/task:{other} "
+               "while calling /tensorflow.WorkerService/RecvBuf")
+    for own, other in ((0, 1), (1, 0)):
+        cluster = _cluster({"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": own}})
+        lost = _lost_peer(message.format(own=own, other=other), cluster)
+        assert lost.startswith(f"worker {other} ({['a:1', 'b:2'][other]}) (recvmsg:Connection reset by peer"), lost
+    # only the own task named: nobody is blamed by name
+    cluster = _cluster({"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 0}})
+    assert _lost_peer("aborted by: reset /job:worker/replica:0/task:0", cluster).startswith("contact with another")
 
 
 def test_multi_worker_strategy_needs_tf_config_and_the_others_ignore_it(caplog):

@@ -79,7 +79,8 @@ def build_dockerfile(service: str) -> str:
 
 
 def test_services_start_in_order_once_what_they_need_is_healthy():
-    assert set(SERVICES) == {"postgres", "objectstore", "create-bucket", "mlflow", "proxy", "trainer", "serve"}
+    assert set(SERVICES) == {"postgres", "objectstore", "create-bucket", "mlflow", "proxy", "trainer", "serve",
+                             "cluster-worker", "cluster-sweep", "create-study-database"}
     assert SERVICES["proxy"]["depends_on"] == {"mlflow": {"condition": "service_healthy"}}
     assert SERVICES["mlflow"]["depends_on"] == {
         "postgres": {"condition": "service_healthy"},
@@ -95,6 +96,19 @@ def test_services_start_in_order_once_what_they_need_is_healthy():
     # the serve service runs the trainer's image: no other base image to build and patch
     assert SERVICES["serve"]["image"] == SERVICES["trainer"]["image"]
     assert SERVICES["serve"]["build"] == SERVICES["trainer"]["build"]
+    # the cluster's containers (make cluster-train / cluster-sweep) too; a sweep waits for its study database
+    for service in ("cluster-worker", "cluster-sweep", "create-study-database"):
+        assert SERVICES[service]["profiles"] == ["cluster"]
+    for service in ("cluster-worker", "cluster-sweep"):
+        assert (SERVICES[service]["image"], SERVICES[service]["build"]) == (SERVICES["trainer"]["image"],
+                                                                           SERVICES["trainer"]["build"])
+    assert SERVICES["cluster-worker"]["depends_on"] == {"mlflow": {"condition": "service_healthy"}}
+    assert SERVICES["cluster-sweep"]["depends_on"] == {
+        "mlflow": {"condition": "service_healthy"},
+        "create-study-database": {"condition": "service_completed_successfully"},
+    }
+    assert SERVICES["create-study-database"]["depends_on"] == {"postgres": {"condition": "service_healthy"}}
+    assert SERVICES["create-study-database"]["restart"] == "no"
 
 
 @pytest.mark.parametrize(
@@ -182,7 +196,8 @@ def test_secrets_come_only_from_env_and_compose_refuses_to_start_without_them():
 
 def test_env_example_documents_exactly_the_variables_compose_uses():
     used = {m.group(1) for text in strings(COMPOSE) for m in VARIABLE.finditer(text)}
-    assert used == set(env_example())
+    # but the two that docker/cluster.sh sets for each container it starts
+    assert used - {"WORKER_INDEX", "WORKERS"} == set(env_example())
 
 
 def test_mlflow_service_runs_the_start_script_of_the_native_launcher():

@@ -1,17 +1,17 @@
 """The Kubernetes recipe (deploy/kubernetes): manifests that agree with each other, and a TF_CONFIG
-per pod that names every worker and the pod's own index. No cluster is needed (nor used)."""
+per pod that names every worker and the pod's own index; the pods start what the compose cluster starts
+(the same image, entry point and environment names). No cluster is needed (nor used)."""
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
-from types import ModuleType
 
 import pytest
 import yaml
 
-from pipeline.training.cluster import read_cluster
+from mlflow_project.cluster_worker import STORAGE_VARIABLE
+from pipeline.training.cluster import platform_tf_config, read_cluster
 from tests.helpers import PROJECT_DIR, project_env
 
 RECIPE = PROJECT_DIR / "deploy" / "kubernetes"
@@ -43,13 +43,6 @@ def _env(job: dict) -> dict[str, dict]:
     return {item["name"]: item for item in _container(job)["env"]}
 
 
-def _entrypoint() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("worker_entrypoint", RECIPE / "worker_entrypoint.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_the_indexed_job_starts_one_pod_per_worker(manifests):
     job, env = manifests["Job"], _env(manifests["Job"])
     spec = job["spec"]
@@ -57,15 +50,16 @@ def test_the_indexed_job_starts_one_pod_per_worker(manifests):
     assert spec["completions"] == spec["parallelism"] == int(env["NUM_WORKERS"]["value"]) >= 2
     assert spec["backoffLimit"] == 0  # a lost worker cannot rejoin: the Job fails, no lone restart
     assert spec["template"]["spec"]["restartPolicy"] == "Never"
-    # the pods learn their Job's name from the label Kubernetes puts on them
-    assert env["JOB_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.labels['batch.kubernetes.io/job-name']"
+    # pod i's name: <Job name>-i, in the headless Service's subdomain
+    subdomain = job["spec"]["template"]["spec"]["subdomain"]
+    assert env["WORKER_HOSTS"]["value"] == f"{job['metadata']['name']}-{{index}}.{subdomain}"
 
 
 def test_the_headless_service_names_the_pods(manifests):
     job, service = manifests["Job"], manifests["Service"]
     pod = job["spec"]["template"]
     assert service["spec"]["clusterIP"] == "None"
-    assert pod["spec"]["subdomain"] == service["metadata"]["name"] == _env(job)["SERVICE_NAME"]["value"]
+    assert pod["spec"]["subdomain"] == service["metadata"]["name"]
     assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
     [port] = service["spec"]["ports"]
     [container_port] = _container(job)["ports"]
@@ -73,19 +67,21 @@ def test_the_headless_service_names_the_pods(manifests):
     assert port["port"] == int(_env(job)["WORKER_PORT"]["value"])
 
 
-def test_the_pods_run_the_trainer_image_through_the_mounted_entrypoint(manifests):
+def _compose_service(name: str) -> dict:
+    return yaml.safe_load((PROJECT_DIR / "docker-compose.yml").read_text())["services"][name]
+
+
+def test_the_pods_start_what_the_compose_cluster_starts(manifests):
+    """One source: the trainer image and the project's entry point, with the same variables, in both."""
     job, kustomization = manifests["Job"], manifests["Kustomization"]
-    container = _container(job)
-    assert container["image"] == IMAGE
+    container, compose = _container(job), _compose_service("cluster-worker")
+    assert container["image"] == compose["image"] == IMAGE
     assert [image["name"] for image in kustomization["images"]] == [IMAGE]
-    [generator] = kustomization["configMapGenerator"]
-    assert generator["files"] == ["worker_entrypoint.py"]
-    [volume] = job["spec"]["template"]["spec"]["volumes"]
-    assert volume["configMap"]["name"] == generator["name"]
-    [mount] = container["volumeMounts"]
-    assert mount["name"] == volume["name"]
-    assert container["command"] == ["python", f"{mount['mountPath']}/worker_entrypoint.py"]
+    assert container["command"] == compose["entrypoint"] == ["python", "-m", "mlflow_project.cluster_worker", "train"]
     assert "--strategy" not in container["args"]  # the entry point sets it
+    platform = {"NUM_WORKERS", "WORKER_HOSTS", "WORKER_PORT"}
+    assert platform <= set(_env(job)) and platform <= set(compose["environment"])
+    assert "WORKER_INDEX" in compose["environment"]  # Kubernetes sets JOB_COMPLETION_INDEX itself
 
 
 def test_the_chief_reaches_the_tracking_server_with_credentials_from_a_secret(manifests):
@@ -104,14 +100,12 @@ def test_each_pods_tf_config_names_every_worker_and_its_own_index(manifests):
     job, env = manifests["Job"], _env(manifests["Job"])
     num_workers = job["spec"]["completions"]
     pod_env = {name: item["value"] for name, item in env.items() if "value" in item}
-    pod_env["JOB_NAME"] = job["metadata"]["name"]  # what the job-name label holds
+    service = manifests["Service"]["metadata"]["name"]
     expected = tuple(
-        f"{job['metadata']['name']}-{index}.{pod_env['SERVICE_NAME']}:{pod_env['WORKER_PORT']}"
-        for index in range(num_workers)
+        f"{job['metadata']['name']}-{index}.{service}:{pod_env['WORKER_PORT']}" for index in range(num_workers)
     )
-    entrypoint = _entrypoint()
     for index in range(num_workers):
-        text = entrypoint.tf_config(pod_env | {"JOB_COMPLETION_INDEX": str(index)})
+        text = platform_tf_config(pod_env | {"JOB_COMPLETION_INDEX": str(index)})
         cluster = read_cluster({"TF_CONFIG": text})  # the pipeline's own check accepts it
         assert cluster.addresses == expected
         assert (cluster.task_type, cluster.task_index, cluster.worker_id) == ("worker", index, index)
@@ -122,8 +116,8 @@ def test_the_entrypoint_starts_the_trainer_with_its_tf_config_and_arguments(mani
     """Runs the entry point as the pod does; a bad parameter stops the trainer it started at once."""
     env = {name: item["value"] for name, item in _env(manifests["Job"]).items() if "value" in item}
     result = subprocess.run(
-        [sys.executable, str(RECIPE / "worker_entrypoint.py"), "--epochs", "0"],
-        cwd=tmp_path, env=project_env(**env, JOB_NAME="mnist-train", JOB_COMPLETION_INDEX="1"),
+        [sys.executable, *_container(manifests["Job"])["command"][1:], "--epochs", "0"],  # as the pod runs it
+        cwd=tmp_path, env=project_env(**env, JOB_COMPLETION_INDEX="1"),
         capture_output=True, text=True, timeout=60,
     )
     assert result.stdout.startswith('TF_CONFIG={"cluster": {"worker": ["mnist-train-0.mnist-train:2222"')
@@ -148,16 +142,19 @@ def test_the_sweep_job_runs_one_valid_search_in_every_pod_on_a_shared_study():
     assert job["spec"]["parallelism"] == job["spec"]["completions"] >= 2
     container = _container(job)
     assert container["image"].startswith(IMAGE)
-    assert container["command"] == ["python", "-m", "mlflow_project", "sweep"]
+    # the compose cluster's sweep entry point, which takes the study database from OPTUNA_STORAGE
+    assert container["command"] == _compose_service("cluster-sweep")["entrypoint"]
+    assert container["command"] == ["python", "-m", "mlflow_project.cluster_worker", "sweep"]
     env = {item["name"]: item for item in container["env"]}
-    assert env["OPTUNA_STORAGE"]["valueFrom"]["secretKeyRef"] == {"name": "optuna-storage", "key": "url"}
+    assert env[STORAGE_VARIABLE]["valueFrom"]["secretKeyRef"] == {"name": "optuna-storage", "key": "url"}
+    assert STORAGE_VARIABLE in _compose_service("cluster-sweep")["environment"]
     assert {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"} <= set(env)
     assert container["envFrom"] == [{"configMapRef": {"name": config_map["metadata"]["name"]}}]
     assert set(config_map["data"]) == {"MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME"}
 
     # every pod: the same named study on the Secret's database, and arguments the sweep command accepts
     args = dict(zip(container["args"][::2], container["args"][1::2], strict=True))
-    assert args["--study"] and args["--storage"] == "$(OPTUNA_STORAGE)"
+    assert args["--study"] and "--storage" not in args  # the entry point adds it from the Secret
     from pipeline.config import parse_parameters
     from pipeline.experiments.study import SearchPlan
     from pipeline.search_space import SWEEP_PARAMETERS

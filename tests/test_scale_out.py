@@ -20,7 +20,6 @@ from mlflow_project.cli import cli
 from mlflow_project.common import import_tensorflow_quietly
 from pipeline import constants as names
 from pipeline.config import TrainingConfig
-from pipeline.tracking.resume import RunNotResumable
 from pipeline.tracking.store import prepare_sqlite_store
 from pipeline.training.data import load_dataset
 from pipeline.training.run import run_training
@@ -76,11 +75,11 @@ def _train_args(config: TrainingConfig) -> list[str]:
 
 
 def _start_workers(
-    configs: list[TrainingConfig], root: Path, chief_store: str
+    configs: list[TrainingConfig], root: Path, chief_store: str, extra: tuple[str, ...] | list[str] = ()
 ) -> tuple[list[subprocess.Popen], list[Path], list[int]]:
     """Two `python -m mlflow_project train` workers on 127.0.0.1 (worker i trains `configs[i]`), each in
-    its own directory; only the chief gets a usable tracking store: the other one is pointed at a port
-    where nothing answers."""
+    its own directory, with `extra` arguments; only the chief gets a usable tracking store: the other one is
+    pointed at a port where nothing answers."""
     ports = free_ports(3)
     workers, dirs = [], []
     for index, store in enumerate([chief_store, f"http://127.0.0.1:{ports[2]}"]):
@@ -88,7 +87,8 @@ def _start_workers(
         directory.mkdir(parents=True)
         worker_env = project_env(TF_CONFIG=tf_config(ports[:2], index), MLFLOW_TRACKING_URI=store)
         workers.append(subprocess.Popen(
-            [sys.executable, "-m", "mlflow_project", *_train_args(configs[index])], cwd=directory, env=worker_env,
+            [sys.executable, "-m", "mlflow_project", *_train_args(configs[index]), *extra], cwd=directory,
+            env=worker_env,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         ))
         dirs.append(directory)
@@ -318,10 +318,39 @@ def test_workers_started_with_other_parameters_stop_in_one_line_before_any_run(s
     assert MlflowClient().search_runs([e.experiment_id for e in MlflowClient().search_experiments()]) == []
 
 
-def test_a_multi_worker_training_is_not_resumed(sqlite_store, monkeypatch):
+@pytest.mark.slow
+@pytest.mark.timeout(900)  # two multi-worker trainings, each bounded below
+def test_a_run_that_lost_a_worker_continues_in_the_same_run_on_every_worker(sqlite_store, tmp_path):
+    """Keras' BackupAndRestore across workers: the chief's saved state goes to every worker, all of them go on
+    from the epoch after it, and the run holds each epoch once, its curve going on (not starting over)."""
+    epochs = 8
+    config = _config(strategy="multi_worker", epochs=str(epochs), target_accuracy="0", es_patience="50",
+                     lr_patience="50")
+    workers, _, ports = _start_workers([config, config], tmp_path / "first", sqlite_store)
+    try:
+        _wait_for_line(workers[1], "Epoch 3:", timeout=240)
+        workers[1].kill()
+        [(code, _, err)] = _finish(workers[:1], timeout=120)
+    finally:
+        _kill(workers)
+    assert code == 1 and f"lost worker 1 (127.0.0.1:{ports[1]})" in _one_line_error(err)
     client = MlflowClient()
-    earlier = client.create_run(client.create_experiment("killed")).info.run_id
-    client.set_tag(earlier, names.TAG_RUN_TYPE, names.RUN_TYPE_TRAINING)  # a training of ours ran in it
-    monkeypatch.setenv("TF_CONFIG", tf_config(free_ports(2), 0))
-    with pytest.raises(RunNotResumable, match="cannot be resumed with strategy=multi_worker"):
-        run_training(_config(strategy="multi_worker"), run_id=earlier)
+    run_id = _only_run(client).info.run_id
+    assert client.get_run(run_id).info.status == "FAILED"
+    before = [m.value for m in client.get_metric_history(run_id, names.LOSS)]
+    assert 2 <= len(before) < epochs
+
+    workers, _, _ = _start_workers([config, config], tmp_path / "again", sqlite_store, ["--run-id", run_id])
+    (chief_code, chief_out, chief_err), (worker_code, worker_out, worker_err) = _finish(workers)
+    assert (chief_code, worker_code) == (0, 0), (chief_err[-3000:], worker_err[-3000:])
+    assert f"Run {run_id}: " in chief_out
+    assert f"Worker 1 of 2: trained {epochs - len(before)} epochs" in worker_out
+    run = _only_run(client)
+    assert (run.info.run_id, run.info.status) == (run_id, "FINISHED")
+    assert run.data.tags[names.TAG_RESUMED_FROM_EPOCH] == str(len(before))
+    for key in names.EPOCH_METRICS:
+        assert [m.step for m in client.get_metric_history(run_id, key)] == list(range(epochs)), key
+    loss = [m.value for m in client.get_metric_history(run_id, names.LOSS)]
+    assert loss[:len(before)] == before
+    # the curve goes on from the restored weights: a new start would be back at the first epoch's loss
+    assert loss[len(before)] < (before[0] + before[-1]) / 2, loss

@@ -35,13 +35,14 @@ CARRIED_FIELDS = {
 
 @dataclasses.dataclass(frozen=True)
 class CarriedCallbacks:
-    """The callbacks whose state a resumed training needs back."""
+    """The callbacks whose state a resumed training needs back (a worker that records nothing has no
+    LearningRateChanges)."""
 
     target_stop: TargetAccuracyStop
     checkpoint: BestCheckpoint
     early_stopping: keras.callbacks.EarlyStopping
     reduce_lr: keras.callbacks.ReduceLROnPlateau
-    lr_changes: LearningRateChanges
+    lr_changes: LearningRateChanges | None
 
 
 class TrainingStateBackup(keras.callbacks.Callback):
@@ -60,8 +61,12 @@ class TrainingStateBackup(keras.callbacks.Callback):
     and before EpochMetricsLogger: whenever an epoch's metrics are in the run, a state covering that
     epoch is too. A diverged epoch is not saved.
 
+    On a multi-worker training's other workers (no recorder) it only restores: the chief's state,
+    which the chief sent them, so that every worker continues from the same weights and counters and
+    stops at the same epoch.
+
     Args:
-        recorder: delivers the state file off the training thread.
+        recorder: delivers the state file off the training thread; None restores only.
         carried: the callbacks whose counters travel with the state.
         csv_log_path: the CSVLogger file.
         resume_from: the state to continue from, or None for a new training.
@@ -76,7 +81,7 @@ class TrainingStateBackup(keras.callbacks.Callback):
     """
 
     def __init__(
-        self, recorder: RunRecorder, carried: CarriedCallbacks, csv_log_path: Path,
+        self, recorder: RunRecorder | None, carried: CarriedCallbacks, csv_log_path: Path,
         resume_from: TrainingState | None = None,
     ) -> None:
         super().__init__()
@@ -96,7 +101,7 @@ class TrainingStateBackup(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch: int, logs=None) -> None:
         metrics = recorded_metrics(logs)
-        if metrics is None:
+        if metrics is None or self.recorder is None:
             return
         self.history.append(metrics)
         state = self._capture(epoch)
@@ -135,8 +140,9 @@ class TrainingStateBackup(keras.callbacks.Callback):
             restore_monitor_state(getattr(carried, role), record[role])
         carried.early_stopping.best_weights = state.early_stopping_weights
         self.history = [dict(row) for row in record["history"]]
-        carried.lr_changes.changes = list(record["lr_changes"])
-        carried.lr_changes.publish()
+        if carried.lr_changes is not None:
+            carried.lr_changes.changes = list(record["lr_changes"])
+            carried.lr_changes.publish()
         carried.checkpoint.best_record = record["best"]
         carried.checkpoint.best_file = state.best_checkpoint
         carried.checkpoint.upload()  # the run may hold a newer file from an epoch that was lost

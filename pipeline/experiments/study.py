@@ -44,6 +44,8 @@ ERROR_ATTR = "error"
 JOIN_TIMEOUT_SECONDS = 60.0
 # A database-backed trial proves it is alive every HEARTBEAT seconds; silent for GRACE, it is failed.
 HEARTBEAT_SECONDS, GRACE_SECONDS = 20, 60
+# How often a process whose trials are done looks at the trials other processes still run.
+SETTLE_POLL_SECONDS = 2.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -263,6 +265,26 @@ def enqueue_grid(shared: SharedStudy, plan: SearchPlan) -> None:
     with study_lock(shared):
         for point in plan.space.grid()[:plan.trials]:
             shared.study.enqueue_trial(point, skip_if_exists=True)
+
+
+def settle_running_trials(shared: SharedStudy) -> None:
+    """Waits, once this process has no trial left to take, while trials of other processes still run: a
+    live one ends by itself, a dead one (its process killed, its machine or container lost) is failed, and
+    its MLflow run with it, once its heartbeat is GRACE_SECONDS old. So the last process to end sees no
+    trial running and ends the parent. Only a database storage has heartbeats: elsewhere it returns at once
+    (on one machine the sweep's supervisor fails a dead worker's trial itself)."""
+    if not isinstance(shared.storage, RDBStorage):
+        return
+    study, told = shared.study, False
+    while running := study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if not told:
+            logger.info("Waiting for %d running trial(s) of other processes: %s", len(running),
+                        ", ".join(str(trial.number) for trial in running))
+            told = True
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
+        time.sleep(SETTLE_POLL_SECONDS)
 
 
 class StudyLock:

@@ -3,10 +3,12 @@
 `run_sweep` opens (creates, joins or continues) the study, then runs trials until the study's budget
 is reached: in this process, or in `workers` processes of its own that share the study. The same
 command started on other machines with the same `study` and a shared `storage` joins the same study
-and parent run. Each process records the parent's summary when its trials are done; the last one
-ends the parent (FINISHED when a trial finished, else FAILED). A worker process that dies has its
-running trial failed (not retried): by the supervising sweep within a second, or, with a database
-storage, by Optuna's heartbeat check when another process starts a trial. A sweep that is stopped
+and parent run. Each process records the parent's summary when its trials are done and, with a
+database storage, no other process's trial still runs (a dead process's trial is failed once its
+heartbeat is stale); the last one ends the parent (FINISHED when a trial finished, else FAILED). A
+worker process that dies has its running trial failed (not retried): by the supervising sweep within a
+second, or, with a database storage, by Optuna's heartbeat check when another process starts a trial or
+waits for the others to end theirs. A sweep that is stopped
 (Ctrl-C, SIGTERM) fails its running trials, stops its workers and fails theirs, and ends the parent
 KILLED when no trial of the study still runs.
 """
@@ -37,6 +39,7 @@ from pipeline.experiments.study import (
     fail_trials_of,
     open_storage,
     open_study,
+    settle_running_trials,
     shown_location,
 )
 from pipeline.experiments.sweep_record import SweepSummary, record_summary, summarize
@@ -115,6 +118,7 @@ def run_sweep(request: SweepRequest) -> SweepSummary:
             _run_workers(client, shared, options["workers"], request.worker_command, experiment_id)
         else:
             TrialRunner(client, shared, plan, ranking, experiment_id).run()
+        settle_running_trials(shared)  # other machines' trials: to their end, or failed when their process is gone
         summary = summarize(client, shared, ranking, experiment_id)
         record_summary(client, summary, shared, ranking)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: this process's trials are failed by now

@@ -22,7 +22,7 @@ from optuna.trial import TrialState
 from pipeline import constants as names
 from pipeline.experiments.comparison import KEY_PARAMETERS, console_text, run_table
 from pipeline.experiments.runs import Ranking, logged_models_by_run, runs_frame
-from pipeline.experiments.study import ERROR_ATTR, RUN_ID_ATTR, TRIAL_STATES, SharedStudy
+from pipeline.experiments.study import ERROR_ATTR, RUN_ID_ATTR, TRIAL_STATES, SharedStudy, study_lock
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +94,10 @@ def record_summary(client: MlflowClient, summary: SweepSummary, shared: SharedSt
         metrics.append(Metric(names.BEST_METRIC_PREFIX + ranking.metric, value, get_current_time_millis(), 0))
     client.log_batch(summary.parent_run_id, metrics=metrics, tags=tags)
     if summary.best is not None:
-        _log_best_model_output(client, summary.parent_run_id, summary.best["run_id"])
+        # under the study's lock: processes that end together (a sweep shared by containers) would each find the
+        # output missing and insert it, and all but one fail on the store's unique key
+        with study_lock(shared):
+            _log_best_model_output(client, summary.parent_run_id, summary.best["run_id"])
     with tempfile.TemporaryDirectory(prefix="mnist-sweep-") as directory:
         table = Path(directory) / names.SWEEP_TRIALS_FILE
         summary.table.to_csv(table, index=False)

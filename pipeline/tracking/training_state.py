@@ -12,9 +12,10 @@ uncompressed `.npz` (no pickle) and uploaded as one artifact, so it is replaced 
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import keras
 import numpy as np
@@ -45,6 +46,20 @@ class TrainingState:
     csv_log: str
 
     def save(self, path: Path) -> None:
+        with open(path, "wb") as stream:  # a file object: np.savez adds no ".npz" to the name
+            self._write(stream)
+
+    def to_bytes(self) -> bytes:
+        """The file `save` writes, as bytes (what a multi-worker chief sends its workers on resume)."""
+        stream = io.BytesIO()
+        self._write(stream)
+        return stream.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> TrainingState:
+        return cls.load(io.BytesIO(data))
+
+    def _write(self, stream: BinaryIO) -> None:
         arrays: dict[str, np.ndarray] = {}
         for prefix, values in (
             ("model", self.model_weights),
@@ -67,11 +82,10 @@ class TrainingState:
             "csv_log": self.csv_log,
         }
         arrays["header"] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
-        with open(path, "wb") as stream:  # a file object: np.savez adds no ".npz" to the name
-            np.savez(stream, **arrays)
+        np.savez(stream, **arrays)
 
     @classmethod
-    def load(cls, path: Path) -> TrainingState:
+    def load(cls, path: Path | BinaryIO) -> TrainingState:
         with np.load(path, allow_pickle=False) as npz:
             header = json.loads(npz["header"].tobytes().decode())
             if header.get("format_version") != FORMAT_VERSION:

@@ -24,7 +24,8 @@ order is part of the behaviour:
                          recorded.
 
 In a multi-worker training only the chief records: the other workers run 1-6, 8 and 12 (with
-worker-local checkpoint and CSV files), so that they all stop at the same epoch.
+worker-local checkpoint and CSV files), so that they all stop at the same epoch; continuing a run,
+they also run 9, which then only puts back the state the chief sent them.
 """
 
 from __future__ import annotations
@@ -112,7 +113,8 @@ def build_callbacks(
             nothing (a multi-worker training's non-chief workers): then there are none.
         num_train_samples: training examples per epoch, for BatchTiming's throughput.
         resume_from: a saved state to continue from: its CSV log and best checkpoint are put back
-            in `workdir` now; TrainingStateBackup restores the rest when training begins.
+            in `workdir` now; TrainingStateBackup restores the rest when training begins (also on a
+            worker that records nothing).
         distribution: how training is spread; a tf.distribute strategy adds WorkerTiming.
     """
     csv_path = workdir / names.TRAINING_LOG_FILE
@@ -132,9 +134,10 @@ def build_callbacks(
     lr_changes = backup = epoch_metrics = None
     if recorder is not None:
         lr_changes = LearningRateChanges(recorder)
+        epoch_metrics = EpochMetricsLogger(recorder)
+    if recorder is not None or resume_from is not None:  # a worker that records nothing only restores
         carried = CarriedCallbacks(target_stop, checkpoint, early_stopping, reduce_lr, lr_changes)
         backup = TrainingStateBackup(recorder, carried, csv_path, resume_from)
-        epoch_metrics = EpochMetricsLogger(recorder)
     return TrainingCallbacks(
         target_stop=target_stop,
         divergence_guard=DivergenceGuard(),

@@ -9,6 +9,11 @@ checked here first, in plain Python, before TensorFlow starts its collective ops
 2. `wait_for_peers` waits, up to a deadline, until every other worker accepts a connection on its
    port, and names the ones that never did.
 
+A container platform that starts the workers (the compose `cluster-worker` service, the Kubernetes
+Job of deploy/kubernetes) does not write TF_CONFIG itself: it gives each worker its index and the
+pattern of the workers' DNS names, and `platform_tf_config` makes the TF_CONFIG from them, the one
+place where that is done (`python -m mlflow_project.cluster_worker train`).
+
 Nothing here imports TensorFlow.
 """
 
@@ -36,6 +41,14 @@ TASK_TYPES = (CHIEF, WORKER)
 TF_CONFIG_EXAMPLE = json.dumps(
     {"cluster": {WORKER: ["host0:2222", "host1:2222"]}, "task": {"type": WORKER, "index": 0}}
 )
+# What a platform gives each worker (`platform_tf_config`): its index (Kubernetes' Indexed Job sets
+# JOB_COMPLETION_INDEX itself), the number of workers, their host names with `{index}` in place of the
+# index, and the port every worker listens on.
+WORKER_INDEX_VARIABLES = ("WORKER_INDEX", "JOB_COMPLETION_INDEX")
+NUM_WORKERS_VARIABLE = "NUM_WORKERS"
+WORKER_HOSTS_VARIABLE = "WORKER_HOSTS"
+WORKER_PORT_VARIABLE = "WORKER_PORT"
+DEFAULT_WORKER_PORT = 2222
 # Seconds between two rounds of connection attempts while waiting for the peers.
 POLL_INTERVAL_SECONDS = 0.5
 
@@ -153,6 +166,40 @@ def split_address(address: object) -> tuple[str, int] | None:
 
 def _invalid(problem: str) -> NoReturn:
     raise ClusterConfigError(f"{TF_CONFIG} is invalid: {problem}; expected e.g. {TF_CONFIG_EXAMPLE}")
+
+
+def platform_tf_config(environ: Mapping[str, str]) -> str:
+    """The TF_CONFIG of one worker that a container platform started, from its environment:
+    WORKER_INDEX (or JOB_COMPLETION_INDEX), NUM_WORKERS, WORKER_HOSTS (e.g. `cluster-worker-{index}`)
+    and WORKER_PORT (default 2222). Worker 0 is the chief.
+
+    Raises:
+        ClusterConfigError: a variable is missing or not what it must be.
+    """
+    index_text = next((environ[name] for name in WORKER_INDEX_VARIABLES if environ.get(name, "").strip()), "")
+    count_text = environ.get(NUM_WORKERS_VARIABLE, "").strip()
+    pattern = environ.get(WORKER_HOSTS_VARIABLE, "").strip()
+    port_text = environ.get(WORKER_PORT_VARIABLE, "").strip() or str(DEFAULT_WORKER_PORT)
+    if not count_text.isdigit() or int(count_text) < 1:
+        _platform_invalid(f"{NUM_WORKERS_VARIABLE}={count_text!r} is not a number of workers (1 or more)")
+    count = int(count_text)
+    if not index_text.isdigit() or int(index_text) >= count:
+        _platform_invalid(f"{WORKER_INDEX_VARIABLES[0]}={index_text!r} is not an index of the {count} workers "
+                          f"(0..{count - 1})")
+    if "{index}" not in pattern:
+        _platform_invalid(f"{WORKER_HOSTS_VARIABLE}={pattern!r} does not hold {{index}} where each worker's "
+                          "index goes in its host name")
+    workers = [f"{pattern.replace('{index}', str(index))}:{port_text}" for index in range(count)]
+    text = json.dumps({"cluster": {WORKER: workers}, "task": {"type": WORKER, "index": int(index_text)}})
+    read_cluster({TF_CONFIG: text})  # what the training will check: a bad port or host fails here
+    return text
+
+
+def _platform_invalid(problem: str) -> NoReturn:
+    raise ClusterConfigError(
+        f"the worker's environment does not describe its cluster: {problem}; expected e.g. WORKER_INDEX=0 "
+        "NUM_WORKERS=2 WORKER_HOSTS=cluster-worker-{index} WORKER_PORT=2222"
+    )
 
 
 def wait_for_peers(cluster: Cluster, timeout: float) -> None:

@@ -40,6 +40,7 @@ PEER_TIMEOUT_SECONDS = 120.0
 # What TensorFlow raises in a worker whose peer died or was cut off during training.
 PEER_FAILURES = (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.errors.CancelledError)
 _FAILED_TASK = re.compile(r"/job:(chief|worker)/replica:\d+/task:(\d+)")
+_REMOTE_TASK = re.compile(r"remote target /job:(chief|worker)/replica:\d+/task:(\d+)")
 _ABORT_REASON = re.compile(r"aborted by: (.+)")
 
 
@@ -180,6 +181,24 @@ class Distribution:
                 "with the same ones"
             )
 
+    def share_from_chief(self, payload: bytes | None) -> bytes | None:
+        """The chief's `payload` on every worker (what the others pass is ignored), through two
+        collectives: every worker must call it at the same point. Without a cluster, `payload` itself."""
+        if self.cluster is None:
+            return payload
+        own_size = len(payload) if self.cluster.is_chief and payload is not None else -1
+        size = int(gather_per_worker(self.strategy, own_size, self.num_workers, dtype=tf.int64)[0])
+        if size <= 0:
+            return None if size < 0 else b""
+        words = -(-size // 4)  # sent as int32 words: the collectives take no bytes
+        own = np.zeros(words * 4, dtype=np.uint8)
+        if own_size >= 0:
+            own[:size] = np.frombuffer(payload, dtype=np.uint8)
+        per_replica = self.strategy.experimental_distribute_values_from_function(
+            lambda _: tf.constant(own.view(np.int32)[np.newaxis, :])
+        )
+        return self.strategy.gather(per_replica, axis=0).numpy()[0].tobytes()[:size]
+
     @contextlib.contextmanager
     def peer_failures(self) -> Iterator[None]:
         """Turns TensorFlow's error about a lost peer (dead, killed, cut off) into one line."""
@@ -191,18 +210,22 @@ class Distribution:
         except PEER_FAILURES as error:
             raise ClusterUnavailable(
                 f"multi_worker: lost {_lost_peer(error.message or str(error), self.cluster)} during training; "
-                "the whole training stops: start it again on every worker"
+                "the whole training stops: start every worker again with the chief's run id to continue it"
             ) from None
 
 
 def _lost_peer(message: str, cluster: Cluster) -> str:
-    """'worker 1 (host:port) (why)' from TensorFlow's error text, as far as it tells."""
-    task = _FAILED_TASK.search(message)
+    """'worker 1 (host:port) (why)' from TensorFlow's error text, as far as it tells: the task the gRPC error came
+    from ("remote target /job:..."), else the first task named that is another worker of the cluster (the text
+    may name this worker's own task too, e.g. as the device of the aborted collective)."""
     reason = _ABORT_REASON.search(message)
     who = "contact with another worker"
-    if task and task.group(1) in cluster.jobs and int(task.group(2)) < len(cluster.jobs[task.group(1)]):
+    for task in [*_REMOTE_TASK.finditer(message), *_FAILED_TASK.finditer(message)]:
         task_type, index = task.group(1), int(task.group(2))
-        who = f"{task_type} {index} ({cluster.jobs[task_type][index]})"
+        own = (task_type, index) == (cluster.task_type, cluster.task_index)
+        if not own and task_type in cluster.jobs and index < len(cluster.jobs[task_type]):
+            who = f"{task_type} {index} ({cluster.jobs[task_type][index]})"
+            break
     return f"{who} ({reason.group(1).strip()[:160] if reason else message.strip().splitlines()[0][:160]})"
 
 

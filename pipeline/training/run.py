@@ -16,7 +16,9 @@ KILLED with its whole record (`stop_reason=pruned`).
 
 With `strategy=multi_worker` every worker runs this, and only the chief does steps 2, 4 and 5: the
 other workers train with the same callbacks minus the recording ones, in a private temporary directory,
-and never touch the tracking store (see `pipeline.training.distribution`).
+and never touch the tracking store (see `pipeline.training.distribution`). Continuing a run (step 3
+found a saved state), the chief sends that state to the other workers, so that all of them go on from
+the same epoch, weights and counters (Keras' `BackupAndRestore`, with the run as the backup).
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ from pipeline.tracking.run_lifecycle import (
 )
 from pipeline.tracking.run_owner import HEARTBEAT_TIMEOUT_SECONDS, RunHeartbeat
 from pipeline.tracking.store import check_tracking_store, prepare_sqlite_store, use_experiment
+from pipeline.tracking.training_state import TrainingState
 from pipeline.training.callback_list import TrainingCallbacks, build_callbacks
 from pipeline.training.data import ImageDataset, load_dataset, split_validation
 from pipeline.training.distribution import PEER_TIMEOUT_SECONDS, Distribution, DistributionPlan, plan_distribution
@@ -149,8 +152,8 @@ def run_training(
 
     Raises:
         TrackingUnavailable: the tracking server does not answer or refuses the credentials.
-        UserInputError: bad data, parameters or TF_CONFIG, or a run that cannot be resumed (a
-            multi-worker training is never resumed), before training.
+        UserInputError: bad data, parameters or TF_CONFIG, or a run that cannot be resumed, before
+            training.
         ClusterUnavailable: multi_worker: another worker did not answer, or was lost while training.
         TrainingDiverged: the loss became NaN/inf; the run is FAILED with stop_reason=nan_loss.
         LocalStorageError: the run's local files could not be written (disk full, unwritable TMPDIR).
@@ -166,11 +169,6 @@ def run_training(
     client = MlflowClient()
     run_id = run_id or os.environ.get(MLFLOW_RUN_ID.name) or None
     resume = find_resume_point(client, run_id, config, limits.heartbeat_timeout) if run_id else None
-    if resume is not None and plan.cluster is not None:
-        raise RunNotResumable(
-            f"run {run_id} cannot be resumed with strategy={config.strategy}: the workers cannot restore its "
-            "saved state together; start a new run"
-        )
     if resume and resume.dataset_digest and resume.dataset_digest != dataset.digest:
         raise RunNotResumable(
             f"run {run_id} was trained on other data (digest {resume.dataset_digest}, "
@@ -178,6 +176,8 @@ def run_training(
         )
     splits = split_validation(dataset.x_train, dataset.y_train, config.validation_split)
     distribution = plan.start(config, dataset.digest, limits.peer_timeout)
+    # multi_worker: the other workers continue from the chief's saved state (they never read the store)
+    distribution.share_from_chief(resume.state.to_bytes() if resume and resume.state else None)
     heartbeat = None
     if run_id:  # an existing run: taken for this process before it is opened, or refused
         heartbeat = RunHeartbeat(client, run_id, limits.heartbeat_timeout)
@@ -202,14 +202,18 @@ def run_training(
 
 def _train_as_worker(config: TrainingConfig, plan: DistributionPlan, peer_timeout: float) -> WorkerResult:
     """A non-chief worker's share of a multi-worker training: the same model, data and stopping
-    callbacks as the chief, files in a private temporary directory, nothing recorded."""
+    callbacks as the chief, files in a private temporary directory, nothing recorded; continuing a run,
+    from the state the chief sends."""
     dataset = load_dataset(config.dataset)
     splits = split_validation(dataset.x_train, dataset.y_train, config.validation_split)
     distribution = plan.start(config, dataset.digest, peer_timeout)
+    shared = distribution.share_from_chief(None)
+    state = TrainingState.from_bytes(shared) if shared else None
     with local_workdir() as workdir, local_storage_errors(workdir):
         model = _build_model(config, distribution)
-        callbacks = build_callbacks(config, workdir, None, len(splits[0]), distribution=distribution)
-        history = _fit(model, config, distribution, splits, callbacks, initial_epoch=0)
+        callbacks = build_callbacks(config, workdir, None, len(splits[0]), state, distribution=distribution)
+        initial_epoch = ResumePoint(state, dataset_digest=None).initial_epoch(config.epochs)
+        history = _fit(model, config, distribution, splits, callbacks, initial_epoch=initial_epoch)
     if callbacks.divergence_guard.nan_at is not None:
         epoch, batch = callbacks.divergence_guard.nan_at
         raise TrainingDiverged(f"training diverged: the loss became NaN/inf at epoch {epoch} batch {batch}")
