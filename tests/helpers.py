@@ -196,6 +196,14 @@ def stdout_lines(process: subprocess.Popen) -> queue.Queue:
     return lines
 
 
+def rest_of_lines(lines: queue.Queue, timeout: float = 30) -> str:
+    """What a process that has ended printed after what was read of `lines` (see `stdout_lines`)."""
+    output, deadline = [], time.monotonic() + timeout
+    while (line := lines.get(timeout=max(0.1, deadline - time.monotonic()))) is not None:
+        output.append(line)
+    return "".join(output)
+
+
 # Straight to the local server: urllib's default opener keeps the proxies of the first call in the
 # process (a test elsewhere points them at a dead proxy).
 _LOCAL = urllib.request.build_opener(urllib.request.ProxyHandler({}))

@@ -655,3 +655,25 @@ def test_a_training_whose_interrupt_was_dropped_still_stops_after_that_batch(dat
         model.fit(x, y, validation_data=(x_val, y_val), epochs=3, batch_size=32, verbose=0,
                   callbacks=[_DroppedInterrupt(), batches, *callbacks.ordered])
     assert stop_requested() and seen == [0, 1, 2]  # stopped right after the batch, not after 3 epochs
+
+
+@pytest.mark.parametrize("sampler", ["grid", "tpe"])
+def test_a_sweep_whose_interrupt_was_dropped_takes_no_further_trial(sampler, stop_request):
+    """The trial loops check a stop request before they take a trial (grid: a queued point; TPE: a new one)."""
+    from pipeline.config import parse_parameters
+    from pipeline.experiments.runs import Ranking
+    from pipeline.experiments.study import SearchPlan, SharedStudy
+    from pipeline.experiments.trials import TrialRunner
+    from pipeline.search_space import SWEEP_PARAMETERS
+
+    options = parse_parameters(SWEEP_PARAMETERS, {"learning_rate": "0.01,0.003", "sampler": sampler, "trials": "2"})
+    plan = SearchPlan.from_options(options)
+    storage = optuna.storages.InMemoryStorage()
+    study = optuna.create_study(storage=storage, direction=plan.direction)
+    study.enqueue_trial({"learning_rate": 0.01})
+    shared = SharedStudy(study, storage, "memory", "parent", created=True)
+    runner = TrialRunner(None, shared, plan, Ranking.from_options(options), "0")
+    stop_request()
+    with pytest.raises(KeyboardInterrupt):
+        runner.run()
+    assert [trial.state for trial in study.trials] == [optuna.trial.TrialState.WAITING]  # nothing taken

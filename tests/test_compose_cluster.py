@@ -16,22 +16,18 @@ import subprocess
 import time
 from collections.abc import Iterator
 
-import docker
 import pytest
 
 from pipeline import constants as names
 from pipeline.config import TrainingConfig
-from tests.helpers import MNIST_SMALL, PROJECT_DIR, stdout_lines
+from tests.helpers import MNIST_SMALL, PROJECT_DIR, rest_of_lines, stdout_lines
 from tests.run_contract import CALLBACKS, assert_run_contract
 from tests.test_compose_stack import (
     EXPERIMENT,
     EXTRA_FILES,
-    LONG_RUNNING,
     PROJECT_NAME,
     Stack,
-    _fresh_settings,
-    _require_compose_v2,
-    _write_env_file,
+    running_stack,
 )
 
 pytestmark = [pytest.mark.compose, pytest.mark.timeout(1800)]
@@ -44,22 +40,8 @@ LOST_WORKER_SECONDS = 60
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    _require_compose_v2()
-    workdir = tmp_path_factory.mktemp("compose-cluster")
-    settings = _fresh_settings()
-    stack = Stack(_write_env_file(workdir / ".env", settings), settings, docker.from_env(version="auto"),
-                  workdir / "mlflow-ca.crt")
-    stack.compose("--profile", "cluster", "down", "--volumes", "--remove-orphans")  # an aborted run's leftovers
-    try:
-        stack.compose("--profile", "cluster", "build", timeout=1800)
-        stack.compose("up", "--detach", timeout=900)
-        stack.wait_healthy(LONG_RUNNING)
-        stack.compose("cp", "proxy:/data/caddy/pki/authorities/local/root.crt", str(stack.ca_file))
-        yield stack
-    finally:
-        logs = stack.compose("--profile", "cluster", "logs", "--no-color", check=False)
-        (workdir / "compose.log").write_text(logs.stdout + logs.stderr)
-        stack.compose("--profile", "cluster", "down", "--volumes", "--remove-orphans", check=False)
+    with running_stack(tmp_path_factory.mktemp("compose-cluster"), "cluster") as running:
+        yield running
 
 
 def _make_command(stack: Stack, target: str, **variables: str) -> tuple[list[str], dict[str, str]]:
@@ -148,9 +130,7 @@ def test_a_killed_worker_stops_the_other_in_one_line_and_the_same_command_contin
     finally:
         if process.poll() is None:
             process.kill()
-    while (line := lines.get(timeout=30)) is not None:
-        seen.append(line)
-    output = "".join(seen)
+    output = "".join(seen) + rest_of_lines(lines)
     assert process.returncode != 0
     assert stopped < LOST_WORKER_SECONDS, stopped
     errors = [line for line in output.splitlines() if line.startswith("[worker 0] error: ")]
@@ -252,9 +232,7 @@ def test_a_killed_sweep_container_fails_its_trial_and_the_others_finish_the_pare
     finally:
         if process.poll() is None:
             process.kill()
-    while (line := lines.get(timeout=30)) is not None:
-        seen.append(line)
-    output = "".join(seen)
+    output = "".join(seen) + rest_of_lines(lines)
     assert process.returncode != 0  # the killed container's status
     parents = set(re.findall(r"^\[sweep \d\] Sweep run (\w+): 6 trials \(5 finished, 0 pruned, 1 failed\)$", output,
                              re.MULTILINE))

@@ -12,6 +12,7 @@ Docker SDK. The tests share one stack and run in file order; each names the step
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
@@ -189,24 +190,32 @@ def _require_compose_v2() -> None:
         pytest.fail(f"this test needs Docker Compose v2 (`docker compose version`): {version.stderr.strip()}")
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+@contextlib.contextmanager
+def running_stack(workdir: Path, profile: str) -> Iterator[Stack]:
+    """The stack of docker-compose.yml with fresh secrets, `profile`'s images built, up and healthy, the
+    internal CA's root copied out of the proxy (as docs/team-server.md shows); afterwards its logs are kept
+    in `workdir` and everything of `profile` goes down with its volumes."""
     _require_compose_v2()
-    workdir = tmp_path_factory.mktemp("compose")
     settings = _fresh_settings()
     stack = Stack(_write_env_file(workdir / ".env", settings), settings, docker.from_env(version="auto"),
                   workdir / "mlflow-ca.crt")
-    stack.compose("--profile", "serve", "down", "--volumes", "--remove-orphans")  # an aborted run's leftovers
+    stack.compose("--profile", profile, "down", "--volumes", "--remove-orphans")  # an aborted run's leftovers
     try:
-        stack.compose("up", "--detach", "--build", timeout=1800)
+        stack.compose("--profile", profile, "build", timeout=1800)
+        stack.compose("up", "--detach", timeout=900)
         stack.wait_healthy(LONG_RUNNING)
-        # as docs/team-server.md shows: the internal CA's root, out of the proxy
         stack.compose("cp", f"proxy:{CA_IN_PROXY}", str(stack.ca_file))
         yield stack
     finally:
-        logs = stack.compose("--profile", "serve", "logs", "--no-color", check=False)
+        logs = stack.compose("--profile", profile, "logs", "--no-color", check=False)
         (workdir / "compose.log").write_text(logs.stdout + logs.stderr)
-        stack.compose("--profile", "serve", "down", "--volumes", "--remove-orphans", check=False)
+        stack.compose("--profile", profile, "down", "--volumes", "--remove-orphans", check=False)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    with running_stack(tmp_path_factory.mktemp("compose"), "serve") as running:
+        yield running
 
 
 @pytest.fixture(scope="module")

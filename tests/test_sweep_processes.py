@@ -22,7 +22,7 @@ from pipeline import constants as names
 from pipeline.experiments.study import JOURNAL_FILE
 from pipeline.experiments.sweep import BARRIER_VARIABLE
 from tests.conftest import create_database, drop_database
-from tests.helpers import MNIST_SMALL, cli_options, new_sqlite_store, project_env, run_cli, stdout_lines
+from tests.helpers import MNIST_SMALL, cli_options, new_sqlite_store, project_env, rest_of_lines, run_cli, stdout_lines
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 FIXED = {"dataset": str(MNIST_SMALL), "epochs": "1", "lr_patience": "1", "es_patience": "5"}
@@ -119,14 +119,6 @@ def _wait_for_lines(lines, *starts: str, timeout: float = 240) -> str:
     return "".join(output)
 
 
-def _rest_of(lines, timeout: float = 30) -> str:
-    """What a process that has ended printed after what was read of `lines` (see tests.helpers.stdout_lines)."""
-    output, deadline = [], time.monotonic() + timeout
-    while (line := lines.get(timeout=max(0.1, deadline - time.monotonic()))) is not None:
-        output.append(line)
-    return "".join(output)
-
-
 def _gone(process: psutil.Process) -> bool:
     try:
         return process.status() == psutil.STATUS_ZOMBIE
@@ -187,7 +179,7 @@ def test_a_stopped_sweep_leaves_no_worker_and_no_running_trial_and_continues(tmp
             os.killpg(sweep.pid, signal.SIGINT)
         _wait_for(lambda: all(_gone(worker) for worker in workers.values()), 30, "every worker gone")
         assert sweep.wait(timeout=30) != 0
-        output = _rest_of(lines)
+        output = rest_of_lines(lines)
         assert "Traceback" not in output, output[-3000:]  # a stop, not an error (Optuna logs each stopped trial)
     finally:
         with contextlib.suppress(ProcessLookupError):

@@ -14,9 +14,6 @@ class StopRequestCheck(keras.callbacks.Callback):
     `steps_per_execution=N` the check runs every N batches. Put it last, so that an epoch that ended
     is recorded before the stop.
 
-    Args:
-        none.
-
     Example:
         signal.signal(signal.SIGTERM, lambda *_: request_stop())
         model.fit(x, y, epochs=5, callbacks=[..., StopRequestCheck()])  # KeyboardInterrupt after a SIGTERM

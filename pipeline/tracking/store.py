@@ -148,15 +148,12 @@ def prepare_sqlite_store(uri: str) -> None:
 
 
 def _use_write_ahead_log(database: str) -> None:
-    """Puts the SQLite database in WAL mode (see `prepare_sqlite_store`), unless it is busy."""
+    """Puts the SQLite database in WAL mode (see `prepare_sqlite_store`), unless another process holds it."""
     try:
         with contextlib.closing(sqlite3.connect(database, timeout=1.0)) as connection:
-            mode = connection.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            connection.execute("PRAGMA journal_mode=WAL")
     except sqlite3.Error as error:
         logger.debug("SQLite store %s keeps its journal mode: %s", database, error)
-        return
-    if mode.lower() != "wal":
-        logger.debug("SQLite store %s keeps its journal mode %s", database, mode)
 
 
 def _connection_failure(text: str, timeout: float) -> str:
