@@ -29,6 +29,8 @@ KEPT_ON_ONE_WORKER = {
     "tests/test_scale_out.py": "trains the single-device reference",
     "tests/test_model_and_callbacks_contract.py": "trains the plateau run",
     "tests/test_tracking_server.py": "trains one run through `mlflow run` against the server",
+    "tests/test_sweep_ui.py": "runs the sweep its tests read",
+    "tests/test_team_permissions.py": "starts the team server with its accounts",
 }
 # Seconds each test took (set-up and tear-down included) in a whole run on this machine; written by a run with
 # MNIST_TESTS_RECORD_DURATIONS=1 (docs/tests.md, "Time"). Only the order depends on it: a test missing from it
