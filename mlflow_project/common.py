@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from pipeline.config import ParameterSpec
-from pipeline.stop_request import request_stop
+from pipeline.stop_request import request_stop, stop_requested
 
 if TYPE_CHECKING:
     from pipeline.experiments.runs import Workspace
@@ -212,6 +212,22 @@ def _fail_project_run() -> None:
         pass
 
 
+def _drop_a_requested_interrupt(
+    previous: Callable[[Any], object],
+) -> Callable[[Any], object]:
+    """An unraisable-exception hook that drops the KeyboardInterrupt of a stop already requested: the
+    handler's exception, raised inside a finalizer, is lost (the stop request is not), and Python would
+    print it as "Exception ignored in ..." with a traceback. Any other exception goes to `previous`."""
+
+    def hook(unraisable: Any) -> None:
+        if isinstance(unraisable.exc_value, KeyboardInterrupt) and stop_requested():
+            logging.getLogger(__name__).debug("the interrupt was raised inside a finalizer; the stop request stays")
+            return
+        previous(unraisable)
+
+    return hook
+
+
 def stop_on_first_signal() -> bool:
     """The first SIGINT or SIGTERM raises KeyboardInterrupt (which stops the command), any later one is
     ignored (so that a second Ctrl-C cannot cut the clean-up short). Returns whether Ctrl-C reaches this
@@ -227,6 +243,7 @@ def stop_on_first_signal() -> bool:
             raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, interrupt)
+    sys.unraisablehook = _drop_a_requested_interrupt(sys.unraisablehook)
     if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
         return False
     signal.signal(signal.SIGINT, interrupt)

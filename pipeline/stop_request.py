@@ -5,10 +5,11 @@ An entry point turns the first SIGINT or SIGTERM into a KeyboardInterrupt and ig
 that a second Ctrl-C cannot cut the clean-up short (`mlflow_project.common.stop_on_first_signal`).
 Python runs a signal handler between two bytecodes of the main thread, wherever that is, also inside a
 finalizer (`__del__`, a weakref callback; TensorFlow's tensors and resources have many), and an exception
-raised there is printed as "Exception ignored in ..." and dropped. The process then went on as if no
-signal had come, deaf to the next one: a worker of a SIGKILLed sweep finished its trial and trained two more. So the
-handler also calls `request_stop()`, and the library calls `raise_if_stop_requested()` where it can stop
-cleanly: after every batch and epoch (`pipeline.callbacks.StopRequestCheck`) and before each trial.
+raised there is dropped (Python prints it as "Exception ignored in ..."; the entry points' hook keeps that
+off the console). The process then went on as if no signal had come, deaf to the next one: a worker of a
+SIGKILLed sweep finished its trial and trained two more. So the handler also calls `request_stop()`, and
+the library calls `raise_if_stop_requested()` where it can stop cleanly: after every batch and epoch
+(`pipeline.callbacks.StopRequestCheck`) and before each trial.
 """
 
 from __future__ import annotations
