@@ -48,10 +48,11 @@ def sweep(experiment_name: str | None, worker_number: int, parent_pid: int, **va
 
         options = parse_parameters(SWEEP_PARAMETERS, user_values)
         SearchPlan.from_options(options)  # a bad search space fails before TensorFlow loads
-        common.import_tensorflow_quietly()
-        import tensorflow as tf
+        if options["workers"] == 1:  # trials train in this process (with more, in its workers alone)
+            common.import_tensorflow_quietly()
+            import tensorflow as tf
 
-        tf.get_logger().setLevel("ERROR")  # retracing notices: several models train in one process
+            tf.get_logger().setLevel("ERROR")  # retracing notices: several models train in one process
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # our trial lines say the same, with their run

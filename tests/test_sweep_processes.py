@@ -139,6 +139,9 @@ def test_a_killed_worker_is_failed_within_seconds_while_the_other_still_runs(tmp
         lines = stdout_lines(sweep)
         _wait_for_lines(lines, "[worker 2] Epoch 1:")
         workers = _workers_of(sweep)
+        # the sweep only supervises: TensorFlow is loaded by its workers, not by it
+        assert not [m.path for m in psutil.Process(sweep.pid).memory_maps() if "tensorflow" in m.path]
+        assert [m.path for m in workers[1].memory_maps() if "tensorflow" in m.path]
         workers[2].kill()
         victim = f"{socket.gethostname()}:{workers[2].pid}"
 

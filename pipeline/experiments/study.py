@@ -15,6 +15,8 @@ import dataclasses
 import fcntl
 import hashlib
 import logging
+import os
+import socket
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -46,6 +48,11 @@ JOIN_TIMEOUT_SECONDS = 60.0
 HEARTBEAT_SECONDS, GRACE_SECONDS = 20, 60
 # How often a process whose trials are done looks at the trials other processes still run.
 SETTLE_POLL_SECONDS = 2.0
+
+
+def worker_id(pid: int | None = None) -> str:
+    """How a trial names the process that runs it (its WORKER_ATTR): host and process id."""
+    return f"{socket.gethostname()}:{pid or os.getpid()}"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -41,9 +41,9 @@ from pipeline.experiments.study import (
     open_study,
     settle_running_trials,
     shown_location,
+    worker_id,
 )
 from pipeline.experiments.sweep_record import SweepSummary, record_summary, summarize
-from pipeline.experiments.trials import TrialRunner, worker_id
 from pipeline.tracking.process_group import poll, wait_at_barrier
 from pipeline.tracking.store import check_tracking_store, use_experiment
 
@@ -116,7 +116,9 @@ def run_sweep(request: SweepRequest) -> SweepSummary:
             enqueue_grid(shared, plan)
         if options["workers"] > 1 and request.worker_command is not None:
             _run_workers(client, shared, options["workers"], request.worker_command, experiment_id)
-        else:
+        else:  # only a process that trains imports TensorFlow (a supervising sweep saves its seconds)
+            from pipeline.experiments.trials import TrialRunner
+
             TrialRunner(client, shared, plan, ranking, experiment_id).run()
         settle_running_trials(shared)  # other machines' trials: to their end, or failed when their process is gone
         summary = summarize(client, shared, ranking, experiment_id)

@@ -14,8 +14,6 @@ import dataclasses
 import functools
 import logging
 import math
-import os
-import socket
 
 import keras
 import optuna
@@ -36,6 +34,7 @@ from pipeline.experiments.study import (
     SharedStudy,
     StudyLock,
     study_lock,
+    worker_id,
 )
 from pipeline.stop_request import raise_if_stop_requested
 from pipeline.training.run import run_training
@@ -48,11 +47,6 @@ INTERRUPTED = "interrupted (Ctrl-C or SIGTERM)"
 
 class TrialFailed(Exception):
     """A trial that failed on its own (the sweep goes on)."""
-
-
-def worker_id(pid: int | None = None) -> str:
-    """How a trial names the process that runs it: host and process id."""
-    return f"{socket.gethostname()}:{pid or os.getpid()}"
 
 
 @dataclasses.dataclass(frozen=True)
