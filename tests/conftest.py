@@ -10,6 +10,7 @@ import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -212,6 +213,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if unit != item.nodeid:
             item.add_marker(pytest.mark.xdist_group(unit))
     items.sort(key=lambda item: (-cost[_unit(item)], first[_unit(item)]))
+
+
+def pytest_xdist_node_collection_finished(node: Any, ids: list[str]) -> None:
+    """Stops the run when a worker's test ids came without KEPT_ON_ONE_WORKER's groups: `--dist loadgroup` would
+    spread those modules over every worker, each building the module's training or servers again (pytest 9.2
+    with xdist 3.8 did so silently, pytest-xdist#1386; pyproject.toml keeps pytest below 9.2)."""
+    if node.config.getvalue("dist") != "loadgroup":
+        return
+    lost = [nodeid for nodeid in ids if nodeid.split("::", 1)[0] in KEPT_ON_ONE_WORKER and "@" not in nodeid]
+    if lost:
+        pytest.exit(f"xdist did not group {lost[0]} (and {len(lost) - 1} more) with its module: "
+                    "--dist loadgroup would run it on every worker; see KEPT_ON_ONE_WORKER in tests/conftest.py",
+                    returncode=pytest.ExitCode.USAGE_ERROR)
 
 
 _durations: dict[str, float] = {}
