@@ -3,23 +3,17 @@ file or PostgreSQL database; pruning, parallel workers, a killed worker, a conti
 
 from __future__ import annotations
 
-import signal
 import subprocess
-import sys
 from pathlib import Path
 
-import mlflow
 import optuna
-import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline import constants as names
-from pipeline.config import TrainingConfig
 from pipeline.experiments.study import JOURNAL_FILE
 from tests.conftest import create_database, drop_database
-from tests.helpers import MNIST_SMALL, PROJECT_DIR, cli_options, one_line_error, project_env, run_cli, run_cli_here
-from tests.run_contract import CALLBACKS, assert_run_contract
+from tests.helpers import MNIST_SMALL, PROJECT_DIR, cli_options, one_line_error, run_cli, run_cli_here
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 FIXED = {"dataset": str(MNIST_SMALL), "epochs": "4", "lr_patience": "1", "es_patience": "5"}
@@ -38,49 +32,6 @@ def _parent_and_children(tmp_path: Path, experiment: str):
     [parent] = client.search_runs([experiment_id], f"tags.{names.TAG_RUN_TYPE} = '{names.RUN_TYPE_SWEEP}'")
     children = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     return client, parent, {int(run.data.tags[names.TAG_SWEEP_TRIAL]): run for run in children}
-
-
-def test_a_pruned_trial_stops_early_with_its_whole_record(tmp_path):
-    # A grid in this order: three good learning rates, then one far too small. The median pruner (3
-    # start-up trials, from the third epoch on) stops the fourth (Optuna's trial 3) after its third epoch.
-    _sweep(tmp_path, {"sampler": "grid", "pruner": "median", "learning_rate": "0.01,0.003,0.005,0.00001"}, "pruned")
-    client, parent, trials = _parent_and_children(tmp_path, "pruned")
-    assert sorted(trials) == [0, 1, 2, 3]
-    pruned = trials[3]
-    assert pruned.info.status == "KILLED"  # not a green "Finished" in the UI
-    assert pruned.info.run_name == "trial-3-pruned"
-    assert pruned.data.tags[names.TAG_STOP_REASON] == names.STOP_PRUNED
-    assert pruned.data.tags[names.TAG_TRIAL_STATE] == "pruned"
-    assert pruned.data.metrics[names.EPOCHS_COMPLETED] == 3
-    config = TrainingConfig.from_values(FIXED | {"learning_rate": "0.00001"})
-    mlflow.set_tracking_uri(client.tracking_uri)  # the contract loads the model through the fluent API
-    try:
-        assert_run_contract(client, pruned.info.run_id, config, tmp_path / "contract",
-                            callbacks=CALLBACKS.replace("EpochMetricsLogger", "EpochMetricsLogger,TrialPruning"),
-                            status="KILLED")
-    finally:
-        mlflow.set_tracking_uri(None)
-    for number in (0, 1, 2):
-        assert trials[number].info.status == "FINISHED"
-        assert trials[number].data.tags[names.TAG_TRIAL_STATE] == "finished"
-        assert trials[number].data.tags[names.TAG_STOP_REASON] != names.STOP_PRUNED
-    tags = parent.data.tags
-    counts = (tags[names.TAG_FINISHED_TRIALS], tags[names.TAG_PRUNED_TRIALS], tags[names.TAG_FAILED_TRIALS])
-    assert counts == ("3", "1", "0")
-    assert tags[names.TAG_BEST_RUN_ID] != pruned.info.run_id  # a pruned trial is never the best
-    study = optuna.load_study(study_name=tags[names.TAG_STUDY_NAME], storage=optuna.storages.JournalStorage(
-        optuna.storages.journal.JournalFileBackend(str(tmp_path / JOURNAL_FILE))))
-    assert [trial.state.name for trial in study.trials] == ["COMPLETE", "COMPLETE", "COMPLETE", "PRUNED"]
-    artifacts = {item.path for item in client.list_artifacts(parent.info.run_id, names.PLOTS_DIR)}
-    plots = (names.SWEEP_HISTORY_PLOT, names.SWEEP_IMPORTANCE_PLOT)
-    assert artifacts == {f"{names.PLOTS_DIR}/{plot}" for plot in plots}
-    table = client.download_artifacts(parent.info.run_id, names.SWEEP_TRIALS_FILE, str(tmp_path))
-    import pandas as pd
-
-    rows = pd.read_csv(table).set_index("trial")
-    assert list(rows["state"]) == ["finished", "finished", "finished", "pruned"]
-    assert rows.loc[3, names.TAG_STOP_REASON] == names.STOP_PRUNED
-    assert rows.loc[3, names.BEST_VAL_ACCURACY] == pruned.data.metrics[names.BEST_VAL_ACCURACY]
 
 
 @pytest.mark.timeout(120)
@@ -189,33 +140,6 @@ def test_two_workers_share_one_study_and_one_parent_and_take_each_grid_point_onc
     workers = {trial.user_attrs["worker"] for trial in study.trials}
     assert len(workers) == 2, workers  # both processes took trials
     assert "[worker 1] Trial" in result.stdout and "[worker 2] Trial" in result.stdout
-
-
-def test_a_killed_worker_fails_its_trial_and_the_sweep_goes_on(tmp_path):
-    values = {"sampler": "random", "trials": "3", "pruner": "none", "learning_rate": "1e-3:1e-2:log",
-              "workers": "2", "epochs": "6"}
-    sweep = subprocess.Popen(
-        [sys.executable, "-m", "mlflow_project", "sweep", "--experiment-name", "killed", *cli_options(FIXED | values)],
-        cwd=tmp_path, env=project_env(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}"),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    victim = None
-    for line in sweep.stdout:  # kill worker 1 once it trains its first trial
-        if line.startswith("[worker 1] Epoch 1:"):
-            workers = psutil.Process(sweep.pid).children()
-            victim = next(p for p in workers if "--worker-number" in p.cmdline() and
-                          p.cmdline()[p.cmdline().index("--worker-number") + 1] == "1")
-            victim.send_signal(signal.SIGKILL)
-            break
-    output, errors = sweep.communicate(timeout=300)
-    assert victim is not None and sweep.returncode == 0, errors[-3000:]
-    client, parent, trials = _parent_and_children(tmp_path, "killed")
-    assert len(trials) == 3
-    failed = [run for run in trials.values() if run.info.status == "FAILED"]
-    assert len(failed) == 1 and failed[0].data.tags[names.TAG_TRIAL_STATE] == "failed"
-    assert sum(run.info.status == "FINISHED" for run in trials.values()) == 2
-    assert parent.info.status == "FINISHED" and parent.data.tags[names.TAG_FAILED_TRIALS] == "1"
-    assert "Worker 1 exited with status -9" in output + errors
 
 
 def test_the_same_study_name_continues_the_study_and_its_parent(tmp_path):

@@ -127,7 +127,8 @@ def _gone(process: psutil.Process) -> bool:
 
 
 def test_a_killed_worker_is_failed_within_seconds_while_the_other_still_runs(tmp_path):
-    # Worker 2 is killed while worker 1 trains: the sweep used to wait for worker 1 first.
+    # Worker 2 is killed while worker 1 trains: the sweep used to wait for worker 1 first. The sweep goes on
+    # with worker 1 and finishes; the killed worker's trial is one FAILED child run.
     values = FIXED | {"sampler": "random", "trials": "4", "pruner": "none", "learning_rate": "1e-3:1e-2:log",
                       "workers": "2", "epochs": "4", "study": "killed"}
     uri = new_sqlite_store(tmp_path)
@@ -152,12 +153,18 @@ def test_a_killed_worker_is_failed_within_seconds_while_the_other_still_runs(tmp
         _wait_for(victim_trial_failed, 10, "worker 2's trial FAILED")
         assert not _gone(workers[1])  # failed while the other worker still runs, not after it
         assert sweep.wait(timeout=300) == 0
+        output = rest_of_lines(lines)
     finally:
         sweep.kill()
+    assert "Worker 2 exited with status -9" in output, output[-3000:]
     client = MlflowClient(uri)
-    [parent] = client.search_runs([client.get_experiment_by_name("Default").experiment_id],
-                                  f"tags.{names.TAG_RUN_TYPE} = '{names.RUN_TYPE_SWEEP}'")
+    experiment_id = client.get_experiment_by_name("Default").experiment_id
+    [parent] = client.search_runs([experiment_id], f"tags.{names.TAG_RUN_TYPE} = '{names.RUN_TYPE_SWEEP}'")
     assert parent.info.status == "FINISHED" and parent.data.tags[names.TAG_FAILED_TRIALS] == "1"
+    children = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    failed = [run for run in children if run.info.status == "FAILED"]
+    assert len(failed) == 1 and failed[0].data.tags[names.TAG_TRIAL_STATE] == "failed"
+    assert len(children) >= 3 and all(run.info.status == "FINISHED" for run in children if run not in failed)
 
 
 @pytest.mark.parametrize("stop", ["sigterm_to_the_sweep", "ctrl_c_to_its_group"])
@@ -199,12 +206,20 @@ def test_a_stopped_sweep_leaves_no_worker_and_no_running_trial_and_continues(tmp
     stopped = sorted(run.info.status for run in children if run.info.status != "FINISHED")
     assert stopped in (["FAILED", "FAILED"], ["FAILED", "KILLED"], ["KILLED", "KILLED"]), stopped
     assert len(children) == len(states)
+    if stop == "sigterm_to_the_sweep":  # both stops leave the same states; continuing one of them is enough
+        _continue_the_sweep(tmp_path, uri, values, "stopped", client, parent.info.run_id)
 
-    result = run_cli(["sweep", *cli_options(values)], cwd=tmp_path, timeout=300, MLFLOW_TRACKING_URI=uri)
-    assert result.returncode == 0, result.stderr[-3000:]  # the rest of the grid: the failed points are not retried
-    study = _journal_study(tmp_path, "stopped")
+
+def _continue_the_sweep(tmp_path: Path, uri: str, values: dict[str, str], study_name: str, client: MlflowClient,
+                        parent_run_id: str) -> None:
+    """The same sweep command again, in one process (a joining process keeps the study and the parent's
+    parameters): the rest of the grid trains, the failed points are not retried, the parent is FINISHED."""
+    result = run_cli(["sweep", *cli_options(values | {"workers": "1"})], cwd=tmp_path, timeout=300,
+                     MLFLOW_TRACKING_URI=uri)
+    assert result.returncode == 0, result.stderr[-3000:]
+    study = _journal_study(tmp_path, study_name)
     assert sorted(trial.state.name for trial in study.trials) == ["COMPLETE", "COMPLETE", "FAIL", "FAIL"]
-    assert client.get_run(parent.info.run_id).info.status == "FINISHED"
+    assert client.get_run(parent_run_id).info.status == "FINISHED"
 
 
 def test_a_sigkilled_sweep_leaves_no_worker_and_no_running_trial_and_continues(tmp_path):
@@ -241,9 +256,4 @@ def test_a_sigkilled_sweep_leaves_no_worker_and_no_running_trial_and_continues(t
     [parent] = client.search_runs([experiment_id], f"tags.{names.TAG_RUN_TYPE} = '{names.RUN_TYPE_SWEEP}'")
     children = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert "RUNNING" not in [run.info.status for run in children]
-
-    result = run_cli(["sweep", *cli_options(values)], cwd=tmp_path, timeout=300, MLFLOW_TRACKING_URI=uri)
-    assert result.returncode == 0, result.stderr[-3000:]
-    study = _journal_study(tmp_path, "sigkilled")
-    assert sorted(trial.state.name for trial in study.trials) == ["COMPLETE", "COMPLETE", "FAIL", "FAIL"]
-    assert client.get_run(parent.info.run_id).info.status == "FINISHED"
+    _continue_the_sweep(tmp_path, uri, values, "sigkilled", client, parent.info.run_id)

@@ -12,13 +12,17 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import mlflow
 import optuna
+import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline import constants as names
+from pipeline.config import TrainingConfig
 from pipeline.experiments.study import JOURNAL_FILE, USER_CACHE
 from tests.helpers import MNIST_SMALL, cli_options, mlflow_project_run, new_sqlite_store, one_line_error, run_cli
+from tests.run_contract import CALLBACKS, assert_run_contract
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -73,6 +77,36 @@ def test_child_runs_carry_optunas_trial_numbers_study_name_and_states(sweep):
         assert run.data.tags[names.TAG_STUDY_NAME] == sweep.study.study_name
         assert run.data.params["learning_rate"] == str(trial.params["learning_rate"])
     assert sweep.children[3].data.tags[names.TAG_STOP_REASON] == names.STOP_PRUNED
+
+
+def test_a_pruned_trial_stops_early_with_its_whole_record(sweep, tmp_path):
+    """The last grid point (far too small a rate) is pruned after its third epoch, recorded as every run is;
+    the parent counts it, never names it best, and its trials table and plots show it."""
+    client, parent, trials = sweep.client, sweep.parent, sweep.children
+    pruned = trials[3]
+    assert pruned.data.metrics[names.EPOCHS_COMPLETED] == 3
+    config = TrainingConfig.from_values(FIXED | {"learning_rate": "0.00001"})
+    mlflow.set_tracking_uri(client.tracking_uri)  # the contract loads the model through the fluent API
+    try:
+        assert_run_contract(client, pruned.info.run_id, config, tmp_path / "contract",
+                            callbacks=CALLBACKS.replace("EpochMetricsLogger", "EpochMetricsLogger,TrialPruning"),
+                            status="KILLED")
+    finally:
+        mlflow.set_tracking_uri(None)
+    for number in (0, 1, 2):
+        assert trials[number].data.tags[names.TAG_STOP_REASON] != names.STOP_PRUNED
+    tags = parent.data.tags
+    counts = (tags[names.TAG_FINISHED_TRIALS], tags[names.TAG_PRUNED_TRIALS], tags[names.TAG_FAILED_TRIALS])
+    assert counts == ("3", "1", "0")
+    assert tags[names.TAG_BEST_RUN_ID] != pruned.info.run_id  # a pruned trial is never the best
+    artifacts = {item.path for item in client.list_artifacts(parent.info.run_id, names.PLOTS_DIR)}
+    plots = (names.SWEEP_HISTORY_PLOT, names.SWEEP_IMPORTANCE_PLOT)
+    assert artifacts == {f"{names.PLOTS_DIR}/{plot}" for plot in plots}
+    rows = pd.read_csv(client.download_artifacts(parent.info.run_id, names.SWEEP_TRIALS_FILE, str(tmp_path)))
+    rows = rows.set_index("trial")
+    assert list(rows["state"]) == ["finished", "finished", "finished", "pruned"]
+    assert rows.loc[3, names.TAG_STOP_REASON] == names.STOP_PRUNED
+    assert rows.loc[3, names.BEST_VAL_ACCURACY] == pruned.data.metrics[names.BEST_VAL_ACCURACY]
 
 
 def test_the_objective_is_named_after_the_ranking_metric(sweep):
