@@ -101,14 +101,18 @@ def assert_run_contract(
     assert all(c["cause"] == "ReduceLROnPlateau(val_loss)" for c in changes)
     assert run.data.tags[names.TAG_LR_REDUCTIONS] == str(len(changes))
 
-    # best checkpoint: info file, metric, tags agree with the per-epoch val_accuracy; one directory per new best
+    # best checkpoint: info file, metric, tags agree with the per-epoch val_accuracy. A directory per new best, whole
+    # (model and description), except a best that a newer one replaced while its upload waited (a store slower than
+    # the epochs: docs/failures.md); the last new best always has its directory, and no other epoch has one.
     val_accuracy = [m.value for m in client.get_metric_history(run_id, names.VAL_ACCURACY)]
     best_epoch = int(np.argmax(val_accuracy))
     new_bests = [m.step for m in client.get_metric_history(run_id, names.BEST_VAL_ACCURACY)]
-    assert {path for path in artifacts if path.startswith(f"{names.CHECKPOINT_DIR}/")} == {
-        f"{names.checkpoint_dir(epoch)}/{name}" for epoch in new_bests
-        for name in (names.BEST_MODEL_FILE, names.BEST_MODEL_INFO_FILE)
-    }
+    pairs = {epoch: {f"{names.checkpoint_dir(epoch)}/{name}" for name in (names.BEST_MODEL_FILE,
+                                                                           names.BEST_MODEL_INFO_FILE)}
+             for epoch in new_bests}
+    stored = {path for path in artifacts if path.startswith(f"{names.CHECKPOINT_DIR}/")}
+    assert stored == set().union(*(pair for pair in pairs.values() if pair & stored)), (stored, new_bests)
+    assert new_bests[-1] == best_epoch and pairs[best_epoch] <= stored, (stored, new_bests)
     assert run.data.tags[names.TAG_LATEST_CHECKPOINT] == names.checkpoint_file(best_epoch)
     info = json.loads((local / names.checkpoint_dir(best_epoch) / names.BEST_MODEL_INFO_FILE).read_text())
     assert info["epoch"] == best_epoch and info["val_accuracy"] == pytest.approx(val_accuracy[best_epoch])
