@@ -1,6 +1,7 @@
 """What users see of a sweep in MLflow and Optuna: one numbering (Optuna's, from 0) across the child runs, their
-tags, the parent's best trial and the console; pruned trials KILLED, never resumed nor registered; the parent's
-params, source and best model as the UI reads them; the objective named after the metric.
+tags, the parent's best trial and the console; a failed trial FAILED with its reason, the sweep going on; pruned
+trials KILLED, never resumed nor registered; the parent's params, source and best model as the UI reads them; the
+objective named after the metric.
 
 One real sweep through `mlflow run -e sweep` against the session's tracking server (the REST API the UI reads),
 the study in a journal file; its records are checked by several tests."""
@@ -26,9 +27,11 @@ from tests.run_contract import CALLBACKS, assert_run_contract
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
-# A grid in this order: three good learning rates, then one far too small. The median pruner (3 start-up
-# trials, from the third epoch on) stops the last one (Optuna's trial 3) after its third epoch.
-GRID = {"sampler": "grid", "pruner": "median", "learning_rate": "0.01,0.003,0.005,0.00001"}
+# A grid in this order: two good learning rates, one that makes the loss NaN at once (its trial fails for real),
+# a third good one, then one far too small. The median pruner (3 finished start-up trials, from the third epoch on)
+# stops the last one (Optuna's trial 4) after its third epoch.
+GRID = {"sampler": "grid", "pruner": "median", "learning_rate": "0.01,0.003,1e30,0.005,0.00001"}
+FAILED, PRUNED = 2, 4
 FIXED = {"dataset": str(MNIST_SMALL), "epochs": "4", "lr_patience": "1", "es_patience": "5"}
 
 
@@ -64,9 +67,10 @@ def sweep(shared_tracking, tmp_path_factory) -> Iterator[Sweep]:
 
 def test_child_runs_carry_optunas_trial_numbers_study_name_and_states(sweep):
     trials = sweep.study.trials
-    assert [trial.state.name for trial in trials] == ["COMPLETE", "COMPLETE", "COMPLETE", "PRUNED"]
-    assert sorted(sweep.children) == [trial.number for trial in trials] == [0, 1, 2, 3]
-    shown = {"COMPLETE": ("FINISHED", "finished", ""), "PRUNED": ("KILLED", "pruned", "-pruned")}
+    assert [trial.state.name for trial in trials] == ["COMPLETE", "COMPLETE", "FAIL", "COMPLETE", "PRUNED"]
+    assert sorted(sweep.children) == [trial.number for trial in trials] == [0, 1, 2, 3, 4]
+    shown = {"COMPLETE": ("FINISHED", "finished", ""), "PRUNED": ("KILLED", "pruned", "-pruned"),
+             "FAIL": ("FAILED", "failed", "-failed")}
     for trial in trials:
         run = sweep.children[trial.number]
         status, state, suffix = shown[trial.state.name]
@@ -76,14 +80,16 @@ def test_child_runs_carry_optunas_trial_numbers_study_name_and_states(sweep):
         assert run.data.tags[names.TAG_TRIAL_STATE] == state
         assert run.data.tags[names.TAG_STUDY_NAME] == sweep.study.study_name
         assert run.data.params["learning_rate"] == str(trial.params["learning_rate"])
-    assert sweep.children[3].data.tags[names.TAG_STOP_REASON] == names.STOP_PRUNED
+        assert run.data.tags[names.TAG_RUN_TYPE] == names.RUN_TYPE_TRAINING
+    assert sweep.children[PRUNED].data.tags[names.TAG_STOP_REASON] == names.STOP_PRUNED
+    assert sweep.children[FAILED].data.tags[names.TAG_STOP_REASON] == names.STOP_NAN_LOSS
 
 
 def test_a_pruned_trial_stops_early_with_its_whole_record(sweep, tmp_path):
     """The last grid point (far too small a rate) is pruned after its third epoch, recorded as every run is;
     the parent counts it, never names it best, and its trials table and plots show it."""
     client, parent, trials = sweep.client, sweep.parent, sweep.children
-    pruned = trials[3]
+    pruned = trials[PRUNED]
     assert pruned.data.metrics[names.EPOCHS_COMPLETED] == 3
     config = TrainingConfig.from_values(FIXED | {"learning_rate": "0.00001"})
     mlflow.set_tracking_uri(client.tracking_uri)  # the contract loads the model through the fluent API
@@ -93,20 +99,48 @@ def test_a_pruned_trial_stops_early_with_its_whole_record(sweep, tmp_path):
                             status="KILLED")
     finally:
         mlflow.set_tracking_uri(None)
-    for number in (0, 1, 2):
+    for number in (0, 1, 3):
         assert trials[number].data.tags[names.TAG_STOP_REASON] != names.STOP_PRUNED
     tags = parent.data.tags
     counts = (tags[names.TAG_FINISHED_TRIALS], tags[names.TAG_PRUNED_TRIALS], tags[names.TAG_FAILED_TRIALS])
-    assert counts == ("3", "1", "0")
+    assert counts == ("3", "1", "1")
     assert tags[names.TAG_BEST_RUN_ID] != pruned.info.run_id  # a pruned trial is never the best
     artifacts = {item.path for item in client.list_artifacts(parent.info.run_id, names.PLOTS_DIR)}
     plots = (names.SWEEP_HISTORY_PLOT, names.SWEEP_IMPORTANCE_PLOT)
     assert artifacts == {f"{names.PLOTS_DIR}/{plot}" for plot in plots}
     rows = pd.read_csv(client.download_artifacts(parent.info.run_id, names.SWEEP_TRIALS_FILE, str(tmp_path)))
     rows = rows.set_index("trial")
-    assert list(rows["state"]) == ["finished", "finished", "finished", "pruned"]
-    assert rows.loc[3, names.TAG_STOP_REASON] == names.STOP_PRUNED
-    assert rows.loc[3, names.BEST_VAL_ACCURACY] == pruned.data.metrics[names.BEST_VAL_ACCURACY]
+    assert list(rows["state"]) == ["finished", "finished", "failed", "finished", "pruned"]
+    assert rows.loc[PRUNED, names.TAG_STOP_REASON] == names.STOP_PRUNED
+    assert rows.loc[PRUNED, names.BEST_VAL_ACCURACY] == pruned.data.metrics[names.BEST_VAL_ACCURACY]
+
+
+def test_a_failed_trial_keeps_its_reason_and_the_sweep_goes_on_with_whole_records(sweep, tmp_path):
+    """The diverging trial is FAILED with the reason in its run and the trials table; the trials after it ran, each
+    with the whole run contract; the parent names the best finished trial and keeps the grid as given."""
+    client, parent, trials = sweep.client, sweep.parent, sweep.children
+    assert trials[FAILED].info.status == "FAILED"
+    rows = pd.read_csv(client.download_artifacts(parent.info.run_id, names.SWEEP_TRIALS_FILE, str(tmp_path)),
+                       keep_default_na=False).set_index("trial")
+    for number, run in trials.items():
+        assert rows.loc[number, "run_id"] == run.info.run_id
+        assert rows.loc[number, "status"] == run.info.status
+        assert (rows.loc[number, "error"] != "") == (run.info.status == "FAILED")
+    assert "training diverged" in rows.loc[FAILED, "error"]
+    assert float(rows.loc[3, names.TEST_ACCURACY]) == trials[3].data.metrics[names.TEST_ACCURACY]
+    config = TrainingConfig.from_values(FIXED | {"learning_rate": "0.005"})
+    mlflow.set_tracking_uri(client.tracking_uri)
+    try:  # the trial after the failure: a full training run
+        assert_run_contract(client, trials[3].info.run_id, config, tmp_path / "contract",
+                            callbacks=CALLBACKS.replace("EpochMetricsLogger", "EpochMetricsLogger,TrialPruning"))
+    finally:
+        mlflow.set_tracking_uri(None)
+    finished = [run for run in trials.values() if run.info.status == "FINISHED"]
+    best = max(finished, key=lambda run: run.data.metrics[names.TEST_ACCURACY])
+    assert parent.info.status == "FINISHED" and parent.info.run_name == "sweep"
+    assert parent.data.tags[names.TAG_BEST_RUN_ID] == best.info.run_id
+    assert parent.data.metrics["best_" + names.TEST_ACCURACY] == best.data.metrics[names.TEST_ACCURACY]
+    assert parent.data.params["learning_rate"] == GRID["learning_rate"]  # the grid, as given
 
 
 def test_the_objective_is_named_after_the_ranking_metric(sweep):
@@ -133,7 +167,7 @@ def test_the_parent_logs_only_params_with_a_value_and_its_runs_name_their_source
     assert "storage" not in params and "study" not in params  # defaults: the study's name and file are tags
     assert "" not in params.values() and "''" not in params.values()
     assert (params["sampler"], params["pruner"]) == ("grid", "median")  # given
-    assert params["trials"] == "4"  # not given: the grid's size, as the sweep resolved it
+    assert params["trials"] == "5"  # not given: the grid's size, as the sweep resolved it
     assert sweep.parent.data.tags[names.TAG_STUDY_STORAGE].endswith(JOURNAL_FILE)
     # `mlflow run` set the parent's source; the trials (created by the sweep through the client) copy it
     source = {key: sweep.parent.data.tags.get(key) for key in names.SOURCE_TAGS}
@@ -145,9 +179,9 @@ def test_the_parent_logs_only_params_with_a_value_and_its_runs_name_their_source
 
 def test_the_console_numbers_trials_as_optuna_does(sweep):
     output = sweep.result.stdout
-    for number in range(4):
-        assert f"Trial {number} ({number + 1}/4): learning_rate=" in output
-    assert "Trial 3 pruned after epoch 3" in output
+    for number in range(5):
+        assert f"Trial {number} ({number + 1}/5): learning_rate=" in output
+    assert f"Trial {PRUNED} pruned after epoch 3" in output
     best = sweep.study.best_trial
     assert f"Best: trial {best.number}, run {sweep.children[best.number].info.run_id}" in output
 
@@ -155,7 +189,7 @@ def test_the_console_numbers_trials_as_optuna_does(sweep):
 def test_a_pruned_trial_is_never_resumed_nor_registered(sweep, shared_tracking, tmp_path):
     from pipeline.experiments.runs import training_runs
 
-    pruned = sweep.children[3]
+    pruned = sweep.children[PRUNED]
     assert pruned.info.run_id not in {run.info.run_id for run in training_runs(sweep.client, sweep.experiment_id)}
     result = run_cli(["train", "--run-id", pruned.info.run_id, *cli_options(FIXED | {"learning_rate": "0.00001"})],
                      cwd=tmp_path, timeout=240, **shared_tracking)
