@@ -18,13 +18,15 @@ def _store(tmp_path) -> dict[str, str]:
 
 
 def test_cli_trains_and_reports_the_run(tmp_path):
+    """The summary line names the run and its test accuracy, and gives the best epoch both as Keras' lines count
+    (`Epoch N:` from 1) and as the record does (tag best_epoch and the metrics' steps, from 0)."""
     result = run_cli(
-        ["train", "--epochs", "2", "--dataset", str(MNIST_SMALL), "--experiment-name", "cli"],
+        ["train", "--epochs", "3", "--target-accuracy", "0", "--dataset", str(MNIST_SMALL), "--experiment-name", "cli"],
         cwd=tmp_path, MLFLOW_TRACKING_URI=new_sqlite_store(tmp_path),
     )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert [line.split(":")[0] for line in lines if line.startswith("Epoch")] == ["Epoch 1", "Epoch 2"]
+    assert [line.split(":")[0] for line in lines if line.startswith("Epoch")] == ["Epoch 1", "Epoch 2", "Epoch 3"]
     summary = lines[-1]
     assert summary.startswith("Run ") and "test_accuracy=" in summary
     run_id = summary.split()[1].rstrip(":")
@@ -33,6 +35,12 @@ def test_cli_trains_and_reports_the_run(tmp_path):
     assert run.info.status == "FINISHED"
     assert client.get_experiment(run.info.experiment_id).name == "cli"
     assert f"test_accuracy={run.data.metrics[names.TEST_ACCURACY]:.4f}" in summary
+    best = int(run.data.tags[names.TAG_BEST_EPOCH])
+    history = client.get_metric_history(run_id, names.VAL_ACCURACY)
+    assert best == max(history, key=lambda metric: (metric.value, -metric.step)).step
+    best_line = next(line for line in lines if line.startswith(f"Epoch {best + 1}:"))
+    assert f"val_accuracy={run.data.metrics[names.BEST_VAL_ACCURACY]:.4f}" in best_line
+    assert f"best epoch {best + 1} (step {best})" in summary
 
 
 @pytest.mark.parametrize(

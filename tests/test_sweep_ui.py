@@ -22,7 +22,7 @@ from mlflow.tracking import MlflowClient
 from pipeline import constants as names
 from pipeline.config import TrainingConfig
 from pipeline.experiments.study import JOURNAL_FILE, USER_CACHE
-from tests.helpers import MNIST_SMALL, cli_options, mlflow_project_run, new_sqlite_store, one_line_error, run_cli
+from tests.helpers import MNIST_SMALL, cli_options, mlflow_project_run, one_line_error, run_cli
 from tests.run_contract import CALLBACKS, assert_run_contract
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -196,19 +196,3 @@ def test_a_pruned_trial_is_never_resumed_nor_registered(sweep, shared_tracking, 
     assert result.returncode == 2, result.stderr[-3000:]
     assert one_line_error(result, pruned.info.run_id, "pruned").startswith("error: ")
     assert sweep.client.get_run(pruned.info.run_id).info.status == "KILLED"  # untouched
-
-
-@pytest.mark.timeout(300)
-def test_the_training_summary_gives_the_best_epoch_as_keras_prints_it_and_as_recorded(tmp_path):
-    """The record counts epochs from 0 (tag best_epoch, the metrics' steps); Keras' lines `Epoch N:` from 1."""
-    uri = new_sqlite_store(tmp_path)
-    result = run_cli(["train", *cli_options(FIXED | {"epochs": "3", "target_accuracy": "0"})], cwd=tmp_path,
-                     timeout=240, MLFLOW_TRACKING_URI=uri)
-    assert result.returncode == 0, result.stderr[-3000:]
-    [run] = MlflowClient(uri).search_runs(["0"])
-    best = int(run.data.tags[names.TAG_BEST_EPOCH])
-    history = MlflowClient(uri).get_metric_history(run.info.run_id, names.VAL_ACCURACY)
-    assert best == max(history, key=lambda metric: (metric.value, -metric.step)).step
-    best_line = next(line for line in result.stdout.splitlines() if line.startswith(f"Epoch {best + 1}:"))
-    assert f"val_accuracy={run.data.metrics[names.BEST_VAL_ACCURACY]:.4f}" in best_line
-    assert f"best epoch {best + 1} (step {best})" in result.stdout
