@@ -5,12 +5,14 @@ real `mlflow run` processes and real data."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import queue
 import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable
@@ -140,13 +142,15 @@ def test_the_api_refuses_requests_without_the_right_credentials(tracking_server)
 # after one request with a 10 s timeout (pipeline.tracking.store.check_tracking_store): tests.helpers.fail_fast_bound.
 
 
-def _start_up_seconds(cwd: Path) -> float:
-    """How long starting Python and importing MLflow and TensorFlow takes on this machine right now:
-    what a command does before it asks the server, measured so that the bound is on the rest."""
+@functools.cache
+def _start_up_seconds() -> float:
+    """How long starting Python and importing MLflow and TensorFlow takes on this machine: what a command does
+    before it asks the server, measured (once for the module's tests, which run in a row on one worker) so that
+    the bound is on the rest."""
     started = time.monotonic()
     subprocess.run(
-        [sys.executable, "-c", "import mlflow, tensorflow"], cwd=cwd, env=project_env(), check=True,
-        capture_output=True, timeout=300,
+        [sys.executable, "-c", "import mlflow, tensorflow"], cwd=tempfile.gettempdir(), env=project_env(),
+        check=True, capture_output=True, timeout=300,
     )
     return time.monotonic() - started
 
@@ -154,7 +158,7 @@ def _start_up_seconds(cwd: Path) -> float:
 @pytest.mark.slow
 def test_training_with_a_wrong_password_fails_fast_in_one_line(server_store, tmp_path):
     experiment = f"wrong-password-{uuid.uuid4().hex[:6]}"
-    start_up = _start_up_seconds(tmp_path)
+    start_up = _start_up_seconds()
     started = time.monotonic()
     result = run_cli(
         ["train", "--epochs", "1", "--dataset", str(MNIST_SMALL), "--experiment-name", experiment],
@@ -174,7 +178,7 @@ def test_training_with_a_wrong_password_fails_fast_in_one_line(server_store, tmp
 @pytest.mark.slow
 def test_mlflow_run_with_a_wrong_password_fails_before_any_training(server_store, tmp_path):
     before = len(MlflowClient().search_runs(experiment_ids=_all_experiment_ids()))
-    start_up = _start_up_seconds(tmp_path)
+    start_up = _start_up_seconds()
     result, seconds = mlflow_run(
         server_store, tmp_path, {"epochs": "1", "dataset": str(MNIST_SMALL)},
         MLFLOW_TRACKING_PASSWORD="not-the-password",
