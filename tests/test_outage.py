@@ -110,7 +110,9 @@ def test_server_never_back_finishes_training_and_keeps_local_copies(server_store
     assert time.monotonic() - started < 120
     lines = [line for line in stderr.splitlines() if line.startswith("error: ")]
     assert len(lines) == 1 and "Traceback" not in stderr, stderr
-    assert "not recorded: " in lines[0] and "metrics/tags" in lines[0]
+    # the line names the first five unsent records in queue order (checkpoints and their model links may come
+    # first) and counts the rest; the whole list is in the rescue directory, whose unsent metrics are checked below
+    assert "not recorded: " in lines[0] and ("metrics/tags" in lines[0] or "; and " in lines[0]), lines[0]
     [rescue] = (tmp_path / ".cache" / "mnist-pipeline" / "unrecorded").iterdir()
     assert str(rescue) in lines[0]
     assert (rescue / names.BEST_MODEL_FILE).stat().st_size > 0
