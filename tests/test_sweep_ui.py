@@ -46,6 +46,22 @@ class Sweep:
         storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
         self.study = optuna.load_study(study_name=self.parent.data.tags[names.TAG_STUDY_NAME], storage=storage)
 
+    def trials_table(self, directory: Path) -> pd.DataFrame:
+        """The parent's trials table, by trial number."""
+        path = self.client.download_artifacts(self.parent.info.run_id, names.SWEEP_TRIALS_FILE, str(directory))
+        return pd.read_csv(path).set_index("trial")
+
+    def assert_trial_contract(self, number: int, directory: Path, status: str = "FINISHED") -> None:
+        """Trial `number`'s run holds the whole run contract of a training (with the trial's pruning callback)."""
+        rate = self.study.trials[number].params["learning_rate"]
+        config = TrainingConfig.from_values(FIXED | {"learning_rate": str(rate)})
+        mlflow.set_tracking_uri(self.client.tracking_uri)  # the contract loads the model through the fluent API
+        try:
+            assert_run_contract(self.client, self.children[number].info.run_id, config, directory, status=status,
+                                callbacks=CALLBACKS.replace("EpochMetricsLogger", "EpochMetricsLogger,TrialPruning"))
+        finally:
+            mlflow.set_tracking_uri(None)
+
 
 @pytest.fixture(scope="module")
 def sweep(shared_tracking, tmp_path_factory) -> Iterator[Sweep]:
@@ -91,14 +107,7 @@ def test_a_pruned_trial_stops_early_with_its_whole_record(sweep, tmp_path):
     client, parent, trials = sweep.client, sweep.parent, sweep.children
     pruned = trials[PRUNED]
     assert pruned.data.metrics[names.EPOCHS_COMPLETED] == 3
-    config = TrainingConfig.from_values(FIXED | {"learning_rate": "0.00001"})
-    mlflow.set_tracking_uri(client.tracking_uri)  # the contract loads the model through the fluent API
-    try:
-        assert_run_contract(client, pruned.info.run_id, config, tmp_path / "contract",
-                            callbacks=CALLBACKS.replace("EpochMetricsLogger", "EpochMetricsLogger,TrialPruning"),
-                            status="KILLED")
-    finally:
-        mlflow.set_tracking_uri(None)
+    sweep.assert_trial_contract(PRUNED, tmp_path / "contract", status="KILLED")
     for number in (0, 1, 3):
         assert trials[number].data.tags[names.TAG_STOP_REASON] != names.STOP_PRUNED
     tags = parent.data.tags
@@ -108,8 +117,7 @@ def test_a_pruned_trial_stops_early_with_its_whole_record(sweep, tmp_path):
     artifacts = {item.path for item in client.list_artifacts(parent.info.run_id, names.PLOTS_DIR)}
     plots = (names.SWEEP_HISTORY_PLOT, names.SWEEP_IMPORTANCE_PLOT)
     assert artifacts == {f"{names.PLOTS_DIR}/{plot}" for plot in plots}
-    rows = pd.read_csv(client.download_artifacts(parent.info.run_id, names.SWEEP_TRIALS_FILE, str(tmp_path)))
-    rows = rows.set_index("trial")
+    rows = sweep.trials_table(tmp_path)
     assert list(rows["state"]) == ["finished", "finished", "failed", "finished", "pruned"]
     assert rows.loc[PRUNED, names.TAG_STOP_REASON] == names.STOP_PRUNED
     assert rows.loc[PRUNED, names.BEST_VAL_ACCURACY] == pruned.data.metrics[names.BEST_VAL_ACCURACY]
@@ -118,23 +126,17 @@ def test_a_pruned_trial_stops_early_with_its_whole_record(sweep, tmp_path):
 def test_a_failed_trial_keeps_its_reason_and_the_sweep_goes_on_with_whole_records(sweep, tmp_path):
     """The diverging trial is FAILED with the reason in its run and the trials table; the trials after it ran, each
     with the whole run contract; the parent names the best finished trial and keeps the grid as given."""
-    client, parent, trials = sweep.client, sweep.parent, sweep.children
+    parent, trials = sweep.parent, sweep.children
     assert trials[FAILED].info.status == "FAILED"
-    rows = pd.read_csv(client.download_artifacts(parent.info.run_id, names.SWEEP_TRIALS_FILE, str(tmp_path)),
-                       keep_default_na=False).set_index("trial")
+    rows = sweep.trials_table(tmp_path)
+    errors = rows["error"].fillna("")
     for number, run in trials.items():
         assert rows.loc[number, "run_id"] == run.info.run_id
         assert rows.loc[number, "status"] == run.info.status
-        assert (rows.loc[number, "error"] != "") == (run.info.status == "FAILED")
-    assert "training diverged" in rows.loc[FAILED, "error"]
-    assert float(rows.loc[3, names.TEST_ACCURACY]) == trials[3].data.metrics[names.TEST_ACCURACY]
-    config = TrainingConfig.from_values(FIXED | {"learning_rate": "0.005"})
-    mlflow.set_tracking_uri(client.tracking_uri)
-    try:  # the trial after the failure: a full training run
-        assert_run_contract(client, trials[3].info.run_id, config, tmp_path / "contract",
-                            callbacks=CALLBACKS.replace("EpochMetricsLogger", "EpochMetricsLogger,TrialPruning"))
-    finally:
-        mlflow.set_tracking_uri(None)
+        assert (errors[number] != "") == (run.info.status == "FAILED")
+    assert "training diverged" in errors[FAILED]
+    assert rows.loc[3, names.TEST_ACCURACY] == trials[3].data.metrics[names.TEST_ACCURACY]
+    sweep.assert_trial_contract(3, tmp_path / "contract")  # the trial after the failure: a full training run
     finished = [run for run in trials.values() if run.info.status == "FINISHED"]
     best = max(finished, key=lambda run: run.data.metrics[names.TEST_ACCURACY])
     assert parent.info.status == "FINISHED" and parent.info.run_name == "sweep"
