@@ -8,11 +8,14 @@ Logs the default model as the pipeline logs it (`log_model`, SQLite store in a t
 it and points the `champion` alias at it, then starts `python -m mlflow_project serve` (the compose service's
 command: it waits for the champion, then becomes `mlflow models serve` of that version). One client with a
 kept-alive connection (requests.Session) sends --requests one-digit requests, then --batches requests of
-256 digits, as README shows them (`{"inputs": [[784 floats], ...]}`), after 5 warm-up requests each.
+256 digits (real test digits of tests/data/mnist-small.npz, scaled to 0..1), after 5 warm-up requests each, in
+each of the two request formats docs/team-server.md shows: JSON (`{"inputs": [[784 floats], ...]}`) and
+Parquet (a DataFrame of 784 float32 columns, `Content-Type: application/vnd.apache.parquet`).
 The floors, in the same run:
 - in process: the loaded pyfunc model's `predict` and the Keras model's `predict_on_batch`;
 - transport: a FastAPI app under uvicorn (what MLflow's scoring server is) whose `/invocations` parses the
-  same JSON and answers the same shape of zeros: the cost of HTTP and JSON alone.
+  same body (JSON, or Parquet with pandas) into an array and answers the same shape of zeros: the cost of
+  HTTP and the format alone. Percentages are of the JSON floor's digits/s (the issue's yardstick).
 Prints p50/p99 per one-digit request, digits per second at batch 256, and the bytes the server wrote to its
 log per request.
 """
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
 import os
 import platform
@@ -37,7 +41,8 @@ PROJECT_DIR = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT_DIR))
 
 FLOOR_APP = '''
-import json
+import io, json
+import numpy as np, pandas as pd
 from fastapi import FastAPI, Request, Response
 app = FastAPI()
 @app.get("/ping")
@@ -45,9 +50,27 @@ def ping():
     return Response("\\n", media_type="application/json")
 @app.post("/invocations")
 async def invocations(request: Request):
-    rows = json.loads(await request.body())["inputs"]
+    body = await request.body()
+    if request.headers["content-type"] == "application/vnd.apache.parquet":
+        rows = pd.read_parquet(io.BytesIO(body)).to_numpy(np.float32)
+    else:
+        rows = np.array(json.loads(body)["inputs"], np.float32)
     return Response(json.dumps({"predictions": [[0.0] * 10 for _ in rows]}), media_type="application/json")
 '''
+JSON = "application/json"
+PARQUET = "application/vnd.apache.parquet"
+FORMATS = {"JSON": JSON, "Parquet": PARQUET}
+
+
+def request_body(rows, content_type: str) -> bytes:
+    """`rows` as docs/team-server.md sends them in `content_type`."""
+    if content_type == JSON:
+        return json.dumps({"inputs": rows.tolist()}).encode()
+    import pandas as pd
+
+    body = io.BytesIO()
+    pd.DataFrame(rows).rename(columns=str).to_parquet(body)
+    return body.getvalue()
 
 
 def free_port() -> int:
@@ -83,16 +106,17 @@ def server(command: list[str], port: int, log: Path, env: dict[str, str], cwd: P
         process.wait(timeout=60)
 
 
-def time_requests(url: str, rows, requests_count: int, batches: int, log: Path | None) -> dict[str, float]:
+def time_requests(url: str, rows, requests_count: int, batches: int, log: Path | None,
+                  content_type: str) -> dict[str, float]:
     """p50/p99 of one-digit requests, digits/s at batch 256, log bytes per request."""
     import requests
 
     session = requests.Session()
-    one = json.dumps({"inputs": rows[:1].tolist()})
-    batch = json.dumps({"inputs": rows[:256].tolist()})
-    headers = {"Content-Type": "application/json"}
+    one = request_body(rows[:1], content_type)
+    batch = request_body(rows[:256], content_type)
+    headers = {"Content-Type": content_type}
 
-    def post(body: str) -> None:
+    def post(body: bytes) -> None:
         answer = session.post(f"{url}/invocations", data=body, headers=headers, timeout=60)
         answer.raise_for_status()
 
@@ -162,7 +186,8 @@ def main() -> None:
 
         config = TrainingConfig.from_values()
         model = build_model(config.layer_sizes, config.dropout, config.learning_rate, config.steps_per_execution)
-        rows = np.random.default_rng(0).random((256, 784), dtype=np.float32)
+        digits = np.load(PROJECT_DIR / "tests" / "data" / "mnist-small.npz")["x_test"][:256]
+        rows = (digits.reshape(len(digits), -1) / 255).astype(np.float32)
         client = mlflow.MlflowClient()
         with mlflow.start_run() as run, RunRecorder(client, run.info.run_id, scratch / "staging") as recorder:
             log_model(recorder, model, rows[:5], scratch, deadline=float("inf"))
@@ -183,18 +208,22 @@ def main() -> None:
         port = free_port()
         with server([sys.executable, "-m", "uvicorn", "--app-dir", str(scratch), "--host", "127.0.0.1", "--port",
                      str(port), "--no-access-log", "floor:app"], port, scratch / "floor.log", env, scratch) as url:
-            results["transport floor: FastAPI + uvicorn, no model"] = time_requests(
-                url, rows, args.requests, args.batches, None)
+            for name, content_type in FORMATS.items():
+                results[f"transport floor, {name}: FastAPI + uvicorn, no model"] = time_requests(
+                    url, rows, args.requests, args.batches, None, content_type)
         port = free_port()
         log = scratch / "serve.log"
         with server([sys.executable, "-m", "mlflow_project", "serve", "--model-name", "bench-serving",
                      "--port", str(port)], port, log, env, scratch) as url:
-            results["mlflow_project serve (mlflow models serve)"] = time_requests(
-                url, rows, args.requests, args.batches, log)
+            for name, content_type in FORMATS.items():
+                results[f"mlflow_project serve (mlflow models serve), {name}"] = time_requests(
+                    url, rows, args.requests, args.batches, log, content_type)
         if args.url:
-            results[f"running server {args.url}"] = time_requests(args.url, rows, args.requests, args.batches, None)
+            for name, content_type in FORMATS.items():
+                results[f"running server {args.url}, {name}"] = time_requests(
+                    args.url, rows, args.requests, args.batches, None, content_type)
 
-    floor = results["transport floor: FastAPI + uvicorn, no model"]["digits_per_s"]
+    floor = results["transport floor, JSON: FastAPI + uvicorn, no model"]["digits_per_s"]
     print(f"{platform.machine()}, {os.cpu_count()} cores, MLflow {mlflow.__version__}; {args.requests} one-digit "
           f"requests, {args.batches} of 256 digits per variant; one client, kept-alive connection")
     print("| variant | one digit p50 ms | p99 ms | digits/s at 256 | % of transport floor | log bytes/request |")

@@ -43,6 +43,7 @@ def train(experiment_name: str | None, run_id: str | None, **values: str | None)
 
             check_tracking_store(open_sqlite=False)  # in a second or two, not after TensorFlow's import
         import_tensorflow_quietly()
+        from pipeline.tracking.recorder import BEHIND_SECONDS
         from pipeline.tracking.run_owner import HEARTBEAT_TIMEOUT_SECONDS
         from pipeline.training.distribution import PEER_TIMEOUT_SECONDS
         from pipeline.training.run import FLUSH_TIMEOUT_SECONDS, RunLimits, WorkerResult, run_training
@@ -51,6 +52,7 @@ def train(experiment_name: str | None, run_id: str | None, **values: str | None)
             flush_timeout=float(os.environ.get("MNIST_PIPELINE_FLUSH_TIMEOUT", FLUSH_TIMEOUT_SECONDS)),
             peer_timeout=float(os.environ.get("MNIST_PIPELINE_PEER_TIMEOUT", PEER_TIMEOUT_SECONDS)),
             heartbeat_timeout=float(os.environ.get("MNIST_PIPELINE_HEARTBEAT_TIMEOUT", HEARTBEAT_TIMEOUT_SECONDS)),
+            behind_after=float(os.environ.get("MNIST_PIPELINE_BEHIND_SECONDS", BEHIND_SECONDS)),
         )
         result = run_training(config, experiment_name=experiment_name, run_id=run_id, limits=limits)
     if isinstance(result, WorkerResult):

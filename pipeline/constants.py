@@ -107,6 +107,9 @@ TAG_DATASET_DIGEST = "dataset_digest"
 STATE_DIR = "state"
 STATE_FILE = "training_state.npz"
 TAG_RESUMED_FROM_EPOCH = "resumed_from_epoch"
+# Set when the tracking store fell behind a training (or was away) and caught up: the longest a record
+# waited to be sent, in seconds (pipeline.tracking.recorder).
+TAG_RECORDING_MAX_LAG = "recording_max_lag_seconds"
 PREVIOUS_STATE_FILE = "previous_training_state.npz"  # the state of the epoch before, if the newest cannot be read
 TAG_TRAINING_OWNER = "training_owner"  # the training process's heartbeat (pipeline.tracking.run_owner)
 

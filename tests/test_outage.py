@@ -178,15 +178,23 @@ class _SlowProxyHandler(socketserver.BaseRequestHandler):
         upstream.close()
 
 
-def test_no_metric_is_lost_under_a_slow_server(server_store, tmp_path):
+def test_a_server_that_falls_behind_loses_no_metric_and_the_run_says_so(server_store, tmp_path):
+    """Every chunk delayed 0.15 s: a 3 MB state takes seconds to send, far past a 1 s `behind` bound."""
     with _SlowProxy((server_store.host, server_store.port), delay=0.15) as proxy:
         threading.Thread(target=proxy.serve_forever, daemon=True).start()
-        env = server_store.client_environment() | {"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{proxy.server_address[1]}"}
+        env = server_store.client_environment() | {"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{proxy.server_address[1]}",
+                                                   "MNIST_PIPELINE_BEHIND_SECONDS": "1"}
         training = TrainingProcess(env, tmp_path, *_args(epochs="4", batch_size="64"))
         code, stderr = training.finish()
         proxy.shutdown()
     assert code == 0, stderr
-    _assert_every_epoch_once(MlflowClient(server_store.uri), training.run_id, 4)
+    client = MlflowClient(server_store.uri)
+    _assert_every_epoch_once(client, training.run_id, 4)
+    console = "\n".join(training.lines)
+    # each backlog said once as it starts and once as it is sent (the queue may empty between epochs)
+    behind, caught_up = console.count("s behind this training ("), console.count("Tracking store caught up after ")
+    assert behind >= 1 and caught_up == behind, console[-3000:]
+    assert float(client.get_run(training.run_id).data.tags[names.TAG_RECORDING_MAX_LAG]) > 1
 
 
 def test_four_trainings_at_once_and_a_concurrent_register(server_store, tmp_path):

@@ -112,6 +112,7 @@ def test_metrics_tags_and_files_arrive_in_order_and_complete(run, tmp_path):
     local = Path(client.download_artifacts(run_id, "progress/state.json", str(tmp_path / "out")))
     assert json.loads(local.read_text()) == {"step": 24}
     assert not any((tmp_path / "staging").iterdir())  # staged copies are removed once delivered
+    assert names.TAG_RECORDING_MAX_LAG not in client.get_run(run_id).data.tags  # never behind: not said
 
 
 def test_queue_stays_bounded_while_the_store_is_busy(run, held, tmp_path):
@@ -139,6 +140,36 @@ def test_queue_stays_bounded_while_the_store_is_busy(run, held, tmp_path):
     assert [m.step for m in client.get_metric_history(run_id, "loss")] == list(range(200))
     local = Path(client.download_artifacts(run_id, "state/state.json", str(tmp_path / "out")))
     assert json.loads(local.read_text()) == {"epoch": 199}
+
+
+def test_a_store_that_falls_behind_is_said_once_and_the_longest_wait_recorded(run, held, tmp_path, caplog):
+    """The store answers, slower than records come: the first record is held past `behind_after`."""
+    client, run_id = run
+    recorder = RunRecorder(held, run_id, tmp_path / "staging", behind_after=0.2)
+    held.hold()
+    with caplog.at_level(logging.INFO, logger="pipeline.tracking.recorder"):
+        recorder.log_metrics({"loss": 0.0}, step=0)
+        held.wait_started(1)  # in flight, held
+        recorder.log_metrics({"loss": 1.0}, step=1)
+        assert not _lines(caplog, "behind")  # not yet waited long enough
+        time.sleep(0.3)  # the time being measured: the held record ages past behind_after
+        for step in range(2, 6):
+            recorder.log_metrics({"loss": float(step)}, step=step)
+            recorder.log_json({"epoch": step}, "state/state.json")
+        [behind] = _lines(caplog, "behind")  # said once, as the training queues, not per record
+        assert behind.startswith("Tracking store is 0 s behind this training (2 records waiting)"), behind
+        assert not _lines(caplog, "caught up")
+        held.open()
+        recorder.close(timeout=60)
+    [caught_up] = _lines(caplog, "caught up")
+    assert caught_up.startswith("Tracking store caught up after 0 s; a record waited up to 0 s"), caught_up
+    assert recorder.max_lag >= 0.3
+    assert float(client.get_run(run_id).data.tags[names.TAG_RECORDING_MAX_LAG]) == round(recorder.max_lag, 1)
+    assert [m.step for m in client.get_metric_history(run_id, "loss")] == list(range(6))  # all of it, in order
+
+
+def _lines(caplog: pytest.LogCaptureFixture, word: str) -> list[str]:
+    return [record.getMessage() for record in caplog.records if word in record.getMessage()]
 
 
 def test_snapshots_are_taken_when_queued(run, held, tmp_path):

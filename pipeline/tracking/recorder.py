@@ -7,6 +7,11 @@ transient reason (server unreachable, 5xx, a locked SQLite file) is retried, in 
 through; one rejected for good (a 4xx answer) is kept as a failure. `flush()` waits for delivery and
 raises `RecordingError` naming what could not be recorded, so nothing is ever dropped silently.
 
+A store that answers, but more slowly than records are queued, is behind: records wait in order as in
+an outage. Once a record has waited `behind_after` seconds the log says so, once, and when the queue is
+empty again the recorder says it caught up and records how long a record waited at most in the run's
+tag `recording_max_lag_seconds` (also after an outage).
+
 A local disk that cannot take a staged file (full, read-only) is not an outage: delivery stops at
 that record (what came before stays delivered, what comes after is not sent, so an epoch's metrics
 never arrive without its state), and the next call from the training thread, `flush` and `close`
@@ -34,6 +39,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import PERMISSION_DENIED, RESOURCE_DOES_NOT_EXIST, ErrorCode
 from mlflow.tracking import MlflowClient
 
+from pipeline import constants as names
 from pipeline.errors import LocalStorageError, RecordingError, first_line
 from pipeline.tracking.process_group import wait_at_barrier
 from pipeline.tracking.records import Batch, FileRecord, ModelDeletion, ModelMetricsLink, ModelRecord, StagedFile
@@ -52,6 +58,8 @@ logger = logging.getLogger(__name__)
 # that a test can kill the process at that exact moment.
 BARRIER_VARIABLE = "MNIST_PIPELINE_RECORDER_BARRIER"
 BARRIER_SECONDS = 300.0
+# Seconds a record may wait for the store before the recorder says the store is behind the training.
+BEHIND_SECONDS = 30.0
 
 
 class RunRecorder:
@@ -66,6 +74,11 @@ class RunRecorder:
         abandon_timeout: when the `with` block ends with an error, how long to keep delivering.
         rescue_dir: where what is still undelivered then goes (see `export_pending`), so that the
             last good checkpoint is kept whatever the error; None keeps nothing.
+        behind_after: seconds a record may wait before the store counts as behind (see the module).
+
+    Attributes:
+        max_lag: the longest a delivered record waited between being queued and being through, in
+            seconds (what `recording_max_lag_seconds` records).
     """
 
     def __init__(
@@ -76,6 +89,7 @@ class RunRecorder:
         backoff: Backoff = STORE_BACKOFF,
         abandon_timeout: float = 30.0,
         rescue_dir: Path | None = None,
+        behind_after: float = BEHIND_SECONDS,
     ) -> None:
         self.client = client
         self.run_id = run_id
@@ -84,6 +98,9 @@ class RunRecorder:
         self._backoff = backoff
         self.abandon_timeout = abandon_timeout
         self.rescue_dir = rescue_dir
+        self.behind_after = behind_after
+        self.max_lag = 0.0
+        self._behind_since: float | None = None  # when the oldest record of a backlog was queued
         self._local_error: LocalStorageError | None = None
         self._pending: collections.deque[Record] = collections.deque()
         self._metrics: dict[tuple[str, int], Metric] = {}  # (key, step) -> the value queued or found stored
@@ -308,6 +325,7 @@ class RunRecorder:
             if isinstance(tail, Batch) and tail.can_take(len(metrics), len(tags)):
                 tail.metrics.extend(metrics)
                 tail.tags.extend(tags)
+                self._note_if_behind()
                 return
         batch = Batch()
         for item in [*tags, *metrics]:  # tags first: a batch of one call's tags stays whole
@@ -331,6 +349,7 @@ class RunRecorder:
                 if type(pending) is type(record) and pending.replaces == record.replaces:
                     self._pending[index] = record
                     shutil.rmtree(pending.staging_dir, ignore_errors=True)
+                    self._note_if_behind()
                     return
         self._enqueue(record)
 
@@ -339,7 +358,41 @@ class RunRecorder:
             if self._closed:
                 raise RuntimeError("RunRecorder is closed")
             self._pending.append(record)
+            self._note_if_behind()
             self._condition.notify_all()
+
+    def _note_if_behind(self) -> None:
+        """Called as a record is queued, with the condition held: says once that the store is behind
+        when the oldest waiting record has waited longer than `behind_after`."""
+        if self._behind_since is not None or not self._pending:
+            return
+        waited = time.monotonic() - self._pending[0].queued_at
+        if waited > self.behind_after:
+            self._start_backlog(self._pending[0].queued_at, waited)
+
+    def _start_backlog(self, since: float, waited: float) -> None:
+        self._behind_since = since
+        if self._outage_since is None:  # an outage has said so already
+            logger.warning(
+                "Tracking store is %.0f s behind this training (%d records waiting); training goes on, "
+                "records are sent in order as it catches up", waited, len(self._pending),
+            )
+
+    def _note_delivered(self, record: Record) -> None:
+        """Called once `record` left the queue, with the condition held. When a backlog has just been
+        sent, says so and queues the tag recording the longest wait."""
+        lag = time.monotonic() - record.queued_at
+        self.max_lag = max(self.max_lag, lag)
+        if self._behind_since is None and lag > self.behind_after:
+            self._start_backlog(record.queued_at, lag)
+        if self._pending or self._behind_since is None:
+            return
+        logger.info(
+            "Tracking store caught up after %.0f s; a record waited up to %.0f s (tag %s)",
+            time.monotonic() - self._behind_since, self.max_lag, names.TAG_RECORDING_MAX_LAG,
+        )
+        self._behind_since = None
+        self._pending.append(Batch(tags=[RunTag(names.TAG_RECORDING_MAX_LAG, f"{self.max_lag:.1f}")]))
 
     def _deliver_forever(self) -> None:
         """Delivers the head of the queue until it goes through; it leaves the queue only then, so
@@ -381,6 +434,7 @@ class RunRecorder:
             self._note_recovery()  # delivered or rejected: either way the store answered
             with self._condition:
                 self._pending.popleft()
+                self._note_delivered(record)
                 self._delivering = False
                 self._condition.notify_all()
             if isinstance(record, (FileRecord, ModelRecord)):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,7 +12,14 @@ from mlflow.utils.validation import MAX_ENTITIES_PER_BATCH, MAX_METRICS_PER_BATC
 
 
 @dataclasses.dataclass
-class Batch:
+class Queued:
+    """When a record was made, i.e. queued (`time.monotonic()`): how long it waited before delivery."""
+
+    queued_at: float = dataclasses.field(default_factory=time.monotonic, kw_only=True, compare=False)
+
+
+@dataclasses.dataclass
+class Batch(Queued):
     """Metrics and tags that travel in one `log_batch` call, within MLflow's limits for one request."""
 
     metrics: list[Metric] = dataclasses.field(default_factory=list)
@@ -30,7 +38,8 @@ class Batch:
         )
 
     def split(self) -> list[Batch]:
-        return [Batch(metrics=[metric]) for metric in self.metrics] + [Batch(tags=[tag]) for tag in self.tags]
+        return ([Batch(metrics=[metric], queued_at=self.queued_at) for metric in self.metrics]
+                + [Batch(tags=[tag], queued_at=self.queued_at) for tag in self.tags])
 
     def describe(self) -> str:
         names = sorted({m.key for m in self.metrics} | {t.key for t in self.tags})
@@ -51,7 +60,7 @@ class StagedFile:
 
 
 @dataclasses.dataclass
-class FileRecord:
+class FileRecord(Queued):
     """Files uploaded as one unit, in their order, one right after the other (e.g. a checkpoint and
     its description), then `tags` in one `log_batch` call: a tag pointing at the files is written only
     once all of them are stored. A newer unit of the same `slot` (default: the same artifact paths)
@@ -81,7 +90,7 @@ class FileRecord:
 
 
 @dataclasses.dataclass
-class ModelRecord:
+class ModelRecord(Queued):
     """An MLflow model logged as a LoggedModel of the run (a checkpoint): created in the store as
     `name` with `tags`, its directory written by `writer(directory, logged_model)` on the background
     thread, uploaded, finalized READY and made an output of the run at `step`. `model_id` is kept
@@ -114,7 +123,7 @@ class ModelRecord:
 
 
 @dataclasses.dataclass
-class ModelMetricsLink:
+class ModelMetricsLink(Queued):
     """Links the run's metrics `metrics` (as they were queued: same value, step and timestamp) to
     `model`, as MLflow's own `log_model(step=...)` does: the values are logged again with the model's
     id (MLflow keeps one value per key, step and timestamp in the run), from what the client already
@@ -129,7 +138,7 @@ class ModelMetricsLink:
 
 
 @dataclasses.dataclass
-class ModelDeletion:
+class ModelDeletion(Queued):
     """Deletes `model`'s LoggedModel (MLflow's soft delete: `mlflow gc` removes its files), once it
     is created; nothing when it never was."""
 

@@ -40,7 +40,7 @@ from pipeline.callbacks import TrialPruning
 from pipeline.config import TrainingConfig
 from pipeline.errors import TrainingDiverged
 from pipeline.stop_request import raise_if_stop_requested
-from pipeline.tracking.recorder import RunRecorder
+from pipeline.tracking.recorder import BEHIND_SECONDS, RunRecorder
 from pipeline.tracking.resume import (
     ResumePoint,
     RunNotResumable,
@@ -85,12 +85,15 @@ class RunLimits:
         peer_timeout: multi_worker: seconds to wait for the other workers to answer.
         heartbeat_timeout: seconds after its last heartbeat that a run's training process on another
             machine is taken as gone, so that the run may be resumed (`pipeline.tracking.run_owner`).
+        behind_after: seconds a record may wait for the tracking server before the training says the
+            server is behind (`pipeline.tracking.recorder`).
     """
 
     flush_timeout: float = FLUSH_TIMEOUT_SECONDS
     rescue_dir: Path = dataclasses.field(default_factory=default_rescue_dir)
     peer_timeout: float = PEER_TIMEOUT_SECONDS
     heartbeat_timeout: float = HEARTBEAT_TIMEOUT_SECONDS
+    behind_after: float = BEHIND_SECONDS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -261,7 +264,8 @@ def _train_in_run(
     model = _build_model(config, training.distribution)
     log_run_header(client, run_id, _run_params(training, model), training.dataset)
 
-    with RunRecorder(client, run_id, workdir / "staging", rescue_dir=limits.rescue_dir / run_id) as recorder:
+    with RunRecorder(client, run_id, workdir / "staging", rescue_dir=limits.rescue_dir / run_id,
+                     behind_after=limits.behind_after) as recorder:
         state = resume.state if resume else None
         callbacks = build_callbacks(config, workdir, recorder, len(training.splits[0]), state, training.distribution)
         callbacks = dataclasses.replace(callbacks, trial_pruning=training.pruning)
