@@ -46,6 +46,7 @@ from tests.helpers import (
     run_cli,
 )
 from tests.run_contract import assert_run_contract
+from tests.test_server_load import play_load
 
 # One test waits for the images to build on a machine that has not built them yet.
 pytestmark = [pytest.mark.compose, pytest.mark.timeout(1800)]
@@ -437,6 +438,13 @@ def test_the_served_model_follows_the_champion_after_a_restart(stack, host_run, 
     after = invoke(stack.serve_url, _rows())
     np.testing.assert_allclose(after, _champion_predictions(stack, tmp_path), atol=1e-6)
     assert not np.allclose(after, before, atol=1e-3)
+
+
+@pytest.mark.timeout(300)
+def test_eight_trainings_at_once_through_the_proxy_lose_nothing_and_surface_no_error(stack, tmp_path):
+    """bench/server_load.py's eight trainings, with the training account over HTTPS, as a team's sweep
+    records; its experiment is its own (the later tests count the runs of theirs)."""
+    play_load(stack.client(stack.training), stack.uri, stack.client_environment(), tmp_path)
 
 
 def test_down_then_up_keeps_runs_and_users(stack, host_run, container_run):
