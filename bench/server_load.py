@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/server_load.py --trainings 1 4 16 64 --epochs 10 --epoch-seconds 1
     .venv/bin/python bench/server_load.py --tracking-uri https://HOST:PORT --trainings 8   # a running server
+    .venv/bin/python bench/server_load.py --trainings 0 64 --epochs 30 --beside ../shared/data/mnist-10k.npz
 
 Without --tracking-uri the native launcher starts the team server as the compose stack runs it: PostgreSQL
 (a fresh database on 127.0.0.1:5432), artifacts proxied to S3 (moto's server on loopback, in memory), basic
@@ -19,9 +20,16 @@ recorder (which waits for delivery) and ends the run FINISHED.
 
 Per level it reports p50/p99 latency of each kind of request the recorder sent (log_batch, log_artifact),
 requests that raised (the recorder retried them), errors surfaced to a training (a flush that raised),
-the server's CPU seconds and peak memory (native launcher only: its process tree), how late the trainings'
-epochs fell behind their schedule, and then reads every run back: each epoch metric once per epoch, every
-artifact present at the size last queued. Exit 1 when anything was lost or surfaced.
+the server's CPU seconds and peak memory (its process tree: the native launcher's, or --server-pid's), how
+late the trainings' epochs fell behind their schedule, the longest a record waited in a recorder's queue and
+how many trainings fell behind (a record waited longer than the recorder's BEHIND_SECONDS), and then reads
+every run back: each epoch metric once per epoch, every artifact present at the size last queued, the tag
+`recording_max_lag_seconds` on exactly the runs that fell behind. Exit 1 when anything was lost or surfaced.
+
+With --beside DATASET, each level also starts two real trainings (`python -m mlflow_project train`) of
+DATASET as the load starts, at the same time and with the same parameters: one recording to the loaded
+server, one to a local SQLite file. Both share the machine with the load alike, so the ratio of their fit
+times is what recording to a loaded server costs a training (K = 0: the same pair without load).
 """
 
 from __future__ import annotations
@@ -52,7 +60,7 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from pipeline import constants as names  # noqa: E402
 from pipeline.config import TrainingConfig  # noqa: E402
 from pipeline.errors import LocalStorageError, RecordingError  # noqa: E402
-from pipeline.tracking.recorder import RunRecorder, json_text  # noqa: E402
+from pipeline.tracking.recorder import BEHIND_SECONDS, RunRecorder, json_text  # noqa: E402
 
 BUCKET = "mlflow-artifacts"
 
@@ -145,6 +153,7 @@ def train(client: TimedClient, experiment_id: str, payload: dict[str, bytes], ar
             recorder.log_metrics({names.EPOCHS_COMPLETED: epochs}, step=0)
             recorder.set_tags({names.TAG_STOP_REASON: names.STOP_COMPLETED})
             recorder.close()
+        result["max_lag"] = recorder.max_lag
         client.set_terminated(run_id, "FINISHED")
     except (RecordingError, LocalStorageError) as error:
         result["error"] = str(error)
@@ -160,8 +169,6 @@ def client_process(tracking_uri: str, credentials: dict[str, str], experiment_id
     timings: dict[str, list[float]] = {}
     raised: dict[str, int] = {}
     results = [{} for _ in range(trainings)]
-    # As in a training, the process's first MLflow call happens before any other thread runs: it sets MLflow's
-    # telemetry session variable in os.environ, which threads reading os.environ at that moment trip over.
     MlflowClient(tracking_uri).get_experiment(experiment_id)
     with tempfile.TemporaryDirectory(prefix="server-load-") as scratch:
         threads = [
@@ -225,6 +232,9 @@ def check_runs(client: MlflowClient, results: list[dict], epochs: int, sizes: di
             steps = [metric.step for metric in client.get_metric_history(run_id, key)]
             if sorted(steps) != list(range(epochs)):
                 missing.append(f"{run_id}: {key} steps {sorted(steps)}")
+        lag_tag = run.data.tags.get(names.TAG_RECORDING_MAX_LAG)
+        if (lag_tag is not None) != (result.get("max_lag", 0) > BEHIND_SECONDS):
+            missing.append(f"{run_id}: {names.TAG_RECORDING_MAX_LAG} {lag_tag}, longest wait {result.get('max_lag')} s")
         if run.data.tags.get(names.TAG_BEST_EPOCH) != str(epochs - 1):
             missing.append(f"{run_id}: best_epoch {run.data.tags.get(names.TAG_BEST_EPOCH)}")
         if run.data.tags.get(names.TAG_LATEST_CHECKPOINT) != names.checkpoint_file(epochs - 1):
@@ -238,9 +248,31 @@ def check_runs(client: MlflowClient, results: list[dict], epochs: int, sizes: di
     return missing
 
 
+FIT_LINE = "Timing: fit "  # what a training logs at its end: "Timing: fit 12.34 s, after fit 1.23 s"
+
+
+def start_training(dataset: str, epochs: int, tracking_uri: str, cwd: Path) -> subprocess.Popen:
+    """A real training of `dataset` recording to `tracking_uri` (the default model, no early stop)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "mlflow_project", "train", "--dataset", str(Path(dataset).resolve()),
+         "--epochs", str(epochs), "--target-accuracy", "0", "--es-patience", str(epochs), "--seed", "1",
+         "--experiment-name", "beside-load"],
+        cwd=cwd, env=os.environ | {"MLFLOW_TRACKING_URI": tracking_uri, "PYTHONPATH": str(PROJECT_DIR)},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+
+
+def fit_seconds(training: subprocess.Popen) -> float:
+    output, _ = training.communicate(timeout=1800)
+    lines = [line for line in output.splitlines() if FIT_LINE in line]
+    if training.returncode != 0 or not lines:
+        raise RuntimeError(f"the training beside the load failed ({training.returncode}): {output[-2000:]}")
+    return float(lines[-1].split(FIT_LINE)[1].split()[0])
+
+
 def run_level(tracking_uri: str, credentials: dict[str, str], server_pid: int | None, payload: dict[str, Path],
               artifacts: dict[str, str], trainings: int, epochs: int, epoch_seconds: float, per_process: int,
-              experiment_name: str) -> dict:
+              experiment_name: str, beside: tuple[str, int] | None = None) -> dict:
     client = MlflowClient(tracking_uri)
     experiment = client.get_experiment_by_name(experiment_name)
     experiment_id = experiment.experiment_id if experiment else client.create_experiment(experiment_name)
@@ -258,10 +290,13 @@ def run_level(tracking_uri: str, credentials: dict[str, str], server_pid: int | 
             )))
         for process in processes:
             process.start()
+        pair = [start_training(*beside, uri, Path(scratch)) for uri in (tracking_uri, f"sqlite:///{scratch}/beside.db")
+                ] if beside else []
         while any(process.is_alive() for process in processes):
             peak_memory = max(peak_memory, server_usage(server_pid)[1])
             time.sleep(0.5)
         wall = time.perf_counter() - started
+        fits = [fit_seconds(training) for training in pair]
         reports = [json.loads(path.read_text()) for path in outputs if path.exists()]
     cpu_after, _ = server_usage(server_pid)
     results = [result for report in reports for result in report["results"]]
@@ -277,6 +312,7 @@ def run_level(tracking_uri: str, credentials: dict[str, str], server_pid: int | 
     if len(results) < trainings:
         lost.append(f"{trainings - len(results)} trainings reported nothing (client process died)")
     lateness = [value for result in results for value in result.get("lateness", [])]
+    lags = [result["max_lag"] for result in results if "max_lag" in result]
     return {
         "trainings": trainings, "epochs": epochs, "epoch_seconds": epoch_seconds, "wall_seconds": round(wall, 1),
         "requests": {kind: {"count": len(values), "p50_ms": round(1000 * percentile(values, 0.5), 1),
@@ -286,17 +322,21 @@ def run_level(tracking_uri: str, credentials: dict[str, str], server_pid: int | 
         "surfaced": [result["error"] for result in results if "error" in result],
         "lost": lost,
         "epoch_late_p99_s": round(percentile(lateness, 0.99), 2),
+        "record_wait_max_s": round(max(lags, default=float("nan")), 1),
+        "fell_behind": sum(lag > BEHIND_SECONDS for lag in lags),
         "server_cpu_seconds": round(cpu_after - cpu_before, 1) if server_pid else None,
         "server_peak_rss_mb": round(peak_memory) if server_pid else None,
         "bytes_per_epoch": sizes["checkpoint"] + 2 * sizes["state"],
+        **({"fit_to_server_s": fits[0], "fit_to_sqlite_s": fits[1]} if fits else {}),
     }
 
 
 # -- the native team server ------------------------------------------------------------------------
 
 @contextlib.contextmanager
-def native_server(root: Path) -> Iterator[tuple[str, dict[str, str], int]]:
-    """PostgreSQL + moto S3 + docker/start-mlflow-server.sh; yields (uri, credentials, server pid)."""
+def native_server(root: Path, workers: int) -> Iterator[tuple[str, dict[str, str], int]]:
+    """PostgreSQL + moto S3 + docker/start-mlflow-server.sh with `workers` server workers; yields (uri,
+    credentials, server pid)."""
     import psycopg2
     import requests
 
@@ -322,7 +362,9 @@ def native_server(root: Path) -> Iterator[tuple[str, dict[str, str], int]]:
         subprocess.run([sys.executable, str(PROJECT_DIR / "docker" / "create-bucket.py")], check=True,
                        env=os.environ | s3 | {"S3_BUCKET": BUCKET}, capture_output=True, timeout=120)
         uri = f"postgresql+psycopg2://postgres@127.0.0.1:5432/{database}"
-        with TrackingServer(root, uri, artifact_store=ArtifactStore(f"s3://{BUCKET}/", s3)) as server:
+        server = TrackingServer(root, uri, artifact_store=ArtifactStore(f"s3://{BUCKET}/", s3))
+        server.workers = workers
+        with server:
             yield server.uri, server.client_environment(), server.pid
     finally:
         os.killpg(moto.pid, signal.SIGTERM)
@@ -334,8 +376,8 @@ def native_server(root: Path) -> Iterator[tuple[str, dict[str, str], int]]:
 def table(levels: list[dict]) -> str:
     lines = [
         "| K | wall s | log_batch p50 / p99 ms | log_artifact p50 / p99 ms | raised (retried) | surfaced | lost "
-        "| epoch late p99 s | server CPU s | server peak RSS MB |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| epoch late p99 s | record waited max s | fell behind | server CPU s | server peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for level in levels:
         requests_ = level["requests"]
@@ -346,7 +388,8 @@ def table(levels: list[dict]) -> str:
         lines.append(
             f"| {level['trainings']} | {level['wall_seconds']} | {cells[0]} | {cells[1]} "
             f"| {sum(level['raised'].values())} | {len(level['surfaced'])} | {len(level['lost'])} "
-            f"| {level['epoch_late_p99_s']} | {level['server_cpu_seconds']} | {level['server_peak_rss_mb']} |"
+            f"| {level['epoch_late_p99_s']} | {level['record_wait_max_s']} | {level['fell_behind']} "
+            f"| {level['server_cpu_seconds']} | {level['server_peak_rss_mb']} |"
         )
     return "\n".join(lines)
 
@@ -358,35 +401,52 @@ def main() -> int:
     parser.add_argument("--epoch-seconds", type=float, default=1.0, help="one epoch per this many seconds")
     parser.add_argument("--per-process", type=int, default=8, help="trainings per client process")
     parser.add_argument("--tracking-uri", help="a running server (default: start the native team server)")
+    parser.add_argument("--workers", type=int, default=1, help="the native server's worker processes "
+                        "(MLFLOW_WORKERS)")
+    parser.add_argument("--server-pid", type=int, help="with --tracking-uri: the server's process, whose tree's CPU "
+                        "and memory are measured (compose: docker inspect -f '{{.State.Pid}}' CONTAINER)")
     parser.add_argument("--experiment", default="server-load", help="the experiment the trainings record into")
     parser.add_argument("--json", help="also write the levels as JSON here")
+    parser.add_argument("--beside", metavar="DATASET", help="also time two real trainings of DATASET per level")
+    parser.add_argument("--beside-epochs", type=int, default=5)
     args = parser.parse_args()
 
     from pipeline.callbacks.training_backup import PREVIOUS_STATE_ARTIFACT, STATE_ARTIFACT
 
     artifacts = {"state": STATE_ARTIFACT, "previous_state": PREVIOUS_STATE_ARTIFACT}
+    # The client processes run several trainings as threads, where each real training is a process of its own:
+    # MLflow's telemetry writes a session variable into os.environ from its own thread, and a training thread
+    # reading os.environ at that moment fails (KeyError: '_MLFLOW_TELEMETRY_SESSION_ID', seen once at K = 64).
+    # The clients (spawned: they inherit this) therefore run without telemetry, which cannot reach its endpoint
+    # from here anyway.
+    os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
     with tempfile.TemporaryDirectory(prefix="server-load-") as scratch:
         with contextlib.redirect_stdout(io.StringIO()):  # Keras' build messages
             payload = make_payload(Path(scratch))
         with contextlib.ExitStack() as stack:
             if args.tracking_uri:
-                uri, pid = args.tracking_uri, None
+                uri, pid = args.tracking_uri, args.server_pid
                 credentials = {key: os.environ[key] for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
                                if key in os.environ}
             else:
-                uri, credentials, pid = stack.enter_context(native_server(Path(scratch) / "server"))
+                uri, credentials, pid = stack.enter_context(native_server(Path(scratch) / "server", args.workers))
             os.environ.update(credentials)
             levels = []
             for trainings in args.trainings:
                 level = run_level(uri, credentials, pid, payload, artifacts, trainings, args.epochs, args.epoch_seconds,
-                                  args.per_process, args.experiment)
+                                  args.per_process, args.experiment,
+                                  (args.beside, args.beside_epochs) if args.beside else None)
                 levels.append(level)
                 print(json.dumps(level), flush=True)
-    print(f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} cores; server: "
-          f"{'native launcher (PostgreSQL + moto S3)' if not args.tracking_uri else args.tracking_uri}; "
+    server = args.tracking_uri or f"native launcher (PostgreSQL + moto S3), {args.workers} worker(s)"
+    print(f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} cores; server: {server}; "
           f"{args.epochs} epochs at one per {args.epoch_seconds} s; "
           f"{levels[0]['bytes_per_epoch']} bytes queued per epoch and training")
     print(table(levels))
+    for level in levels:
+        if "fit_to_server_s" in level:
+            print(f"K = {level['trainings']}: fit recording to the server {level['fit_to_server_s']} s, to SQLite "
+                  f"{level['fit_to_sqlite_s']} s ({level['fit_to_server_s'] / level['fit_to_sqlite_s']:.2f}x)")
     if args.json:
         Path(args.json).write_text(json.dumps(levels, indent=1) + "\n")
     return 1 if any(level["lost"] or level["surfaced"] for level in levels) else 0

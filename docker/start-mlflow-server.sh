@@ -23,7 +23,9 @@
 #                                   socket that lacks TCP_NODELAY, and every request on a kept-alive
 #                                   connection (all of MLflow's client calls) stalls ~40 ms in Nagle's
 #                                   algorithm (measured here: 44 ms instead of 1 ms per request). One
-#                                   worker serves concurrent clients on its own threads.
+#                                   worker serves concurrent clients on its own threads: it held 128
+#                                   trainings at an epoch a second with nothing lost, and two workers did not
+#                                   lower p99 there (bench/RESULTS.md, "A team's load on one server").
 #   MLFLOW_SERVER_ENABLE_JOB_EXECUTION  optional  false: MLflow's job runner (GenAI judges, scorers, trace
 #                                   archival) is not used by this project and costs ~1.8 GB and 8 processes
 #   MLFLOW_TRAINING_USERNAME        optional  with it, the accounts per job: create-accounts.py (beside this

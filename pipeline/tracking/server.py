@@ -63,7 +63,7 @@ class TrackingServer:
         artifact_store: where artifacts are kept; default: the directory `artifacts` in root.
 
     Attributes:
-        workers: server worker processes (1: see MLFLOW_WORKERS in the start script).
+        workers: server worker processes (1, as compose runs it: see MLFLOW_WORKERS in the start script).
         startup_timeout: seconds to wait for `/health` before giving up.
         script: the start script (the one the compose `mlflow` service runs).
     """
