@@ -29,7 +29,9 @@ every run back: each epoch metric once per epoch, every artifact present at the 
 With --beside DATASET, each level also starts two real trainings (`python -m mlflow_project train`) of
 DATASET as the load starts, at the same time and with the same parameters: one recording to the loaded
 server, one to a local SQLite file. Both share the machine with the load alike, so the ratio of their fit
-times is what recording to a loaded server costs a training (K = 0: the same pair without load).
+times is what recording to a loaded server costs a training (K = 0: the same pair without load). With
+--beside-cpus, the trainings run on those CPUs while the bench, its server and clients run where the bench was
+started (e.g. `taskset -c 0`): a server on cores of its own.
 """
 
 from __future__ import annotations
@@ -251,10 +253,12 @@ def check_runs(client: MlflowClient, results: list[dict], epochs: int, sizes: di
 FIT_LINE = "Timing: fit "  # what a training logs at its end: "Timing: fit 12.34 s, after fit 1.23 s"
 
 
-def start_training(dataset: str, epochs: int, tracking_uri: str, cwd: Path) -> subprocess.Popen:
-    """A real training of `dataset` recording to `tracking_uri` (the default model, no early stop)."""
+def start_training(dataset: str, epochs: int, cpus: str | None, tracking_uri: str, cwd: Path) -> subprocess.Popen:
+    """A real training of `dataset` recording to `tracking_uri` (the default model, no early stop), on
+    the CPUs `cpus` (taskset's list) when given."""
     return subprocess.Popen(
-        [sys.executable, "-m", "mlflow_project", "train", "--dataset", str(Path(dataset).resolve()),
+        [*(["taskset", "-c", cpus] if cpus else []), sys.executable, "-m", "mlflow_project", "train",
+         "--dataset", str(Path(dataset).resolve()),
          "--epochs", str(epochs), "--target-accuracy", "0", "--es-patience", str(epochs), "--seed", "1",
          "--experiment-name", "beside-load"],
         cwd=cwd, env=os.environ | {"MLFLOW_TRACKING_URI": tracking_uri, "PYTHONPATH": str(PROJECT_DIR)},
@@ -272,7 +276,7 @@ def fit_seconds(training: subprocess.Popen) -> float:
 
 def run_level(tracking_uri: str, credentials: dict[str, str], server_pid: int | None, payload: dict[str, Path],
               artifacts: dict[str, str], trainings: int, epochs: int, epoch_seconds: float, per_process: int,
-              experiment_name: str, beside: tuple[str, int] | None = None) -> dict:
+              experiment_name: str, beside: tuple[str, int, str | None] | None = None) -> dict:
     client = MlflowClient(tracking_uri)
     experiment = client.get_experiment_by_name(experiment_name)
     experiment_id = experiment.experiment_id if experiment else client.create_experiment(experiment_name)
@@ -409,6 +413,8 @@ def main() -> int:
     parser.add_argument("--json", help="also write the levels as JSON here")
     parser.add_argument("--beside", metavar="DATASET", help="also time two real trainings of DATASET per level")
     parser.add_argument("--beside-epochs", type=int, default=5)
+    parser.add_argument("--beside-cpus", help="run the two trainings on these CPUs only (taskset -c), e.g. 1 while "
+                        "the bench itself runs under taskset -c 0")
     args = parser.parse_args()
 
     from pipeline.callbacks.training_backup import PREVIOUS_STATE_ARTIFACT, STATE_ARTIFACT
@@ -435,7 +441,7 @@ def main() -> int:
             for trainings in args.trainings:
                 level = run_level(uri, credentials, pid, payload, artifacts, trainings, args.epochs, args.epoch_seconds,
                                   args.per_process, args.experiment,
-                                  (args.beside, args.beside_epochs) if args.beside else None)
+                                  (args.beside, args.beside_epochs, args.beside_cpus) if args.beside else None)
                 levels.append(level)
                 print(json.dumps(level), flush=True)
     server = args.tracking_uri or f"native launcher (PostgreSQL + moto S3), {args.workers} worker(s)"
