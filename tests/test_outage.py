@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import socket
 import socketserver
 import subprocess
@@ -194,6 +195,9 @@ def test_a_server_that_falls_behind_loses_no_metric_and_the_run_says_so(server_s
     # each backlog said once as it starts and once as it is sent (the queue may empty between epochs)
     behind, caught_up = console.count("s behind this training ("), console.count("Tracking store caught up after ")
     assert behind >= 1 and caught_up == behind, console[-3000:]
+    # said as soon as a record had waited the 1 s asked for, not the 30 s default (the slow uploads wait longer)
+    first_wait = int(re.search(r"Tracking store is (\d+) s behind this training", console).group(1))
+    assert first_wait < 30, console[-3000:]
     assert float(client.get_run(training.run_id).data.tags[names.TAG_RECORDING_MAX_LAG]) > 1
 
 
