@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/server_load.py --trainings 1 4 16 64 --epochs 10 --epoch-seconds 1
     .venv/bin/python bench/server_load.py --tracking-uri https://HOST:PORT --trainings 8   # a running server
-    .venv/bin/python bench/server_load.py --trainings 0 64 --epochs 30 --beside ../shared/data/mnist-10k.npz
+    .venv/bin/python bench/server_load.py --trainings 0 16 64 --epochs 40 --beside ../shared/data/fashion-mnist \
+        --beside-epochs 5
 
 Without --tracking-uri the native launcher starts the team server as the compose stack runs it: PostgreSQL
 (a fresh database on 127.0.0.1:5432), artifacts proxied to S3 (moto's server on loopback, in memory), basic
@@ -171,7 +172,6 @@ def client_process(tracking_uri: str, credentials: dict[str, str], experiment_id
     timings: dict[str, list[float]] = {}
     raised: dict[str, int] = {}
     results = [{} for _ in range(trainings)]
-    MlflowClient(tracking_uri).get_experiment(experiment_id)
     with tempfile.TemporaryDirectory(prefix="server-load-") as scratch:
         threads = [
             threading.Thread(target=train, args=(

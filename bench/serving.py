@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import io
-import json
 import os
 import platform
 import signal
@@ -39,6 +37,8 @@ from pathlib import Path
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT_DIR))
+
+from pipeline.experiments.serving import JSON_CONTENT_TYPE, PARQUET_CONTENT_TYPE, request_body  # noqa: E402
 
 FLOOR_APP = '''
 import io, json
@@ -57,20 +57,7 @@ async def invocations(request: Request):
         rows = np.array(json.loads(body)["inputs"], np.float32)
     return Response(json.dumps({"predictions": [[0.0] * 10 for _ in rows]}), media_type="application/json")
 '''
-JSON = "application/json"
-PARQUET = "application/vnd.apache.parquet"
-FORMATS = {"JSON": JSON, "Parquet": PARQUET}
-
-
-def request_body(rows, content_type: str) -> bytes:
-    """`rows` as docs/team-server.md sends them in `content_type`."""
-    if content_type == JSON:
-        return json.dumps({"inputs": rows.tolist()}).encode()
-    import pandas as pd
-
-    body = io.BytesIO()
-    pd.DataFrame(rows).rename(columns=str).to_parquet(body)
-    return body.getvalue()
+FORMATS = {"JSON": JSON_CONTENT_TYPE, "Parquet": PARQUET_CONTENT_TYPE}
 
 
 def free_port() -> int:

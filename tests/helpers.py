@@ -5,7 +5,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import functools
-import io
 import json
 import os
 import queue
@@ -24,7 +23,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
+
+from pipeline.experiments.serving import JSON_CONTENT_TYPE, request_body
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(__file__).resolve().parent / "data"
@@ -230,18 +230,10 @@ def wait_for_ping(base_url: str, timeout: float, failure: Callable[[], str | Non
     pytest.fail(f"{base_url} did not answer /ping within {timeout} s: {failure() or 'still starting'}")
 
 
-PARQUET = "application/vnd.apache.parquet"
-
-
-def invoke(base_url: str, rows: np.ndarray, content_type: str = "application/json") -> np.ndarray:
+def invoke(base_url: str, rows: np.ndarray, content_type: str = JSON_CONTENT_TYPE) -> np.ndarray:
     """The predictions of the model served at `base_url` for `rows` (POST /invocations), sent as
-    docs/team-server.md shows: JSON `{"inputs": ...}`, or a Parquet table of 784 float32 columns."""
-    if content_type == PARQUET:
-        buffer = io.BytesIO()
-        pd.DataFrame(rows).rename(columns=str).to_parquet(buffer)
-        body = buffer.getvalue()
-    else:
-        body = json.dumps({"inputs": rows.tolist()}).encode()
+    docs/team-server.md shows (`pipeline.experiments.serving.request_body`)."""
+    body = request_body(rows, content_type)
     request = urllib.request.Request(f"{base_url}/invocations", body, {"Content-Type": content_type})
     with _LOCAL.open(request, timeout=60) as response:
         return np.array(json.loads(response.read())["predictions"])

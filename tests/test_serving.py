@@ -17,11 +17,11 @@ from mlflow.tracking import MlflowClient
 
 from pipeline import constants as names
 from pipeline.experiments.runs import logged_models_by_run
-from pipeline.experiments.serving import wait_for_champion
+from pipeline.experiments.serving import PARQUET_CONTENT_TYPE, wait_for_champion
 from pipeline.tracking.model_logging import log_model
 from pipeline.tracking.recorder import RunRecorder
 from pipeline.training.model import build_model
-from tests.helpers import PARQUET, free_ports, invoke, project_env, run_cli, wait_for_ping
+from tests.helpers import free_ports, invoke, project_env, run_cli, wait_for_ping
 
 
 def test_waits_while_there_is_no_champion_saying_so_once_then_returns_its_version(sqlite_store, caplog):
@@ -107,7 +107,8 @@ def test_the_scoring_server_writes_no_progress_bar_per_request(sqlite_store, tmp
         wait_for_ping(url, 120, lambda: server.poll() is not None and log.read_text(errors="replace")[-3000:])
         first = invoke(url, rows)  # what a first request may set up once
         before = log.stat().st_size  # what a request writes is written (and flushed) before it is answered
-        predictions = [invoke(url, rows) for _ in range(4)] + [invoke(url, rows, PARQUET)]  # a batch's format
+        # four as JSON, and one in a batch's format
+        predictions = [invoke(url, rows) for _ in range(4)] + [invoke(url, rows, PARQUET_CONTENT_TYPE)]
         grown = log.stat().st_size - before
     finally:
         os.killpg(server.pid, signal.SIGTERM)

@@ -8,6 +8,8 @@ so what answers is always one known version, never a half-reloaded one.
 
 from __future__ import annotations
 
+import io
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -20,6 +22,23 @@ from pipeline.constants import CHAMPION_ALIAS
 from pipeline.experiments.registry import champion_version
 
 _log = logging.getLogger(__name__)
+
+# The two request formats docs/team-server.md shows for `/invocations`: JSON for a digit or a few, Parquet for
+# batches (MLflow's server parses a JSON body twice and copies it; bench/RESULTS.md, "The served champion").
+JSON_CONTENT_TYPE = "application/json"
+PARQUET_CONTENT_TYPE = "application/vnd.apache.parquet"
+
+
+def request_body(rows, content_type: str) -> bytes:
+    """`rows` (float32, one row of 784 pixels per digit) as a `/invocations` body in `content_type`:
+    `{"inputs": [[...], ...]}`, or a Parquet table of 784 float32 columns named "0".."783"."""
+    if content_type == JSON_CONTENT_TYPE:
+        return json.dumps({"inputs": rows.tolist()}).encode()
+    import pandas as pd
+
+    body = io.BytesIO()
+    pd.DataFrame(rows).rename(columns=str).to_parquet(body)
+    return body.getvalue()
 
 
 def champion_alias_uri(model_name: str) -> str:
