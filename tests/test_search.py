@@ -117,6 +117,27 @@ def test_a_metric_the_trials_do_not_all_record_is_refused_before_any_trial(tmp_p
     assert not (tmp_path / "mlflow.db").exists() and not list(tmp_path.glob("*.journal"))  # no parent, no trial
 
 
+@pytest.mark.timeout(240)
+def test_a_trial_the_pruner_would_stop_at_its_last_epoch_finishes(tmp_path):
+    """The median pruner (3 start-up trials, judging from the third epoch) judges 3-epoch trials only at their
+    last epoch: the far too small rate of the fourth grid point loses there, but it trained fully, so it is a
+    finished trial (FINISHED, `trial_state` finished, Optuna COMPLETE with its value: eligible as the best)."""
+    values = {"sampler": "grid", "pruner": "median", "learning_rate": "0.01,0.003,0.005,0.00001", "epochs": "3"}
+    result = _sweep(tmp_path, values, "last-epoch", timeout=200)
+    _, parent, trials = _parent_and_children(tmp_path, "last-epoch")
+    assert "Epoch 3: the pruner would stop this trial at its last epoch; it finishes" in result.stdout
+    last = trials[3]
+    assert last.info.status == "FINISHED" and last.data.tags[names.TAG_TRIAL_STATE] == "finished"
+    assert last.data.metrics[names.EPOCHS_COMPLETED] == 3
+    assert last.data.tags[names.TAG_STOP_REASON] != names.STOP_PRUNED
+    assert (parent.data.tags[names.TAG_FINISHED_TRIALS], parent.data.tags[names.TAG_PRUNED_TRIALS]) == ("4", "0")
+    study = optuna.load_study(study_name=parent.data.tags[names.TAG_STUDY_NAME],
+                              storage=optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(
+                                  str(tmp_path / JOURNAL_FILE))))
+    assert study.trials[3].state.name == "COMPLETE"
+    assert study.trials[3].value == last.data.metrics[names.TEST_ACCURACY]
+
+
 @pytest.fixture
 def study_database() -> str:
     """A PostgreSQL database of its own for Optuna (as a team gives the study next to MLflow's)."""
