@@ -1,11 +1,14 @@
-"""Search against enumeration: a grid of 18 trials vs random vs TPE with median pruning, same budget.
+"""Search against enumeration: a grid of 18 trials vs random vs TPE with pruning, same budget of trials.
 
     .venv/bin/python bench/sweep_search.py --dataset ../shared/data/fashion-mnist --epochs 12 --seeds 1 2 3
+    .venv/bin/python bench/sweep_search.py --dataset ../shared/data/fashion-mnist --epochs 12 \
+        --seeds 1 2 3 4 5 6 --searches grid tpe+budget --keep /tmp/sweeps
     .venv/bin/python bench/sweep_search.py --dataset ../shared/data/fashion-mnist --epochs 12 --workers-timing
 
-Each sweep is the `sweep` command in a fresh process on a SQLite store of its own. The grid is
+Each sweep is the `sweep` command in a fresh process, all on one SQLite store (an experiment each). The grid is
 learning_rate x dropout x hidden_units (3 x 2 x 3); random and TPE search the ranges that hold it
-(learning_rate 1e-4..1e-2 on a log scale, dropout 0..0.5) and the same three architectures. `seed`
+(learning_rate 1e-4..1e-2 on a log scale, dropout 0..0.5) and the same three architectures; TPE prunes
+with the median pruner (`tpe+median`) or the default budget pruner (`tpe+budget`). `seed`
 seeds the sampler and the trials' training alike. Per sweep: the best test accuracy of its finished
 trials, the epochs trained over all trials, and the wall time. `--workers-timing` runs two studies of
 12 trials with workers=1 and then workers=2 and reports their wall times: a 12-point grid without
@@ -35,6 +38,7 @@ SEARCHES = {
     "tpe+median": {"sampler": "tpe", "trials": "18", "pruner": "median", "learning_rate": "1e-4:1e-2:log",
                    "dropout": "0.0:0.5", "hidden_units": ARCHITECTURES},
 }
+SEARCHES["tpe+budget"] = SEARCHES["tpe+median"] | {"pruner": "budget"}  # the default pruner
 WORKERS_TIMING = {
     "grid12": SEARCHES["grid"] | {"hidden_units": "128,64;256"},  # 3 x 2 x 2 points
     "tpe+median": SEARCHES["tpe+median"] | {"trials": "12"},
@@ -75,12 +79,16 @@ def main() -> None:
     parser.add_argument("--epochs", default="12")
     parser.add_argument("--seeds", nargs="+", default=["1", "2", "3"])
     parser.add_argument("--workers-timing", action="store_true")
+    parser.add_argument("--searches", nargs="+", choices=list(SEARCHES), default=list(SEARCHES))
+    parser.add_argument("--keep", type=Path, help="keep each sweep's store and study in this directory (default: "
+                        "a temporary one, deleted)")
     parser.add_argument("--output", type=Path, help="also write the rows as JSON lines here")
     arguments = parser.parse_args()
     fixed = {"dataset": str(Path(arguments.dataset).resolve()), "epochs": arguments.epochs}
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-sweep-") as directory:
-        workdir = Path(directory)
+        workdir = arguments.keep or Path(directory)
+        workdir.mkdir(parents=True, exist_ok=True)
         if arguments.workers_timing:
             for name, search in WORKERS_TIMING.items():
                 for workers in ("1", "2"):
@@ -89,7 +97,8 @@ def main() -> None:
                     print(json.dumps(rows[-1]), flush=True)
         else:
             for seed in arguments.seeds:
-                for name, search in SEARCHES.items():
+                for name in arguments.searches:
+                    search = SEARCHES[name]
                     rows.append(run_sweep(workdir, f"{name}-seed{seed}", fixed | search | {"seed": seed}))
                     print(json.dumps(rows[-1]), flush=True)
     if arguments.output:

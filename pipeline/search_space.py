@@ -37,7 +37,7 @@ SWEEP_GRID_SEPARATORS: dict[str, str] = {
 }
 SWEEP_GRID_PARAMETERS = tuple(SWEEP_GRID_SEPARATORS)
 SAMPLERS = ("grid", "random", "tpe")
-PRUNERS = ("none", "median", "hyperband")
+PRUNERS = ("none", "budget", "median", "hyperband")
 DEFAULT_TRIALS = 20  # random and tpe; a grid runs every combination
 _STUDY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*\Z")
 _TRAINING = {spec.name: spec for spec in TRAINING_PARAMETERS}
@@ -216,7 +216,7 @@ SEARCH_PARAMETERS: tuple[ParameterSpec, ...] = (
     ParameterSpec("trials", str, "", f"empty (a grid: all its combinations; else {DEFAULT_TRIALS}) or an integer >= 1 "
                   "(a grid: at most its size)", "How many trials the study runs in all, over every worker.",
                   lambda v: v == "" or (bool(re.fullmatch(r"\s*[0-9]+\s*", v)) and int(v) >= 1)),
-    ParameterSpec("pruner", str, "", "none, median or hyperband (empty: none for a grid, else median)",
+    ParameterSpec("pruner", str, "", "none, budget, median or hyperband (empty: none for a grid, else budget)",
                   "Stops trials that are clearly losing at an epoch's end, on the per-epoch validation metric.",
                   lambda v: v in ("", *PRUNERS)),
     ParameterSpec("workers", int, 1, "an integer >= 1", "Trial processes on this machine, sharing the study.",

@@ -219,16 +219,15 @@ def test_trial_pruning_warns_once_per_fit_when_its_metric_is_missing(caplog):
 
 
 def test_a_stalled_trial_of_a_sweep_ranked_by_best_val_accuracy_is_pruned(tmp_path):
-    """The sweep's own plan (metric=best_val_accuracy, the default median pruner) and the callbacks as a
-    trial chains them (BestCheckpoint, then TrialPruning on the same logs), with a real Optuna study: a trial
-    whose validation accuracy never beats its first epoch is pruned once the pruner's warm-up is over."""
+    """The sweep's own plan (metric=best_val_accuracy, the median pruner) and the callbacks as a trial chains
+    them (BestCheckpoint, then TrialPruning on the same logs), with a real Optuna study: a trial whose validation
+    accuracy never beats its first epoch is pruned once the pruner's warm-up is over."""
     from pipeline.config import parse_parameters
     from pipeline.experiments.study import SearchPlan
     from pipeline.search_space import SWEEP_PARAMETERS
 
     plan = SearchPlan.from_options(parse_parameters(SWEEP_PARAMETERS, {
-        "learning_rate": "1e-3:1e-2:log", "metric": names.BEST_VAL_ACCURACY}))
-    assert plan.pruner == "median"
+        "learning_rate": "1e-3:1e-2:log", "metric": names.BEST_VAL_ACCURACY, "pruner": "median"}))
     study = optuna.create_study(direction=plan.direction, pruner=plan.make_pruner())
     model = _model()
 

@@ -150,7 +150,7 @@ def _search(name: str) -> Callable[[str], object]:
 SEARCH_RULES: dict[str, Callable[[str], object]] = {
     "sampler": _text_where(lambda v: v in ("", "grid", "random", "tpe")),
     "trials": _text_where(lambda v: v == "" or (re.fullmatch(r"\s*[0-9]+\s*", v) is not None and int(v) >= 1)),
-    "pruner": _text_where(lambda v: v in ("", "none", "median", "hyperband")),
+    "pruner": _text_where(lambda v: v in ("", "none", "budget", "median", "hyperband")),
     "workers": _int_where(lambda v: v >= 1),
     "storage": _text_where(lambda v: True),  # a path or database URL: checked when the study opens
     "study": _text_where(lambda v: v == "" or re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", v) is not None),

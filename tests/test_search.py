@@ -138,6 +138,24 @@ def test_a_trial_the_pruner_would_stop_at_its_last_epoch_finishes(tmp_path):
     assert study.trials[3].value == last.data.metrics[names.TEST_ACCURACY]
 
 
+@pytest.mark.timeout(300)
+def test_the_budget_pruner_holds_a_sweep_to_half_the_epochs_even_when_a_trial_leads(tmp_path):
+    """4 grid points of 4 epochs may train 8 epochs in all. The first point (a far too small rate) trains to its
+    end; the second (a good rate) leads it at the cut (epoch 1), but going on would leave the last two points less
+    than their one epoch each: the budget stops it there, and the other two after their epoch."""
+    values = {"sampler": "grid", "pruner": "budget", "learning_rate": "0.00001,0.01,0.005,0.003", "epochs": "4"}
+    result = _sweep(tmp_path, values, "budget", timeout=260)
+    _, parent, trials = _parent_and_children(tmp_path, "budget")
+    epochs = {number: int(run.data.metrics[names.EPOCHS_COMPLETED]) for number, run in trials.items()}
+    assert epochs == {0: 4, 1: 1, 2: 1, 3: 1}
+    assert trials[1].data.metrics[names.VAL_ACCURACY] > 2 * trials[0].data.metrics[names.VAL_ACCURACY]  # it led
+    for number in (1, 2, 3):
+        run = trials[number]
+        assert run.info.status == "KILLED" and run.data.tags[names.TAG_STOP_REASON] == names.STOP_PRUNED
+        assert f"Trial {number} pruned after epoch 1" in result.stdout
+    assert trials[0].info.status == "FINISHED" and parent.data.tags[names.TAG_BEST_RUN_ID] == trials[0].info.run_id
+
+
 @pytest.fixture
 def study_database() -> str:
     """A PostgreSQL database of its own for Optuna (as a team gives the study next to MLflow's)."""

@@ -1,4 +1,4 @@
-"""TrialPruning: a sweep trial's per-epoch progress to its pruner, and a clean stop when it is losing."""
+"""TrialPruning: a sweep trial's per-epoch progress to its pruner, and a clean stop when the pruner says so."""
 
 from __future__ import annotations
 
@@ -73,7 +73,6 @@ class TrialPruning(keras.callbacks.Callback):
             if epoch + 1 >= (self.params or {}).get("epochs", math.inf):  # nothing left to save: it trained fully
                 logger.info("Epoch %d: the pruner would stop this trial at its last epoch; it finishes", epoch + 1)
                 return
-            logger.info("Epoch %d: pruned (%s=%.4f is losing against the other trials)", epoch + 1,
-                        self.monitor, value)
+            logger.info("Epoch %d: pruned (%s=%.4f; the study's pruner stops it)", epoch + 1, self.monitor, value)
             self.pruned_epoch = epoch
             self.model.stop_training = True

@@ -32,6 +32,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from pipeline import constants as names
 from pipeline.errors import ParameterError
+from pipeline.experiments.pruning import BudgetPruner
 from pipeline.search_space import DEFAULT_TRIALS, Choices, SearchSpace
 
 logger = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ class SearchPlan:
     Args:
         space: the swept dimensions and the fixed training values.
         sampler: grid, random or tpe.
-        pruner: none, median or hyperband.
+        pruner: none, budget, median or hyperband.
         trials: the study's trial budget, over every process.
         seed: the sampler's seed (the trials train with the training seed, the same for all).
         direction: `maximize` or `minimize`, from the ranking mode.
@@ -91,7 +92,7 @@ class SearchPlan:
         trials = int(options["trials"]) if options["trials"] else grid_size or DEFAULT_TRIALS
         if grid_size is not None and trials > grid_size:
             raise ParameterError("trials", options["trials"], f"at most the grid's {grid_size} combinations")
-        pruner = options["pruner"] or ("none" if sampler == "grid" else "median")
+        pruner = options["pruner"] or ("none" if sampler == "grid" else "budget")
         direction = "maximize" if options["mode"] == "max" else "minimize"
         return cls(space, sampler, pruner, trials, options["seed"], direction)
 
@@ -115,7 +116,17 @@ class SearchPlan:
         startup = max(3, min(10, self.trials // 3))
         return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, constant_liar=True)
 
+    @property
+    def max_epochs(self) -> int:
+        """The most epochs a trial trains: the fixed `epochs`, or the largest a swept `epochs` allows."""
+        dimension = self.space.dimensions.get("epochs")
+        if dimension is None:
+            return int(self.space.fixed["epochs"])
+        return int(max(dimension.values) if isinstance(dimension, Choices) else dimension.high)
+
     def make_pruner(self) -> optuna.pruners.BasePruner:
+        if self.pruner == "budget":
+            return BudgetPruner(self.trials, self.max_epochs)
         if self.pruner == "median":
             return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2)
         if self.pruner == "hyperband":

@@ -1,0 +1,69 @@
+"""BudgetPruner: a sweep's pruning sized to its budget of epochs, one early cut, then trials train to their end."""
+
+from __future__ import annotations
+
+import math
+
+import optuna
+from optuna.study import StudyDirection
+from optuna.trial import TrialState
+
+# The share of a full search (every trial trained to its last epoch) that a pruned search trains at most.
+BUDGET_SHARE = 0.5
+
+
+class BudgetPruner(optuna.pruners.BasePruner):
+    """Prunes a study of `trials` trials of at most `epochs` epochs so that it trains at most `share` of their
+    `trials * epochs` epochs, and spends them on the trials that lead early.
+
+    Every trial trains `cut` epochs (a quarter of `epochs`, at least one: earlier, a trial's validation score
+    ranks its final one poorly). There it goes on only if its value ranks among the best `keep` part of the
+    trials that reached that epoch so far, itself included (the first trial always goes on); `keep` is the part
+    of the trials that the budget left after everyone's `cut` epochs can train to the end,
+    `(share * epochs - cut) / (epochs - cut)`: a third for 12 epochs and half. A trial that goes on trains to its
+    end, except that it stops as soon as going on would leave too few epochs to give every trial not yet
+    started its `cut` epochs. Unlike successive halving, nothing is judged after the cut: a trial is not
+    stopped by one noisy epoch once it has shown it leads. The epochs counted are those reported to the study
+    (one per epoch); trials running in other processes count what they reported so far.
+
+    Args:
+        trials: the study's budget of trials.
+        epochs: the most epochs a trial trains.
+        share: the part of `trials * epochs` the study may train.
+
+    Example:
+    ```python
+    study = optuna.create_study(direction="maximize", pruner=BudgetPruner(trials=18, epochs=12))
+    ```
+    """
+
+    def __init__(self, trials: int, epochs: int, share: float = BUDGET_SHARE) -> None:
+        if trials < 1 or epochs < 1 or not 0 < share <= 1:
+            raise ValueError(f"trials and epochs must be >= 1 and 0 < share <= 1 (got {trials}, {epochs}, {share})")
+        self.trials, self.epochs, self.share = trials, epochs, share
+        self.cut = max(1, epochs // 4)
+        self.keep = max(0.0, (share * epochs - self.cut) / (epochs - self.cut)) if epochs > self.cut else 1.0
+
+    @property
+    def budget(self) -> float:
+        """The most epochs the study trains."""
+        return self.share * self.trials * self.epochs
+
+    def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+        step = trial.last_step
+        if step is None or step < self.cut - 1:
+            return False
+        trials = study.get_trials(deepcopy=False)
+        if step == self.cut - 1 and not self._leads(study.direction, trial.intermediate_values[step], step, trials):
+            return True
+        spent = sum(len(other.intermediate_values) for other in trials)
+        started = sum(other.state != TrialState.WAITING for other in trials)  # a grid queues its points up front
+        not_started = max(0, self.trials - started)
+        return spent + (self.epochs - step - 1) + not_started * self.cut > self.budget
+
+    def _leads(self, direction: StudyDirection, value: float, step: int, trials: list) -> bool:
+        sign = 1 if direction == StudyDirection.MAXIMIZE else -1
+        values = sorted((sign * other.intermediate_values[step] for other in trials
+                         if step in other.intermediate_values), reverse=True)
+        places = max(1, math.floor(len(values) * self.keep))
+        return sign * value >= values[places - 1]

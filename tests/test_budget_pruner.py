@@ -1,0 +1,116 @@
+"""BudgetPruner driven the way a sweep drives it: a real Optuna study, each trial reporting its epochs' values in
+turn and asking `should_prune` after each, never stopped at its last epoch (as `TrialPruning` does)."""
+
+from __future__ import annotations
+
+import random
+
+import optuna
+import pytest
+
+from pipeline.experiments.pruning import BudgetPruner
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _study(trials: int = 18, epochs: int = 12, direction: str = "maximize") -> optuna.Study:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna.create_study(direction=direction, pruner=BudgetPruner(trials, epochs))
+
+
+def _play(study: optuna.Study, values: list[float]) -> int:
+    """One trial reporting `values` (one per epoch, all its epochs); the epochs it trained."""
+    trial = study.ask()
+    for epoch, value in enumerate(values):
+        trial.report(value, epoch)
+        if epoch + 1 < len(values) and trial.should_prune():
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            return epoch + 1
+    study.tell(trial, values[-1])
+    return len(values)
+
+
+def _curve(start: float, rise: float = 0.01, epochs: int = 12) -> list[float]:
+    return [start + rise * epoch for epoch in range(epochs)]
+
+
+def test_the_rule_is_sized_by_the_budget():
+    pruner = BudgetPruner(trials=18, epochs=12)
+    assert (pruner.cut, pruner.budget) == (3, 108)
+    assert pruner.keep == pytest.approx(1 / 3)  # (0.5 * 12 - 3) / (12 - 3): what half the epochs can finish
+    assert (BudgetPruner(20, 20).cut, BudgetPruner(20, 2).cut) == (5, 1)
+
+
+def test_the_first_trial_goes_on_and_a_later_one_only_when_it_leads_at_the_cut():
+    study = _study()
+    assert _play(study, _curve(0.80)) == 12
+    assert _play(study, _curve(0.79)) == 3  # behind the only other trial at epoch 3: stopped there
+    assert _play(study, _curve(0.81)) == 12  # ahead of both: trains to its end
+    # 4 trials at the cut: the best max(1, 4 // 3) = 1 goes on; second best is not enough
+    assert _play(study, _curve(0.805)) == 3
+
+
+def test_after_the_cut_only_the_budget_stops_a_trial():
+    """A trial that led at the cut is not judged again: a later fall behind every other trial does not stop it."""
+    study = _study()
+    _play(study, _curve(0.80))
+    falling = _curve(0.85)[:3] + [0.10] * 9
+    assert _play(study, falling) == 12
+
+
+def test_lower_is_better_when_the_study_minimizes():
+    study = _study(direction="minimize")
+    _play(study, _curve(0.50, rise=-0.01))
+    assert _play(study, _curve(0.60, rise=-0.01)) == 3  # a higher loss at the cut
+    assert _play(study, _curve(0.40, rise=-0.01)) == 12
+
+
+def test_a_study_never_trains_more_than_its_budget_and_every_trial_reaches_the_cut():
+    """Each trial leads everything before it, so the cut stops none: the budget alone must hold the study to half
+    of 18 x 12 epochs, while keeping for every trial not yet started its 3 epochs up to the cut."""
+    study = _study()
+    trained = [_play(study, _curve(0.50 + 0.02 * number)) for number in range(18)]
+    assert sum(trained) <= 108
+    assert min(trained) >= 3
+    assert trained[0] == 12 and sum(epochs == 12 for epochs in trained) >= 5  # the budget went to whole trials
+
+
+def test_in_any_order_the_budget_holds():
+    generator = random.Random(7)
+    for _ in range(20):
+        study = _study()
+        trained = [_play(study, _curve(generator.uniform(0.7, 0.9), generator.uniform(0.0, 0.02)))
+                   for _ in range(18)]
+        assert sum(trained) <= 108 and min(trained) >= 3, trained
+
+
+@pytest.mark.parametrize(("trials", "epochs", "share"), [(0, 12, 0.5), (18, 0, 0.5), (18, 12, 0.0), (18, 12, 1.5)])
+def test_a_budget_that_cannot_be_is_refused(trials, epochs, share):
+    with pytest.raises(ValueError, match="trials and epochs must be >= 1 and 0 < share <= 1"):
+        BudgetPruner(trials, epochs, share)
+
+
+def test_a_search_prunes_with_it_unless_told_otherwise():
+    from pipeline.config import parse_parameters
+    from pipeline.experiments.study import SearchPlan
+    from pipeline.search_space import SWEEP_PARAMETERS
+
+    def plan(values: dict[str, str]) -> SearchPlan:
+        return SearchPlan.from_options(parse_parameters(SWEEP_PARAMETERS, values))
+
+    searched = plan({"learning_rate": "1e-4:1e-2:log", "epochs": "12", "trials": "18"})
+    assert (searched.sampler, searched.pruner) == ("tpe", "budget")
+    pruner = searched.make_pruner()
+    assert isinstance(pruner, BudgetPruner) and (pruner.trials, pruner.epochs) == (18, 12)
+    assert plan({"learning_rate": "1e-4:1e-2:log", "epochs": "4:30"}).make_pruner().epochs == 30  # the most
+    assert plan({"learning_rate": "1e-4:1e-2:log", "epochs": "5,10"}).make_pruner().epochs == 10
+    assert plan({"learning_rate": "0.001,0.01"}).pruner == "none"  # a grid trains every point fully
+
+
+def test_points_queued_up_front_are_not_trials_started():
+    """A grid queues every point in the study before the first trial: they still need their epochs to the cut."""
+    study = _study(trials=4, epochs=4)
+    for rate in (0.00001, 0.01, 0.005, 0.003):
+        study.enqueue_trial({"learning_rate": rate})
+    assert _play(study, _curve(0.10, epochs=4)) == 4
+    assert _play(study, _curve(0.80, epochs=4)) == 1  # leads, but 4 more epochs would leave 2 points none
