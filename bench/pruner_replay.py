@@ -7,9 +7,9 @@
 A grid sweep trains every point fully, so its runs hold each point's whole `val_accuracy` curve and its
 final `test_accuracy`. This script feeds those curves to pruners (Optuna's, and the sweep's BudgetPruner),
 epoch by epoch, exactly as `TrialPruning` does in a sweep (`trial.report(val_accuracy, epoch)`, then
-`should_prune()`; never at the last epoch), with the trials in many random orders. Per rule and seed it reports how often the best
-finished trial is within `--within` points of the grid's best test accuracy, and the epochs spent as a
-share of the grid's. A random order stands in for the sampler: what a rule does with trials as they come.
+`should_prune()`; never at the last epoch), with the trials in many random orders. Per rule and seed it
+reports how often the best finished trial is within `--within` points of the grid's best test accuracy,
+and the epochs spent as a share of the grid's. A random order stands in for the sampler: what a rule does with trials as they come.
 Nothing is trained: 100 orders of 18 trials per rule and seed take about two minutes for four seeds.
 """
 
