@@ -9,8 +9,9 @@ final `test_accuracy`. This script feeds those curves to pruners (Optuna's, and 
 epoch by epoch, exactly as `TrialPruning` does in a sweep (`trial.report(val_accuracy, epoch)`, then
 `should_prune()`; never at the last epoch), with the trials in many random orders. Per rule and seed it
 reports how often the best finished trial is within `--within` points of the grid's best test accuracy,
-and the epochs spent as a share of the grid's. A random order stands in for the sampler: what a rule does with trials as they come.
-Nothing is trained: 100 orders of 18 trials per rule and seed take about two minutes for four seeds.
+and the epochs spent as a share of the grid's. A random order stands in for the sampler: what a rule does
+with trials as they come. Nothing is trained: 100 orders of 18 trials per rule and seed take about two
+minutes for four seeds.
 """
 
 from __future__ import annotations
