@@ -75,23 +75,15 @@ def replay(curves: list[Curve], order: list[int], pruner: optuna.pruners.BasePru
 
 
 def _budget(cut: int, share: float = 0.5) -> Callable[[int, int], optuna.pruners.BasePruner]:
-    def make(trials: int, epochs: int) -> BudgetPruner:
-        pruner = BudgetPruner(trials, epochs, share)
-        pruner.cut = cut
-        pruner.keep = (share * epochs - cut) / (epochs - cut)
-        return pruner
-    return make
+    return lambda trials, epochs: BudgetPruner(trials, epochs, share, cut)
 
 
 class _RoundingUp(BudgetPruner):
     """The budget rule keeping ceil(n * keep) trials at the cut rather than floor (at least one): more of the
     first few trials go on."""
 
-    def _leads(self, direction, value, step, trials):
-        sign = 1 if direction == optuna.study.StudyDirection.MAXIMIZE else -1
-        values = sorted((sign * other.intermediate_values[step] for other in trials
-                         if step in other.intermediate_values), reverse=True)
-        return sign * value >= values[max(1, math.ceil(len(values) * self.keep)) - 1]
+    def _places(self, reached: int) -> int:
+        return max(1, math.ceil(reached * self.keep))
 
 
 def _median(startup: int, warm_up: int, interval: int = 1) -> Callable[[int, int], optuna.pruners.BasePruner]:

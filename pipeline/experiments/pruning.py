@@ -30,6 +30,7 @@ class BudgetPruner(optuna.pruners.BasePruner):
         trials: the study's budget of trials.
         epochs: the most epochs a trial trains.
         share: the part of `trials * epochs` the study may train.
+        cut: the epoch of the cut (default: a quarter of `epochs`).
 
     Example:
     ```python
@@ -37,11 +38,11 @@ class BudgetPruner(optuna.pruners.BasePruner):
     ```
     """
 
-    def __init__(self, trials: int, epochs: int, share: float = BUDGET_SHARE) -> None:
+    def __init__(self, trials: int, epochs: int, share: float = BUDGET_SHARE, cut: int | None = None) -> None:
         if trials < 1 or epochs < 1 or not 0 < share <= 1:
             raise ValueError(f"trials and epochs must be >= 1 and 0 < share <= 1 (got {trials}, {epochs}, {share})")
         self.trials, self.epochs, self.share = trials, epochs, share
-        self.cut = max(1, epochs // 4)
+        self.cut = cut or max(1, epochs // 4)
         self.keep = max(0.0, (share * epochs - self.cut) / (epochs - self.cut)) if epochs > self.cut else 1.0
 
     @property
@@ -65,5 +66,8 @@ class BudgetPruner(optuna.pruners.BasePruner):
         sign = 1 if direction == StudyDirection.MAXIMIZE else -1
         values = sorted((sign * other.intermediate_values[step] for other in trials
                          if step in other.intermediate_values), reverse=True)
-        places = max(1, math.floor(len(values) * self.keep))
-        return sign * value >= values[places - 1]
+        return sign * value >= values[self._places(len(values)) - 1]
+
+    def _places(self, reached: int) -> int:
+        """How many of the `reached` trials at the cut go on (at least the best)."""
+        return max(1, math.floor(reached * self.keep))
