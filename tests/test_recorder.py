@@ -304,7 +304,7 @@ def test_a_new_bests_metrics_are_linked_from_the_values_queued_without_reading_t
             _new_best(checkpoint, epoch)
         queued[epoch] = {names.LOSS: 1 / (epoch + 1), names.VAL_ACCURACY: 0.5 + epoch / 100, names.VAL_LOSS: 2 - epoch}
         recorder.log_metrics(queued[epoch], step=epoch)
-        assert recorder.wait_until_delivered(60)  # a waiting best would be replaced by the next one, never sent
+        assert recorder.wait_until_delivered(60)  # each epoch delivered before the next
     checkpoint.on_train_end()
     recorder.close(timeout=60)
     assert held.history_reads == 0
@@ -318,9 +318,29 @@ def test_a_new_bests_metrics_are_linked_from_the_values_queued_without_reading_t
         assert [m.step for m in client.get_metric_history(run_id, key)] == [0, 1, 2, 3], key
 
 
-def test_a_newer_checkpoint_replaces_a_waiting_one_as_a_whole(run, held, tmp_path):
+def test_a_store_that_keeps_up_gets_every_best_checkpoint(run, held, tmp_path):
+    """The store holds the first record while five new bests are queued, within `behind_after`: it is
+    slower than the epochs but not behind, so no best is replaced; each is stored under its own epoch."""
     client, run_id = run
-    recorder = RunRecorder(held, run_id, tmp_path / "staging")
+    recorder = RunRecorder(held, run_id, tmp_path / "staging")  # behind after 30 s
+    checkpoint = _checkpoint(tmp_path, recorder)
+    held.hold()
+    recorder.log_metrics({"loss": 0.5}, step=0)
+    held.wait_started(1)
+    for epoch in range(1, 6):
+        _new_best(checkpoint, epoch)
+    assert len(recorder.pending) == 1 + 2 * 5, recorder.pending  # the metrics, then each best's files and model
+    held.open()
+    recorder.close(timeout=60)
+    stored = {item.path for item in client.list_artifacts(run_id, names.CHECKPOINT_DIR)}
+    assert stored == {names.checkpoint_dir(epoch) for epoch in range(1, 6)}
+    assert sorted(output.step for output in client.get_run(run_id).outputs.model_outputs) == [1, 2, 3, 4, 5]
+    assert client.get_run(run_id).data.tags[names.TAG_BEST_EPOCH] == "5"
+
+
+def test_a_newer_checkpoint_replaces_a_waiting_one_as_a_whole_when_the_store_is_behind(run, held, tmp_path):
+    client, run_id = run
+    recorder = RunRecorder(held, run_id, tmp_path / "staging", behind_after=0)  # any wait is behind
     checkpoint = _checkpoint(tmp_path, recorder)
     held.hold()
     recorder.log_metrics({"loss": 0.5}, step=0)

@@ -8,9 +8,10 @@ through; one rejected for good (a 4xx answer) is kept as a failure. `flush()` wa
 raises `RecordingError` naming what could not be recorded, so nothing is ever dropped silently.
 
 A store that answers, but more slowly than records are queued, is behind: records wait in order as in
-an outage. Once a record has waited `behind_after` seconds the log says so, once, and when the queue is
-empty again the recorder says it caught up and records how long a record waited at most in the run's
-tag `recording_max_lag_seconds` (also after an outage).
+an outage, and a newer best checkpoint replaces one still waiting (`log_together`'s and `log_model`'s
+slot), which a store that keeps up gets. Once a record has waited `behind_after` seconds the log says
+so, once, and when the queue is empty again the recorder says it caught up and records how long a
+record waited at most in the run's tag `recording_max_lag_seconds` (also after an outage).
 
 A local disk that cannot take a staged file (full, read-only) is not an outage: delivery stops at
 that record (what came before stays delivered, what comes after is not sent, so an epoch's metrics
@@ -101,6 +102,7 @@ class RunRecorder:
         self.behind_after = behind_after
         self.max_lag = 0.0
         self._behind_since: float | None = None  # when the oldest record of a backlog was queued
+        self._lag_report: Batch | None = None  # the tag saying a backlog's longest wait, queued as it ends
         self._local_error: LocalStorageError | None = None
         self._pending: collections.deque[Record] = collections.deque()
         self._metrics: dict[tuple[str, int], Metric] = {}  # (key, step) -> the value queued or found stored
@@ -159,9 +161,9 @@ class RunRecorder:
     ) -> None:
         """Queues files that must always describe the same thing (a checkpoint and its description):
         uploaded into `artifact_dir` in this order, one right after the other, then `tags` in one
-        call (a pointer to the files moves only once they are all stored). A newer set with the same
-        `slot` (default: the same artifact paths) replaces a waiting one as a whole. The bytes are
-        written to disk on the background thread."""
+        call (a pointer to the files moves only once they are all stored). A newer set of the same
+        paths replaces a waiting one as a whole, and so does one of the same `slot` while the store is
+        behind (`_enqueue_file`). The bytes are written to disk on the background thread."""
         self._check_local_disk()
         directory = self._stage_dir()
         self._enqueue_file(FileRecord(
@@ -338,18 +340,22 @@ class RunRecorder:
 
     def _enqueue_file(self, record: FileRecord | ModelRecord) -> None:
         """Queues files. A newer version of files still waiting in the queue (the same artifact
-        paths, or the same slot) replaces the old ones in their place, as a whole, with their tags:
-        the queue stays bounded during an outage (one entry per artifact path or slot, however many
+        paths) replaces the old ones in their place, as a whole, with their tags; while the store is
+        behind or unreachable, so does a record of the same slot (the next best checkpoint replaces
+        a waiting one): the queue stays bounded (one entry per artifact path or slot, however many
         epochs pass), what arrives is always the latest version, and files queued together are never
-        separated. The entry being sent is never replaced: the newer version goes after it."""
+        separated. A store that keeps up gets every best. The entry being sent is never replaced: the
+        newer version goes after it."""
         with self._condition:
+            self._note_if_behind()
+            behind = self._behind_since is not None or self._outage_since is not None
             for index, pending in enumerate(self._pending):
                 if index == 0 and self._delivering:
                     continue  # being sent: the newer version goes after it
-                if type(pending) is type(record) and pending.replaces == record.replaces:
+                if type(pending) is type(record) and (
+                        pending.version_of == record.version_of or behind and pending.replaces == record.replaces):
                     self._pending[index] = record
                     shutil.rmtree(pending.staging_dir, ignore_errors=True)
-                    self._note_if_behind()
                     return
         self._enqueue(record)
 
@@ -383,8 +389,8 @@ class RunRecorder:
         sent, says so and queues the tag recording the longest wait."""
         lag = time.monotonic() - record.queued_at
         self.max_lag = max(self.max_lag, lag)
-        if self._behind_since is None and lag > self.behind_after:
-            self._start_backlog(record.queued_at, lag)
+        if self._behind_since is None and lag > self.behind_after and record is not self._lag_report:
+            self._start_backlog(record.queued_at, lag)  # (the report of the last backlog starts none)
         if self._pending or self._behind_since is None:
             return
         logger.info(
@@ -392,7 +398,8 @@ class RunRecorder:
             time.monotonic() - self._behind_since, self.max_lag, names.TAG_RECORDING_MAX_LAG,
         )
         self._behind_since = None
-        self._pending.append(Batch(tags=[RunTag(names.TAG_RECORDING_MAX_LAG, f"{self.max_lag:.1f}")]))
+        self._lag_report = Batch(tags=[RunTag(names.TAG_RECORDING_MAX_LAG, f"{self.max_lag:.1f}")])
+        self._pending.append(self._lag_report)
 
     def _deliver_forever(self) -> None:
         """Delivers the head of the queue until it goes through; it leaves the queue only then, so

@@ -63,8 +63,9 @@ class StagedFile:
 class FileRecord(Queued):
     """Files uploaded as one unit, in their order, one right after the other (e.g. a checkpoint and
     its description), then `tags` in one `log_batch` call: a tag pointing at the files is written only
-    once all of them are stored. A newer unit of the same `slot` (default: the same artifact paths)
-    replaces a waiting one as a whole, never one of its files. All are staged in one directory of
+    once all of them are stored. A newer unit of the same artifact paths replaces a waiting one as a
+    whole, never one of its files; one of the same `slot` and other paths (the next best checkpoint)
+    does only while the store is behind (see `RunRecorder`). All are staged in one directory of
     their own."""
 
     files: list[StagedFile]
@@ -77,8 +78,13 @@ class FileRecord(Queued):
 
     @property
     def replaces(self) -> str | tuple[str, ...]:
-        """What a newer unit must share with a waiting one to replace it."""
+        """What a newer unit must share with a waiting one to replace it while the store is behind."""
         return self.slot if self.slot is not None else self.artifact_paths
+
+    @property
+    def version_of(self) -> tuple[str, ...]:
+        """What a newer unit must share with a waiting one to replace it at any time: its newer version."""
+        return self.artifact_paths
 
     @property
     def staging_dir(self) -> Path:
@@ -95,7 +101,8 @@ class ModelRecord(Queued):
     `name` with `tags`, its directory written by `writer(directory, logged_model)` on the background
     thread, uploaded, finalized READY and made an output of the run at `step`. `model_id` is kept
     once the store has created it, so that a retry reuses it and a later `ModelMetricsLink` can name
-    it. A newer record of the same `slot` replaces a waiting one. With `reuse_existing`, a READY model
+    it. A newer record of the same `slot` replaces a waiting one while the store is behind (see
+    `RunRecorder`), and one of the same step at any time. With `reuse_existing`, a READY model
     of this name and step that the run already has is taken instead (a resumed training's restored best);
     with `copy_run_params`, the run's params are the model's."""
 
@@ -113,6 +120,10 @@ class ModelRecord(Queued):
     @property
     def replaces(self) -> str:
         return self.slot
+
+    @property
+    def version_of(self) -> tuple[str, int]:
+        return self.slot, self.step
 
     @property
     def staging_dir(self) -> Path:
