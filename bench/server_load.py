@@ -16,7 +16,7 @@ not one Python interpreter's GIL). A training creates its run with the pipeline'
 and a resumable state of the default model, made once with Keras): the epoch's metrics, the best checkpoint
 and its description in the epoch's directory, then the tags pointing at it (on every epoch: worst case, a new
 best each time; the LoggedModel a training also makes of each best is left out: it needs Keras), the
-previous and the newest state; at the end `epochs_completed` and the stop reason, then it closes the
+state in its epoch's slot; at the end `epochs_completed` and the stop reason, then it closes the
 recorder (which waits for delivery) and ends the run FINISHED.
 
 Per level it reports p50/p99 latency of each kind of request the recorder sent (log_batch, log_artifact),
@@ -90,7 +90,7 @@ def make_payload(directory: Path) -> dict[str, Path]:
         early_stopping_weights=model.get_weights(), best_checkpoint=checkpoint.read_bytes(),
         record={}, csv_log="epoch,loss\n0,1.0\n",
     )
-    state_path = directory / names.STATE_FILE
+    state_path = directory / "training_state.npz"
     state.save(state_path)
     return {"checkpoint": checkpoint, "state": state_path}
 
@@ -122,7 +122,7 @@ class TimedClient(MlflowClient):
         return self._timed("log_artifact", super().log_artifact, *args, **kwargs)
 
 
-def train(client: TimedClient, experiment_id: str, payload: dict[str, bytes], artifacts: dict[str, str],
+def train(client: TimedClient, experiment_id: str, payload: dict[str, bytes],
           epochs: int, epoch_seconds: float, staging: Path, result: dict) -> None:
     """One simulated training; fills `result` (run id, lateness, the error surfaced if any)."""
     lateness = result["lateness"] = []
@@ -149,9 +149,7 @@ def train(client: TimedClient, experiment_id: str, payload: dict[str, bytes], ar
                     tags={names.TAG_BEST_EPOCH: epoch, names.TAG_LATEST_CHECKPOINT: names.checkpoint_file(epoch)},
                     slot=names.CHECKPOINT_DIR,
                 )
-                if epoch:
-                    recorder.log_written(lambda path: path.write_bytes(payload["state"]), artifacts["previous_state"])
-                recorder.log_written(lambda path: path.write_bytes(payload["state"]), artifacts["state"])
+                recorder.log_written(lambda path: path.write_bytes(payload["state"]), names.state_artifact(epoch))
                 recorder.log_metrics({key: 0.5 + epoch / 1000 for key in names.EPOCH_METRICS}, step=epoch)
             recorder.log_metrics({names.EPOCHS_COMPLETED: epochs}, step=0)
             recorder.set_tags({names.TAG_STOP_REASON: names.STOP_COMPLETED})
@@ -164,9 +162,9 @@ def train(client: TimedClient, experiment_id: str, payload: dict[str, bytes], ar
 
 
 def client_process(tracking_uri: str, credentials: dict[str, str], experiment_id: str, payload_paths: dict[str, str],
-                   artifacts: dict[str, str], trainings: int, epochs: int, epoch_seconds: float, output: str) -> None:
+                   trainings: int, epochs: int, epoch_seconds: float, output: str) -> None:
     """A client process: `trainings` threads; writes their results and timings as JSON to `output`.
-    It imports neither Keras nor TensorFlow (the state's artifact paths come in `artifacts`)."""
+    It imports neither Keras nor TensorFlow."""
     os.environ.update(credentials)
     payload = {key: Path(path).read_bytes() for key, path in payload_paths.items()}
     timings: dict[str, list[float]] = {}
@@ -175,7 +173,7 @@ def client_process(tracking_uri: str, credentials: dict[str, str], experiment_id
     with tempfile.TemporaryDirectory(prefix="server-load-") as scratch:
         threads = [
             threading.Thread(target=train, args=(
-                TimedClient(tracking_uri, timings, raised), experiment_id, payload, artifacts, epochs, epoch_seconds,
+                TimedClient(tracking_uri, timings, raised), experiment_id, payload, epochs, epoch_seconds,
                 Path(scratch) / str(index), results[index],
             ))
             for index in range(trainings)
@@ -213,14 +211,12 @@ def server_usage(pid: int | None) -> tuple[float, float]:
     return cpu, memory
 
 
-def check_runs(client: MlflowClient, results: list[dict], epochs: int, sizes: dict[str, int],
-               artifacts: dict[str, str]) -> list[str]:
+def check_runs(client: MlflowClient, results: list[dict], epochs: int, sizes: dict[str, int]) -> list[str]:
     """What the store lacks: every epoch metric once per epoch, every artifact at its size."""
     missing = []
     expected_files = {
         names.checkpoint_file(epochs - 1): sizes["checkpoint"],
-        artifacts["state"]: sizes["state"],
-        **({artifacts["previous_state"]: sizes["state"]} if epochs > 1 else {}),
+        **{names.state_artifact(epoch): sizes["state"] for epoch in range(max(0, epochs - 2), epochs)},
     }
     for result in results:
         run_id = result.get("run_id")
@@ -275,7 +271,7 @@ def fit_seconds(training: subprocess.Popen) -> float:
 
 
 def run_level(tracking_uri: str, credentials: dict[str, str], server_pid: int | None, payload: dict[str, Path],
-              artifacts: dict[str, str], trainings: int, epochs: int, epoch_seconds: float, per_process: int,
+              trainings: int, epochs: int, epoch_seconds: float, per_process: int,
               experiment_name: str, beside: tuple[str, int, str | None] | None = None) -> dict:
     client = MlflowClient(tracking_uri)
     experiment = client.get_experiment_by_name(experiment_name)
@@ -289,7 +285,7 @@ def run_level(tracking_uri: str, credentials: dict[str, str], server_pid: int | 
         for index, first in enumerate(range(0, trainings, per_process)):
             outputs.append(Path(scratch) / f"client-{index}.json")
             processes.append(context.Process(target=client_process, args=(
-                tracking_uri, credentials, experiment_id, {key: str(path) for key, path in payload.items()}, artifacts,
+                tracking_uri, credentials, experiment_id, {key: str(path) for key, path in payload.items()},
                 min(per_process, trainings - first), epochs, epoch_seconds, str(outputs[-1]),
             )))
         for process in processes:
@@ -312,7 +308,7 @@ def run_level(tracking_uri: str, credentials: dict[str, str], server_pid: int | 
         for kind, count in report["raised"].items():
             raised[kind] = raised.get(kind, 0) + count
     sizes = {key: path.stat().st_size for key, path in payload.items()}
-    lost = check_runs(client, results, epochs, sizes, artifacts)
+    lost = check_runs(client, results, epochs, sizes)
     if len(results) < trainings:
         lost.append(f"{trainings - len(results)} trainings reported nothing (client process died)")
     lateness = [value for result in results for value in result.get("lateness", [])]
@@ -330,7 +326,7 @@ def run_level(tracking_uri: str, credentials: dict[str, str], server_pid: int | 
         "fell_behind": sum(lag > BEHIND_SECONDS for lag in lags),
         "server_cpu_seconds": round(cpu_after - cpu_before, 1) if server_pid else None,
         "server_peak_rss_mb": round(peak_memory) if server_pid else None,
-        "bytes_per_epoch": sizes["checkpoint"] + 2 * sizes["state"],
+        "bytes_per_epoch": sizes["checkpoint"] + sizes["state"],
         **({"fit_to_server_s": fits[0], "fit_to_sqlite_s": fits[1]} if fits else {}),
     }
 
@@ -417,9 +413,6 @@ def main() -> int:
                         "the bench itself runs under taskset -c 0")
     args = parser.parse_args()
 
-    from pipeline.callbacks.training_backup import PREVIOUS_STATE_ARTIFACT, STATE_ARTIFACT
-
-    artifacts = {"state": STATE_ARTIFACT, "previous_state": PREVIOUS_STATE_ARTIFACT}
     # The client processes run several trainings as threads, where each real training is a process of its own:
     # MLflow's telemetry writes a session variable into os.environ from its own thread, and a training thread
     # reading os.environ at that moment fails (KeyError: '_MLFLOW_TELEMETRY_SESSION_ID', seen once at K = 64).
@@ -439,7 +432,7 @@ def main() -> int:
             os.environ.update(credentials)
             levels = []
             for trainings in args.trainings:
-                level = run_level(uri, credentials, pid, payload, artifacts, trainings, args.epochs, args.epoch_seconds,
+                level = run_level(uri, credentials, pid, payload, trainings, args.epochs, args.epoch_seconds,
                                   args.per_process, args.experiment,
                                   (args.beside, args.beside_epochs, args.beside_cpus) if args.beside else None)
                 levels.append(level)

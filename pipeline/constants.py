@@ -103,14 +103,14 @@ PARAM_NUM_WORKERS = "num_workers"
 DATASET_CONTEXT_TRAINING = "training"
 TAG_DATASET_DIGEST = "dataset_digest"
 
-# Resumable training state, replaced at each epoch end.
+# Resumable training state: two slots written in turn, epoch after epoch (state_artifact), so the run always
+# holds its last two states and the older one is never sent again.
 STATE_DIR = "state"
-STATE_FILE = "training_state.npz"
+STATE_FILES = ("training_state_a.npz", "training_state_b.npz")
 TAG_RESUMED_FROM_EPOCH = "resumed_from_epoch"
 # Set when the tracking store fell behind a training (or was away) and caught up: the longest a record
 # waited to be sent, in seconds (pipeline.tracking.recorder).
 TAG_RECORDING_MAX_LAG = "recording_max_lag_seconds"
-PREVIOUS_STATE_FILE = "previous_training_state.npz"  # the state of the epoch before, if the newest cannot be read
 TAG_TRAINING_OWNER = "training_owner"  # the training process's heartbeat (pipeline.tracking.run_owner)
 
 # Model registry: the alias of the serving model, and the tags of a version (beside its metrics).
@@ -174,3 +174,9 @@ def checkpoint_dir(epoch: int) -> str:
 def checkpoint_file(epoch: int) -> str:
     """The artifact path of the best checkpoint of `epoch`, the value of TAG_LATEST_CHECKPOINT."""
     return f"{checkpoint_dir(epoch)}/{BEST_MODEL_FILE}"
+
+
+def state_artifact(epoch: int) -> str:
+    """The artifact path of the training state of `epoch` (0-based): the slot of its parity, which holds
+    the state of epoch `epoch - 2` until this one replaces it."""
+    return f"{STATE_DIR}/{STATE_FILES[epoch % len(STATE_FILES)]}"

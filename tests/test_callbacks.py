@@ -516,7 +516,7 @@ def test_order_matters_for_a_diverged_epoch(data, new_recorder, tmp_path, move):
 def test_state_backup_restores_the_carried_callbacks_after_their_own_resets(data, new_recorder, tmp_path):
     recorder = new_recorder()
     trained, _ = _fit(data, recorder, tmp_path, shuffle_val_labels=True, epochs=3)
-    state = TrainingState.load(_artifact(recorder, f"{names.STATE_DIR}/{names.STATE_FILE}", tmp_path))
+    state = TrainingState.load(_artifact(recorder, names.state_artifact(2), tmp_path))
     assert state.epoch == 2 and len(state.record["history"]) == 3
 
     def begin(move: tuple[str, str] | None) -> TrainingCallbacks:
@@ -555,8 +555,9 @@ def test_recording_callbacks_record_checkpoints_lr_changes_and_state_in_the_run(
     assert json.loads((downloaded / names.LR_CHANGES_FILE).read_text()) == callbacks.lr_changes.changes
     info = json.loads((downloaded / names.checkpoint_dir(best["epoch"]) / names.BEST_MODEL_INFO_FILE).read_text())
     assert info["epoch"] == best["epoch"]
-    state = TrainingState.load(downloaded / names.STATE_DIR / names.STATE_FILE)
-    assert state.csv_log.count("\n") == 5  # header + 4 epochs
+    state = TrainingState.load(downloaded / names.state_artifact(3))
+    assert state.epoch == 3 and state.csv_log.count("\n") == 5  # header + 4 epochs
+    assert TrainingState.load(downloaded / names.state_artifact(2)).epoch == 2  # the fallback, in the other slot
     restored = keras.models.load_model(downloaded / names.checkpoint_file(best["epoch"]))
     x_val = data[2]
     assert restored.predict(x_val[:4], verbose=0).shape == (4, 10)

@@ -26,7 +26,7 @@ _PRODUCT_OUTPUTS = {
     "mlflow.db", "mlruns", "mlartifacts", "comparison", "staging", names.TRAINING_LOG_FILE, names.CHECKPOINT_DIR,
     names.BEST_MODEL_FILE, names.BEST_MODEL_INFO_FILE, names.LR_CHANGES_FILE, names.MODEL_SUMMARY_FILE,
     names.PLOTS_DIR, names.TRAINING_CURVES_FILE, names.CONFUSION_MATRIX_FILE, names.CLASSIFICATION_REPORT_FILE,
-    names.STATE_DIR, names.STATE_FILE, names.MODEL_NAME,
+    names.STATE_DIR, *names.STATE_FILES, names.MODEL_NAME,
 }
 
 

@@ -33,8 +33,6 @@ from pipeline.training.model import build_model
 from pipeline.training.run import run_training
 from tests.helpers import MNIST_SMALL, new_sqlite_store, run_cli
 
-STATE_ARTIFACT = f"{names.STATE_DIR}/{names.STATE_FILE}"
-PREVIOUS_STATE_ARTIFACT = f"{names.STATE_DIR}/{names.PREVIOUS_STATE_FILE}"
 MIN_LR = 0.0003  # 0.001 -> 0.0005 -> 0.00025 would pass below it: the second cut must stop at 0.0003
 PLATEAU_PARAMETERS = {
     "lr_patience": "0", "lr_factor": "0.5", "min_lr": str(MIN_LR), "es_patience": "4", "target_accuracy": "0",
@@ -60,17 +58,18 @@ def shuffled_validation_labels(directory: Path, validation_split: float = 0.2) -
 class Delivery:
     """One record as the recorder delivered it to the store.
 
-    kind: `checkpoint`, `checkpoint_info`, `lr_changes`, `previous_state`, `state`, `metrics` (an epoch's metrics),
+    kind: `checkpoint`, `checkpoint_info`, `lr_changes`, `state` (in its epoch's slot; `state in <path>` in the
+        other), `metrics` (an epoch's metrics),
         `model_link` (an epoch's metrics linked to its checkpoint's LoggedModel),
         `tags` (tags only), `other` (any other file or batch), or `epoch_begin` / `train_end`
         (markers put by DrainRecorder between epochs, not deliveries).
     epoch: the epoch the delivered content is of (read from the content itself).
-    stored_state_epoch: for `metrics`: the epoch of the training state the store held just before.
+    stored_state_epochs: for `metrics`: the epochs of the training states the store held just before.
     """
 
     kind: str
     epoch: int | None = None
-    stored_state_epoch: int | None = None
+    stored_state_epochs: list[int] | None = None
 
 
 class DeliveryLog(MlflowClient):
@@ -97,7 +96,7 @@ class DeliveryLog(MlflowClient):
             delivery = Delivery("model_link", step)
         elif steps:
             [step] = steps
-            delivery = Delivery("metrics", step, self._stored_state_epoch(run_id))
+            delivery = Delivery("metrics", step, self._stored_state_epochs(run_id))
         else:
             delivery = Delivery("tags" if tags and not metrics and not params else "other")
         result = super().log_batch(run_id, metrics=metrics, params=params, tags=tags, **options)
@@ -116,20 +115,20 @@ class DeliveryLog(MlflowClient):
         elif path == names.LR_CHANGES_FILE:
             changes = json.loads(Path(local_path).read_text())
             delivery = Delivery("lr_changes", changes[-1]["epoch"] if changes else None)
-        elif path == STATE_ARTIFACT:
-            delivery = Delivery("state", TrainingState.load(Path(local_path)).epoch)
-        elif path == PREVIOUS_STATE_ARTIFACT:
-            delivery = Delivery("previous_state", TrainingState.load(Path(local_path)).epoch)
+        elif directory == names.STATE_DIR:
+            epoch = TrainingState.load(Path(local_path)).epoch
+            delivery = Delivery("state" if path == names.state_artifact(epoch) else f"state in {path}", epoch)
         result = super().log_artifact(run_id, local_path, artifact_path)
         self.deliveries.append(delivery)
         return result
 
-    def _stored_state_epoch(self, run_id: str) -> int | None:
-        """The epoch of the training state the run holds in the store now (None when it holds none)."""
-        if STATE_ARTIFACT not in {item.path for item in self.list_artifacts(run_id, names.STATE_DIR)}:
-            return None
+    def _stored_state_epochs(self, run_id: str) -> list[int]:
+        """The epochs of the training states the run holds in the store now, in order."""
         with tempfile.TemporaryDirectory(dir=self._scratch) as directory:
-            return TrainingState.load(Path(self.download_artifacts(run_id, STATE_ARTIFACT, directory))).epoch
+            return sorted(
+                TrainingState.load(Path(self.download_artifacts(run_id, item.path, directory))).epoch
+                for item in self.list_artifacts(run_id, names.STATE_DIR)
+            )
 
 
 class DrainRecorder(keras.callbacks.Callback):
@@ -231,16 +230,16 @@ def test_an_epochs_records_reach_the_store_checkpoint_lr_changes_state_then_metr
             (["model_link"] if epoch - 1 in new_best_epochs else [])  # queued at this epoch's begin
             + (["checkpoint", "checkpoint_info"] if epoch in new_best_epochs else [])
             + (["lr_changes"] if epoch in cut_epochs else [])
-            + (["previous_state"] if epoch > 0 else [])  # the state of the epoch before, kept as a fallback
-            + ["state", "metrics"]
+            + ["state", "metrics"]  # one state an epoch, in its parity's slot: the one before stays in the other
         )
         assert kinds == expected, f"epoch {epoch}: {segment}"
-        assert all(d.epoch == epoch for d in segment if d.kind not in ("tags", "previous_state", "model_link"))
-        assert all(d.epoch == epoch - 1 for d in segment if d.kind in ("previous_state", "model_link")), segment
+        assert all(d.epoch == epoch for d in segment if d.kind not in ("tags", "model_link"))
+        assert all(d.epoch == epoch - 1 for d in segment if d.kind == "model_link"), segment
         # the epoch's tags (best_epoch, lr_reductions) travel with its metrics or right after them
         assert [d.kind for d in segment][-1] in ("metrics", "tags")
         [metrics] = [d for d in segment if d.kind == "metrics"]
-        assert metrics.stored_state_epoch == epoch  # the store held this epoch's state before its metrics
+        # the store held this epoch's state before its metrics, and the state of the epoch before as a fallback
+        assert metrics.stored_state_epochs == [*range(max(0, epoch - 1), epoch + 1)], segment
 
 
 def test_logged_model_is_the_documented_mlp_with_adam_at_the_configured_rate(sqlite_store):

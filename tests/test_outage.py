@@ -21,6 +21,7 @@ from mlflow.tracking import MlflowClient
 from pipeline import constants as names
 from pipeline.experiments.registry import Registration, register_best_run
 from pipeline.experiments.runs import Ranking
+from pipeline.tracking.training_state import TrainingState
 from tests.helpers import MNIST_SMALL, cli_options, project_env
 
 pytestmark = pytest.mark.slow
@@ -123,7 +124,8 @@ def test_server_never_back_finishes_training_and_keeps_local_copies(server_store
     [test_accuracy] = [record["value"] for record in pending if record.get("metric") == names.TEST_ACCURACY]
     # the unsent value is the test accuracy of the rescued best checkpoint, computed here from the raw test split
     assert test_accuracy == pytest.approx(_test_accuracy(rescue / names.BEST_MODEL_FILE), abs=1e-6)
-    assert (rescue / "unsent" / "artifacts" / names.STATE_DIR / names.STATE_FILE).exists()
+    for epoch in (10, 11):  # both state slots, each with the last state of its epochs' parity
+        assert TrainingState.load(rescue / "unsent" / "artifacts" / names.state_artifact(epoch)).epoch == epoch
     # nothing was lost: every epoch's loss is either in the store or among the unsent records
     # (the rescue directory is named after the run)
     server_store.start()

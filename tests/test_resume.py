@@ -74,8 +74,16 @@ def _replayed_plateau_cuts(val_loss: list[float], initial_lr: float) -> tuple[li
     return cuts, rates
 
 
-def _stored_state(client: MlflowClient, run_id: str, tmp: Path, name: str = names.STATE_FILE) -> TrainingState:
-    return TrainingState.load(Path(client.download_artifacts(run_id, f"{names.STATE_DIR}/{name}", str(tmp))))
+def _stored_states(client: MlflowClient, run_id: str, tmp: Path) -> dict[str, TrainingState]:
+    """The training states the run holds, by artifact path, newest (highest epoch) first."""
+    paths = {f"{names.STATE_DIR}/{name}" for name in names.STATE_FILES}
+    states = {path: TrainingState.load(Path(client.download_artifacts(run_id, path, str(tmp)))) for path in paths}
+    return dict(sorted(states.items(), key=lambda item: -item[1].epoch))
+
+
+def _stored_state(client: MlflowClient, run_id: str, tmp: Path) -> TrainingState:
+    """The newest training state the run holds."""
+    return next(iter(_stored_states(client, run_id, tmp).values()))
 
 
 def _kill_after_epochs(process: subprocess.Popen, client: MlflowClient, at_least: int, run_id: str | None = None):
@@ -400,20 +408,19 @@ def test_a_damaged_newest_state_resumes_from_the_previous_one_with_a_warning(sql
     epochs = 8
     run_id = _kill_after_epochs(_start_training(sqlite_store, tmp_path, *cli_options({"epochs": str(epochs)})),
                                 client, at_least=3)
-    newest = _stored_state(client, run_id, tmp_path / "newest")
-    previous = _stored_state(client, run_id, tmp_path / "previous", names.PREVIOUS_STATE_FILE)
-    assert newest.epoch - 1 <= previous.epoch <= newest.epoch
+    (newest_path, newest), (previous_path, previous) = _stored_states(client, run_id, tmp_path / "states").items()
+    assert previous.epoch < newest.epoch
     recorded = [m.step for m in client.get_metric_history(run_id, names.LOSS)]
     artifacts = Path(urllib.parse.urlparse(client.get_run(run_id).info.artifact_uri).path)
-    damaged = artifacts / names.STATE_DIR / names.STATE_FILE
+    damaged = artifacts / newest_path
     damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])
 
     resumed = _resume_here(client, run_id, _cli_args(epochs=str(epochs)))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     warnings = [line for line in resumed.stdout.splitlines() if "cannot be read" in line]
     assert len(warnings) == 1 and re.fullmatch(
-        f"Run {run_id}: state/training_state.npz \\(BadZipFile: .+\\) cannot be read; continuing from "
-        f"state/previous_training_state.npz, the state of epoch {previous.epoch + 1}",
+        f"Run {run_id}: {newest_path} \\(BadZipFile: .+\\) cannot be read; continuing from "
+        f"{previous_path}, the state of epoch {previous.epoch + 1}",
         warnings[0],
     ), resumed.stdout
     assert client.get_run(run_id).data.tags[names.TAG_RESUMED_FROM_EPOCH] == str(previous.epoch + 1)

@@ -22,8 +22,6 @@ from pipeline.tracking.training_state import (
     restore_monitor_state,
 )
 
-STATE_ARTIFACT = f"{names.STATE_DIR}/{names.STATE_FILE}"
-PREVIOUS_STATE_ARTIFACT = f"{names.STATE_DIR}/{names.PREVIOUS_STATE_FILE}"
 # The counters of each carried callback that a resumed training must get back.
 CARRIED_FIELDS = {
     "target_stop": ("stopped_epoch",),
@@ -47,12 +45,13 @@ class CarriedCallbacks:
 
 class TrainingStateBackup(keras.callbacks.Callback):
     """Keras' `BackupAndRestore` for a run in MLflow: at each epoch end it queues the state a killed
-    training needs to go on (`state/training_state.npz`); at train begin it puts a saved state back.
+    training needs to go on; at train begin it puts a saved state back.
 
     As `BackupAndRestore(double_checkpoint=True)` does, the run also keeps the state of the epoch
-    before (`state/previous_training_state.npz`), queued just before the newest one, so that a newest
-    file left damaged (a kill in the middle of its upload to a store that writes in place) still
-    leaves a state to continue from.
+    before, so that a newest file left damaged (a kill in the middle of its upload to a store that
+    writes in place) still leaves a state to continue from. The two are slots written in turn
+    (`state/training_state_a.npz` for even epochs, `_b` for odd ones: `names.state_artifact`), so
+    each epoch sends one state and the one before stays where it is.
 
     The state holds the model's weights and optimizer variables, the carried callbacks' counters
     (EarlyStopping's best weights too), the best checkpoint file, the LR changes, the per-epoch
@@ -73,7 +72,6 @@ class TrainingStateBackup(keras.callbacks.Callback):
 
     Attributes:
         history: the recorded metrics of every completed epoch, restored ones included.
-        last_state: the state last queued (or restored), which becomes the previous one at the next epoch.
 
     Example:
         backup = TrainingStateBackup(recorder, carried, workdir / "training_log.csv", resume_from=state)
@@ -90,25 +88,18 @@ class TrainingStateBackup(keras.callbacks.Callback):
         self.csv_log_path = Path(csv_log_path)
         self.resume_from = resume_from
         self.history: list[dict[str, float]] = []
-        self.last_state: TrainingState | None = None
 
     def on_train_begin(self, logs=None) -> None:
         self.history = []
-        self.last_state = None
         if self.resume_from is not None:
             self._restore(self.resume_from)
-            self.last_state = self.resume_from
 
     def on_epoch_end(self, epoch: int, logs=None) -> None:
         metrics = recorded_metrics(logs)
         if metrics is None or self.recorder is None:
             return
         self.history.append(metrics)
-        state = self._capture(epoch)
-        if self.last_state is not None:
-            self.recorder.log_written(self.last_state.save, PREVIOUS_STATE_ARTIFACT)
-        self.recorder.log_written(state.save, STATE_ARTIFACT)
-        self.last_state = state
+        self.recorder.log_written(self._capture(epoch).save, names.state_artifact(epoch))
 
     def _capture(self, epoch: int) -> TrainingState:
         """A snapshot (arrays copied now, written by the recorder's thread)."""

@@ -4,8 +4,8 @@ Whether a run given by id (`--run-id`, or MLFLOW_RUN_ID under `mlflow run --run-
 to train in, a run to resume, or one to refuse is decided here, from what the run itself holds, so
 a resume works on any machine that can reach the tracking store. A run that another process is
 training (its heartbeat, `pipeline.tracking.run_owner`) is refused. The run holds two states, the
-newest and the one of the epoch before (Keras' `BackupAndRestore(double_checkpoint=True)`): when the
-newest cannot be read, the resume continues from the other, with a warning.
+newest and the one of the epoch before (Keras' `BackupAndRestore(double_checkpoint=True)`; two slots
+written in turn): when the newest cannot be read, the resume continues from the other, with a warning.
 """
 
 from __future__ import annotations
@@ -129,15 +129,14 @@ def parameter_differences(run: Run, config: TrainingConfig) -> list[str]:
 
 
 def _download_state(client: MlflowClient, run_id: str) -> TrainingState | None:
-    """The newest state the run holds that can be read (None when it holds none): the newest one,
-    else the previous epoch's, with a warning naming what could not be read."""
-    newest, previous = (f"{names.STATE_DIR}/{name}" for name in (names.STATE_FILE, names.PREVIOUS_STATE_FILE))
-    listed = {item.path for item in client.list_artifacts(run_id, names.STATE_DIR)}
+    """The newest state the run holds that can be read (None when it holds none): of the state files in
+    its `state/` directory (the two slots, `names.state_artifact`; or an earlier version's names), the one of
+    the latest epoch, with a warning naming what could not be read."""
+    listed = sorted(item.path for item in client.list_artifacts(run_id, names.STATE_DIR)
+                    if not item.is_dir and item.path.endswith(".npz"))
     states, unreadable = [], []
     with tempfile.TemporaryDirectory(prefix="mnist-resume-") as tmp:
-        for artifact in (newest, previous):
-            if artifact not in listed:
-                continue
+        for artifact in listed:
             try:
                 states.append((TrainingState.load(Path(client.download_artifacts(run_id, artifact, tmp))), artifact))
             except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as error:  # truncated, damaged
