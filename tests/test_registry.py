@@ -359,7 +359,8 @@ def test_concurrent_registers_leave_one_version_per_run_and_the_best_champion(st
         (tmp_path / "go").touch()
         watching = monitor.cursor()
         while (waiting := _creating_a_version(watching)) < len(racers):
-            exited = [process.args[5:] for process in processes if process.poll() is not None]
+            exited = [(process.args[5:], process.communicate()[1][-2000:]) for process in processes
+                      if process.poll() is not None]  # with what each said
             assert not exited and time.monotonic() < deadline, (waiting, exited)
             time.sleep(0.05)
         holder.commit()  # all five go
