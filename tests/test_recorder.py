@@ -318,17 +318,22 @@ def test_a_new_bests_metrics_are_linked_from_the_values_queued_without_reading_t
         assert [m.step for m in client.get_metric_history(run_id, key)] == [0, 1, 2, 3], key
 
 
-def test_a_store_that_keeps_up_gets_every_best_checkpoint(run, held, tmp_path):
-    """The store holds the first record while five new bests are queued, within `behind_after`: it is
-    slower than the epochs but not behind, so no best is replaced; each is stored under its own epoch."""
-    client, run_id = run
-    recorder = RunRecorder(held, run_id, tmp_path / "staging")  # behind after 30 s
+def _five_bests_behind_a_held_metric(recorder: RunRecorder, held: HeldStore, tmp_path: Path) -> None:
+    """Holds the store on the first record (metrics of epoch 0) and queues new bests at epochs 1-5 behind it."""
     checkpoint = _checkpoint(tmp_path, recorder)
     held.hold()
     recorder.log_metrics({"loss": 0.5}, step=0)
     held.wait_started(1)
     for epoch in range(1, 6):
         _new_best(checkpoint, epoch)
+
+
+def test_a_store_that_keeps_up_gets_every_best_checkpoint(run, held, tmp_path):
+    """The store holds the first record while five new bests are queued, within `behind_after`: it is
+    slower than the epochs but not behind, so no best is replaced; each is stored under its own epoch."""
+    client, run_id = run
+    recorder = RunRecorder(held, run_id, tmp_path / "staging")  # behind after 30 s, the default
+    _five_bests_behind_a_held_metric(recorder, held, tmp_path)
     assert len(recorder.pending) == 1 + 2 * 5, recorder.pending  # the metrics, then each best's files and model
     held.open()
     recorder.close(timeout=60)
@@ -341,12 +346,7 @@ def test_a_store_that_keeps_up_gets_every_best_checkpoint(run, held, tmp_path):
 def test_a_newer_checkpoint_replaces_a_waiting_one_as_a_whole_when_the_store_is_behind(run, held, tmp_path):
     client, run_id = run
     recorder = RunRecorder(held, run_id, tmp_path / "staging", behind_after=0)  # any wait is behind
-    checkpoint = _checkpoint(tmp_path, recorder)
-    held.hold()
-    recorder.log_metrics({"loss": 0.5}, step=0)
-    held.wait_started(1)
-    for epoch in range(1, 6):
-        _new_best(checkpoint, epoch)
+    _five_bests_behind_a_held_metric(recorder, held, tmp_path)
     directory = names.checkpoint_dir(5)
     unit = (f"artifact {directory}/{names.BEST_MODEL_FILE} + {directory}/{names.BEST_MODEL_INFO_FILE} "
             f"then tags {names.TAG_BEST_EPOCH}, {names.TAG_LATEST_CHECKPOINT}")
