@@ -90,7 +90,7 @@ def make_payload(directory: Path) -> dict[str, Path]:
         early_stopping_weights=model.get_weights(), best_checkpoint=checkpoint.read_bytes(),
         record={}, csv_log="epoch,loss\n0,1.0\n",
     )
-    state_path = directory / "training_state.npz"
+    state_path = directory / names.STATE_FILES[0]
     state.save(state_path)
     return {"checkpoint": checkpoint, "state": state_path}
 
