@@ -10,7 +10,8 @@ learning_rate x dropout x hidden_units (3 x 2 x 3); random and TPE search the ra
 (learning_rate 1e-4..1e-2 on a log scale, dropout 0..0.5) and the same three architectures; TPE prunes
 with the median pruner (`tpe+median`) or the default budget pruner (`tpe+budget`). `seed`
 seeds the sampler and the trials' training alike. Per sweep: the best test accuracy of its finished
-trials, the epochs trained over all trials, and the wall time. `--workers-timing` runs two studies of
+trials, the epochs trained over all trials, how many were pruned and how many paused ones were continued, and the
+wall time. `--workers-timing` runs two studies of
 12 trials with workers=1 and then workers=2 and reports their wall times: a 12-point grid without
 pruning (the same work either way) and TPE with median pruning (what pruning stops can differ).
 """
@@ -69,6 +70,7 @@ def run_sweep(workdir: Path, name: str, parameters: dict[str, str]) -> dict[str,
         "epochs_trained": int(runs["metrics.epochs_completed"].sum()),
         "trials": len(runs),
         "pruned": int((runs["tags.trial_state"] == "pruned").sum()),
+        "continued": int(runs.get("tags.continued_by_trial", pd.Series(dtype=str)).notna().sum()),
         "wall_seconds": round(seconds, 1),
     }
 

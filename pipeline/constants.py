@@ -141,6 +141,7 @@ TAG_SWEEP_TRIAL = "sweep_trial"
 TAG_BEST_RUN_ID = "best_run_id"
 TAG_BEST_TRIAL = "best_trial"
 TAG_TRIAL_STATE = "trial_state"  # a child's state in the study: finished, pruned, failed (running meanwhile)
+TAG_CONTINUED_BY_TRIAL = "continued_by_trial"  # a paused trial's run: the trial that continued it
 TAG_FINISHED_TRIALS = "finished_trials"
 TAG_PRUNED_TRIALS = "pruned_trials"
 TAG_FAILED_TRIALS = "failed_trials"

@@ -8,7 +8,7 @@ import random
 import optuna
 import pytest
 
-from pipeline.experiments.pruning import BudgetPruner
+from pipeline.experiments.pruning import CONTINUES_ATTR, BudgetPruner, continues
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -114,3 +114,82 @@ def test_points_queued_up_front_are_not_trials_started():
         study.enqueue_trial({"learning_rate": rate})
     assert _play(study, _curve(0.10, epochs=4)) == 4
     assert _play(study, _curve(0.80, epochs=4)) == 1  # leads, but 4 more epochs would leave 2 points none
+
+
+def _continue(study: optuna.Study, paused: optuna.trial.FrozenTrial, values: list[float]) -> int:
+    """Continues `paused` as a sweep does (a new trial naming it, reporting the epochs after its last); the
+    epochs it trained."""
+    study.enqueue_trial(paused.params, user_attrs={CONTINUES_ATTR: paused.number})
+    trial = study.ask()
+    assert trial.user_attrs[CONTINUES_ATTR] == paused.number
+    start = len(paused.intermediate_values)
+    for epoch in range(start, len(values)):
+        trial.report(values[epoch], epoch)
+        if epoch + 1 < len(values) and trial.should_prune():
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            return epoch + 1 - start
+    study.tell(trial, values[-1])
+    return len(values) - start
+
+
+def _second_best_at_the_cut_judged_early() -> dict[int, list[float]]:
+    """Trial 0 leads at the cut; trial 1, second of all 18 there and the best at the end, is judged against trial 0
+    alone; trials 2-17 rank lower at the cut (0.799, 0.798, ...)."""
+    second = _curve(0.872)[:3] + _curve(0.90, rise=0.02, epochs=9)
+    return {0: _curve(0.873), 1: second} | {n: _curve(0.801 - 0.001 * n) for n in range(2, 18)}
+
+
+def test_the_budget_left_continues_the_paused_trials_that_lead_at_the_cut_best_first():
+    """45 of the 108 epochs are left: the six best at the cut (a third of 18) are trials 0-5, so trials 1-5 are
+    continued, best first, 9 epochs each, while the budget affords them; then nothing is left."""
+    study, curves = _study(), _second_best_at_the_cut_judged_early()
+    assert [_play(study, curve) for curve in curves.values()] == [12] + [3] * 17  # 63 epochs
+    pruner = study.pruner
+    continued = []
+    while (paused := pruner.to_continue(study)) is not None:
+        continued.append(paused.number)
+        assert _continue(study, paused, curves[paused.number]) == 9
+    assert continued == [1, 2, 3, 4, 5]
+    assert sum(len(trial.intermediate_values) for trial in study.trials) == 108
+    assert [continues(trial) for trial in study.trials[18:]] == [1, 2, 3, 4, 5]
+    assert study.best_trial.number == 18 and study.best_value == pytest.approx(curves[1][-1])  # trial 1 continued
+
+
+def test_a_paused_trial_below_the_best_third_at_the_cut_is_never_continued_however_much_budget_is_left():
+    """Trial 0 ends at its third epoch (early stopping) and every later one is behind all before it at the cut:
+    54 epochs are left. The best six at the cut are trials 0-5; after trials 1-5 (45 epochs) 9 are left, enough
+    for trial 6, which ranks seventh: it is not continued."""
+    study = _study()
+    assert _play(study, _curve(0.90)[:3]) == 3
+    for number in range(1, 18):
+        assert _play(study, _curve(0.80 - 0.01 * number)) == 3
+    continued = []
+    while (paused := study.pruner.to_continue(study)) is not None:
+        continued.append(paused.number)
+        _continue(study, paused, _curve(0.80 - 0.01 * paused.number))
+    assert continued == [1, 2, 3, 4, 5]
+    assert sum(len(trial.intermediate_values) for trial in study.trials) == 108 - 9
+
+
+def test_nothing_is_continued_before_every_trial_has_started_nor_what_running_trials_may_still_train():
+    study, curves = _study(), _second_best_at_the_cut_judged_early()
+    for number in range(16):
+        _play(study, curves[number])
+    assert study.pruner.to_continue(study) is None  # trials 16 and 17 have not started
+    running = [study.ask(), study.ask()]  # trials 16 and 17, in other processes: at their cut, 9 epochs to go
+    for trial in running:
+        for epoch in range(3):
+            trial.report(curves[trial.number][epoch], epoch)
+    # 108 - 63 spent - 18 the running trials may still train: 27 epochs, three continuations
+    continued = []
+    while (paused := study.pruner.to_continue(study)) is not None:
+        continued.append(paused.number)
+        _continue(study, paused, curves[paused.number])
+    assert continued == [1, 2, 3]
+    for trial in running:  # both stopped at the cut: their 18 epochs are free again
+        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+    while (paused := study.pruner.to_continue(study)) is not None:
+        continued.append(paused.number)
+        _continue(study, paused, curves[paused.number])
+    assert continued == [1, 2, 3, 4, 5]
+    assert sum(len(trial.intermediate_values) for trial in study.trials) == 108

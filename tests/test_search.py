@@ -7,6 +7,7 @@ import subprocess
 from pathlib import Path
 
 import optuna
+import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -86,8 +87,6 @@ def test_a_sweep_ranked_by_a_per_epoch_metric_ranks_records_and_shows_it(tmp_pat
     assert parent.data.tags[names.TAG_BEST_TRIAL] == str(best)
     assert parent.data.tags[names.TAG_BEST_RUN_ID] == trials[best].info.run_id
     assert parent.data.metrics[names.BEST_METRIC_PREFIX + names.LOSS] == losses[best]
-    import pandas as pd
-
     rows = pd.read_csv(client.download_artifacts(parent.info.run_id, names.SWEEP_TRIALS_FILE, str(tmp_path)))
     assert rows.set_index("trial")[names.LOSS].to_dict() == losses
     assert f"Best: trial {best}, run {trials[best].info.run_id} (loss={losses[best]:.4f})" in result.stdout
@@ -154,6 +153,45 @@ def test_the_budget_pruner_holds_a_sweep_to_half_the_epochs_even_when_a_trial_le
         assert run.info.status == "KILLED" and run.data.tags[names.TAG_STOP_REASON] == names.STOP_PRUNED
         assert f"Trial {number} pruned after epoch 1" in result.stdout
     assert trials[0].info.status == "FINISHED" and parent.data.tags[names.TAG_BEST_RUN_ID] == trials[0].info.run_id
+
+
+@pytest.mark.timeout(300)
+def test_a_trial_paused_at_the_cut_that_proves_to_lead_is_continued_from_its_epoch_with_its_record_kept(tmp_path):
+    """6 grid points of 4 epochs may train 12 epochs. The first (a large rate) leads at the cut (epoch 1) and trains
+    to its end; the second (a smaller rate) is behind it there, judged against it alone, and is paused; the four
+    tiny rates after it pause too. That leaves 3 epochs, and the second point ranks second of six at the cut (a third
+    of six go on): trial 6 continues its run from epoch 2, on its saved weights, optimizer and counters."""
+    values = {"sampler": "grid", "pruner": "budget", "epochs": "4",
+              "learning_rate": "0.01,0.001,0.00001,0.00002,0.00003,0.00004"}
+    result = _sweep(tmp_path, values, "continued", timeout=260)
+    client, parent, trials = _parent_and_children(tmp_path, "continued")
+    epochs = {number: int(run.data.metrics[names.EPOCHS_COMPLETED]) for number, run in trials.items()}
+    assert epochs == {0: 4, 1: 4, 2: 1, 3: 1, 4: 1, 5: 1}  # 12 epochs: the budget, all of it
+    assert "Trial 1 pruned after epoch 1" in result.stdout
+    assert "Trial 6 continues trial 1 from epoch 2: learning_rate=0.001" in result.stdout
+    study = optuna.load_study(study_name=parent.data.tags[names.TAG_STUDY_NAME],
+                              storage=optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(
+                                  str(tmp_path / JOURNAL_FILE))))
+    paused, continuation = study.trials[1], study.trials[6]
+    assert paused.state.name == "PRUNED" and list(paused.intermediate_values) == [0]
+    assert paused.intermediate_values[0] < study.trials[0].intermediate_values[0]  # it was behind at the cut
+    assert continuation.state.name == "COMPLETE" and continuation.user_attrs["continues_trial"] == 1
+    assert list(continuation.intermediate_values) == [1, 2, 3]  # the epochs after the cut only
+    run = trials[1]
+    assert continuation.user_attrs["mlflow_run_id"] == run.info.run_id and len(trials) == 6  # no run of its own
+    assert continuation.value == run.data.metrics[names.TEST_ACCURACY]
+    assert run.info.status == "FINISHED" and run.info.run_name == "trial-1"
+    assert run.data.tags[names.TAG_TRIAL_STATE] == "finished" and run.data.tags[names.TAG_STOP_REASON] != "pruned"
+    assert (run.data.tags[names.TAG_CONTINUED_BY_TRIAL], run.data.tags[names.TAG_RESUMED_FROM_EPOCH]) == ("6", "1")
+    val = client.get_metric_history(run.info.run_id, names.VAL_ACCURACY)
+    assert sorted(metric.step for metric in val) == [0, 1, 2, 3]  # every epoch once, the paused one kept
+    assert next(metric.value for metric in val if metric.step == 0) == pytest.approx(paused.intermediate_values[0])
+    loss = {metric.step: metric.value for metric in client.get_metric_history(run.info.run_id, names.LOSS)}
+    assert loss[1] < 0.8 * loss[0]  # the curve goes on: a model trained again from scratch starts near loss[0]
+    assert (parent.data.tags[names.TAG_FINISHED_TRIALS], parent.data.tags[names.TAG_PRUNED_TRIALS]) == ("2", "4")
+    rows = pd.read_csv(client.download_artifacts(parent.info.run_id, names.SWEEP_TRIALS_FILE, str(tmp_path)))
+    rows = rows.set_index("trial")
+    assert (rows.loc[1, "state"], rows.loc[6, "state"], rows.loc[6, "continues"]) == ("continued", "finished", 1)
 
 
 @pytest.fixture

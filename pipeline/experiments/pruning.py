@@ -1,4 +1,5 @@
-"""BudgetPruner: a sweep's pruning sized to its budget of epochs, one early cut, then trials train to their end."""
+"""BudgetPruner: a sweep's pruning sized to its budget of epochs, one early cut, then trials train to their end;
+what the budget leaves at the end continues the trials stopped at the cut that proved to lead there."""
 
 from __future__ import annotations
 
@@ -10,6 +11,14 @@ from optuna.trial import TrialState
 
 # The share of a full search (every trial trained to its last epoch) that a pruned search trains at most.
 BUDGET_SHARE = 0.5
+# The user attribute of a trial that continues a paused one: the paused trial's number.
+CONTINUES_ATTR = "continues_trial"
+
+
+def continues(trial: optuna.trial.FrozenTrial) -> int | None:
+    """The number of the paused trial that `trial` continues, or None for a trial of its own."""
+    number = trial.user_attrs.get(CONTINUES_ATTR)
+    return None if number is None else int(number)
 
 
 class BudgetPruner(optuna.pruners.BasePruner):
@@ -57,10 +66,40 @@ class BudgetPruner(optuna.pruners.BasePruner):
         trials = study.get_trials(deepcopy=False)
         if step == self.cut - 1 and not self._leads(study.direction, trial.intermediate_values[step], step, trials):
             return True
-        spent = sum(len(other.intermediate_values) for other in trials)
-        started = sum(other.state != TrialState.WAITING for other in trials)  # a grid queues its points up front
-        not_started = max(0, self.trials - started)
-        return spent + (self.epochs - step - 1) + not_started * self.cut > self.budget
+        return self._spent(trials) + (self.epochs - step - 1) + self._not_started(trials) * self.cut > self.budget
+
+    def to_continue(self, study: optuna.Study) -> optuna.trial.FrozenTrial | None:
+        """The paused trial to continue now, or None: once every trial of the budget has started, the best one
+        at the cut of the trials pruned there and not yet continued, if it ranks among the best `keep` part of
+        all the trials that reached the cut and the budget affords its remaining epochs beside those that the
+        running trials may still train."""
+        trials = study.get_trials(deepcopy=False)
+        if self._not_started(trials):
+            return None
+        step, sign = self.cut - 1, 1 if study.direction == StudyDirection.MAXIMIZE else -1
+        continued = {continues(trial) for trial in trials}
+        paused = sorted((trial for trial in trials if trial.state == TrialState.PRUNED
+                         and step in trial.intermediate_values and trial.number not in continued),
+                        key=lambda trial: -sign * trial.intermediate_values[step])
+        running = sum(self.epochs - len(trial.intermediate_values) for trial in trials
+                      if trial.state == TrialState.RUNNING)
+        affordable = self.budget - self._spent(trials) - running
+        for trial in paused:
+            if not self._leads(study.direction, trial.intermediate_values[step], step, trials):
+                return None  # the rest rank lower still
+            if self.epochs - len(trial.intermediate_values) <= affordable:
+                return trial
+        return None
+
+    @staticmethod
+    def _spent(trials: list) -> int:
+        return sum(len(trial.intermediate_values) for trial in trials)
+
+    def _not_started(self, trials: list) -> int:
+        """Trials of the budget not started yet: points queued up front (a grid's) are not started, and a
+        continuation is not a trial of the budget."""
+        started = sum(trial.state != TrialState.WAITING and continues(trial) is None for trial in trials)
+        return max(0, self.trials - started)
 
     def _leads(self, direction: StudyDirection, value: float, step: int, trials: list) -> bool:
         sign = 1 if direction == StudyDirection.MAXIMIZE else -1

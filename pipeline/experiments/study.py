@@ -32,7 +32,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from pipeline import constants as names
 from pipeline.errors import ParameterError
-from pipeline.experiments.pruning import BudgetPruner
+from pipeline.experiments.pruning import BudgetPruner, continues
 from pipeline.search_space import DEFAULT_TRIALS, Choices, SearchSpace
 
 logger = logging.getLogger(__name__)
@@ -207,8 +207,9 @@ class SharedStudy:
     created: bool
 
     def done_count(self) -> int:
-        """Trials taken so far (finished, pruned, failed or running; not those still waiting)."""
-        return len(self.study.get_trials(deepcopy=False, states=COUNTED_STATES))
+        """Trials of the budget taken so far (finished, pruned, failed or running; not those still waiting, nor
+        the continuations of paused trials)."""
+        return sum(continues(trial) is None for trial in self.study.get_trials(deepcopy=False, states=COUNTED_STATES))
 
 
 COUNTED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING)

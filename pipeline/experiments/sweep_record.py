@@ -21,6 +21,7 @@ from optuna.trial import TrialState
 
 from pipeline import constants as names
 from pipeline.experiments.comparison import KEY_PARAMETERS, console_text, run_table
+from pipeline.experiments.pruning import continues
 from pipeline.experiments.runs import Ranking, logged_models_by_run, runs_frame
 from pipeline.experiments.study import ERROR_ATTR, RUN_ID_ATTR, TRIAL_STATES, SharedStudy, study_lock
 
@@ -29,6 +30,8 @@ logger = logging.getLogger(__name__)
 STATE_TAGS = {
     "finished": names.TAG_FINISHED_TRIALS, "pruned": names.TAG_PRUNED_TRIALS, "failed": names.TAG_FAILED_TRIALS,
 }
+# A pruned trial that a later trial continued (the row of the continuation has its run's outcome).
+CONTINUED = "continued"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,7 +40,8 @@ class SweepSummary:
 
     Args:
         parent_run_id: the parent run.
-        table: one row per trial in trial order: trial (Optuna's number, from 0), state, run, the trial's parameters,
+        table: one row per trial in trial order: trial (Optuna's number, from 0), state (`CONTINUED` for a paused
+            trial that a later one continued), the trial it continues (if any), run, the trial's parameters,
             the run's final metrics (the ranking metric among them), best val_accuracy and its epoch, stop
             reason, error.
         best: the best finished trial's row (None while no trial has finished).
@@ -59,9 +63,11 @@ class SweepSummary:
 def summarize(client: MlflowClient, shared: SharedStudy, ranking: Ranking, experiment_id: str) -> SweepSummary:
     """The trials table: Optuna's trials joined to their MLflow runs (`mlflow.search_runs`)."""
     trials = shared.study.get_trials(deepcopy=False)
+    continued = {continues(trial) for trial in trials if trial.state != TrialState.WAITING}
     rows = pd.DataFrame({
         "trial": [trial.number for trial in trials],
-        "state": [TRIAL_STATES[trial.state] for trial in trials],
+        "state": [CONTINUED if trial.number in continued else TRIAL_STATES[trial.state] for trial in trials],
+        "continues": pd.array([continues(trial) for trial in trials], dtype="Int64"),
         "run_id": [trial.user_attrs.get(RUN_ID_ATTR, "") for trial in trials],
         "error": [trial.user_attrs.get(ERROR_ATTR, "") for trial in trials],
     })

@@ -58,7 +58,8 @@ class ResumePoint:
 
 
 def find_resume_point(
-    client: MlflowClient, run_id: str, config: TrainingConfig, heartbeat_timeout: float = HEARTBEAT_TIMEOUT_SECONDS
+    client: MlflowClient, run_id: str, config: TrainingConfig, heartbeat_timeout: float = HEARTBEAT_TIMEOUT_SECONDS,
+    continue_pruned: bool = False,
 ) -> ResumePoint | None:
     """Returns where to resume run `run_id`, or None when it is a fresh run (one `mlflow run` has
     just created for us).
@@ -66,6 +67,7 @@ def find_resume_point(
     Args:
         heartbeat_timeout: seconds after its last heartbeat that a training on another machine is
             taken as gone (`pipeline.tracking.run_owner`).
+        continue_pruned: a pruned sweep trial may be continued (its sweep continues a trial it paused).
 
     Raises:
         ParameterError: no such run.
@@ -85,7 +87,7 @@ def find_resume_point(
         return None  # nothing of ours has happened in this run yet (e.g. `mlflow run` just made it)
     if run_type != names.RUN_TYPE_TRAINING:
         raise RunNotResumable(f"run {run_id} is a {run_type} run, not a training run")
-    if run.data.tags.get(names.TAG_STOP_REASON) == names.STOP_PRUNED:
+    if run.data.tags.get(names.TAG_STOP_REASON) == names.STOP_PRUNED and not continue_pruned:
         raise RunNotResumable(
             f"run {run_id} is a sweep trial its pruner stopped (stop_reason={names.STOP_PRUNED}); a pruned trial "
             "is not trained again (start a new run, or continue the sweep's study)"

@@ -137,6 +137,7 @@ def run_training(
     parent_run_id: str | None = None,
     limits: RunLimits | None = None,
     pruning: TrialPruning | None = None,
+    continue_pruned: bool = False,
 ) -> TrainingResult | WorkerResult:
     """Trains and records one run, or continues a killed one; or, on a non-chief worker of a
     multi-worker training, trains its share without recording anything.
@@ -152,6 +153,8 @@ def run_training(
         limits: timeouts and the rescue directory (default: `RunLimits()`).
         pruning: a sweep trial's pruning callback; a pruned training ends KILLED (its record whole) with
             stop_reason=pruned.
+        continue_pruned: `run_id` may be a pruned sweep trial, to continue from its saved state (its sweep
+            continues a trial it paused); otherwise such a run is refused.
 
     Raises:
         TrackingUnavailable: the tracking server does not answer or refuses the credentials.
@@ -171,7 +174,7 @@ def run_training(
     prepare_sqlite_store(mlflow.get_tracking_uri())  # a new SQLite store is created one process at a time
     client = MlflowClient()
     run_id = run_id or os.environ.get(MLFLOW_RUN_ID.name) or None
-    resume = find_resume_point(client, run_id, config, limits.heartbeat_timeout) if run_id else None
+    resume = find_resume_point(client, run_id, config, limits.heartbeat_timeout, continue_pruned) if run_id else None
     if resume and resume.dataset_digest and resume.dataset_digest != dataset.digest:
         raise RunNotResumable(
             f"run {run_id} was trained on other data (digest {resume.dataset_digest}, "
