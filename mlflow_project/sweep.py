@@ -63,7 +63,13 @@ def sweep(experiment_name: str | None, worker_number: int, parent_pid: int, **va
                                          common.source_tags()))
     if worker_number:
         return
+    import pandas as pd
+
+    from pipeline.experiments.sweep_record import CONTINUED
+
     counts = ", ".join(f"{summary.count(state)} {state}" for state in ("finished", "pruned", "failed"))
+    continued = summary.count(CONTINUED)
+    counts += f"; {continued} paused, then continued by a later trial" if continued else ""
     click.echo(f"Sweep run {summary.parent_run_id}: {len(summary.table)} trials ({counts})")
     click.echo(summary.table_text())
     if summary.best is None:
@@ -71,4 +77,5 @@ def sweep(experiment_name: str | None, worker_number: int, parent_pid: int, **va
         sys.exit(1)
     metric = options["metric"]
     best = summary.best
-    click.echo(f"Best: trial {best['trial']}, run {best['run_id']} ({metric}={best[metric]:.4f})")
+    origin = "" if pd.isna(best["continues"]) else f", continuing trial {best['continues']}"
+    click.echo(f"Best: trial {best['trial']}{origin}, run {best['run_id']} ({metric}={best[metric]:.4f})")

@@ -189,6 +189,7 @@ def test_a_trial_paused_at_the_cut_that_proves_to_lead_is_continued_from_its_epo
     loss = {metric.step: metric.value for metric in client.get_metric_history(run.info.run_id, names.LOSS)}
     assert loss[1] < 0.8 * loss[0]  # the curve goes on: a model trained again from scratch starts near loss[0]
     assert (parent.data.tags[names.TAG_FINISHED_TRIALS], parent.data.tags[names.TAG_PRUNED_TRIALS]) == ("2", "4")
+    assert "7 trials (2 finished, 4 pruned, 0 failed; 1 paused, then continued by a later trial)" in result.stdout
     rows = pd.read_csv(client.download_artifacts(parent.info.run_id, names.SWEEP_TRIALS_FILE, str(tmp_path)))
     rows = rows.set_index("trial")
     assert (rows.loc[1, "state"], rows.loc[6, "state"], rows.loc[6, "continues"]) == ("continued", "finished", 1)
