@@ -7,7 +7,8 @@
 A grid sweep trains every point fully, so its runs hold each point's whole `val_accuracy` curve and its
 final `test_accuracy`. This script feeds those curves to pruners (Optuna's, and the sweep's BudgetPruner),
 epoch by epoch, exactly as `TrialPruning` does in a sweep (`trial.report(val_accuracy, epoch)`, then
-`should_prune()`; never at the last epoch), with the trials in many random orders. Per rule and seed it
+`should_prune()`; never at the last epoch), with the trials in many random orders, and with a BudgetPruner
+continues the paused trials it names, as the sweep does. Per rule and seed it
 reports how often the best finished trial is within `--within` points of the grid's best test accuracy,
 and the epochs spent as a share of the grid's. A random order stands in for the sampler: what a rule does
 with trials as they come. Nothing is trained: 100 orders of 18 trials per rule and seed take about two
@@ -27,7 +28,7 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from pipeline import constants as names
-from pipeline.experiments.pruning import BudgetPruner
+from pipeline.experiments.pruning import CONTINUES_ATTR, BudgetPruner
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,27 +56,44 @@ def load_curves(client: MlflowClient, experiment_name: str) -> list[Curve]:
 
 def replay(curves: list[Curve], order: list[int], pruner: optuna.pruners.BasePruner,
            epochs: int) -> tuple[float, int]:
-    """The best finished test accuracy and the epochs trained, with the trials in `order`."""
+    """The best finished test accuracy and the epochs trained, with the trials in `order`; then, as a sweep does
+    with a BudgetPruner, the paused trials it names continued from their last epoch. A continued trial is taken to
+    end as the grid point trained without a pause did (its final test accuracy)."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="maximize", pruner=pruner, sampler=optuna.samplers.RandomSampler(0))
     best, spent = float("-inf"), 0
     for index in order:
-        curve = curves[index]
-        trial = study.ask()
-        for epoch, value in enumerate(curve.val_accuracy):
-            spent += 1
-            trial.report(value, epoch)
-            if epoch + 1 < epochs and trial.should_prune():
-                study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-                break
-        else:
-            study.tell(trial, curve.test_accuracy)
-            best = max(best, curve.test_accuracy)
+        trained, accuracy = _play(study, study.ask(), curves[index], 0, epochs)
+        spent, best = spent + trained, max(best, accuracy)
+    while isinstance(pruner, BudgetPruner) and (paused := pruner.to_continue(study)) is not None:
+        study.enqueue_trial({}, user_attrs={CONTINUES_ATTR: paused.number})
+        curve = curves[order[paused.number]]  # the trials of `order` are numbered in it
+        trained, accuracy = _play(study, study.ask(), curve, len(paused.intermediate_values), epochs)
+        spent, best = spent + trained, max(best, accuracy)
     return best, spent
+
+
+def _play(study: optuna.Study, trial: optuna.Trial, curve: Curve, start: int, epochs: int) -> tuple[int, float]:
+    """`curve` reported from epoch `start` as TrialPruning does; the epochs trained and the test accuracy when the
+    trial finished (else -inf)."""
+    for epoch in range(start, len(curve.val_accuracy)):
+        trial.report(curve.val_accuracy[epoch], epoch)
+        if epoch + 1 < epochs and trial.should_prune():
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            return epoch + 1 - start, float("-inf")
+    study.tell(trial, curve.test_accuracy)
+    return len(curve.val_accuracy) - start, curve.test_accuracy
 
 
 def _budget(cut: int, share: float = 0.5) -> Callable[[int, int], optuna.pruners.BasePruner]:
     return lambda trials, epochs: BudgetPruner(trials, epochs, share, cut)
+
+
+class _NoContinuation(BudgetPruner):
+    """The budget rule as it was until 2026-12-07: a trial stopped at the cut is never continued."""
+
+    def to_continue(self, study: optuna.Study) -> None:
+        return None
 
 
 class _RoundingUp(BudgetPruner):
@@ -95,7 +113,8 @@ def _halving(min_resource: int, factor: int) -> Callable[[int, int], optuna.prun
 
 
 RULES: dict[str, Callable[[int, int], optuna.pruners.BasePruner]] = {
-    "budget (default)": lambda trials, epochs: BudgetPruner(trials, epochs),
+    "budget, paused trials continued (default)": lambda trials, epochs: BudgetPruner(trials, epochs),
+    "budget, never continued": lambda trials, epochs: _NoContinuation(trials, epochs),
     "budget, keeping ceil(n/3)": lambda trials, epochs: _RoundingUp(trials, epochs),
     "budget cut 2": _budget(2),
     "budget cut 4": _budget(4),

@@ -26,6 +26,7 @@ from mlflow.tracking import MlflowClient
 from pipeline import constants as names
 from pipeline.config import TrainingConfig
 from pipeline.errors import TrainingDiverged
+from pipeline.tracking.resume import RunNotResumable, find_resume_point
 from pipeline.tracking.run_owner import Owner, this_machine
 from pipeline.tracking.training_state import TrainingState
 from pipeline.training.data import load_dataset
@@ -268,6 +269,20 @@ def test_finished_run_is_refused_not_retrained(sqlite_store):
     ]
     assert MlflowClient().get_run(finished.run_id).info.status == "FINISHED"
     assert MlflowClient().get_metric_history(finished.run_id, names.LOSS) == losses
+
+
+def test_a_pruned_trial_is_continued_only_by_its_sweep_and_only_from_a_saved_state(sqlite_store):
+    """`train --run-id` of a pruned sweep trial is refused; its sweep may continue it (`continue_pruned`), from its
+    saved state, never from its first epoch again: a pruned run that holds no state is refused then too."""
+    client = MlflowClient()
+    config = TrainingConfig.from_values(PARAMS | {"epochs": "2"})
+    run_id = client.create_run("0", tags={names.TAG_RUN_TYPE: names.RUN_TYPE_TRAINING,
+                                          names.TAG_STOP_REASON: names.STOP_PRUNED}).info.run_id
+    client.set_terminated(run_id, "KILLED")
+    with pytest.raises(RunNotResumable, match="is a sweep trial its pruner stopped"):
+        find_resume_point(client, run_id, config)
+    with pytest.raises(RunNotResumable, match="holds no saved training state to continue from"):
+        find_resume_point(client, run_id, config, continue_pruned=True)
 
 
 def test_unknown_run_id_is_one_line(sqlite_store):

@@ -71,8 +71,9 @@ def find_resume_point(
 
     Raises:
         ParameterError: no such run.
-        RunNotResumable: the run is FINISHED or a pruned sweep trial, another live process trains it, its recorded
-            parameters differ from `config`, or none of its saved states can be read.
+        RunNotResumable: the run is FINISHED or a pruned sweep trial (without `continue_pruned`, or with it
+            and no saved state), another live process trains it, its recorded parameters differ from `config`,
+            or none of its saved states can be read.
     """
     try:
         run = client.get_run(run_id)
@@ -102,9 +103,11 @@ def find_resume_point(
             f"run {run_id} was trained with other parameters; resume it with the same ones "
             f"(recorded -> given): {'; '.join(differences)}"
         )
-    return ResumePoint(
-        state=_download_state(client, run_id), dataset_digest=run.data.tags.get(names.TAG_DATASET_DIGEST)
-    )
+    state = _download_state(client, run_id)
+    if state is None and run.data.tags.get(names.TAG_STOP_REASON) == names.STOP_PRUNED:
+        raise RunNotResumable(f"run {run_id} is a pruned sweep trial that holds no saved training state to "
+                              "continue from")  # trained again from its first epoch, it would pay for them twice
+    return ResumePoint(state=state, dataset_digest=run.data.tags.get(names.TAG_DATASET_DIGEST))
 
 
 def trained_elsewhere(run_id: str, why: str) -> str:
