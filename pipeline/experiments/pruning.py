@@ -35,6 +35,13 @@ class BudgetPruner(optuna.pruners.BasePruner):
     stopped by one noisy epoch once it has shown it leads. The epochs counted are those reported to the study
     (one per epoch); trials running in other processes count what they reported so far.
 
+    A trial stopped at the cut is paused, not judged for good: it was compared with the trials that had reached the
+    cut before it, and early in a study those are few (the first trial alone sets the second one's bar). Once every
+    trial has started, `to_continue` names the paused trial that ranks among the best `keep` part of all the trials
+    at the cut, best first, while the budget left affords its remaining epochs: the sweep continues it from its
+    saved state (ASHA's late promotion, continued as Keras Tuner's Hyperband continues a promoted trial), as a new
+    trial whose `CONTINUES_ATTR` names it and which reports only the epochs after those it trained.
+
     Args:
         trials: the study's budget of trials.
         epochs: the most epochs a trial trains.
@@ -43,7 +50,12 @@ class BudgetPruner(optuna.pruners.BasePruner):
 
     Example:
     ```python
-    study = optuna.create_study(direction="maximize", pruner=BudgetPruner(trials=18, epochs=12))
+    pruner = BudgetPruner(trials=18, epochs=12)
+    study = optuna.create_study(direction="maximize", pruner=pruner)
+    study.optimize(objective, n_trials=18)  # the objective reports each epoch's val_accuracy, asks should_prune
+    while (paused := pruner.to_continue(study)) is not None:
+        study.enqueue_trial(paused.params, user_attrs={CONTINUES_ATTR: paused.number})
+        study.optimize(objective, n_trials=1)  # it resumes the paused run after its last reported epoch
     ```
     """
 
