@@ -326,6 +326,11 @@ def _creating_a_version(cursor) -> int:
     return cursor.fetchone()[0]
 
 
+def _exited(processes: list[subprocess.Popen]) -> list[tuple[list[str], str]]:
+    """The racers that exited already, each with the end of what it wrote to stderr."""
+    return [(process.args[5:], process.communicate()[1][-2000:]) for process in processes if process.poll() is not None]
+
+
 @pytest.mark.timeout(600)  # five processes' start-up on a loaded 2-core machine, then the race
 def test_concurrent_registers_leave_one_version_per_run_and_the_best_champion(store, trained, database_uri, tmp_path):
     """Five processes create versions of one model at the same moment: the race is forced by holding MLflow's
@@ -353,14 +358,13 @@ def test_concurrent_registers_leave_one_version_per_run_and_the_best_champion(st
         ]
         deadline = time.monotonic() + 300
         while len(list(tmp_path.glob("ready-*"))) < len(racers):
-            exited = [process.args[5:] for process in processes if process.poll() is not None]
+            exited = _exited(processes)
             assert not exited and time.monotonic() < deadline, exited
             time.sleep(0.05)
         (tmp_path / "go").touch()
         watching = monitor.cursor()
         while (waiting := _creating_a_version(watching)) < len(racers):
-            exited = [(process.args[5:], process.communicate()[1][-2000:]) for process in processes
-                      if process.poll() is not None]  # with what each said
+            exited = _exited(processes)
             assert not exited and time.monotonic() < deadline, (waiting, exited)
             time.sleep(0.05)
         holder.commit()  # all five go
