@@ -89,8 +89,15 @@ def _budget(cut: int, share: float = 0.5) -> Callable[[int, int], optuna.pruners
     return lambda trials, epochs: BudgetPruner(trials, epochs, share, cut)
 
 
-class _NoContinuation(BudgetPruner):
-    """The budget rule as it was until 2026-12-07: a trial stopped at the cut is never continued."""
+class _FirstGoesOn(BudgetPruner):
+    """The budget rule keeping the best max(1, floor(n * keep)) at the cut: the first trial always goes on."""
+
+    def _places(self, reached: int) -> int:
+        return max(1, math.floor(reached * self.keep))
+
+
+class _NoContinuation(_FirstGoesOn):
+    """The budget rule as it was until 2026-12-07: the first trial goes on, a paused trial is never continued."""
 
     def to_continue(self, study: optuna.Study) -> None:
         return None
@@ -113,8 +120,9 @@ def _halving(min_resource: int, factor: int) -> Callable[[int, int], optuna.prun
 
 
 RULES: dict[str, Callable[[int, int], optuna.pruners.BasePruner]] = {
-    "budget, paused trials continued (default)": lambda trials, epochs: BudgetPruner(trials, epochs),
-    "budget, never continued": lambda trials, epochs: _NoContinuation(trials, epochs),
+    "budget: ASHA's promotion, paused trials continued (default)": BudgetPruner,
+    "budget: the first trial goes on, paused trials continued": _FirstGoesOn,
+    "budget: the first trial goes on, never continued (until 2026-12-07)": _NoContinuation,
     "budget, keeping ceil(n/3)": lambda trials, epochs: _RoundingUp(trials, epochs),
     "budget cut 2": _budget(2),
     "budget cut 4": _budget(4),

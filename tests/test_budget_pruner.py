@@ -41,38 +41,51 @@ def test_the_rule_is_sized_by_the_budget():
     assert (BudgetPruner(20, 20).cut, BudgetPruner(20, 2).cut) == (5, 1)
 
 
-def test_the_first_trial_goes_on_and_a_later_one_only_when_it_leads_at_the_cut():
+def test_no_trial_goes_on_before_three_have_reached_the_cut_then_only_the_best_third():
+    """ASHA's promotion: the best floor(n / 3) of the n trials at the cut so far go on, none while n < 3."""
     study = _study()
-    assert _play(study, _curve(0.80)) == 12
-    assert _play(study, _curve(0.79)) == 3  # behind the only other trial at epoch 3: stopped there
-    assert _play(study, _curve(0.81)) == 12  # ahead of both: trains to its end
-    # 4 trials at the cut: the best max(1, 4 // 3) = 1 goes on; second best is not enough
-    assert _play(study, _curve(0.805)) == 3
+    assert _play(study, _curve(0.80)) == 3  # alone at the cut: paused however well it does
+    assert _play(study, _curve(0.85)) == 3
+    assert _play(study, _curve(0.81)) == 3  # three there: one place, and trial 1 holds it
+    assert _play(study, _curve(0.86)) == 12  # four: still one place, and it leads: trains to its end
+    assert _play(study, _curve(0.84)) == 3
+    assert _play(study, _curve(0.845)) == 3  # six: two places (0.86 and 0.85); third is not enough
+    assert _play(study, _curve(0.855)) == 12  # seven: two places, second
+
+
+def _two_below(study: optuna.Study, value: float, rise: float = 0.01) -> None:
+    """Two trials at the cut, `value` and `value - rise`: the third one there takes the only place if it leads."""
+    for start in (value, value - rise):
+        assert _play(study, _curve(start, rise)) == 3
 
 
 def test_after_the_cut_only_the_budget_stops_a_trial():
     """A trial that led at the cut is not judged again: a later fall behind every other trial does not stop it."""
     study = _study()
-    _play(study, _curve(0.80))
+    _two_below(study, 0.80)
     falling = _curve(0.85)[:3] + [0.10] * 9
     assert _play(study, falling) == 12
 
 
 def test_lower_is_better_when_the_study_minimizes():
     study = _study(direction="minimize")
-    _play(study, _curve(0.50, rise=-0.01))
+    _two_below(study, 0.50, rise=-0.01)
     assert _play(study, _curve(0.60, rise=-0.01)) == 3  # a higher loss at the cut
     assert _play(study, _curve(0.40, rise=-0.01)) == 12
 
 
 def test_a_study_never_trains_more_than_its_budget_and_every_trial_reaches_the_cut():
-    """Each trial leads everything before it, so the cut stops none: the budget alone must hold the study to half
-    of 18 x 12 epochs, while keeping for every trial not yet started its 3 epochs up to the cut."""
+    """From the third trial on each trial leads everything before it, so the cut stops none: the budget alone must
+    hold the study to half of 18 x 12 epochs, keeping for every trial not yet started its 3 epochs up to the cut,
+    and then the paused trials continued."""
     study = _study()
     trained = [_play(study, _curve(0.50 + 0.02 * number)) for number in range(18)]
     assert sum(trained) <= 108
     assert min(trained) >= 3
-    assert trained[0] == 12 and sum(epochs == 12 for epochs in trained) >= 5  # the budget went to whole trials
+    assert trained[:2] == [3, 3] and sum(epochs == 12 for epochs in trained) >= 5  # the budget went to whole trials
+    while (paused := study.pruner.to_continue(study)) is not None:
+        _continue(study, paused, _curve(0.50 + 0.02 * paused.number))
+    assert sum(len(trial.intermediate_values) for trial in study.trials) <= 108
 
 
 def test_in_any_order_the_budget_holds():
@@ -108,12 +121,12 @@ def test_a_search_prunes_with_it_unless_told_otherwise():
 
 
 def test_points_queued_up_front_are_not_trials_started():
-    """A grid queues every point in the study before the first trial: they still need their epochs to the cut."""
-    study = _study(trials=4, epochs=4)
-    for rate in (0.00001, 0.01, 0.005, 0.003):
+    """A grid queues every point in the study before the first trial: they still need their epochs to the cut. Of 5
+    points of 4 epochs (10 in all), the fourth leads at the cut, but its 3 more epochs would leave the fifth none."""
+    study = _study(trials=5, epochs=4)
+    for rate in (0.00001, 0.00002, 0.01, 0.005, 0.003):
         study.enqueue_trial({"learning_rate": rate})
-    assert _play(study, _curve(0.10, epochs=4)) == 4
-    assert _play(study, _curve(0.80, epochs=4)) == 1  # leads, but 4 more epochs would leave 2 points none
+    assert [_play(study, _curve(start, epochs=4)) for start in (0.10, 0.20, 0.70, 0.80)] == [1, 1, 4, 1]
 
 
 def _continue(study: optuna.Study, paused: optuna.trial.FrozenTrial, values: list[float]) -> int:
@@ -133,26 +146,27 @@ def _continue(study: optuna.Study, paused: optuna.trial.FrozenTrial, values: lis
 
 
 def _second_best_at_the_cut_judged_early() -> dict[int, list[float]]:
-    """Trial 0 leads at the cut; trial 1, second of all 18 there and the best at the end, is judged against trial 0
-    alone; trials 2-17 rank lower at the cut (0.799, 0.798, ...)."""
+    """Trial 0, second of all 18 at the cut and the best at the end, was alone there when it got there: paused;
+    trial 1 pauses too, trial 2 leads the three at the cut and goes on, trials 3-17 rank lower (0.818, 0.817,
+    ...) and pause."""
     second = _curve(0.872)[:3] + _curve(0.90, rise=0.02, epochs=9)
-    return {0: _curve(0.873), 1: second} | {n: _curve(0.801 - 0.001 * n) for n in range(2, 18)}
+    return {0: second, 1: _curve(0.80), 2: _curve(0.873)} | {n: _curve(0.801 - 0.001 * n) for n in range(3, 18)}
 
 
 def test_the_budget_left_continues_the_paused_trials_that_lead_at_the_cut_best_first():
-    """45 of the 108 epochs are left: the six best at the cut (a third of 18) are trials 0-5, so trials 1-5 are
-    continued, best first, 9 epochs each, while the budget affords them; then nothing is left."""
+    """45 of the 108 epochs are left: the six best at the cut (a third of 18) are trials 0-5, so the paused ones
+    among them (0, 1, 3, 4, 5) are continued, best first, 9 epochs each, while the budget affords them."""
     study, curves = _study(), _second_best_at_the_cut_judged_early()
-    assert [_play(study, curve) for curve in curves.values()] == [12] + [3] * 17  # 63 epochs
+    assert [_play(study, curve) for curve in curves.values()] == [3, 3, 12] + [3] * 15  # 63 epochs
     pruner = study.pruner
     continued = []
     while (paused := pruner.to_continue(study)) is not None:
         continued.append(paused.number)
         assert _continue(study, paused, curves[paused.number]) == 9
-    assert continued == [1, 2, 3, 4, 5]
+    assert continued == [0, 1, 3, 4, 5]
     assert sum(len(trial.intermediate_values) for trial in study.trials) == 108
-    assert [continues(trial) for trial in study.trials[18:]] == [1, 2, 3, 4, 5]
-    assert study.best_trial.number == 18 and study.best_value == pytest.approx(curves[1][-1])  # trial 1 continued
+    assert [continues(trial) for trial in study.trials[18:]] == [0, 1, 3, 4, 5]
+    assert study.best_trial.number == 18 and study.best_value == pytest.approx(curves[0][-1])  # trial 0 continued
 
 
 def test_a_paused_trial_below_the_best_third_at_the_cut_is_never_continued_however_much_budget_is_left():
@@ -185,11 +199,11 @@ def test_nothing_is_continued_before_every_trial_has_started_nor_what_running_tr
     while (paused := study.pruner.to_continue(study)) is not None:
         continued.append(paused.number)
         _continue(study, paused, curves[paused.number])
-    assert continued == [1, 2, 3]
+    assert continued == [0, 1, 3]
     for trial in running:  # both stopped at the cut: their 18 epochs are free again
         study.tell(trial, state=optuna.trial.TrialState.PRUNED)
     while (paused := study.pruner.to_continue(study)) is not None:
         continued.append(paused.number)
         _continue(study, paused, curves[paused.number])
-    assert continued == [1, 2, 3, 4, 5]
+    assert continued == [0, 1, 3, 4, 5]
     assert sum(len(trial.intermediate_values) for trial in study.trials) == 108

@@ -138,43 +138,28 @@ def test_a_trial_the_pruner_would_stop_at_its_last_epoch_finishes(tmp_path):
 
 
 @pytest.mark.timeout(300)
-def test_the_budget_pruner_holds_a_sweep_to_half_the_epochs_even_when_a_trial_leads(tmp_path):
-    """4 grid points of 4 epochs may train 8 epochs in all. The first point (a far too small rate) trains to its
-    end; the second (a good rate) leads it at the cut (epoch 1), but going on would leave the last two points less
-    than their one epoch each: the budget stops it there, and the other two after their epoch."""
-    values = {"sampler": "grid", "pruner": "budget", "learning_rate": "0.00001,0.01,0.005,0.003", "epochs": "4"}
-    result = _sweep(tmp_path, values, "budget", timeout=260)
-    _, parent, trials = _parent_and_children(tmp_path, "budget")
-    epochs = {number: int(run.data.metrics[names.EPOCHS_COMPLETED]) for number, run in trials.items()}
-    assert epochs == {0: 4, 1: 1, 2: 1, 3: 1}
-    assert trials[1].data.metrics[names.VAL_ACCURACY] > 2 * trials[0].data.metrics[names.VAL_ACCURACY]  # it led
-    for number in (1, 2, 3):
-        run = trials[number]
-        assert run.info.status == "KILLED" and run.data.tags[names.TAG_STOP_REASON] == names.STOP_PRUNED
-        assert f"Trial {number} pruned after epoch 1" in result.stdout
-    assert trials[0].info.status == "FINISHED" and parent.data.tags[names.TAG_BEST_RUN_ID] == trials[0].info.run_id
-
-
-@pytest.mark.timeout(300)
-def test_a_trial_paused_at_the_cut_that_proves_to_lead_is_continued_from_its_epoch_with_its_record_kept(tmp_path):
-    """6 grid points of 4 epochs may train 12 epochs. The first (a large rate) leads at the cut (epoch 1) and trains
-    to its end; the second (a smaller rate) is behind it there, judged against it alone, and is paused; the four
-    tiny rates after it pause too. That leaves 3 epochs, and the second point ranks second of six at the cut (a third
-    of six go on): trial 6 continues its run from epoch 2, on its saved weights, optimizer and counters."""
+def test_the_budget_pruner_holds_a_sweep_to_half_the_epochs_and_continues_the_paused_trials_that_lead(tmp_path):
+    """6 grid points of 4 epochs may train 12 epochs; a trial goes on at the cut (epoch 1) only among the best third
+    of those there, so none of the first two (ASHA's promotion: a trial alone there proves nothing). The large rate,
+    first, and the smaller one, second, are paused; the four tiny rates after them rank lower and pause. That leaves
+    6 epochs, and the first two rank first and second of the six at the cut: trials 6 and 7 continue their runs
+    from epoch 2, best first, on their saved weights, optimizer and counters."""
     values = {"sampler": "grid", "pruner": "budget", "epochs": "4",
               "learning_rate": "0.01,0.001,0.00001,0.00002,0.00003,0.00004"}
     result = _sweep(tmp_path, values, "continued", timeout=260)
     client, parent, trials = _parent_and_children(tmp_path, "continued")
     epochs = {number: int(run.data.metrics[names.EPOCHS_COMPLETED]) for number, run in trials.items()}
     assert epochs == {0: 4, 1: 4, 2: 1, 3: 1, 4: 1, 5: 1}  # 12 epochs: the budget, all of it
-    assert "Trial 1 pruned after epoch 1" in result.stdout
-    assert "Trial 6 continues trial 1 from epoch 2: learning_rate=0.001" in result.stdout
+    for number in range(6):
+        assert f"Trial {number} pruned after epoch 1" in result.stdout
+    assert "Trial 6 continues trial 0 from epoch 2: learning_rate=0.01" in result.stdout
+    assert "Trial 7 continues trial 1 from epoch 2: learning_rate=0.001" in result.stdout
     study = optuna.load_study(study_name=parent.data.tags[names.TAG_STUDY_NAME],
                               storage=optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(
                                   str(tmp_path / JOURNAL_FILE))))
-    paused, continuation = study.trials[1], study.trials[6]
+    paused, continuation = study.trials[1], study.trials[7]
     assert paused.state.name == "PRUNED" and list(paused.intermediate_values) == [0]
-    assert paused.intermediate_values[0] < study.trials[0].intermediate_values[0]  # it was behind at the cut
+    assert paused.intermediate_values[0] > max(study.trials[n].intermediate_values[0] for n in range(2, 6))
     assert continuation.state.name == "COMPLETE" and continuation.user_attrs["continues_trial"] == 1
     assert list(continuation.intermediate_values) == [1, 2, 3]  # the epochs after the cut only
     run = trials[1]
@@ -182,17 +167,20 @@ def test_a_trial_paused_at_the_cut_that_proves_to_lead_is_continued_from_its_epo
     assert continuation.value == run.data.metrics[names.TEST_ACCURACY]
     assert run.info.status == "FINISHED" and run.info.run_name == "trial-1"
     assert run.data.tags[names.TAG_TRIAL_STATE] == "finished" and run.data.tags[names.TAG_STOP_REASON] != "pruned"
-    assert (run.data.tags[names.TAG_CONTINUED_BY_TRIAL], run.data.tags[names.TAG_RESUMED_FROM_EPOCH]) == ("6", "1")
+    assert (run.data.tags[names.TAG_CONTINUED_BY_TRIAL], run.data.tags[names.TAG_RESUMED_FROM_EPOCH]) == ("7", "1")
     val = client.get_metric_history(run.info.run_id, names.VAL_ACCURACY)
     assert sorted(metric.step for metric in val) == [0, 1, 2, 3]  # every epoch once, the paused one kept
     assert next(metric.value for metric in val if metric.step == 0) == pytest.approx(paused.intermediate_values[0])
     loss = {metric.step: metric.value for metric in client.get_metric_history(run.info.run_id, names.LOSS)}
     assert loss[1] < 0.8 * loss[0]  # the curve goes on: a model trained again from scratch starts near loss[0]
+    for number in range(2, 6):
+        assert trials[number].info.status == "KILLED" and trials[number].data.tags[names.TAG_TRIAL_STATE] == "pruned"
     assert (parent.data.tags[names.TAG_FINISHED_TRIALS], parent.data.tags[names.TAG_PRUNED_TRIALS]) == ("2", "4")
-    assert "7 trials (2 finished, 4 pruned, 0 failed; 1 paused, then continued by a later trial)" in result.stdout
+    assert "8 trials (2 finished, 4 pruned, 0 failed; 2 paused, then continued by a later trial)" in result.stdout
     rows = pd.read_csv(client.download_artifacts(parent.info.run_id, names.SWEEP_TRIALS_FILE, str(tmp_path)))
     rows = rows.set_index("trial")
-    assert (rows.loc[1, "state"], rows.loc[6, "state"], rows.loc[6, "continues"]) == ("continued", "finished", 1)
+    assert list(rows["state"]) == ["continued"] * 2 + ["pruned"] * 4 + ["finished"] * 2
+    assert (rows.loc[6, "continues"], rows.loc[7, "continues"]) == (0, 1)
 
 
 @pytest.fixture

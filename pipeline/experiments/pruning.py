@@ -26,8 +26,9 @@ class BudgetPruner(optuna.pruners.BasePruner):
     `trials * epochs` epochs, and spends them on the trials that lead early.
 
     Every trial trains `cut` epochs (a quarter of `epochs`, at least one: earlier, a trial's validation score
-    ranks its final one poorly). There it goes on only if its value ranks among the best `keep` part of the
-    trials that reached that epoch so far, itself included (the first trial always goes on); `keep` is the part
+    ranks its final one poorly). There it goes on only if its value ranks among the best `keep` part, rounded
+    down, of the trials that reached that epoch so far, itself included: none of the first `1 / keep` trials
+    goes on there (ASHA's promotion rule: the first trial alone proves nothing); `keep` is the part
     of the trials that the budget left after everyone's `cut` epochs can train to the end,
     `(share * epochs - cut) / (epochs - cut)`: a third for 12 epochs and half. A trial that goes on trains to its
     end, except that it stops as soon as going on would leave too few epochs to give every trial not yet
@@ -36,7 +37,7 @@ class BudgetPruner(optuna.pruners.BasePruner):
     (one per epoch); trials running in other processes count what they reported so far.
 
     A trial stopped at the cut is paused, not judged for good: it was compared with the trials that had reached the
-    cut before it, and early in a study those are few (the first trial alone sets the second one's bar). Once every
+    cut before it, and early in a study those are few. Once every
     trial has started, `to_continue` names the paused trial that ranks among the best `keep` part of all the trials
     at the cut, best first, while the budget left affords its remaining epochs: the sweep continues it from its
     saved state (ASHA's late promotion, continued as Keras Tuner's Hyperband continues a promoted trial), as a new
@@ -117,8 +118,10 @@ class BudgetPruner(optuna.pruners.BasePruner):
         sign = 1 if direction == StudyDirection.MAXIMIZE else -1
         values = sorted((sign * other.intermediate_values[step] for other in trials
                          if step in other.intermediate_values), reverse=True)
-        return sign * value >= values[self._places(len(values)) - 1]
+        places = self._places(len(values))
+        return places > 0 and sign * value >= values[places - 1]
 
     def _places(self, reached: int) -> int:
-        """How many of the `reached` trials at the cut go on (at least the best)."""
-        return max(1, math.floor(reached * self.keep))
+        """How many of the `reached` trials at the cut go on: the best `keep` part, rounded down, so none while
+        fewer than `1 / keep` trials are there (ASHA's promotion rule)."""
+        return math.floor(reached * self.keep)
