@@ -103,6 +103,14 @@ class _NoContinuation(_FirstGoesOn):
         return None
 
 
+class _AllPaused(BudgetPruner):
+    """Synchronous successive halving on the budget: every trial pauses at the cut, and the best third there of all
+    the trials is continued at the end."""
+
+    def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+        return trial.last_step == self.cut - 1 or super().prune(study, trial)
+
+
 class _RoundingUp(BudgetPruner):
     """The budget rule keeping ceil(n * keep) trials at the cut rather than floor (at least one): more of the
     first few trials go on."""
@@ -122,6 +130,7 @@ def _halving(min_resource: int, factor: int) -> Callable[[int, int], optuna.prun
 RULES: dict[str, Callable[[int, int], optuna.pruners.BasePruner]] = {
     "budget: ASHA's promotion, paused trials continued (default)": BudgetPruner,
     "budget: the first trial goes on, paused trials continued": _FirstGoesOn,
+    "budget: every trial paused at the cut, the best third continued": _AllPaused,
     "budget: the first trial goes on, never continued (until 2026-12-07)": _NoContinuation,
     "budget, keeping ceil(n/3)": lambda trials, epochs: _RoundingUp(trials, epochs),
     "budget cut 2": _budget(2),
