@@ -106,6 +106,7 @@ class _Rule:
         change_rule: the caller asked to replace the model's rule by `requested`.
         replaced: the model's rule (as stored) that `ranking` replaces; None when it does not change.
         write: the model exists and its tag must be written (a change, or a model without the tag).
+        new_model: the model did not exist: the registration creates it with `ranking`.
     """
 
     ranking: Ranking
@@ -113,6 +114,7 @@ class _Rule:
     change_rule: bool
     replaced: str | None = None
     write: bool = False
+    new_model: bool = False
 
 
 def _rule_to_apply(client: MlflowClient, model_name: str, requested: Ranking | None, change_rule: bool) -> _Rule:
@@ -126,7 +128,7 @@ def _rule_to_apply(client: MlflowClient, model_name: str, requested: Ranking | N
     except MlflowException as error:
         if error.error_code != ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
             raise
-        return _Rule(requested or Ranking(), requested, change_rule)  # a new model is created with it
+        return _Rule(requested or Ranking(), requested, change_rule, new_model=True)  # created with it
     text = stored_rule_text(model)
     if change_rule and requested is not None and (text is None or Ranking.from_rule_text(text) != requested):
         return _Rule(requested, requested, change_rule, replaced=text or Ranking().rule_text, write=True)
@@ -212,7 +214,8 @@ def _register(
     """register_run for a run whose logged model is known."""
     if dry_run:
         return _plan(client, model_name, run, rule)
-    if not create_registered_model(client, model_name, rule.ranking):
+    # an existing model is not created again: that write would wait behind another process's version being created
+    if not (rule.new_model and create_registered_model(client, model_name, rule.ranking)):
         # it existed, or another process created it meanwhile (with its own rule): decide again
         rule = _rule_to_apply(client, model_name, rule.requested, rule.change_rule)
         if rule.write:
