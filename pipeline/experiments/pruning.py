@@ -21,6 +21,11 @@ def continues(trial: optuna.trial.FrozenTrial) -> int | None:
     return None if number is None else int(number)
 
 
+def continued_trials(trials: list[optuna.trial.FrozenTrial]) -> set[int]:
+    """The numbers of the paused trials that a trial of `trials` continues (or is queued to)."""
+    return {number for trial in trials if (number := continues(trial)) is not None}
+
+
 class BudgetPruner(optuna.pruners.BasePruner):
     """Prunes a study of `trials` trials of at most `epochs` epochs so that it trains at most `share` of their
     `trials * epochs` epochs, and spends them on the trials that lead early.
@@ -90,7 +95,7 @@ class BudgetPruner(optuna.pruners.BasePruner):
         if self._not_started(trials):
             return None
         step, sign = self.cut - 1, 1 if study.direction == StudyDirection.MAXIMIZE else -1
-        continued = {continues(trial) for trial in trials}
+        continued = continued_trials(trials)
         paused = sorted((trial for trial in trials if trial.state == TrialState.PRUNED
                          and step in trial.intermediate_values and trial.number not in continued),
                         key=lambda trial: -sign * trial.intermediate_values[step])

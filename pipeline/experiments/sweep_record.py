@@ -21,7 +21,7 @@ from optuna.trial import TrialState
 
 from pipeline import constants as names
 from pipeline.experiments.comparison import KEY_PARAMETERS, console_text, run_table
-from pipeline.experiments.pruning import continues
+from pipeline.experiments.pruning import continued_trials, continues
 from pipeline.experiments.runs import Ranking, logged_models_by_run, runs_frame
 from pipeline.experiments.study import ERROR_ATTR, RUN_ID_ATTR, TRIAL_STATES, SharedStudy, study_lock
 
@@ -63,7 +63,7 @@ class SweepSummary:
 def summarize(client: MlflowClient, shared: SharedStudy, ranking: Ranking, experiment_id: str) -> SweepSummary:
     """The trials table: Optuna's trials joined to their MLflow runs (`mlflow.search_runs`)."""
     trials = shared.study.get_trials(deepcopy=False)
-    continued = {continues(trial) for trial in trials if trial.state != TrialState.WAITING}
+    continued = continued_trials([trial for trial in trials if trial.state != TrialState.WAITING])
     rows = pd.DataFrame({
         "trial": [trial.number for trial in trials],
         "state": [CONTINUED if trial.number in continued else TRIAL_STATES[trial.state] for trial in trials],

@@ -144,16 +144,14 @@ class TrialRunner:
         keras.backend.clear_session()  # each trial starts from a fresh Keras state, as a run of its own does
         try:
             result = run_training(config, run_id=run_id, pruning=pruning, continue_pruned=paused is not None)
-        except RunNotResumable as refusal:
-            self._end(run_id, shown, TrialState.FAIL if paused is None else TrialState.PRUNED)
-            if paused is None:
-                raise
-            # e.g. its saved states cannot be read: this continuation fails, the sweep goes on, the run stays pruned
-            error = f"trial {paused} cannot be continued: {first_line(refusal, 300)}"
-            logger.warning("Trial %d failed: %s", number, error)
-            trial.set_user_attr(ERROR_ATTR, error)
-            raise TrialFailed(error) from None
-        except (UserInputError, TrackingUnavailable):
+        except (UserInputError, TrackingUnavailable) as error:
+            if paused is not None and isinstance(error, RunNotResumable):
+                # e.g. its saved states cannot be read: this continuation fails, the sweep goes on, the run stays
+                self._end(run_id, shown, TrialState.PRUNED)
+                reason = f"trial {paused} cannot be continued: {first_line(error, 300)}"
+                logger.warning("Trial %d failed: %s", number, reason)
+                trial.set_user_attr(ERROR_ATTR, reason)
+                raise TrialFailed(reason) from None
             self._end(run_id, shown, TrialState.FAIL)
             raise
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM: Optuna fails the trial, the sweep stops

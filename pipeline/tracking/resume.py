@@ -88,7 +88,8 @@ def find_resume_point(
         return None  # nothing of ours has happened in this run yet (e.g. `mlflow run` just made it)
     if run_type != names.RUN_TYPE_TRAINING:
         raise RunNotResumable(f"run {run_id} is a {run_type} run, not a training run")
-    if run.data.tags.get(names.TAG_STOP_REASON) == names.STOP_PRUNED and not continue_pruned:
+    pruned = run.data.tags.get(names.TAG_STOP_REASON) == names.STOP_PRUNED
+    if pruned and not continue_pruned:
         raise RunNotResumable(
             f"run {run_id} is a sweep trial its pruner stopped (stop_reason={names.STOP_PRUNED}); a pruned trial "
             "is not trained again (start a new run, or continue the sweep's study)"
@@ -104,7 +105,7 @@ def find_resume_point(
             f"(recorded -> given): {'; '.join(differences)}"
         )
     state = _download_state(client, run_id)
-    if state is None and run.data.tags.get(names.TAG_STOP_REASON) == names.STOP_PRUNED:
+    if state is None and pruned:
         raise RunNotResumable(f"run {run_id} is a pruned sweep trial that holds no saved training state to "
                               "continue from")  # trained again from its first epoch, it would pay for them twice
     return ResumePoint(state=state, dataset_digest=run.data.tags.get(names.TAG_DATASET_DIGEST))
