@@ -36,6 +36,56 @@ def _parent_and_children(tmp_path: Path, experiment: str):
 
 
 @pytest.mark.timeout(120)
+def test_a_paused_trial_whose_run_cannot_be_continued_fails_its_continuation_and_the_sweep_goes_on(sqlite_store):
+    """The budget pruner names a paused trial whose run holds no saved state (e.g. its state files were deleted):
+    its continuation fails with the reason, the run stays as its pruner left it, and the sweep ends instead of
+    offering the same trial again. The sweep's own trial loop, in this process, on a real store and journal."""
+    from pipeline.config import parse_parameters
+    from pipeline.experiments.pruning import CONTINUES_ATTR
+    from pipeline.experiments.runs import Ranking
+    from pipeline.experiments.study import ERROR_ATTR, RUN_ID_ATTR, SearchPlan, SharedStudy
+    from pipeline.experiments.sweep_record import summarize
+    from pipeline.experiments.trials import TrialRunner
+    from pipeline.search_space import SWEEP_PARAMETERS
+
+    options = parse_parameters(SWEEP_PARAMETERS, FIXED | {"dropout": "0.0,0.1,0.2", "sampler": "tpe", "trials": "3"})
+    plan = SearchPlan.from_options(options)
+    client = MlflowClient()
+    parent = client.create_run("0", run_name="sweep").info.run_id
+    location = str(Path(sqlite_store.removeprefix("sqlite:///")).with_name(JOURNAL_FILE))
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(location))
+    study = optuna.create_study(storage=storage, direction=plan.direction, pruner=plan.make_pruner())
+    runs = []
+    for value in (0.9, 0.5, 0.4):  # each paused at the cut (epoch 1 of 4); the first leads
+        trial = study.ask()
+        plan.space.suggest(trial)
+        run_id = client.create_run("0", run_name=f"trial-{trial.number}-pruned", tags={
+            "mlflow.parentRunId": parent, names.TAG_RUN_TYPE: names.RUN_TYPE_TRAINING,
+            names.TAG_STOP_REASON: names.STOP_PRUNED, names.TAG_TRIAL_STATE: "pruned"}).info.run_id
+        client.set_terminated(run_id, "KILLED")  # as a pruned trial's run ends; no state saved
+        trial.set_user_attr(RUN_ID_ATTR, run_id)
+        trial.report(value, 0)
+        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        runs.append(run_id)
+    assert study.pruner.to_continue(study).number == 0  # the premise: the budget continues trial 0
+
+    TrialRunner(client, SharedStudy(study, storage, location, parent, created=True), plan, Ranking(), "0").run()
+
+    [continuation] = [trial for trial in study.trials if CONTINUES_ATTR in trial.user_attrs]
+    assert (continuation.number, continuation.state) == (3, optuna.trial.TrialState.FAIL)
+    assert continuation.user_attrs[ERROR_ATTR] == (
+        f"trial 0 cannot be continued: run {runs[0]} is a pruned sweep trial that holds no saved training state "
+        "to continue from")
+    run = client.get_run(runs[0])
+    assert (run.info.status, run.info.run_name) == ("KILLED", "trial-0-pruned")
+    assert run.data.tags[names.TAG_TRIAL_STATE] == "pruned" and names.TAG_CONTINUED_BY_TRIAL not in run.data.tags
+    assert study.pruner.to_continue(study) is None  # not offered again
+    table = summarize(client, SharedStudy(study, storage, location, parent, created=True), Ranking(), "0").table
+    assert list(table["state"]) == ["pruned", "pruned", "pruned", "failed"]  # not "continued": it trained no epoch
+    assert table["continues"].tolist()[3] == 0
+
+
+@pytest.mark.timeout(120)
 def test_a_pruned_trial_is_never_the_best_even_when_its_record_scores_best(tmp_path, sqlite_store):
     """A pruned trial keeps its whole record, test_accuracy included: even when that beats every finished
     trial, the best trial is a finished one. Real store and journal; the trials' runs with their metrics."""
@@ -137,7 +187,7 @@ def test_a_trial_the_pruner_would_stop_at_its_last_epoch_finishes(tmp_path):
     assert study.trials[3].value == last.data.metrics[names.TEST_ACCURACY]
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(480)  # one sweep process of 8 trials: minutes on a slow CPU beside a training
 def test_the_budget_pruner_holds_a_sweep_to_half_the_epochs_and_continues_the_paused_trials_that_lead(tmp_path):
     """6 grid points of 4 epochs may train 12 epochs; a trial goes on at the cut (epoch 1) only among the best third
     of those there, so none of the first two (ASHA's promotion: a trial alone there proves nothing). The large rate,
@@ -146,7 +196,7 @@ def test_the_budget_pruner_holds_a_sweep_to_half_the_epochs_and_continues_the_pa
     from epoch 2, best first, on their saved weights, optimizer and counters."""
     values = {"sampler": "grid", "pruner": "budget", "epochs": "4",
               "learning_rate": "0.01,0.001,0.00001,0.00002,0.00003,0.00004"}
-    result = _sweep(tmp_path, values, "continued", timeout=260)
+    result = _sweep(tmp_path, values, "continued", timeout=420)
     client, parent, trials = _parent_and_children(tmp_path, "continued")
     epochs = {number: int(run.data.metrics[names.EPOCHS_COMPLETED]) for number, run in trials.items()}
     assert epochs == {0: 4, 1: 4, 2: 1, 3: 1, 4: 1, 5: 1}  # 12 epochs: the budget, all of it

@@ -41,9 +41,9 @@ class SweepSummary:
     Args:
         parent_run_id: the parent run.
         table: one row per trial in trial order: trial (Optuna's number, from 0), state (`CONTINUED` for a paused
-            trial that a later one continued), the trial it continues (if any), run, the trial's parameters,
-            the run's final metrics (the ranking metric among them), best val_accuracy and its epoch, stop
-            reason, error.
+            trial that a later one is training or trained further), the trial it continues (if any), run, the
+            trial's parameters, the run's final metrics (the ranking metric among them), best val_accuracy and its
+            epoch, stop reason, error.
         best: the best finished trial's row (None while no trial has finished).
         running: how many trials are still running (in any process).
     """
@@ -63,7 +63,10 @@ class SweepSummary:
 def summarize(client: MlflowClient, shared: SharedStudy, ranking: Ranking, experiment_id: str) -> SweepSummary:
     """The trials table: Optuna's trials joined to their MLflow runs (`mlflow.search_runs`)."""
     trials = shared.study.get_trials(deepcopy=False)
-    continued = continued_trials([trial for trial in trials if trial.state != TrialState.WAITING])
+    # a paused trial is shown continued once a later trial is training it or trained it further: not when that
+    # trial failed before its first epoch (e.g. the run could not be continued)
+    continued = continued_trials([trial for trial in trials if trial.state != TrialState.WAITING
+                                  and (trial.state != TrialState.FAIL or trial.intermediate_values)])
     rows = pd.DataFrame({
         "trial": [trial.number for trial in trials],
         "state": [CONTINUED if trial.number in continued else TRIAL_STATES[trial.state] for trial in trials],

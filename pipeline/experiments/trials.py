@@ -147,6 +147,8 @@ class TrialRunner:
         except (UserInputError, TrackingUnavailable) as error:
             if paused is not None and isinstance(error, RunNotResumable):
                 # e.g. its saved states cannot be read: this continuation fails, the sweep goes on, the run stays
+                # as its pruner left it
+                self.client.delete_tag(run_id, names.TAG_CONTINUED_BY_TRIAL)
                 self._end(run_id, shown, TrialState.PRUNED)
                 reason = f"trial {paused} cannot be continued: {first_line(error, 300)}"
                 logger.warning("Trial %d failed: %s", number, reason)
