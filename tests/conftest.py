@@ -213,12 +213,37 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if unit != item.nodeid:
             item.add_marker(pytest.mark.xdist_group(unit))
     items.sort(key=lambda item: (-cost[_unit(item)], first[_unit(item)]))
+    if not hasattr(config, "workerinput"):  # a run without xdist (with it, the controller hears of the ids)
+        _note_unmeasured([item.nodeid for item in items])
+
+
+def _without_group(nodeid: str) -> str:
+    """A test id without xdist's "@group" suffix."""
+    return nodeid.rsplit("@", 1)[0] if "@" in nodeid and nodeid.rfind("@") > nodeid.rfind("]") else nodeid
+
+
+_unmeasured: set[str] = set()  # the collected tests that DURATIONS_FILE does not hold (in the controller)
+
+
+def _note_unmeasured(ids: list[str]) -> None:
+    seconds = json.loads(DURATIONS_FILE.read_text()) if DURATIONS_FILE.exists() else {}
+    _unmeasured.update(nodeid for nodeid in map(_without_group, ids) if nodeid not in seconds)
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Names the tests run without a recorded duration: each counted 1 s, a long one among them ran last and
+    kept the other worker idle (refresh DURATIONS_FILE: docs/tests.md, "Time")."""
+    if _unmeasured:
+        terminalreporter.write_line(
+            f"{len(_unmeasured)} tests not in {DURATIONS_FILE.name} (ordered as {UNKNOWN_TEST_SECONDS:g} s each), e.g. "
+            f"{min(_unmeasured)}: refresh it with a whole run under {RECORD_DURATIONS}=1")
 
 
 def pytest_xdist_node_collection_finished(node: Any, ids: list[str]) -> None:
     """Stops the run when a worker's test ids came without KEPT_ON_ONE_WORKER's groups: `--dist loadgroup` would
     spread those modules over every worker, each building the module's training or servers again (pytest 9.2
     with xdist 3.8 did so silently, pytest-xdist#1386; pyproject.toml keeps pytest below 9.2)."""
+    _note_unmeasured(ids)
     if node.config.getvalue("dist") != "loadgroup":
         return
     lost = [nodeid for nodeid in ids if nodeid.split("::", 1)[0] in KEPT_ON_ONE_WORKER and "@" not in nodeid]
@@ -234,9 +259,7 @@ _durations: dict[str, float] = {}
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     """With MNIST_TESTS_RECORD_DURATIONS=1: adds up each test's phases (in the controller, from every worker)."""
     if os.environ.get(RECORD_DURATIONS) == "1":
-        nodeid = report.nodeid
-        if "@" in nodeid and nodeid.rfind("@") > nodeid.rfind("]"):  # xdist's "@group" suffix
-            nodeid = nodeid.rsplit("@", 1)[0]
+        nodeid = _without_group(report.nodeid)
         _durations[nodeid] = _durations.get(nodeid, 0.0) + report.duration
 
 
