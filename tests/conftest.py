@@ -254,6 +254,32 @@ def pytest_xdist_node_collection_finished(node: Any, ids: list[str]) -> None:
 
 
 _durations: dict[str, float] = {}
+# Set to a file: each test's CPU-seconds (this process's and its ended child processes') appended to it as a JSON line,
+# from each worker: where the suite's CPU goes (docs/tests.md, "Time"). A module fixture's servers count towards the
+# test during which they end.
+RECORD_CPU = "MNIST_TESTS_RECORD_CPU"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    """With MNIST_TESTS_RECORD_CPU=FILE: records the CPU time each test took (set-up and tear-down included)."""
+    target = os.environ.get(RECORD_CPU)
+    if not target:
+        yield
+        return
+    import resource
+    import time
+
+    def cpu() -> tuple[float, float]:
+        own, children = (resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+        return own.ru_utime + own.ru_stime, children.ru_utime + children.ru_stime
+
+    (own, children), wall = cpu(), time.monotonic()
+    yield
+    (own_after, children_after), wall = cpu(), time.monotonic() - wall
+    with open(target, "a") as records:
+        records.write(json.dumps({"test": _without_group(item.nodeid), "cpu": round(own_after - own, 2),
+                                  "children_cpu": round(children_after - children, 2), "wall": round(wall, 2)}) + "\n")
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
