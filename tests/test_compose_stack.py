@@ -58,7 +58,7 @@ BUCKET = "mlflow-artifacts"
 LONG_RUNNING = ("postgres", "objectstore", "mlflow", "proxy")
 # Where the proxy keeps its internal CA's root certificate (docs/team-server.md copies it out from there).
 CA_IN_PROXY = "/data/caddy/pki/authorities/local/root.crt"
-# A client process loading a model: Python, TensorFlow and MLflow start-up included; minutes when broken.
+# A client process loading a model and predicting, after its imports; minutes when broken (the client retries).
 LOAD_SECONDS = 60
 # The host's training is made weak on purpose, so that the trainer container's run beats it.
 HOST_VALUES = {"epochs": "1", "dataset": str(MNIST_SMALL), "learning_rate": "1e-05"}

@@ -31,7 +31,7 @@ from tests.helpers import MNIST_SMALL, PROJECT_DIR, free_ports, predict_in_new_p
 pytestmark = pytest.mark.slow
 
 BUCKET = "mlflow-artifacts"
-# A client process loading a model: Python, TensorFlow and MLflow start-up included; minutes when broken.
+# A client process loading a model and predicting, after its imports; minutes when broken (the client retries).
 LOAD_SECONDS = 60
 # `runs:/<id>/model` the same way: the client's first request (the run artifact `model`) must fail at once.
 RUNS_URI_SECONDS = 30
