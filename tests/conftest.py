@@ -213,8 +213,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if unit != item.nodeid:
             item.add_marker(pytest.mark.xdist_group(unit))
     items.sort(key=lambda item: (-cost[_unit(item)], first[_unit(item)]))
-    if not hasattr(config, "workerinput"):  # a run without xdist (with it, the controller hears of the ids)
-        _note_unmeasured([item.nodeid for item in items])
 
 
 def _without_group(nodeid: str) -> str:
@@ -222,7 +220,8 @@ def _without_group(nodeid: str) -> str:
     return nodeid.rsplit("@", 1)[0] if "@" in nodeid and nodeid.rfind("@") > nodeid.rfind("]") else nodeid
 
 
-_unmeasured: set[str] = set()  # the collected tests that DURATIONS_FILE does not hold (in the controller)
+# The tests the workers collected that DURATIONS_FILE does not hold (in the controller: the order matters only there)
+_unmeasured: set[str] = set()
 
 
 def _note_unmeasured(ids: list[str]) -> None:
