@@ -194,6 +194,11 @@ def server_store(tracking_server: TrackingServer, monkeypatch: pytest.MonkeyPatc
     tracking_server.start()
 
 
+def _recorded_durations() -> dict[str, float]:
+    """DURATIONS_FILE's seconds per test id (none when it is missing)."""
+    return json.loads(DURATIONS_FILE.read_text()) if DURATIONS_FILE.exists() else {}
+
+
 def _unit(item: pytest.Item) -> str:
     """What one worker runs as a whole: a module of KEPT_ON_ONE_WORKER, or one test."""
     module = item.nodeid.split("::", 1)[0]
@@ -203,7 +208,7 @@ def _unit(item: pytest.Item) -> str:
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the xdist_group marks
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Longest unit first (a unit's own tests keep their order); KEPT_ON_ONE_WORKER's modules as xdist groups."""
-    seconds = json.loads(DURATIONS_FILE.read_text()) if DURATIONS_FILE.exists() else {}
+    seconds = _recorded_durations()
     cost: dict[str, float] = {}
     first: dict[str, int] = {}
     for index, item in enumerate(items):
@@ -225,7 +230,7 @@ _unmeasured: set[str] = set()
 
 
 def _note_unmeasured(ids: list[str]) -> None:
-    seconds = json.loads(DURATIONS_FILE.read_text()) if DURATIONS_FILE.exists() else {}
+    seconds = _recorded_durations()
     _unmeasured.update(nodeid for nodeid in map(_without_group, ids) if nodeid not in seconds)
 
 
