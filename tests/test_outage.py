@@ -182,8 +182,9 @@ class _SlowProxyHandler(socketserver.BaseRequestHandler):
 
 
 def test_a_server_that_falls_behind_loses_no_metric_and_the_run_says_so(server_store, tmp_path):
-    """Every chunk delayed 0.15 s: a 3 MB state takes seconds to send, far past a 1 s `behind` bound."""
-    with _SlowProxy((server_store.host, server_store.port), delay=0.15) as proxy:
+    """Every chunk delayed 0.05 s (each request at least 0.1 s there and back): a 3 MB state takes seconds to
+    send, far past a 1 s `behind` bound, while an epoch takes about one."""
+    with _SlowProxy((server_store.host, server_store.port), delay=0.05) as proxy:
         threading.Thread(target=proxy.serve_forever, daemon=True).start()
         env = server_store.client_environment() | {"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{proxy.server_address[1]}",
                                                    "MNIST_PIPELINE_BEHIND_SECONDS": "1"}
