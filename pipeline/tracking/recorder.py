@@ -79,7 +79,7 @@ class RunRecorder:
 
     Attributes:
         max_lag: the longest a delivered record waited between being queued and being through, in
-            seconds (what `recording_max_lag_seconds` records).
+            seconds (what `recording_max_lag_seconds` records; that tag's own wait does not count).
     """
 
     def __init__(
@@ -388,9 +388,10 @@ class RunRecorder:
         """Called once `record` left the queue, with the condition held. When a backlog has just been
         sent, says so and queues the tag recording the longest wait."""
         lag = time.monotonic() - record.queued_at
-        self.max_lag = max(self.max_lag, lag)
-        if self._behind_since is None and lag > self.behind_after and record is not self._lag_report:
-            self._start_backlog(record.queued_at, lag)  # (the report of the last backlog starts none)
+        if record is not self._lag_report:  # the report of the last backlog neither counts nor starts one
+            self.max_lag = max(self.max_lag, lag)
+            if self._behind_since is None and lag > self.behind_after:
+                self._start_backlog(record.queued_at, lag)
         if self._pending or self._behind_since is None:
             return
         logger.info(
