@@ -320,3 +320,29 @@ def test_a_storage_password_is_never_shown_or_recorded():
     line = run_cli_here(["sweep", "--storage", "postgresql+psycopg2://optuna:s3cret@127.0.0.1:1/x"],
                         MLFLOW_TRACKING_URI="sqlite:///:memory:").stderr
     assert "s3cret" not in line and "storage=" in line
+
+
+@pytest.mark.timeout(120)
+def test_processes_opening_a_new_study_database_at_once_all_get_it(study_database, tmp_path):
+    """Sweep pods started together on a fresh PostgreSQL database all create Optuna's schema: released from one
+    barrier, each opens the storage; the losers of the race (a unique violation on an enum type) open it again."""
+    import threading
+
+    from pipeline.experiments.study import open_storage
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    barrier, results = threading.Barrier(4), []
+
+    def open_it() -> None:
+        barrier.wait()
+        try:
+            results.append(type(open_storage(study_database, "", client)[0]).__name__)
+        except Exception as error:  # noqa: BLE001 - reported by the assertion below
+            results.append(repr(error))
+
+    threads = [threading.Thread(target=open_it) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert results == ["RDBStorage"] * 4, results

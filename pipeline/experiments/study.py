@@ -166,12 +166,7 @@ def open_storage(storage: str, tracking_uri: str, client: MlflowClient) -> tuple
         storage = str((_local_store_directory(tracking_uri) or USER_CACHE) / JOURNAL_FILE)
     try:
         if "://" in storage:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats
-                return RDBStorage(
-                    storage, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS,
-                    heartbeat_stale_trial_callback=_FailRun(client),
-                ), storage
+            return _database_storage(storage, client), storage
         path = Path(storage).expanduser().absolute()
         path.parent.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(str(path))), str(path)
@@ -179,6 +174,31 @@ def open_storage(storage: str, tracking_uri: str, client: MlflowClient) -> tuple
         reason = " ".join(str(error).split("(Background on this error")[0].split())[:160]  # SQLAlchemy's link
         raise ParameterError("storage", shown_location(storage),
                              f"a reachable database URL or a writable file ({reason})") from None
+
+
+# Processes started together on a new database all create Optuna's tables: the losers of that race meet the
+# winner's objects (PostgreSQL: a unique violation on an enum type or table) and open the storage again.
+SCHEMA_RACE_ATTEMPTS = 5
+
+
+def _database_storage(storage: str, client: MlflowClient) -> RDBStorage:
+    from sqlalchemy.exc import IntegrityError, ProgrammingError
+
+    for attempt in range(1, SCHEMA_RACE_ATTEMPTS + 1):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats
+                return RDBStorage(
+                    storage, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS,
+                    heartbeat_stale_trial_callback=_FailRun(client),
+                )
+        except (IntegrityError, ProgrammingError) as error:  # another process created the schema at the same time
+            if attempt == SCHEMA_RACE_ATTEMPTS:
+                raise
+            logger.info("Study database schema created by another process at the same time (%s); opening it again",
+                        type(error.orig).__name__)
+            time.sleep(0.2 * attempt)
+    raise AssertionError("unreachable")
 
 
 def shown_location(location: str) -> str:
