@@ -4,6 +4,7 @@ file or PostgreSQL database; pruning, parallel workers, a killed worker, a conti
 from __future__ import annotations
 
 import subprocess
+import threading
 from pathlib import Path
 
 import optuna
@@ -12,7 +13,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline import constants as names
-from pipeline.experiments.study import JOURNAL_FILE
+from pipeline.experiments.study import JOURNAL_FILE, open_storage
 from tests.conftest import create_database, drop_database
 from tests.helpers import MNIST_SMALL, PROJECT_DIR, cli_options, one_line_error, run_cli, run_cli_here
 
@@ -323,13 +324,10 @@ def test_a_storage_password_is_never_shown_or_recorded():
 
 
 @pytest.mark.timeout(120)
-def test_processes_opening_a_new_study_database_at_once_all_get_it(study_database, tmp_path):
+def test_sweeps_opening_a_new_study_database_at_once_all_get_it(study_database, tmp_path):
     """Sweep pods started together on a fresh PostgreSQL database all create Optuna's schema: released from one
-    barrier, each opens the storage; the losers of the race (a unique violation on an enum type) open it again."""
-    import threading
-
-    from pipeline.experiments.study import open_storage
-
+    barrier (threads here, each with its own connection: the race is the database's), each opens the storage; the
+    losers of the race (a unique violation on an enum type) open it again."""
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     barrier, results = threading.Barrier(4), []
 

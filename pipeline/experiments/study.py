@@ -34,6 +34,7 @@ from pipeline import constants as names
 from pipeline.errors import ParameterError
 from pipeline.experiments.pruning import BudgetPruner, continues
 from pipeline.search_space import DEFAULT_TRIALS, Choices, SearchSpace
+from pipeline.tracking.retry import Backoff, retry
 
 logger = logging.getLogger(__name__)
 
@@ -177,28 +178,25 @@ def open_storage(storage: str, tracking_uri: str, client: MlflowClient) -> tuple
 
 
 # Processes started together on a new database all create Optuna's tables: the losers of that race meet the
-# winner's objects (PostgreSQL: a unique violation on an enum type or table) and open the storage again.
+# winner's objects and open the storage again. PostgreSQL's codes for it: unique_violation (an enum type's row in
+# pg_type), duplicate_table, duplicate_object.
+SCHEMA_RACE_CODES = frozenset({"23505", "42P07", "42710"})
 SCHEMA_RACE_ATTEMPTS = 5
+SCHEMA_RACE_BACKOFF = Backoff(first=0.2, longest=1.0, jitter=0.5)
+
+
+def _lost_the_schema_race(error: Exception) -> bool:
+    return getattr(getattr(error, "orig", None), "pgcode", None) in SCHEMA_RACE_CODES
 
 
 def _database_storage(storage: str, client: MlflowClient) -> RDBStorage:
-    from sqlalchemy.exc import IntegrityError, ProgrammingError
+    def open_it() -> RDBStorage:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats
+            return RDBStorage(storage, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS,
+                              heartbeat_stale_trial_callback=_FailRun(client))
 
-    for attempt in range(1, SCHEMA_RACE_ATTEMPTS + 1):
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats
-                return RDBStorage(
-                    storage, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS,
-                    heartbeat_stale_trial_callback=_FailRun(client),
-                )
-        except (IntegrityError, ProgrammingError) as error:  # another process created the schema at the same time
-            if attempt == SCHEMA_RACE_ATTEMPTS:
-                raise
-            logger.info("Study database schema created by another process at the same time (%s); opening it again",
-                        type(error.orig).__name__)
-            time.sleep(0.2 * attempt)
-    raise AssertionError("unreachable")
+    return retry(open_it, SCHEMA_RACE_ATTEMPTS, SCHEMA_RACE_BACKOFF, _lost_the_schema_race)
 
 
 def shown_location(location: str) -> str:
