@@ -30,7 +30,7 @@ import tensorflow as tf
 
 from pipeline.callbacks.worker_timing import gather_per_worker
 from pipeline.config import DEFAULT_STRATEGY, MIRRORED_STRATEGY, MULTI_WORKER_STRATEGY, TrainingConfig
-from pipeline.errors import ClusterConfigError, ClusterUnavailable, ParameterError
+from pipeline.errors import ClusterConfigError, ClusterUnavailable, ParameterError, first_line
 from pipeline.training.cluster import Cluster, read_cluster, wait_for_peers
 
 logger = logging.getLogger(__name__)
@@ -175,11 +175,22 @@ class Distribution:
         everyone = gather_per_worker(self.strategy, fingerprint, self.num_workers, dtype=tf.int64)
         differing = [str(worker) for worker, value in enumerate(everyone) if value != everyone[0]]
         if differing:
+            self._wait_until_everyone_knows()
             raise ClusterConfigError(
                 f"multi_worker: {'worker' if len(differing) == 1 else 'workers'} {', '.join(differing)} of "
                 f"{self.num_workers} started with other parameters or data than worker 0; start every worker "
                 "with the same ones"
             )
+
+    def _wait_until_everyone_knows(self) -> None:
+        """Returns once every worker holds the result of the last collective, before this one leaves: a peer may
+        still be reading it from this worker (a CI run beside a training had worker 1 fail with TensorFlow's
+        "Socket closed" when the chief stopped at once). A second collective is the barrier: no worker finishes it
+        before every worker has started it. Its own failure is ignored: a peer that finished it first may be gone."""
+        try:
+            gather_per_worker(self.strategy, 0, self.num_workers, dtype=tf.int64)
+        except tf.errors.OpError as error:
+            logger.debug("a peer left during the last barrier: %s", first_line(error))
 
     def share_from_chief(self, payload: bytes | None) -> bytes | None:
         """The chief's `payload` on every worker (what the others pass is ignored), through two
