@@ -6,6 +6,7 @@ import atexit
 import contextlib
 import functools
 import json
+import logging
 import os
 import queue
 import shutil
@@ -21,10 +22,14 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from pipeline.experiments.serving import JSON_CONTENT_TYPE, request_body
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(__file__).resolve().parent / "data"
@@ -114,16 +119,33 @@ def run_cli(args: list[str], cwd: Path, timeout: float = 300, **env: str) -> sub
 
 def run_cli_here(args: list[str], **env: str) -> subprocess.CompletedProcess:
     """`python -m mlflow_project ARGS` run in this process by click's CliRunner: the same command, exit code
-    and console lines, without another process's TensorFlow start-up (~10 s of CPU). For commands that
-    fail before training; an exception the command did not turn into an exit is raised here."""
+    and console lines, without another process's TensorFlow start-up (~10 s of CPU). MLflow's own log level is the
+    CLI's (MLFLOW_LOGGING_LEVEL=WARNING, which a process sets before it imports MLflow; pytest's imported it
+    first). An exception the command did not turn into an exit is raised here."""
     from click.testing import CliRunner
 
     from mlflow_project.cli import cli
 
-    result = CliRunner().invoke(cli, args, env={"MLFLOW_RUN_ID": "", **env})
+    mlflow_logger = logging.getLogger("mlflow")
+    level = mlflow_logger.level
+    mlflow_logger.setLevel(logging.WARNING)
+    try:
+        result = CliRunner().invoke(cli, args, env={"MLFLOW_RUN_ID": "", **env})
+    finally:
+        mlflow_logger.setLevel(level)
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         raise result.exception
     return subprocess.CompletedProcess(args, result.exit_code, result.stdout, result.stderr)
+
+
+def resume_here(client: MlflowClient, run_id: str, args: list[str], **env: str) -> subprocess.CompletedProcess:
+    """`train --run-id RUN_ID ARGS` in this process (run_cli_here), with MLflow's active experiment the run's own,
+    as in a new process: MLflow refuses to start a run of another experiment than the one an earlier training in
+    this process set."""
+    import mlflow
+
+    mlflow.set_experiment(experiment_id=client.get_run(run_id).info.experiment_id)
+    return run_cli_here(["train", "--run-id", run_id, *args], **env)
 
 
 def cli_options(values: dict[str, str]) -> list[str]:
@@ -263,9 +285,11 @@ def models_serve(model_uri: str, cwd: Path, env: dict[str, str], timeout: float 
 
 _PREDICT = """
 import json, sys, time, numpy as np, mlflow, keras
-started = time.monotonic()
-predictions = mlflow.pyfunc.load_model(sys.argv[1]).predict(np.load(sys.argv[2])).tolist()
-print(json.dumps({"predictions": predictions, "seconds": time.monotonic() - started}))
+rows = np.load(sys.argv[1])
+for model_uri in sys.argv[2:]:
+    started = time.monotonic()
+    predictions = mlflow.pyfunc.load_model(model_uri).predict(rows).tolist()
+    print(json.dumps({"predictions": predictions, "seconds": time.monotonic() - started}), flush=True)
 """
 
 
@@ -276,12 +300,22 @@ def predict_in_new_process(
     teammate's notebook runs it; returns the predictions and the seconds the load and the prediction took. Not the
     process's start-up (importing MLflow and TensorFlow): that is CPU alone, and on a busy 2-core machine it took
     most of the 76 s a whole process took in CI beside a training."""
+    [answer] = predict_each_in_one_new_process([model_uri], rows, cwd, env)
+    return answer
+
+
+def predict_each_in_one_new_process(
+    model_uris: list[str], rows: np.ndarray, cwd: Path, env: dict[str, str]
+) -> list[tuple[np.ndarray, float]]:
+    """predict_in_new_process for each of `model_uris` in turn, in one new process (one start-up): the first load
+    is a new process's; the later ones find MLflow's and TensorFlow's lazy imports done."""
     rows_file = cwd / "rows.npy"
     np.save(rows_file, rows)
     result = subprocess.run(
-        [sys.executable, "-c", _PREDICT, model_uri, str(rows_file)], cwd=cwd, env=env, capture_output=True,
+        [sys.executable, "-c", _PREDICT, str(rows_file), *model_uris], cwd=cwd, env=env, capture_output=True,
         text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    answer = json.loads(result.stdout.strip().splitlines()[-1])
-    return np.array(answer["predictions"]), answer["seconds"]
+    answers = [json.loads(line) for line in result.stdout.splitlines() if line.startswith('{"predictions"')]
+    assert len(answers) == len(model_uris), result.stdout[-3000:]
+    return [(np.array(answer["predictions"]), answer["seconds"]) for answer in answers]

@@ -26,7 +26,7 @@ from pipeline.config import TrainingConfig
 from pipeline.tracking.recorder import BARRIER_VARIABLE
 from pipeline.training.data import load_dataset, split_validation
 from pipeline.training.run import run_training
-from tests.helpers import MNIST_SMALL, cli_options, project_env
+from tests.helpers import MNIST_SMALL, cli_options, project_env, resume_here
 
 pytestmark = pytest.mark.slow
 
@@ -125,7 +125,9 @@ def _wait_for(path: Path, process: subprocess.Popen, timeout: float = 180) -> No
 
 
 @pytest.mark.timeout(420)
-def test_a_kill_between_a_checkpoint_and_its_description_leaves_the_pointer_on_a_complete_one(sqlite_store, tmp_path):
+def test_a_kill_between_a_checkpoint_and_its_description_leaves_the_pointer_on_a_complete_one(
+    sqlite_store, tmp_path, monkeypatch
+):
     """The recorder is held (MNIST_PIPELINE_RECORDER_BARRIER) after the second new best's .keras file is stored and
     before its description is; the training is SIGKILLed there. The run's tags still name the first best, whose
     file and description are both stored and agree; MLflow's load_checkpoint gives it; a resume finishes the run
@@ -167,10 +169,8 @@ def test_a_kill_between_a_checkpoint_and_its_description_leaves_the_pointer_on_a
     assert _validation_accuracy(pointed, config) == pytest.approx(info[names.VAL_ACCURACY], abs=1e-6)
     assert _same_weights(mlflow.tensorflow.load_checkpoint(run_id=run_id), pointed)
 
-    resumed = subprocess.run(
-        [sys.executable, "-m", "mlflow_project", "train", *cli_options(PARAMS), "--run-id", run_id],
-        cwd=tmp_path, env=project_env(MLFLOW_TRACKING_URI=sqlite_store), capture_output=True, text=True, timeout=300,
-    )
+    monkeypatch.chdir(tmp_path)
+    resumed = resume_here(client, run_id, cli_options(PARAMS))  # in this process: the kill was the process's
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     run = client.get_run(run_id)
     val_accuracy = [m.value for m in client.get_metric_history(run_id, names.VAL_ACCURACY)]

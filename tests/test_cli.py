@@ -1,4 +1,6 @@
-"""The CLI as users run it: real processes, real stores, one-line errors."""
+"""The CLI as users run it: real stores, one-line errors. The commands run in pytest's process
+(tests.helpers.run_cli_here: the same command, exit code and console lines, without another process's TensorFlow
+start-up); `train` in processes of its own: test_outage, test_resume, test_mlflow_run, test_kubernetes (exit 2)."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ from mlflow.tracking import MlflowClient
 
 from mlflow_project.cli import cli
 from pipeline import constants as names
-from tests.helpers import MNIST_SMALL, new_sqlite_store, one_line_error, run_cli
+from tests.helpers import MNIST_SMALL, new_sqlite_store, one_line_error, run_cli_here
 
 pytestmark = pytest.mark.slow
 
@@ -17,12 +19,13 @@ def _store(tmp_path) -> dict[str, str]:
     return {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
 
 
-def test_cli_trains_and_reports_the_run(tmp_path):
+def test_cli_trains_and_reports_the_run(tmp_path, monkeypatch):
     """The summary line names the run and its test accuracy, and gives the best epoch both as Keras' lines count
     (`Epoch N:` from 1) and as the record does (tag best_epoch and the metrics' steps, from 0)."""
-    result = run_cli(
+    monkeypatch.chdir(tmp_path)
+    result = run_cli_here(
         ["train", "--epochs", "3", "--target-accuracy", "0", "--dataset", str(MNIST_SMALL), "--experiment-name", "cli"],
-        cwd=tmp_path, MLFLOW_TRACKING_URI=new_sqlite_store(tmp_path),
+        MLFLOW_TRACKING_URI=new_sqlite_store(tmp_path),
     )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
@@ -55,7 +58,7 @@ def test_cli_trains_and_reports_the_run(tmp_path):
     ],
 )
 def test_bad_parameters_give_one_line_and_exit_2_without_a_run(tmp_path, args, fragments):
-    result = run_cli(["train", *args, "--dataset", str(MNIST_SMALL)], cwd=tmp_path, timeout=60, **_store(tmp_path))
+    result = run_cli_here(["train", *args, "--dataset", str(MNIST_SMALL)], **_store(tmp_path))
     assert result.returncode == 2
     one_line_error(result, *fragments)
     assert not (tmp_path / "mlflow.db").exists()  # no run, not even a store, was created
@@ -70,10 +73,11 @@ def test_bad_data_file_gives_one_line_and_exit_2(tmp_path):
     assert not (tmp_path / "mlflow.db").exists()
 
 
-def test_nan_loss_exits_1_with_one_line_and_a_failed_run(tmp_path):
-    result = run_cli(
+def test_nan_loss_exits_1_with_one_line_and_a_failed_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = run_cli_here(
         ["train", "--learning-rate", "1e30", "--dataset", str(MNIST_SMALL), "--experiment-name", "nan"],
-        cwd=tmp_path, MLFLOW_TRACKING_URI=new_sqlite_store(tmp_path),
+        MLFLOW_TRACKING_URI=new_sqlite_store(tmp_path),
     )
     assert result.returncode == 1
     one_line_error(result, "training diverged", "learning_rate")

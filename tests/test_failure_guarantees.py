@@ -33,6 +33,7 @@ from tests.helpers import (
     one_line_error,
     project_env,
     run_cli,
+    run_cli_here,
 )
 
 pytestmark = pytest.mark.slow
@@ -191,14 +192,14 @@ def test_batch_size_not_a_multiple_of_the_mirrored_replicas_is_one_line_exit_2(t
     assert not _all_runs(MlflowClient(store))
 
 
-def test_a_value_the_store_refuses_exits_1_naming_it_in_one_line(postgres_store, tmp_path):
+def test_a_value_the_store_refuses_exits_1_naming_it_in_one_line(postgres_store, tmp_path, monkeypatch):
     """The experiment name is the value a user gives that the store checks: MLflow's stores refuse a
-    name over 500 characters (here the session's PostgreSQL database, as a team's server would)."""
+    name over 500 characters (here the session's PostgreSQL database, as a team's server would). The command runs
+    in this process: the refusal comes from the store, not from anything a process of its own would change."""
     name = "x" * 501
-    result = run_cli(
-        ["train", "--epochs", "1", *SMALL, "--experiment-name", name], cwd=tmp_path, timeout=300,
-        MLFLOW_TRACKING_URI=postgres_store,
-    )
+    monkeypatch.chdir(tmp_path)
+    result = run_cli_here(["train", "--epochs", "1", *SMALL, "--experiment-name", name],
+                          MLFLOW_TRACKING_URI=postgres_store)
     assert result.returncode == 1, result.stderr[-3000:]
     assert one_line_error(result) == (
         "error: the tracking store failed: 'name' exceeds the maximum length of 500 characters"

@@ -31,7 +31,7 @@ from pipeline.training.callback_list import TrainingCallbacks, build_callbacks
 from pipeline.training.data import load_dataset, split_validation
 from pipeline.training.model import build_model
 from pipeline.training.run import run_training
-from tests.helpers import MNIST_SMALL, new_sqlite_store, run_cli
+from tests.helpers import MNIST_SMALL, new_sqlite_store, run_cli_here
 
 MIN_LR = 0.0003  # 0.001 -> 0.0005 -> 0.00025 would pass below it: the second cut must stop at 0.0003
 PLATEAU_PARAMETERS = {
@@ -295,15 +295,17 @@ def test_reduce_lr_on_plateau_stops_at_min_lr(plateau):
 
 
 @pytest.mark.slow
-def test_console_shows_a_line_per_rate_cut_and_one_for_the_stop(tmp_path):
+def test_console_shows_a_line_per_rate_cut_and_one_for_the_stop(tmp_path, monkeypatch):
     """README: "The console shows one line per epoch ..., a line for each learning-rate reduction and
-    for the stop, and a summary". A real CLI process; the lines are checked against the run's record."""
+    for the stop, and a summary". The CLI's own console (in this process, tests.helpers.run_cli_here); the lines
+    are checked against the run's record."""
     tracking_uri = new_sqlite_store(tmp_path)
     arguments = ["train", "--experiment-name", "console", "--es-patience", "2", "--dataset",
                  str(shuffled_validation_labels(tmp_path))]
     for name in ("lr_patience", "lr_factor", "target_accuracy", "epochs"):
         arguments += [f"--{name.replace('_', '-')}", PLATEAU_PARAMETERS[name]]
-    result = run_cli(arguments, cwd=tmp_path, MLFLOW_TRACKING_URI=tracking_uri)
+    monkeypatch.chdir(tmp_path)
+    result = run_cli_here(arguments, MLFLOW_TRACKING_URI=tracking_uri)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
     run_id = re.fullmatch(r"Run (\w+): .*", lines[-1]).group(1)

@@ -642,7 +642,7 @@ def _run_with_model(client: MlflowClient, experiment_id: str, accuracy: float, l
     return run.info.run_id
 
 
-def test_the_champion_follows_the_models_one_rule_whichever_command_registers(store, tmp_path):
+def test_the_champion_follows_the_models_one_rule_whichever_command_registers(store, tmp_path, monkeypatch):
     """The first registration stores the rule; `train --register-as` and `register` keep to it; another rule is
     refused in one line (exit 2) unless change_rule=true, which re-picks the champion by the new rule."""
     client, model_name = store.client, _model_name("rule")
@@ -668,9 +668,10 @@ def test_the_champion_follows_the_models_one_rule_whichever_command_registers(st
     assert _champion(client, model_name) == version_of(low_loss)
 
     # train --register-as ranks by the model's rule: the accurate run's higher test_accuracy does not win
-    trained = run_cli(["train", "--epochs", "1", "--hidden-units", "16", "--dataset", str(MNIST_SMALL),
-                       "--target-accuracy", "0", "--experiment-name", by_loss, "--register-as", model_name],
-                      cwd=tmp_path, timeout=300, **store.env)
+    monkeypatch.chdir(tmp_path)
+    trained = run_cli_here(["train", "--epochs", "1", "--hidden-units", "16", "--dataset", str(MNIST_SMALL),
+                            "--target-accuracy", "0", "--experiment-name", by_loss, "--register-as", model_name],
+                           **store.env)
     assert trained.returncode == 0, trained.stderr[-3000:]
     assert len(_versions(client, model_name)) == 3
     assert _champion(client, model_name) == version_of(low_loss)

@@ -31,7 +31,15 @@ from pipeline.tracking.run_owner import Owner, this_machine
 from pipeline.tracking.training_state import TrainingState
 from pipeline.training.data import load_dataset
 from pipeline.training.run import run_training
-from tests.helpers import MNIST_SMALL, PROJECT_DIR, cli_options, one_line_error, project_env, run_cli_here
+from tests.helpers import (
+    MNIST_SMALL,
+    PROJECT_DIR,
+    cli_options,
+    one_line_error,
+    project_env,
+    resume_here,
+    run_cli_here,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -294,14 +302,6 @@ def test_unknown_run_id_is_one_line(sqlite_store):
     ]
 
 
-def _resume_here(client: MlflowClient, run_id: str, args: list[str], **env: str):
-    """`train --run-id RUN_ID ARGS` in this process (tests.helpers.run_cli_here), with MLflow's active experiment
-    the run's own, as in a new process: MLflow refuses to start a run of another experiment than the one an
-    earlier training in this process set."""
-    mlflow.set_experiment(experiment_id=client.get_run(run_id).info.experiment_id)
-    return run_cli_here(["train", "--run-id", run_id, *args], **env)
-
-
 def _wait_for_epochs(process: subprocess.Popen, client: MlflowClient, at_least: int) -> str:
     """The id of the (only) running run, once the store holds `at_least` epochs of it."""
     deadline = time.monotonic() + 120
@@ -366,7 +366,7 @@ def test_a_heartbeat_from_another_machine_refuses_until_it_is_older_than_the_tim
     )
     assert _snapshot(client, diverged_run) == before
 
-    accepted = _resume_here(client, diverged_run, args[3:], MNIST_PIPELINE_HEARTBEAT_TIMEOUT="4")
+    accepted = resume_here(client, diverged_run, args[3:], MNIST_PIPELINE_HEARTBEAT_TIMEOUT="4")
     assert accepted.returncode == 1  # it trained, and diverged again: accepted
     assert accepted.stderr.strip().splitlines()[-1].startswith("error: training diverged")
     owner = Owner.of_run(client.get_run(diverged_run))
@@ -375,7 +375,7 @@ def test_a_heartbeat_from_another_machine_refuses_until_it_is_older_than_the_tim
     # a training that ended (failed) on another machine a moment ago: continued at once
     ended = dataclasses.replace(elsewhere, beat=time.time(), ended=True)
     client.set_tag(diverged_run, names.TAG_TRAINING_OWNER, ended.tag())
-    assert _resume_here(client, diverged_run, args[3:]).returncode == 1
+    assert resume_here(client, diverged_run, args[3:]).returncode == 1
     assert Owner.of_run(client.get_run(diverged_run)).pid == os.getpid()
 
 
@@ -405,7 +405,7 @@ def test_metrics_the_store_never_got_before_the_kill_are_resent_once(sqlite_stor
     withheld = state.record["history"][2]
     assert [m.step for m in client.get_metric_history(run_id, names.LOSS)] == [0, 1]
 
-    resumed = _resume_here(client, run_id, _cli_args(epochs=str(epochs)))
+    resumed = resume_here(client, run_id, _cli_args(epochs=str(epochs)))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"Resuming run {run_id} at epoch 4 ({len(withheld)} metric values re-sent)" in resumed.stdout
     assert client.get_run(run_id).data.tags[names.TAG_RESUMED_FROM_EPOCH] == "3"
@@ -430,7 +430,7 @@ def test_a_damaged_newest_state_resumes_from_the_previous_one_with_a_warning(sql
     damaged = artifacts / newest_path
     damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])
 
-    resumed = _resume_here(client, run_id, _cli_args(epochs=str(epochs)))
+    resumed = resume_here(client, run_id, _cli_args(epochs=str(epochs)))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     warnings = [line for line in resumed.stdout.splitlines() if "cannot be read" in line]
     assert len(warnings) == 1 and re.fullmatch(

@@ -30,9 +30,13 @@ EPOCHS = "3"
 DISTRIBUTED_CALLBACKS = CALLBACKS.replace("BatchTiming,", "BatchTiming,WorkerTiming,")
 
 # Training with MirroredStrategy over two logical CPU devices. They must be configured before
-# TensorFlow initializes its devices, so this runs in a fresh process, not in pytest's.
+# TensorFlow initializes its devices, so this runs in a fresh process, not in pytest's. The same process
+# proves that a training never needs matplotlib (the plots are drawn by a child process, PlotProcess): it is
+# made unimportable there (Keras 3 itself imports matplotlib.pyplot when it can, and does without it), and the
+# run contract requires both plots.
 MIRRORED_SCRIPT = """
 import sys
+sys.modules["matplotlib"] = None  # any import of matplotlib now raises ImportError
 import tensorflow as tf
 
 cpu = tf.config.list_physical_devices("CPU")[0]
@@ -191,7 +195,9 @@ def _assert_worker_timing(client: MlflowClient, run_id: str, workdir: Path, num_
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)  # its own bounds on the processes it waits for add up to more than 300 s
-def test_mirrored_over_two_logical_cpus_records_two_replicas_and_learns_like_default(sqlite_store, tmp_path, reference):
+def test_mirrored_over_two_logical_cpus_without_matplotlib_records_two_replicas_and_learns_like_default(
+    sqlite_store, tmp_path, reference
+):
     config = _config(strategy="mirrored")
     values = [f"{name}={value}" for name, value in config.as_params().items()]
     result = subprocess.run(

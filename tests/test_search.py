@@ -302,9 +302,10 @@ def test_a_bad_search_spec_gives_one_line_and_exit_2_and_starts_nothing(tmp_path
     assert not (tmp_path / "mlflow.db").exists() and not list(tmp_path.glob("*.journal"))
 
 
-def test_an_unreachable_study_database_is_one_line_and_exit_2(tmp_path):
-    result = run_cli(["sweep", *cli_options(FIXED | {"storage": "postgresql+psycopg2://postgres@127.0.0.1:1/x"})],
-                     cwd=tmp_path, timeout=120, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
+def test_an_unreachable_study_database_is_one_line_and_exit_2(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = run_cli_here(["sweep", *cli_options(FIXED | {"storage": "postgresql+psycopg2://postgres@127.0.0.1:1/x"})],
+                          MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert result.returncode == 2
     line = one_line_error(result, "storage='postgresql+psycopg2://postgres@127.0.0.1:1/x'")
     assert line.startswith("error: parameter")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.helpers import one_line_error, run_cli
+from tests.helpers import one_line_error, run_cli_here
 
 pytestmark = pytest.mark.slow
 
@@ -19,8 +19,7 @@ pytestmark = pytest.mark.slow
     ],
 )
 def test_a_bad_grid_gives_one_line_and_exit_2(tmp_path, args, fragment):
-    result = run_cli(["sweep", *args], cwd=tmp_path, timeout=60,
-                     MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    result = run_cli_here(["sweep", *args], MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert result.returncode == 2
     assert one_line_error(result, fragment).startswith("error: parameter ")
     assert not (tmp_path / "mlflow.db").exists()

@@ -22,7 +22,7 @@ from mlflow.tracking import MlflowClient
 from pipeline import constants as names
 from pipeline.config import TrainingConfig
 from pipeline.experiments.study import JOURNAL_FILE, USER_CACHE
-from tests.helpers import MNIST_SMALL, cli_options, mlflow_project_run, one_line_error, run_cli
+from tests.helpers import MNIST_SMALL, cli_options, mlflow_project_run, one_line_error, run_cli_here
 from tests.run_contract import CALLBACKS, assert_run_contract
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -188,13 +188,14 @@ def test_the_console_numbers_trials_as_optuna_does(sweep):
     assert f"Best: trial {best.number}, run {sweep.children[best.number].info.run_id}" in output
 
 
-def test_a_pruned_trial_is_never_resumed_nor_registered(sweep, shared_tracking, tmp_path):
+def test_a_pruned_trial_is_never_resumed_nor_registered(sweep, shared_tracking, tmp_path, monkeypatch):
     from pipeline.experiments.runs import training_runs
 
     pruned = sweep.children[PRUNED]
     assert pruned.info.run_id not in {run.info.run_id for run in training_runs(sweep.client, sweep.experiment_id)}
-    result = run_cli(["train", "--run-id", pruned.info.run_id, *cli_options(FIXED | {"learning_rate": "0.00001"})],
-                     cwd=tmp_path, timeout=240, **shared_tracking)
+    monkeypatch.chdir(tmp_path)
+    result = run_cli_here(["train", "--run-id", pruned.info.run_id, *cli_options(FIXED | {"learning_rate": "0.00001"})],
+                          **shared_tracking)
     assert result.returncode == 2, result.stderr[-3000:]
     assert one_line_error(result, pruned.info.run_id, "pruned").startswith("error: ")
     assert sweep.client.get_run(pruned.info.run_id).info.status == "KILLED"  # untouched

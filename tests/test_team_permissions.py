@@ -79,26 +79,6 @@ def test_a_teammate_reads_the_admins_experiment_writes_only_their_own(tracking_s
     assert admin.get("experiments/get", experiment_id=own_id).status_code == 200  # the admin sees everything
 
 
-@pytest.fixture
-def private_server(tmp_path, monkeypatch) -> Iterator[TrackingServer]:
-    """A server whose default permission is NO_PERMISSIONS (the start script reads it from the environment)."""
-    monkeypatch.setenv("MLFLOW_AUTH_DEFAULT_PERMISSION", "NO_PERMISSIONS")
-    with TrackingServer(tmp_path) as server:
-        yield server
-
-
-def test_with_no_permissions_a_teammate_cannot_see_the_admins_experiment(private_server):
-    admin, teammate = _admin_and_teammate(private_server)
-    experiment_id, _ = _experiment_with_a_run(admin, "admins-private")
-    assert teammate.get("experiments/get", experiment_id=experiment_id).status_code == 403
-    found = teammate.post("runs/search", experiment_ids=[experiment_id])
-    assert found.status_code == 200 and found.json().get("runs", []) == [], found.text  # filtered out
-    searched = teammate.post("experiments/search", max_results=100)
-    assert experiment_id not in {e["experiment_id"] for e in searched.json().get("experiments", [])}
-    assert admin.get("experiments/get", experiment_id=experiment_id).status_code == 200
-    _experiment_with_a_run(teammate, "teammates-private")  # their own still works
-
-
 # --- The compose stack's accounts per job (docs/team-server.md, "Who may do what"): every "cannot" cell ---
 
 TRAINING, SERVING = ("trainer", "training-password-1"), ("serving", "serving-password-1")
@@ -127,6 +107,19 @@ def team_server(tmp_path_factory) -> Iterator[TrackingServer]:
                 assert time.monotonic() < deadline, server.log_path.read_text()[-3000:]
                 time.sleep(0.2)
             yield server
+
+
+def test_with_no_permissions_a_teammate_cannot_see_the_admins_experiment(team_server):
+    """team_server's default permission is NO_PERMISSIONS (the start script reads it from the environment)."""
+    admin, teammate = _admin_and_teammate(team_server)
+    experiment_id, _ = _experiment_with_a_run(admin, f"admins-private-{secrets.token_hex(4)}")
+    assert teammate.get("experiments/get", experiment_id=experiment_id).status_code == 403
+    found = teammate.post("runs/search", experiment_ids=[experiment_id])
+    assert found.status_code == 200 and found.json().get("runs", []) == [], found.text  # filtered out
+    searched = teammate.post("experiments/search", max_results=100)
+    assert experiment_id not in {e["experiment_id"] for e in searched.json().get("experiments", [])}
+    assert admin.get("experiments/get", experiment_id=experiment_id).status_code == 200
+    _experiment_with_a_run(teammate, f"teammates-private-{secrets.token_hex(4)}")  # their own still works
 
 
 @dataclass

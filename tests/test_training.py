@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import mlflow
@@ -21,7 +19,7 @@ from pipeline.training.data import load_dataset
 from pipeline.training.evaluation import predict_probabilities
 from pipeline.training.model import build_model
 from pipeline.training.run import run_training
-from tests.helpers import MNIST_SMALL, new_sqlite_store, project_env
+from tests.helpers import MNIST_SMALL
 from tests.run_contract import DERIVED_PARAMS, EXPECTED_ARTIFACTS, artifact_paths, assert_run_contract, small_config
 
 
@@ -154,32 +152,3 @@ def test_predict_probabilities_in_chunks_equal_keras_predict():
     expected = model.predict(images, verbose=0)
     np.testing.assert_allclose(predict_probabilities(model, images, chunk=7), expected, atol=1e-6)
     assert predict_probabilities(model, images[:0]).shape == (0, 10)
-
-
-@pytest.mark.slow
-def test_training_runs_in_a_process_that_cannot_import_matplotlib(tmp_path):
-    """The plots are drawn by a child process (PlotProcess): the training process never needs matplotlib.
-
-    (Keras 3 itself imports matplotlib.pyplot when it is installed, so "not in sys.modules" cannot be
-    asserted; here matplotlib is made unimportable in the training process instead, and Keras does
-    without it.)"""
-    code = (
-        "import sys\n"
-        "sys.modules['matplotlib'] = None  # any import of matplotlib now raises ImportError\n"
-        "from pipeline.config import TrainingConfig\n"
-        "from pipeline.training.run import run_training\n"
-        f"result = run_training(TrainingConfig.from_values({{'dataset': {str(MNIST_SMALL)!r}, 'epochs': '2'}}), "
-        "experiment_name='no-matplotlib')\n"
-        "print(result.run_id)\n"
-    )
-    tracking_uri = new_sqlite_store(tmp_path)
-    done = subprocess.run(
-        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
-        env=project_env(MLFLOW_TRACKING_URI=tracking_uri),
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    run_id = done.stdout.strip().splitlines()[-1]
-    client = MlflowClient(tracking_uri)
-    assert client.get_run(run_id).info.status == "FINISHED"
-    plots = {item.path for item in client.list_artifacts(run_id, names.PLOTS_DIR)}
-    assert plots == {f"{names.PLOTS_DIR}/{plot}" for plot in (names.TRAINING_CURVES_FILE, names.CONFUSION_MATRIX_FILE)}
