@@ -1,7 +1,7 @@
 """README "What happens when things fail": the guarantees proven end to end with real CLI processes
 and real stores: an unwritable TMPDIR, an unreachable tracking server, a batch that cannot be split
-across replicas, a value the store refuses, a NaN in the middle of training, and trainings that
-create a new SQLite store at the same instant."""
+across replicas, a value the store refuses (the one command run in pytest's process), a NaN in the middle of
+training, and trainings that create a new SQLite store at the same instant."""
 
 from __future__ import annotations
 

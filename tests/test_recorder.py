@@ -25,6 +25,7 @@ from pipeline import constants as names
 from pipeline.callbacks.best_checkpoint import BestCheckpoint
 from pipeline.errors import LocalStorageError, RecordingError
 from pipeline.tracking.recorder import RunRecorder
+from pipeline.tracking.retry import Backoff
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -32,8 +33,8 @@ pytestmark = pytest.mark.timeout(120)
 class HeldStore(MlflowClient):
     """The real MLflow client of the test's store, as busy as the test wants: once `hold()` is called,
     each delivery (`log_batch`, `log_artifact`) starts, is counted, and waits until the test lets it
-    through (`allow(n)`, `open()`). No timeout lets a held delivery go on its own: a test that never
-    opens it is stopped by pytest-timeout, never passes by luck. `before_each(path)` is called as
+    through (`allow(n)`, `open()`) or fails it (`fail(error)`). No timeout lets a held delivery go on its own: a
+    test that never opens it is stopped by pytest-timeout, never passes by luck. `before_each(path)` is called as
     each delivery starts (the artifact path, or None for a batch), and every `log_batch` is noted, and
     every read of a metric's history counted."""
 
@@ -45,6 +46,7 @@ class HeldStore(MlflowClient):
         self.batches: list[tuple[int, int]] = []  # (metrics, tags) of each log_batch call
         self.history_reads = 0
         self.before_each: Callable[[str | None], None] | None = None
+        self._failures: list[BaseException] = []
 
     def hold(self) -> None:
         with self._condition:
@@ -57,6 +59,12 @@ class HeldStore(MlflowClient):
 
     def open(self) -> None:
         self.allow(math.inf)
+
+    def fail(self, error: BaseException) -> None:
+        """Lets the next held delivery through as a failure: it raises `error` instead of reaching the store."""
+        with self._condition:
+            self._failures.append(error)
+        self.allow(1)
 
     def wait_started(self, count: int, timeout: float = 30) -> None:
         """Waits until the `count`-th delivery has started (and, when held, waits for its permit)."""
@@ -71,6 +79,8 @@ class HeldStore(MlflowClient):
             self._condition.notify_all()
             self._condition.wait_for(lambda: self._permits > 0)
             self._permits -= 1
+            if self._failures:
+                raise self._failures.pop(0)
 
     def log_batch(self, run_id, metrics=(), params=(), tags=(), **options):
         self._pass(None)
@@ -141,6 +151,33 @@ def test_queue_stays_bounded_while_the_store_is_busy(run, held, tmp_path):
     assert [m.step for m in client.get_metric_history(run_id, "loss")] == list(range(200))
     local = Path(client.download_artifacts(run_id, "state/state.json", str(tmp_path / "out")))
     assert json.loads(local.read_text()) == {"epoch": 199}
+
+
+def test_a_newer_version_replaces_every_waiting_one_after_a_failed_send(run, held, tmp_path):
+    """A version whose send failed stays first in the queue, and one queued while it was in flight waits behind
+    it. The next version must leave one entry, the newest: had it replaced the first alone, the one behind it would
+    be sent (or kept locally) after it, and the older state would win (a CI run beside a training rescued epoch
+    8's state in the slot of epoch 10's)."""
+    client, run_id = run
+    recorder = RunRecorder(held, run_id, tmp_path / "staging", backoff=Backoff(first=0.5, longest=0.5, jitter=0))
+    held.hold()
+    recorder.log_json({"epoch": 6}, "state/state.json")
+    held.wait_started(1)  # epoch 6 in flight, held
+    recorder.log_json({"epoch": 8}, "state/state.json")  # the entry being sent is never replaced: 8 waits behind
+    assert recorder.pending == ["artifact state/state.json"] * 2
+    held.fail(ConnectionError("the store went away"))  # epoch 6's send fails: it stays first, to be sent again
+    deadline = time.monotonic() + 30
+    while not recorder.in_outage:
+        assert time.monotonic() < deadline, "the failed send was never noted"
+        time.sleep(0.01)
+    recorder.log_json({"epoch": 10}, "state/state.json")
+    assert recorder.pending == ["artifact state/state.json"]
+    recorder.export_pending(tmp_path / "kept")  # what a training that ends now keeps locally
+    assert json.loads((tmp_path / "kept" / "artifacts" / "state" / "state.json").read_text()) == {"epoch": 10}
+    held.open()
+    recorder.close(timeout=60)
+    local = Path(client.download_artifacts(run_id, "state/state.json", str(tmp_path / "out")))
+    assert json.loads(local.read_text()) == {"epoch": 10}
 
 
 def test_a_store_that_falls_behind_is_said_once_and_the_longest_wait_recorded(run, held, tmp_path, caplog):

@@ -345,18 +345,25 @@ class RunRecorder:
         a waiting one): the queue stays bounded (one entry per artifact path or slot, however many
         epochs pass), what arrives is always the latest version, and files queued together are never
         separated. A store that keeps up gets every best. The entry being sent is never replaced: the
-        newer version goes after it."""
+        newer version goes after it. After that send failed, both wait (the first to be sent again): the
+        next version replaces them both, in the first one's place, so no older one is sent after it."""
         with self._condition:
             self._note_if_behind()
             behind = self._behind_since is not None or self._outage_since is not None
-            for index, pending in enumerate(self._pending):
-                if index == 0 and self._delivering:
-                    continue  # being sent: the newer version goes after it
-                if type(pending) is type(record) and (
-                        pending.version_of == record.version_of or behind and pending.replaces == record.replaces):
-                    self._pending[index] = record
+            older = [
+                index for index, pending in enumerate(self._pending)
+                if not (index == 0 and self._delivering)  # being sent: the newer version goes after it
+                and type(pending) is type(record)
+                and (pending.version_of == record.version_of or behind and pending.replaces == record.replaces)
+            ]
+            if older:
+                replaced = [self._pending[index] for index in older]
+                for index in reversed(older[1:]):
+                    del self._pending[index]
+                self._pending[older[0]] = record
+                for pending in replaced:
                     shutil.rmtree(pending.staging_dir, ignore_errors=True)
-                    return
+                return
         self._enqueue(record)
 
     def _enqueue(self, record: Record) -> None:
@@ -421,10 +428,10 @@ class RunRecorder:
                     self._note_local_error(error)
                     return
                 if is_transient(error):
-                    self._note_outage(error)
                     with self._condition:
-                        self._delivering = False
+                        self._delivering = False  # first: once `in_outage` says so, the record may be replaced
                         self._condition.notify_all()
+                    self._note_outage(error)
                     if self._stop_retrying.wait(next(pauses)):
                         return
                     continue
