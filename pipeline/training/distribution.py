@@ -173,9 +173,10 @@ class Distribution:
         what = {**config.as_params(), "dataset": data_digest}
         fingerprint = int.from_bytes(hashlib.sha256(json.dumps(what).encode()).digest()[:7], "big")
         everyone = gather_per_worker(self.strategy, fingerprint, self.num_workers, dtype=tf.int64)
+        # every worker may stop right after the check (disagreeing workers, a batch_size the replicas cannot split)
+        self._wait_until_everyone_knows()
         differing = [str(worker) for worker, value in enumerate(everyone) if value != everyone[0]]
         if differing:
-            self._wait_until_everyone_knows()
             raise ClusterConfigError(
                 f"multi_worker: {'worker' if len(differing) == 1 else 'workers'} {', '.join(differing)} of "
                 f"{self.num_workers} started with other parameters or data than worker 0; start every worker "
